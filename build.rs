@@ -1,0 +1,29 @@
+//! Generates the gRPC code from `proto/` with protox, a pure-Rust protobuf
+//! compiler, so that a build needs no system `protoc` (nor a vendored binary
+//! that must match the host).
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/coffre/v1/auth.proto",
+        "proto/coffre/v1/records.proto",
+        "proto/coffre/v1/admin.proto",
+        "proto/coffre/v1/audit.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    // Reflection serves the same descriptors the code was generated from.
+    std::fs::write(
+        out.join("coffre_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

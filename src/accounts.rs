@@ -1,0 +1,692 @@
+//! Accounts and sessions: principals with Argon2id password hashes, login
+//! with lockout, bearer tokens stored only as hashes, idle and absolute
+//! expiry.
+//!
+//! Argon2id runs on the blocking pool behind a semaphore, each worker
+//! reusing its memory, so that a login flood queues instead of stalling the
+//! runtime or ballooning RSS. An unknown user costs one hash too, against a
+//! dummy, and gets the same answer as a wrong password.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use argon2::{Algorithm, Argon2, AssociatedData, Block, ParamsBuilder, Version};
+use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD as B64};
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::{
+    config::{Argon2Config, SessionConfig},
+    crypto::{self, SecretKey},
+    error::{Error, Result},
+    model::{Password, Role, TenantName, Username},
+    storage::{Batch, Space, Storage},
+};
+
+/// Consecutive failed logins before an account locks.
+pub const LOCK_AFTER_FAILURES: u32 = 5;
+const LOCK_BASE_SECS: i64 = 60;
+const LOCK_MAX_SECS: i64 = 3600;
+/// Bound on the in-memory failure counts kept for unknown usernames.
+const MAX_UNKNOWN_TRACKED: usize = 100_000;
+/// How stale a session's stored last-use time may get before it is rewritten.
+const LAST_USE_PERSIST_MS: i64 = 60_000;
+
+const BAD_CREDENTIALS: &str = "invalid tenant, username or password";
+const LOCKED: &str = "account locked";
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Computes and checks Argon2id hashes off the async runtime.
+pub struct Hasher {
+    params: Argon2Config,
+    pepper: SecretKey,
+    permits: Semaphore,
+    memory: Mutex<Vec<Vec<Block>>>,
+    dummy_phc: String,
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hasher")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Phc {
+    m: u32,
+    t: u32,
+    p: u32,
+    salt: Vec<u8>,
+    hash: Zeroizing<Vec<u8>>,
+}
+
+impl Phc {
+    fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<&str> = s.split('$').collect();
+        if parts.len() != 6 || parts[1] != "argon2id" || parts[2] != "v=19" {
+            return None;
+        }
+        let mut m = None;
+        let mut t = None;
+        let mut p = None;
+        for kv in parts[3].split(',') {
+            let (k, v) = kv.split_once('=')?;
+            let v: u32 = v.parse().ok()?;
+            match k {
+                "m" => m = Some(v),
+                "t" => t = Some(v),
+                "p" => p = Some(v),
+                _ => return None,
+            }
+        }
+        Some(Self {
+            m: m?,
+            t: t?,
+            p: p?,
+            salt: B64.decode(parts[4]).ok()?,
+            hash: Zeroizing::new(B64.decode(parts[5]).ok()?),
+        })
+    }
+
+    fn format(&self) -> String {
+        format!(
+            "$argon2id$v=19$m={},t={},p={}${}${}",
+            self.m,
+            self.t,
+            self.p,
+            B64.encode(&self.salt),
+            B64.encode(&self.hash[..])
+        )
+    }
+}
+
+impl Hasher {
+    pub fn new(params: &Argon2Config, pepper: SecretKey) -> Result<Arc<Self>> {
+        let concurrency = if params.max_concurrent == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            params.max_concurrent
+        };
+        let mut h = Self {
+            params: params.clone(),
+            pepper,
+            permits: Semaphore::new(concurrency),
+            memory: Mutex::new(Vec::new()),
+            dummy_phc: String::new(),
+        };
+        // Unknown users are checked against this, at the same cost.
+        let dummy = Zeroizing::new(crate::crypto::random_array::<24>());
+        h.dummy_phc = h.hash_blocking(&B64.encode(&dummy[..]), b"coffre/dummy")?;
+        Ok(Arc::new(h))
+    }
+
+    /// A PHC string for `password`, bound to `context` (Argon2 associated
+    /// data), so a hash moved to another account or record never verifies.
+    pub async fn hash(self: &Arc<Self>, password: &Password, context: &[u8]) -> Result<String> {
+        let _permit = self.permits.acquire().await.map_err(|_| closed())?;
+        let me = self.clone();
+        let pw = Zeroizing::new(password.expose().to_string());
+        let ctx = context.to_vec();
+        tokio::task::spawn_blocking(move || me.hash_blocking(&pw, &ctx))
+            .await
+            .map_err(|_| Error::Internal("hash task failed".into()))?
+    }
+
+    /// Whether `candidate` matches `phc` (or, with `None`, runs the same work
+    /// against the dummy and answers false).
+    pub async fn verify(
+        self: &Arc<Self>,
+        phc: Option<&str>,
+        candidate: &Password,
+        context: &[u8],
+    ) -> Result<bool> {
+        let _permit = self.permits.acquire().await.map_err(|_| closed())?;
+        let me = self.clone();
+        let known = phc.is_some();
+        let phc = phc.map(str::to_string);
+        let pw = Zeroizing::new(candidate.expose().to_string());
+        let ctx = context.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let target = phc.as_deref().unwrap_or(&me.dummy_phc);
+            let ok = me.verify_blocking(target, &pw, &ctx)?;
+            Ok(ok && known)
+        })
+        .await
+        .map_err(|_| Error::Internal("hash task failed".into()))?
+    }
+
+    fn hash_blocking(&self, password: &str, context: &[u8]) -> Result<String> {
+        let salt = crypto::random_array::<16>().to_vec();
+        let hash = self.compute(
+            self.params.m_kib,
+            self.params.t,
+            self.params.p,
+            &salt,
+            password,
+            context,
+        )?;
+        Ok(Phc {
+            m: self.params.m_kib,
+            t: self.params.t,
+            p: self.params.p,
+            salt,
+            hash,
+        }
+        .format())
+    }
+
+    fn verify_blocking(&self, phc: &str, password: &str, context: &[u8]) -> Result<bool> {
+        let phc = Phc::parse(phc).ok_or(Error::DataLoss)?;
+        let got = self.compute(phc.m, phc.t, phc.p, &phc.salt, password, context)?;
+        Ok(crypto::ct_eq(&got, &phc.hash))
+    }
+
+    fn compute(
+        &self,
+        m: u32,
+        t: u32,
+        p: u32,
+        salt: &[u8],
+        password: &str,
+        context: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let ad = crypto::sha256(context);
+        let params = ParamsBuilder::new()
+            .m_cost(m)
+            .t_cost(t)
+            .p_cost(p)
+            .output_len(32)
+            .data(AssociatedData::new(&ad).map_err(|_| Error::Internal("argon2 ad".into()))?)
+            .build()
+            .map_err(|_| Error::DataLoss)?;
+        let blocks = params.block_count();
+        let argon = Argon2::new_with_secret(
+            self.pepper.expose(),
+            Algorithm::Argon2id,
+            Version::V0x13,
+            params,
+        )
+        .map_err(|_| Error::Internal("argon2 setup".into()))?;
+        // Reuse a worker buffer: allocating 19 MiB per hash costs time and,
+        // under a flood, hundreds of MiB of RSS.
+        let mut mem = {
+            let mut pool = self.memory.lock();
+            match pool.iter().position(|b| b.len() >= blocks) {
+                Some(i) => pool.swap_remove(i),
+                None => vec![Block::default(); blocks],
+            }
+        };
+        let mut out = Zeroizing::new(vec![0u8; 32]);
+        let res = argon.hash_password_into_with_memory(
+            password.as_bytes(),
+            salt,
+            &mut out,
+            &mut mem[..blocks],
+        );
+        if mem.len() == self.params.m_kib as usize {
+            self.memory.lock().push(mem);
+        }
+        res.map_err(|_| Error::Internal("argon2 hash".into()))?;
+        Ok(out)
+    }
+}
+
+fn closed() -> Error {
+    Error::Internal("hasher closed".into())
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredPrincipal {
+    #[prost(string, tag = "1")]
+    role: String,
+    #[prost(string, tag = "2")]
+    phc: String,
+    #[prost(uint32, tag = "3")]
+    failed_logins: u32,
+    #[prost(int64, tag = "4")]
+    locked_until_ms: i64,
+    #[prost(bool, tag = "5")]
+    admin_locked: bool,
+    #[prost(int64, tag = "6")]
+    created_ms: i64,
+}
+
+impl StoredPrincipal {
+    fn locked_at(&self, now: i64) -> bool {
+        self.admin_locked || self.locked_until_ms > now
+    }
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredSession {
+    #[prost(string, tag = "1")]
+    tenant: String,
+    #[prost(string, tag = "2")]
+    username: String,
+    #[prost(int64, tag = "3")]
+    created_ms: i64,
+    #[prost(int64, tag = "4")]
+    expires_ms: i64,
+    #[prost(int64, tag = "5")]
+    last_used_ms: i64,
+}
+
+/// Who is calling, established from a valid token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: TenantName,
+    pub username: Username,
+    pub role: Role,
+    token_hash: [u8; 32],
+}
+
+impl Caller {
+    /// `tenant/username`, as audit events name principals.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.tenant, self.username)
+    }
+}
+
+struct CachedSession {
+    tenant: TenantName,
+    username: Username,
+    created_ms: i64,
+    expires_ms: i64,
+    last_used_ms: AtomicI64,
+    persisted_ms: AtomicI64,
+}
+
+/// A successful login.
+pub struct Login {
+    /// The bearer token: shown to the client once, stored only as a hash.
+    pub token: Zeroizing<String>,
+    pub expires_at_unix: i64,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("token", &"[redacted]")
+            .field("expires_at_unix", &self.expires_at_unix)
+            .finish()
+    }
+}
+
+pub struct Accounts {
+    store: Storage,
+    hasher: Arc<Hasher>,
+    session: SessionConfig,
+    sessions: RwLock<HashMap<[u8; 32], Arc<CachedSession>>>,
+    unknown_failures: Mutex<HashMap<[u8; 32], (u32, i64)>>,
+}
+
+fn principal_key(tenant: &TenantName, username: &Username) -> Vec<u8> {
+    let mut k = tenant.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(username.as_str().as_bytes());
+    k
+}
+
+fn password_context(tenant: &TenantName, username: &Username) -> Vec<u8> {
+    crypto::Context::new("coffre/password/v1")
+        .with(tenant.as_str().as_bytes())
+        .with(username.as_str().as_bytes())
+        .as_bytes()
+        .to_vec()
+}
+
+fn lock_secs(failures: u32) -> i64 {
+    let extra = failures.saturating_sub(LOCK_AFTER_FAILURES).min(16);
+    (LOCK_BASE_SECS << extra).min(LOCK_MAX_SECS)
+}
+
+impl Accounts {
+    pub fn new(store: Storage, hasher: Arc<Hasher>, session: SessionConfig) -> Self {
+        Self {
+            store,
+            hasher,
+            session,
+            sessions: RwLock::new(HashMap::new()),
+            unknown_failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn hasher(&self) -> &Arc<Hasher> {
+        &self.hasher
+    }
+
+    fn load(&self, tenant: &TenantName, username: &Username) -> Result<Option<StoredPrincipal>> {
+        Ok(self
+            .store
+            .get(Space::Principals, &principal_key(tenant, username))?
+            .map(|b| StoredPrincipal::decode(&b[..]))
+            .transpose()?)
+    }
+
+    async fn save(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        p: &StoredPrincipal,
+    ) -> Result<()> {
+        let mut b = Batch::new();
+        b.put(
+            Space::Principals,
+            principal_key(tenant, username),
+            p.encode_to_vec(),
+        );
+        Ok(self.store.commit(b).await?)
+    }
+
+    pub fn exists(&self, tenant: &TenantName, username: &Username) -> Result<bool> {
+        Ok(self.load(tenant, username)?.is_some())
+    }
+
+    /// Creates a principal; the password has passed the policy already.
+    pub async fn create(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        password: &Password,
+        role: Role,
+    ) -> Result<()> {
+        if self.exists(tenant, username)? {
+            return Err(Error::AlreadyExists("principal already exists".into()));
+        }
+        let phc = self
+            .hasher
+            .hash(password, &password_context(tenant, username))
+            .await?;
+        let p = StoredPrincipal {
+            role: role.as_str().into(),
+            phc,
+            failed_logins: 0,
+            locked_until_ms: 0,
+            admin_locked: false,
+            created_ms: now_ms(),
+        };
+        self.save(tenant, username, &p).await
+    }
+
+    /// Checks credentials and opens a session. Every failure before the
+    /// lock answers the same, after the same work.
+    pub async fn login(&self, tenant: &str, username: &str, password: &str) -> Result<Login> {
+        let password = Password::candidate(password.to_string())
+            .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
+        let names = TenantName::parse(tenant)
+            .and_then(|t| Username::parse(username).map(|u| (t, u)))
+            .ok();
+        let now = now_ms();
+        let stored = match &names {
+            Some((t, u)) => self.load(t, u)?,
+            None => None,
+        };
+        let Some(((t, u), mut p)) = names.clone().zip(stored) else {
+            return self.fail_unknown(tenant, username, &password, now).await;
+        };
+        if p.locked_at(now) {
+            return Err(Error::PermissionDenied(LOCKED));
+        }
+        let ok = self
+            .hasher
+            .verify(Some(&p.phc), &password, &password_context(&t, &u))
+            .await?;
+        if !ok {
+            p.failed_logins = p.failed_logins.saturating_add(1);
+            if p.failed_logins >= LOCK_AFTER_FAILURES {
+                p.locked_until_ms = now + lock_secs(p.failed_logins) * 1000;
+                tracing::warn!(principal = %format!("{t}/{u}"), failures = p.failed_logins, "account locked after failed logins");
+            }
+            self.save(&t, &u, &p).await?;
+            return Err(Error::Unauthenticated(BAD_CREDENTIALS));
+        }
+        if p.failed_logins != 0 {
+            p.failed_logins = 0;
+            p.locked_until_ms = 0;
+            self.save(&t, &u, &p).await?;
+        }
+        self.open_session(t, u, now).await
+    }
+
+    async fn fail_unknown(
+        &self,
+        tenant: &str,
+        username: &str,
+        password: &Password,
+        now: i64,
+    ) -> Result<Login> {
+        // Unknown names lock like real ones, so a lock reveals nothing.
+        let key = crypto::sha256(
+            crypto::Context::new("coffre/unknown/v1")
+                .with(tenant.as_bytes())
+                .with(username.as_bytes())
+                .as_bytes(),
+        );
+        if let Some((_, until)) = self.unknown_failures.lock().get(&key)
+            && *until > now
+        {
+            return Err(Error::PermissionDenied(LOCKED));
+        }
+        self.hasher.verify(None, password, b"coffre/dummy").await?;
+        let mut map = self.unknown_failures.lock();
+        if map.len() >= MAX_UNKNOWN_TRACKED {
+            map.clear();
+        }
+        let e = map.entry(key).or_insert((0, 0));
+        e.0 = e.0.saturating_add(1);
+        if e.0 >= LOCK_AFTER_FAILURES {
+            e.1 = now + lock_secs(e.0) * 1000;
+        }
+        Err(Error::Unauthenticated(BAD_CREDENTIALS))
+    }
+
+    async fn open_session(&self, tenant: TenantName, username: Username, now: i64) -> Result<Login> {
+        let raw = Zeroizing::new(crypto::random_array::<32>());
+        let token = Zeroizing::new(format!(
+            "cf1.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..])
+        ));
+        let hash = crypto::sha256(token.as_bytes());
+        let expires_ms = now + (self.session.absolute_secs as i64) * 1000;
+        let s = StoredSession {
+            tenant: tenant.to_string(),
+            username: username.to_string(),
+            created_ms: now,
+            expires_ms,
+            last_used_ms: now,
+        };
+        let mut b = Batch::new();
+        b.put(Space::Sessions, hash.to_vec(), s.encode_to_vec());
+        self.store.commit(b).await?;
+        self.sessions.write().insert(
+            hash,
+            Arc::new(CachedSession {
+                tenant,
+                username,
+                created_ms: now,
+                expires_ms,
+                last_used_ms: AtomicI64::new(now),
+                persisted_ms: AtomicI64::new(now),
+            }),
+        );
+        Ok(Login {
+            token,
+            expires_at_unix: expires_ms / 1000,
+        })
+    }
+
+    /// The caller behind a bearer token, if the token is valid and its
+    /// principal is neither locked nor deleted.
+    pub fn authenticate(&self, token: &str) -> Result<Caller> {
+        const NO_SESSION: &str = "missing, expired or revoked token";
+        let hash = crypto::sha256(token.as_bytes());
+        let now = now_ms();
+        let cached = self.sessions.read().get(&hash).cloned();
+        let s = match cached {
+            Some(s) => s,
+            None => {
+                let Some(bytes) = self.store.get(Space::Sessions, &hash)? else {
+                    return Err(Error::Unauthenticated(NO_SESSION));
+                };
+                let st = StoredSession::decode(&bytes[..])?;
+                let s = Arc::new(CachedSession {
+                    tenant: TenantName::parse(&st.tenant).map_err(|_| Error::DataLoss)?,
+                    username: Username::parse(&st.username).map_err(|_| Error::DataLoss)?,
+                    created_ms: st.created_ms,
+                    expires_ms: st.expires_ms,
+                    last_used_ms: AtomicI64::new(st.last_used_ms),
+                    persisted_ms: AtomicI64::new(st.last_used_ms),
+                });
+                self.sessions.write().insert(hash, s.clone());
+                s
+            }
+        };
+        let idle_ms = (self.session.idle_secs as i64) * 1000;
+        if now >= s.expires_ms || now - s.last_used_ms.load(Ordering::Relaxed) > idle_ms {
+            self.forget_session(&hash);
+            return Err(Error::Unauthenticated(NO_SESSION));
+        }
+        let Some(p) = self.load(&s.tenant, &s.username)? else {
+            self.forget_session(&hash);
+            return Err(Error::Unauthenticated(NO_SESSION));
+        };
+        if p.locked_at(now) {
+            return Err(Error::PermissionDenied(LOCKED));
+        }
+        let role = Role::parse(&p.role).map_err(|_| Error::DataLoss)?;
+        s.last_used_ms.store(now, Ordering::Relaxed);
+        if now - s.persisted_ms.load(Ordering::Relaxed) > LAST_USE_PERSIST_MS {
+            s.persisted_ms.store(now, Ordering::Relaxed);
+            let st = StoredSession {
+                tenant: s.tenant.to_string(),
+                username: s.username.to_string(),
+                created_ms: s.created_ms,
+                expires_ms: s.expires_ms,
+                last_used_ms: now,
+            };
+            let mut b = Batch::new();
+            b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
+            // Losing this in a crash only shortens the idle window.
+            self.store.apply(b)?;
+        }
+        Ok(Caller {
+            tenant: s.tenant.clone(),
+            username: s.username.clone(),
+            role,
+            token_hash: hash,
+        })
+    }
+
+    fn forget_session(&self, hash: &[u8; 32]) {
+        self.sessions.write().remove(hash);
+        let mut b = Batch::new();
+        b.delete(Space::Sessions, hash.to_vec());
+        let _ = self.store.apply(b);
+    }
+
+    /// Revokes the caller's token, durably.
+    pub async fn logout(&self, caller: &Caller) -> Result<()> {
+        self.sessions.write().remove(&caller.token_hash);
+        let mut b = Batch::new();
+        b.delete(Space::Sessions, caller.token_hash.to_vec());
+        Ok(self.store.commit(b).await?)
+    }
+
+    /// Changes the caller's password and revokes its other sessions.
+    pub async fn change_password(&self, caller: &Caller, old: &str, new: String) -> Result<()> {
+        let old = Password::candidate(old.to_string())
+            .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
+        let new = Password::new_checked(new, &[caller.username.as_str(), caller.tenant.as_str()])?;
+        let ctx = password_context(&caller.tenant, &caller.username);
+        let mut p = self
+            .load(&caller.tenant, &caller.username)?
+            .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
+        if !self.hasher.verify(Some(&p.phc), &old, &ctx).await? {
+            return Err(Error::Unauthenticated(BAD_CREDENTIALS));
+        }
+        p.phc = self.hasher.hash(&new, &ctx).await?;
+        let mut b = Batch::new();
+        b.put(
+            Space::Principals,
+            principal_key(&caller.tenant, &caller.username),
+            p.encode_to_vec(),
+        );
+        for hash in self.session_hashes_of(&caller.tenant, &caller.username)? {
+            if hash != caller.token_hash {
+                b.delete(Space::Sessions, hash.to_vec());
+                self.sessions.write().remove(&hash);
+            }
+        }
+        Ok(self.store.commit(b).await?)
+    }
+
+    fn session_hashes_of(&self, tenant: &TenantName, username: &Username) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+            let s = StoredSession::decode(&v[..])?;
+            if s.tenant == tenant.as_str()
+                && s.username == username.as_str()
+                && let Ok(h) = k.try_into()
+            {
+                out.push(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Locks or unlocks a principal. Unlocking also clears failed logins.
+    pub async fn set_locked(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        locked: bool,
+    ) -> Result<()> {
+        let mut p = self.load(tenant, username)?.ok_or(Error::NotFound)?;
+        p.admin_locked = locked;
+        if !locked {
+            p.failed_logins = 0;
+            p.locked_until_ms = 0;
+        }
+        self.save(tenant, username, &p).await
+    }
+
+    /// Drops expired sessions from memory and storage.
+    pub fn sweep_expired(&self) -> Result<usize> {
+        let now = now_ms();
+        let idle_ms = (self.session.idle_secs as i64) * 1000;
+        let mut b = Batch::new();
+        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+            let s = StoredSession::decode(&v[..])?;
+            let cached_last = <[u8; 32]>::try_from(&k[..])
+                .ok()
+                .and_then(|h| self.sessions.read().get(&h).cloned())
+                .map(|c| c.last_used_ms.load(Ordering::Relaxed))
+                .unwrap_or(s.last_used_ms);
+            if now >= s.expires_ms || now - cached_last > idle_ms {
+                if let Ok(h) = <[u8; 32]>::try_from(&k[..]) {
+                    self.sessions.write().remove(&h);
+                }
+                b.delete(Space::Sessions, k);
+            }
+        }
+        let n = b.0.len();
+        if n > 0 {
+            self.store.apply(b)?;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,313 @@
+//! `coffre bench`: a load generator against a running server. It makes a
+//! throwaway tenant and clinician, then drives N concurrent clients (one
+//! connection each) through three phases of equal length —
+//! `grpc.health.v1.Health/Check` (the gRPC stack's own baseline),
+//! `GetRecord` and `PutRecord` of ten-field records — and prints req/s and
+//! latency percentiles, with each ratio to the baseline.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use zeroize::Zeroizing;
+
+use crate::{
+    cli::{BenchArgs, connect_to, with_token},
+    pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
+};
+
+/// A plausible ten-field patient record, distinct for each `i`.
+pub fn sample_fields(i: u64) -> HashMap<String, String> {
+    const FAMILY: [&str; 8] = [
+        "Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand",
+    ];
+    const GIVEN: [&str; 8] = [
+        "Camille", "Louis", "Léa", "Gabriel", "Chloé", "Jules", "Manon", "Hugo",
+    ];
+    let f = |k: &str, v: String| (k.to_string(), v);
+    HashMap::from([
+        f("family_name", FAMILY[(i % 8) as usize].to_string()),
+        f("given_name", GIVEN[(i / 8 % 8) as usize].to_string()),
+        f(
+            "birth_date",
+            format!("19{:02}-{:02}-{:02}", 30 + i % 70, 1 + i % 12, 1 + i % 28),
+        ),
+        f("sex", if i % 2 == 0 { "F" } else { "M" }.to_string()),
+        f(
+            "address",
+            format!("{} rue de la République, 69002 Lyon", 1 + i % 200),
+        ),
+        f("phone", format!("+33 6 {:08}", i % 100_000_000)),
+        f("email", format!("patient{i}@example.org")),
+        f("nir", format!("{}{:012}", 1 + i % 2, i)),
+        f(
+            "blood_group",
+            ["A+", "A-", "B+", "O+", "O-", "AB+"][(i % 6) as usize].to_string(),
+        ),
+        f("treating_physician", format!("Dr {}", FAMILY[(i / 3 % 8) as usize])),
+    ])
+}
+
+struct Phase {
+    name: &'static str,
+    latencies_us: Vec<u64>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+pub async fn run(
+    addr: String,
+    ca: Option<PathBuf>,
+    admin_token: Zeroizing<String>,
+    args: BenchArgs,
+    json_out: bool,
+) -> Result<(), String> {
+    let ch = connect_to(&addr, ca.as_deref()).await.map_err(|e| e.0)?;
+    let tag = hex::encode(crate::crypto::random_array::<4>());
+    let tenant = format!("bench_{tag}");
+    let password = format!("bench {} horse battery {}", tag, hex::encode(crate::crypto::random_array::<8>()));
+    let mut admin = AdminClient::new(ch.clone());
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    admin
+        .create_tenant(with_token(
+            &admin_token,
+            pb::CreateTenantRequest {
+                name: tenant.clone(),
+                indexed_fields: vec!["nir".into()],
+            },
+        ).map_err(|e| e.0)?)
+        .await
+        .map_err(st)?;
+    admin
+        .create_principal(with_token(
+            &admin_token,
+            pb::CreatePrincipalRequest {
+                tenant: tenant.clone(),
+                username: "bench".into(),
+                password: password.clone(),
+                role: pb::Role::Clinician as i32,
+            },
+        ).map_err(|e| e.0)?)
+        .await
+        .map_err(st)?;
+    let token = AuthClient::new(ch.clone())
+        .login(pb::LoginRequest {
+            tenant: tenant.clone(),
+            username: "bench".into(),
+            password,
+        })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .token;
+    let token = Arc::new(token);
+
+    let mut channels = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        channels.push(connect_to(&addr, ca.as_deref()).await.map_err(|e| e.0)?);
+    }
+
+    let seed = args.fill.unwrap_or(args.records).max(1);
+    eprintln!("bench: tenant {tenant}: loading {seed} records with {} clients", args.clients);
+    let ids = load(&channels, &token, seed).await?;
+    if args.fill.is_some() {
+        let msg = format!("loaded {} records into tenant {tenant}", ids.len());
+        if json_out {
+            println!("{}", json!({"tenant": tenant, "records": ids.len()}));
+        } else {
+            println!("{msg}");
+        }
+        return Ok(());
+    }
+    let ids = Arc::new(ids);
+    let secs = Duration::from_secs(args.seconds);
+    let health = drive("health_check", &channels, secs, {
+        move |ch: Channel, _i: u64| async move {
+            HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+    let get = drive("get_record", &channels, secs, {
+        let token = token.clone();
+        let ids = ids.clone();
+        move |ch: Channel, i: u64| {
+            let token = token.clone();
+            let id = ids[(i as usize * 7919) % ids.len()].clone();
+            async move {
+                let req = with_token(
+                    &token,
+                    pb::GetRecordRequest {
+                        id,
+                        fields: vec![],
+                        purpose: "bench".into(),
+                    },
+                )
+                .map_err(|e| tonic::Status::internal(e.0))?;
+                RecordsClient::new(ch).get_record(req).await.map(|_| ())
+            }
+        }
+    })
+    .await;
+    let put = drive("put_record", &channels, secs, {
+        let token = token.clone();
+        move |ch: Channel, i: u64| {
+            let token = token.clone();
+            async move {
+                let req = with_token(
+                    &token,
+                    pb::PutRecordRequest {
+                        record: Some(pb::Record {
+                            id: String::new(),
+                            fields: sample_fields(1_000_000 + i),
+                            version: 0,
+                        }),
+                    },
+                )
+                .map_err(|e| tonic::Status::internal(e.0))?;
+                RecordsClient::new(ch).put_record(req).await.map(|_| ())
+            }
+        }
+    })
+    .await;
+
+    let base = health.rate();
+    let phases = [health, get, put];
+    if json_out {
+        let rows: Vec<_> = phases
+            .iter()
+            .map(|p| {
+                json!({"phase": p.name, "req_per_s": p.rate(), "p50_ms": p.pct(0.5),
+                       "p99_ms": p.pct(0.99), "errors": p.errors, "ratio_to_health": p.rate() / base})
+            })
+            .collect();
+        println!("{}", json!({"clients": args.clients, "seconds": args.seconds, "phases": rows}));
+    } else {
+        println!(
+            "{:<14} {:>10} {:>9} {:>9} {:>7} {:>8}",
+            "phase", "req/s", "p50 ms", "p99 ms", "errors", "ratio"
+        );
+        for p in &phases {
+            println!(
+                "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>8.2}",
+                p.name,
+                p.rate(),
+                p.pct(0.5),
+                p.pct(0.99),
+                p.errors,
+                p.rate() / base
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Puts `n` records over the clients' channels; returns their ids.
+async fn load(channels: &[Channel], token: &Arc<String>, n: usize) -> Result<Vec<String>, String> {
+    let clients = channels.len();
+    let per = n.div_ceil(clients);
+    let mut tasks = Vec::new();
+    for (c, ch) in channels.iter().enumerate() {
+        let ch = ch.clone();
+        let token = token.clone();
+        let start = c * per;
+        let end = ((c + 1) * per).min(n);
+        tasks.push(tokio::spawn(async move {
+            let mut client = RecordsClient::new(ch);
+            let mut ids = Vec::with_capacity(end.saturating_sub(start));
+            for i in start..end {
+                let req = with_token(
+                    &token,
+                    pb::PutRecordRequest {
+                        record: Some(pb::Record {
+                            id: String::new(),
+                            fields: sample_fields(i as u64),
+                            version: 0,
+                        }),
+                    },
+                )
+                .map_err(|e| e.0)?;
+                let r = client
+                    .put_record(req)
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                ids.push(r.into_inner().id);
+                if c == 0 && (i - start) % 10_000 == 9_999 {
+                    eprintln!("bench: loaded about {} of {n}", (i - start + 1) * clients);
+                }
+            }
+            Ok::<_, String>(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for t in tasks {
+        ids.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok(ids)
+}
+
+async fn drive<F, Fut>(name: &'static str, channels: &[Channel], secs: Duration, call: F) -> Phase
+where
+    F: Fn(Channel, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + secs;
+    let mut tasks = Vec::new();
+    for (c, ch) in channels.iter().enumerate() {
+        let ch = ch.clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = c as u64 * 1_000_000_007;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match call(ch.clone(), i).await {
+                    Ok(()) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            latencies_us.extend(l);
+            errors += e;
+        }
+    }
+    latencies_us.sort_unstable();
+    Phase {
+        name,
+        latencies_us,
+        errors,
+        elapsed: start.elapsed(),
+    }
+}

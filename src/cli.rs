@@ -1,0 +1,601 @@
+//! The `coffre` command line: the server (`serve`, `keygen`) and a gRPC
+//! client for administrators and applications. Passwords come from a prompt
+//! or stdin, never argv. Errors are one line and a non-zero exit.
+
+use std::{
+    io::{BufRead, IsTerminal, Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tonic::{
+    Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+use zeroize::Zeroizing;
+
+use crate::{
+    config::Config,
+    pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
+    vault::{BOOTSTRAP_PASSWORD_ENV, Vault},
+};
+
+#[derive(Parser)]
+#[command(name = "coffre", version, about = "Encrypted vault for patient records")]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// Server URL: http://host:port in dev mode, https://host:port with TLS.
+    #[arg(long, global = true, env = "COFFRE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "COFFRE_CA")]
+    ca: Option<PathBuf>,
+    /// Where `coffre login` keeps the token (0600); COFFRE_TOKEN wins over it.
+    #[arg(long, global = true, env = "COFFRE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a new master key file (0600, never over an existing file).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Log in; the password is read from a prompt or stdin.
+    Login {
+        #[arg(long, default_value = "system")]
+        tenant: String,
+        #[arg(long, default_value = "admin")]
+        username: String,
+        /// Also print the token (for `export COFFRE_TOKEN=...`).
+        #[arg(long)]
+        print_token: bool,
+    },
+    /// Revoke the current token.
+    Logout,
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    #[command(subcommand)]
+    Principal(PrincipalCmd),
+    #[command(subcommand)]
+    Record(RecordCmd),
+    /// Load generator: N concurrent clients against a running server.
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant.
+    Create {
+        name: String,
+        /// A field FindRecords can search (repeatable).
+        #[arg(long = "index")]
+        indexed_fields: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrincipalCmd {
+    /// Create a principal; the password is read from a prompt or stdin.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+        /// admin, clinician, service or auditor.
+        #[arg(long)]
+        role: String,
+    },
+    Lock {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+    },
+    Unlock {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecordCmd {
+    /// Store a record read as JSON from stdin: {"id": "...", "fields": {...}}.
+    Put,
+    /// Print a record as JSON.
+    Get {
+        id: String,
+        #[arg(long = "field")]
+        fields: Vec<String>,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+    /// Ids of records whose indexed field equals the value read from stdin.
+    Find {
+        #[arg(long)]
+        field: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+    Delete {
+        id: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Concurrent clients (one HTTP/2 connection each).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) clients: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) seconds: u64,
+    /// Records seeded before the GetRecord phase.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) records: usize,
+    /// Only load this many records (for memory measurements), then exit.
+    #[arg(long)]
+    pub(crate) fill: Option<usize>,
+}
+
+/// A one-line failure for the user.
+#[derive(Debug)]
+pub struct CliError(pub(crate) String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn status_err(s: tonic::Status) -> CliError {
+    let code = format!("{:?}", s.code());
+    if s.message().is_empty() {
+        CliError(code)
+    } else {
+        CliError(format!("{code}: {}", s.message()))
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coffre: error: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coffre: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let g = cli.global;
+    match cli.command {
+        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Keygen { out } => {
+            crate::keys::generate_key_file(&out).map_err(err)?;
+            say(&g, &format!("wrote {}", out.display()), json!({"path": out}));
+            Ok(())
+        }
+        Command::Login {
+            tenant,
+            username,
+            print_token,
+        } => login(&g, &tenant, &username, print_token).await,
+        Command::Logout => {
+            let mut c = AuthClient::new(connect(&g).await?);
+            c.logout(authed(&g, pb::LogoutRequest {})?)
+                .await
+                .map_err(status_err)?;
+            let _ = std::fs::remove_file(token_path(&g));
+            say(&g, "logged out", json!({"ok": true}));
+            Ok(())
+        }
+        Command::Tenant(TenantCmd::Create {
+            name,
+            indexed_fields,
+        }) => {
+            let mut c = AdminClient::new(connect(&g).await?);
+            c.create_tenant(authed(
+                &g,
+                pb::CreateTenantRequest {
+                    name: name.clone(),
+                    indexed_fields,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(&g, &format!("tenant {name} created"), json!({"tenant": name}));
+            Ok(())
+        }
+        Command::Principal(cmd) => principal(&g, cmd).await,
+        Command::Record(cmd) => record(&g, cmd).await,
+        Command::Bench(args) => bench(&g, args).await,
+    }
+}
+
+fn say(g: &Global, human: &str, machine: serde_json::Value) {
+    if g.json {
+        println!("{machine}");
+    } else {
+        println!("{human}");
+    }
+}
+
+fn disable_core_dumps() -> Result<(), CliError> {
+    use nix::sys::resource::{Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| err(format!("disable core dumps: {e}")))?;
+    // Also keeps other processes of the same user from ptrace-reading keys.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| err(format!("set non-dumpable: {e}")))
+}
+
+async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
+    let config = Config::load(config_path).map_err(err)?;
+    init_tracing(&config);
+    disable_core_dumps()?;
+    let bootstrap = std::env::var(BOOTSTRAP_PASSWORD_ENV).ok();
+    let (vault, report) = Vault::open(&config, bootstrap).await.map_err(err)?;
+    if let Some(p) = &report.generated_key {
+        eprintln!(
+            "coffre: dev mode: generated a new master key at {} (keep it; without it the data is unreadable)",
+            p.display()
+        );
+    }
+    if let Some(pw) = &report.bootstrap_password {
+        // Printed once, to the operator's terminal, never to the log.
+        eprintln!(
+            "coffre: created administrator system/admin with password: {}\ncoffre: change it with `coffre login` then a password change; it is not shown again.",
+            &**pw
+        );
+    } else if report.bootstrapped {
+        eprintln!("coffre: created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}");
+    }
+    let tls = crate::server::tls_config(&config).map_err(err)?;
+    let listener = tokio::net::TcpListener::bind(config.listen_addr())
+        .await
+        .map_err(|e| err(format!("listen on {}: {e}", config.listen)))?;
+    let local = listener.local_addr().map_err(err)?;
+    let scheme = if config.dev { "http" } else { "https" };
+    println!("coffre: listening on {scheme}://{local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(addr = %local, dev = config.dev, "serving");
+    crate::server::run(vault, tls, listener, shutdown_signal())
+        .await
+        .map_err(err)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down: draining calls");
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COFFRE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sled=warn,h2=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+/// Opens a channel to the server named by `--addr`.
+async fn connect(g: &Global) -> Result<Channel, CliError> {
+    connect_to(&g.addr, g.ca.as_deref()).await
+}
+
+pub(crate) async fn connect_to(addr: &str, ca: Option<&Path>) -> Result<Channel, CliError> {
+    let mut ep = Endpoint::from_shared(addr.to_string())
+        .map_err(|_| err(format!("--addr {addr} is not a URL")))?
+        .connect_timeout(Duration::from_secs(5));
+    if addr.starts_with("https://") {
+        let ca = ca.ok_or_else(|| err("https needs the server's CA: --ca FILE or COFFRE_CA"))?;
+        let pem = std::fs::read(ca).map_err(|e| err(format!("{}: {e}", ca.display())))?;
+        ep = ep
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(err)?;
+    }
+    ep.connect()
+        .await
+        .map_err(|e| err(format!("cannot reach {addr}: {e}")))
+}
+
+fn token_path(g: &Global) -> PathBuf {
+    g.token_file.clone().unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        home.join(".coffre").join("token")
+    })
+}
+
+fn token(g: &Global) -> Result<Zeroizing<String>, CliError> {
+    if let Ok(t) = std::env::var("COFFRE_TOKEN") {
+        return Ok(Zeroizing::new(t));
+    }
+    std::fs::read_to_string(token_path(g))
+        .map(|t| Zeroizing::new(t.trim().to_string()))
+        .map_err(|_| err("not logged in: run `coffre login` or set COFFRE_TOKEN"))
+}
+
+fn authed<T>(g: &Global, msg: T) -> Result<Request<T>, CliError> {
+    with_token(&token(g)?, msg)
+}
+
+pub(crate) fn with_token<T>(token: &str, msg: T) -> Result<Request<T>, CliError> {
+    let mut req = Request::new(msg);
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| err("token is malformed"))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
+/// Reads a secret from the terminal without echo, or one line of stdin.
+fn read_secret(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, CliError> {
+    if std::io::stdin().is_terminal() {
+        let a = Zeroizing::new(rpassword::prompt_password(prompt).map_err(err)?);
+        if confirm {
+            let b = Zeroizing::new(rpassword::prompt_password("again: ").map_err(err)?);
+            if *a != *b {
+                return Err(err("the two entries differ"));
+            }
+        }
+        Ok(a)
+    } else {
+        let mut line = Zeroizing::new(String::new());
+        std::io::stdin().lock().read_line(&mut line).map_err(err)?;
+        let trimmed = line.trim_end_matches(['\r', '\n']).to_string();
+        Ok(Zeroizing::new(trimmed))
+    }
+}
+
+async fn login(g: &Global, tenant: &str, username: &str, print: bool) -> Result<(), CliError> {
+    let password = read_secret("password: ", false)?;
+    let mut c = AuthClient::new(connect(g).await?);
+    let resp = c
+        .login(pb::LoginRequest {
+            tenant: tenant.into(),
+            username: username.into(),
+            password: password.to_string(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let token = Zeroizing::new(resp.token);
+    let path = token_path(g);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    f.write_all(token.as_bytes()).map_err(err)?;
+    if g.json {
+        let mut v = json!({"tenant": tenant, "username": username, "expires_at_unix": resp.expires_at_unix});
+        if print {
+            v["token"] = json!(&*token);
+        }
+        println!("{v}");
+    } else if print {
+        println!("{}", &*token);
+    } else {
+        println!(
+            "logged in as {tenant}/{username}; token saved to {}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
+    let mut c = AdminClient::new(connect(g).await?);
+    match cmd {
+        PrincipalCmd::Create {
+            tenant,
+            username,
+            role,
+        } => {
+            let role = crate::model::Role::parse(&role).map_err(err)?;
+            let pb_role = match role {
+                crate::model::Role::Admin => pb::Role::Admin,
+                crate::model::Role::Clinician => pb::Role::Clinician,
+                crate::model::Role::Service => pb::Role::Service,
+                crate::model::Role::Auditor => pb::Role::Auditor,
+            };
+            let password = read_secret("new password: ", true)?;
+            c.create_principal(authed(
+                g,
+                pb::CreatePrincipalRequest {
+                    tenant: tenant.clone(),
+                    username: username.clone(),
+                    password: password.to_string(),
+                    role: pb_role as i32,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(
+                g,
+                &format!("principal {tenant}/{username} created ({})", role.as_str()),
+                json!({"tenant": tenant, "username": username, "role": role.as_str()}),
+            );
+        }
+        PrincipalCmd::Lock { tenant, username } => set_locked(g, &mut c, tenant, username, true).await?,
+        PrincipalCmd::Unlock { tenant, username } => {
+            set_locked(g, &mut c, tenant, username, false).await?
+        }
+    }
+    Ok(())
+}
+
+async fn set_locked(
+    g: &Global,
+    c: &mut AdminClient<Channel>,
+    tenant: String,
+    username: String,
+    locked: bool,
+) -> Result<(), CliError> {
+    c.set_principal_locked(authed(
+        g,
+        pb::SetPrincipalLockedRequest {
+            tenant: tenant.clone(),
+            username: username.clone(),
+            locked,
+        },
+    )?)
+    .await
+    .map_err(status_err)?;
+    let word = if locked { "locked" } else { "unlocked" };
+    say(
+        g,
+        &format!("principal {tenant}/{username} {word}"),
+        json!({"tenant": tenant, "username": username, "locked": locked}),
+    );
+    Ok(())
+}
+
+async fn record(g: &Global, cmd: RecordCmd) -> Result<(), CliError> {
+    let mut c = RecordsClient::new(connect(g).await?);
+    match cmd {
+        RecordCmd::Put => {
+            let mut input = Zeroizing::new(String::new());
+            std::io::stdin().read_to_string(&mut input).map_err(err)?;
+            #[derive(serde::Deserialize)]
+            struct In {
+                #[serde(default)]
+                id: String,
+                fields: std::collections::HashMap<String, String>,
+            }
+            let rec: In = serde_json::from_str(&input)
+                .map_err(|_| err("stdin must be JSON: {\"id\": \"...\", \"fields\": {\"name\": \"value\"}}"))?;
+            let r = c
+                .put_record(authed(
+                    g,
+                    pb::PutRecordRequest {
+                        record: Some(pb::Record {
+                            id: rec.id,
+                            fields: rec.fields,
+                            version: 0,
+                        }),
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            say(
+                g,
+                &format!("stored {} version {}", r.id, r.version),
+                json!({"id": r.id, "version": r.version}),
+            );
+        }
+        RecordCmd::Get {
+            id,
+            fields,
+            purpose,
+        } => {
+            let r = c
+                .get_record(authed(g, pb::GetRecordRequest { id, fields, purpose })?)
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .record
+                .unwrap_or_default();
+            let fields: std::collections::BTreeMap<_, _> = r.fields.into_iter().collect();
+            println!(
+                "{}",
+                json!({"id": r.id, "version": r.version, "fields": fields})
+            );
+        }
+        RecordCmd::Find { field, purpose } => {
+            let value = read_secret("value: ", false)?;
+            let r = c
+                .find_records(authed(
+                    g,
+                    pb::FindRecordsRequest {
+                        field,
+                        value: value.to_string(),
+                        purpose,
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if g.json {
+                println!("{}", json!({"ids": r.ids}));
+            } else {
+                for id in r.ids {
+                    println!("{id}");
+                }
+            }
+        }
+        RecordCmd::Delete { id, purpose } => {
+            c.delete_record(authed(g, pb::DeleteRecordRequest { id: id.clone(), purpose })?)
+                .await
+                .map_err(status_err)?;
+            say(g, &format!("deleted {id}"), json!({"id": id}));
+        }
+    }
+    Ok(())
+}
+
+async fn bench(g: &Global, args: BenchArgs) -> Result<(), CliError> {
+    crate::bench::run(g.addr.clone(), g.ca.clone(), token(g)?, args, g.json)
+        .await
+        .map_err(err)
+}
+

@@ -1,0 +1,371 @@
+//! Server configuration: a TOML file, every key overridable by an
+//! environment variable `COFFRE_<KEY>` (dots become underscores:
+//! `argon2.m_kib` ← `COFFRE_ARGON2_M_KIB`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0}: {1}")]
+    Read(String, String),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Must lie outside `data_dir`, so that a copy of the data is not a copy
+    /// of the key.
+    pub master_key_file: PathBuf,
+    /// Plaintext gRPC on loopback, for development only.
+    pub dev: bool,
+    pub tls: TlsConfig,
+    pub argon2: Argon2Config,
+    pub session: SessionConfig,
+    pub storage: StorageConfig,
+    pub alert_file: Option<PathBuf>,
+    pub audit: AuditConfig,
+    pub keys: KeysConfig,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Read budgets per role (`[limits.<role>]`), taken by the budgets issue.
+    pub limits: toml::Table,
+    /// Per-tenant overrides (`[tenants.<name>.limits.<role>]`).
+    pub tenants: toml::Table,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// With it, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Argon2Config {
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
+    /// Hashes computed at once; the rest queue, so a login flood cannot take
+    /// every core. 0 means the number of cores.
+    pub max_concurrent: usize,
+}
+
+impl Default for Argon2Config {
+    fn default() -> Self {
+        // OWASP's Argon2id baseline: 19 MiB, 2 passes, 1 lane.
+        Self {
+            m_kib: 19456,
+            t: 2,
+            p: 1,
+            max_concurrent: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    pub idle_secs: u64,
+    pub absolute_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_secs: 15 * 60,
+            absolute_secs: 8 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// sled's page cache; bounds the server's memory whatever the data size.
+    pub cache_capacity_mib: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity_mib: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    pub mirror_file: Option<PathBuf>,
+    pub retention_days: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    pub rotate_after_encryptions: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        // 0.9 × 2^32: the NIST SP 800-38D bound for random 96-bit nonces,
+        // with the margin Vault uses.
+        Self {
+            rotate_after_encryptions: (0.9 * 4_294_967_296.0) as u64,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            data_dir: "coffre-data".into(),
+            master_key_file: "keys/master.key".into(),
+            dev: false,
+            tls: TlsConfig::default(),
+            argon2: Argon2Config::default(),
+            session: SessionConfig::default(),
+            storage: StorageConfig::default(),
+            alert_file: None,
+            audit: AuditConfig::default(),
+            keys: KeysConfig::default(),
+            log_format: "text".into(),
+            limits: toml::Table::new(),
+            tenants: toml::Table::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+}
+
+/// Every scalar key an environment variable may override.
+const ENV_KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("data_dir", Kind::Str),
+    ("master_key_file", Kind::Str),
+    ("dev", Kind::Bool),
+    ("tls.cert", Kind::Str),
+    ("tls.key", Kind::Str),
+    ("tls.client_ca", Kind::Str),
+    ("argon2.m_kib", Kind::Int),
+    ("argon2.t", Kind::Int),
+    ("argon2.p", Kind::Int),
+    ("argon2.max_concurrent", Kind::Int),
+    ("session.idle_secs", Kind::Int),
+    ("session.absolute_secs", Kind::Int),
+    ("storage.cache_capacity_mib", Kind::Int),
+    ("alert_file", Kind::Str),
+    ("audit.mirror_file", Kind::Str),
+    ("audit.retention_days", Kind::Int),
+    ("keys.rotate_after_encryptions", Kind::Int),
+    ("log_format", Kind::Str),
+];
+
+/// The environment variable that overrides a config key.
+pub fn env_name(key: &str) -> String {
+    format!("COFFRE_{}", key.replace('.', "_").to_uppercase())
+}
+
+impl Config {
+    /// Reads `file` (if any), applies environment overrides, and checks the
+    /// result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, |k| std::env::var(k).ok())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read(p.display().to_string(), e.to_string()))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Read(p.display().to_string(), one_line(&e)))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, kind) in ENV_KEYS {
+            let name = env_name(key);
+            let Some(raw) = env(&name) else { continue };
+            let value = match kind {
+                Kind::Str => toml::Value::String(raw),
+                Kind::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| {
+                    ConfigError::Invalid(format!("{name} must be a whole number"))
+                })?),
+                Kind::Bool => toml::Value::Boolean(match raw.trim() {
+                    "1" | "true" | "yes" => true,
+                    "0" | "false" | "no" => false,
+                    _ => return Err(ConfigError::Invalid(format!("{name} must be true or false"))),
+                }),
+            };
+            set_path(&mut table, key, value);
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(one_line(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let addr: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::Invalid(format!("listen {:?} is not host:port", self.listen)))?;
+        if self.dev {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "dev mode serves plaintext and listens on loopback only, not {addr}"
+                )));
+            }
+        } else if self.tls.cert.is_none() || self.tls.key.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key are required unless dev = true".into(),
+            ));
+        }
+        if self.argon2.m_kib < 8 * self.argon2.p.max(1) || self.argon2.t == 0 || self.argon2.p == 0
+        {
+            return Err(ConfigError::Invalid(
+                "argon2: need t >= 1, p >= 1 and m_kib >= 8 * p".into(),
+            ));
+        }
+        if self.session.idle_secs == 0 || self.session.absolute_secs < self.session.idle_secs {
+            return Err(ConfigError::Invalid(
+                "session: need idle_secs > 0 and absolute_secs >= idle_secs".into(),
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid("log_format must be text or json".into()));
+        }
+        if inside(&self.master_key_file, &self.data_dir) {
+            return Err(ConfigError::Invalid(
+                "master_key_file must not lie inside data_dir".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // validate() has parsed it already.
+        self.listen.parse().expect("listen validated at load")
+    }
+}
+
+/// Whether `path` lies under `dir`, comparing absolute, normalised forms of
+/// whatever exists of them.
+fn inside(path: &Path, dir: &Path) -> bool {
+    let abs = |p: &Path| -> PathBuf {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        // Canonicalise the deepest existing ancestor, keep the rest.
+        let mut existing = p.as_path();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_owned());
+                    existing = parent;
+                }
+                _ => break,
+            }
+        }
+        let mut out = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+        for name in rest.into_iter().rev() {
+            out.push(name);
+        }
+        out
+    };
+    abs(path).starts_with(abs(dir))
+}
+
+fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts = dotted.split('.').peekable();
+    let mut cur = table;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            cur.insert(part.to_string(), value);
+            return;
+        }
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        cur = entry.as_table_mut().expect("made a table just above");
+    }
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_types_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "dev = true\n[argon2]\nm_kib = 64\n").unwrap();
+        let c = Config::load_with_env(Some(&f), |k| match k {
+            "COFFRE_ARGON2_M_KIB" => Some("128".into()),
+            "COFFRE_LISTEN" => Some("127.0.0.1:0".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.argon2.m_kib, 128);
+        assert_eq!(c.listen, "127.0.0.1:0");
+        let bad = Config::load_with_env(Some(&f), |k| {
+            (k == "COFFRE_ARGON2_T").then(|| "two".to_string())
+        });
+        assert!(bad.unwrap_err().to_string().contains("COFFRE_ARGON2_T"));
+    }
+
+    #[test]
+    fn unsafe_setups_are_refused() {
+        let no_env = |_: &str| None;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:1\"\n").unwrap();
+        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        assert!(e.contains("tls.cert"), "{e}");
+        std::fs::write(&f, "dev = true\nlisten = \"0.0.0.0:1\"\n").unwrap();
+        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        std::fs::write(
+            &f,
+            "dev = true\ndata_dir = \"/srv/d\"\nmaster_key_file = \"/srv/d/k\"\n",
+        )
+        .unwrap();
+        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        assert!(e.contains("inside data_dir"), "{e}");
+        std::fs::write(&f, "dev = true\nbogus = 1\n").unwrap();
+        assert!(Config::load_with_env(Some(&f), no_env).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! The core's error: what a request can fail with, whatever the transport.
+//! `service` maps it to `tonic::Status` in one place. Messages are written
+//! for clients and never carry a field value, password, token or key.
+
+use crate::{crypto::CryptoError, keys::KeyError, storage::StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Missing, expired or revoked token; bad credentials (one message for
+    /// an unknown user and a wrong password).
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// Role not allowed, or account locked.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// Missing, or another tenant's: the same answer, so no existence oracle.
+    #[error("not found")]
+    NotFound,
+    /// Bad name, oversize input, missing purpose. The message names the rule
+    /// broken and at most a field *name*, never a value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Stored ciphertext or a stored key failed authentication.
+    #[error("stored data failed authentication")]
+    DataLoss,
+    /// Storage cannot write (or read): fail closed.
+    #[error("storage unavailable")]
+    Unavailable(#[source] StorageError),
+    #[error("not implemented yet")]
+    Unimplemented,
+    #[error("internal error")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<StorageError> for Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Corrupt(_) => Error::DataLoss,
+            other => Error::Unavailable(other),
+        }
+    }
+}
+
+impl From<CryptoError> for Error {
+    fn from(_: CryptoError) -> Self {
+        Error::DataLoss
+    }
+}
+
+impl From<KeyError> for Error {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Storage(s) => s.into(),
+            KeyError::Tampered => Error::DataLoss,
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<prost::DecodeError> for Error {
+    fn from(_: prost::DecodeError) -> Self {
+        Error::DataLoss
+    }
+}

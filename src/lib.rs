@@ -1,0 +1,51 @@
+//! Coffre: an encrypted-at-rest gRPC vault for patient records.
+//!
+//! Every field is sealed on its own under per-tenant keys, every password is
+//! an Argon2id hash, and no role but `clinician` and `service` reads a
+//! record. The contract is `SPEC.md`; `README.md` says how to run it.
+//!
+//! # Layout
+//!
+//! - [`crypto`]: primitives — keys that zeroize and never print, AES-256-GCM
+//!   sealing with bound context, the field ciphertext format, HMAC, HKDF.
+//! - [`keys`]: the key hierarchy — master key file, wrapped tenant keys,
+//!   key-check value, pepper, encryption counts.
+//! - [`storage`]: the only module that knows sled; key spaces, atomic
+//!   batches, group commit.
+//! - [`model`]: parsed input — names, ids, purposes, records within the
+//!   limits; roles; password policy.
+//! - [`accounts`]: principals, Argon2id hashing off the runtime, login with
+//!   lockout, sessions and bearer tokens.
+//! - [`tenants`], [`records`]: the record core — field encryption, blind
+//!   index, secrets.
+//! - [`vault`]: opens everything and bootstraps an empty data directory.
+//! - [`service`]: the gRPC services, thin; the one error→status mapping.
+//! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
+//! - [`config`]: the TOML file and its `COFFRE_*` overrides.
+//! - [`cli`]: the `coffre` command line (the binary only parses and calls).
+//! - [`error`]: the core's error type.
+
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod keys;
+pub mod model;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod tenants;
+pub mod vault;
+
+/// Code generated from `proto/coffre/v1/*.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("coffre.v1");
+    /// The encoded descriptors, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("coffre_descriptor");
+}

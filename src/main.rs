@@ -1,0 +1,5 @@
+//! The `coffre` binary: parse, then one call.
+
+fn main() -> std::process::ExitCode {
+    coffre::cli::main()
+}

@@ -1,0 +1,116 @@
+//! The gRPC server: Coffre's services plus `grpc.health.v1` and reflection,
+//! over TLS (rustls, optionally mTLS) or, in dev mode, plaintext loopback.
+//!
+//! [`run`] takes a bound listener and a shutdown future, so tests start the
+//! server on port 0 and stop it when they like.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::{
+    config::Config,
+    pb::{
+        admin_server::AdminServer, audit_server::AuditServer, auth_server::AuthServer,
+        records_server::RecordsServer,
+    },
+    service::{AdminService, AuditService, AuthService, Gate, RecordsService},
+    vault::Vault,
+};
+
+/// Largest request or response message: a record (1 MiB) plus framing.
+pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// Reads the TLS identity (and client CA for mTLS) named by the config.
+pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+    if config.dev {
+        return Ok(None);
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
+    };
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        return Err(ServeError::Tls("tls.cert and tls.key are required".into()));
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight calls and
+/// flushes storage.
+pub async fn run(
+    vault: Arc<Vault>,
+    tls: Option<ServerTlsConfig>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let gate = Gate::new(vault.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AuthServer<AuthService>>().await;
+    health.set_serving::<RecordsServer<RecordsService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<AuditServer<AuditService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+
+    let mut builder = Server::builder().timeout(Duration::from_secs(60));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+
+    let sweeper = {
+        let vault = vault.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let v = vault.clone();
+                let _ = tokio::task::spawn_blocking(move || v.accounts.sweep_expired()).await;
+            }
+        })
+    };
+
+    let result = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            AuthServer::new(AuthService::new(gate.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RecordsServer::new(RecordsService::new(gate.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(gate.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(AuditServer::new(AuditService::new(gate)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()));
+    sweeper.abort();
+    if let Err(e) = vault.store.flush_blocking() {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    result
+}

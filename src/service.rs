@@ -1,0 +1,586 @@
+//! The gRPC services: thin. Each RPC goes through [`Gate::run`], which
+//! authenticates, checks the role, calls the core, maps the error to a
+//! status in one place ([`to_status`]) and records the outcome.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    accounts::Caller,
+    error::Error,
+    model::{
+        Fields, MAX_BULK_IDS, Password, Purpose, RecordId, Role, TenantName, Username,
+        parse_field_list,
+    },
+    pb::{self, admin_server, audit_server, auth_server, records_server},
+    records::PlainRecord,
+    vault::Vault,
+};
+
+/// The one mapping from core errors to gRPC statuses. Messages come from
+/// `Error`'s `Display`, which never carries a value; causes are logged.
+pub fn to_status(e: Error) -> Status {
+    match &e {
+        Error::Unavailable(cause) => tracing::error!(error = %cause, "storage unavailable"),
+        Error::Internal(cause) => tracing::error!(error = %cause, "internal error"),
+        _ => {}
+    }
+    Status::new(status_code(&e), e.to_string())
+}
+
+/// Which callers an RPC admits.
+#[derive(Clone, Copy, Debug)]
+enum Need {
+    /// No token (Login).
+    Nobody,
+    /// Any valid token.
+    Anyone,
+    /// Clinicians and services: the only roles that touch records.
+    RecordReader,
+    /// Administrators of tenant `system`.
+    Admin,
+    Auditor,
+}
+
+/// Shared by the services: the vault, plus the per-RPC envelope.
+#[derive(Clone)]
+pub struct Gate {
+    vault: Arc<Vault>,
+}
+
+fn bearer(meta: &MetadataMap) -> Option<&str> {
+    meta.get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl Gate {
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+
+    fn authorize(&self, meta: &MetadataMap, need: Need) -> Result<Option<Caller>, Error> {
+        if let Need::Nobody = need {
+            return Ok(None);
+        }
+        let token = bearer(meta).ok_or(Error::Unauthenticated("missing bearer token"))?;
+        let caller = self.vault.accounts.authenticate(token)?;
+        let allowed = match need {
+            Need::Nobody | Need::Anyone => true,
+            Need::RecordReader => caller.role.reads_records(),
+            Need::Admin => caller.role == Role::Admin && caller.tenant.is_system(),
+            Need::Auditor => caller.role == Role::Auditor,
+        };
+        if !allowed {
+            return Err(Error::PermissionDenied("role not allowed for this call"));
+        }
+        Ok(Some(caller))
+    }
+
+    /// Runs one RPC: authorize, call `f`, map and log the outcome.
+    async fn run<T>(
+        &self,
+        action: &'static str,
+        meta: &MetadataMap,
+        peer: Option<SocketAddr>,
+        need: Need,
+        f: impl AsyncFnOnce(Option<Caller>) -> Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let (principal, result) = match self.authorize(meta, need) {
+            Ok(caller) => {
+                let principal = caller.as_ref().map(Caller::principal);
+                (principal, f(caller).await)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => code_name(e),
+        };
+        tracing::info!(
+            action,
+            principal = principal.as_deref().unwrap_or("-"),
+            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+            outcome,
+            "rpc"
+        );
+        result.map(Response::new).map_err(to_status)
+    }
+}
+
+/// The status code's name in lower case (`permission_denied`).
+fn code_name(e: &Error) -> String {
+    let s = format!("{:?}", status_code(e));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+fn status_code(e: &Error) -> tonic::Code {
+    use tonic::Code;
+    match e {
+        Error::Unauthenticated(_) => Code::Unauthenticated,
+        Error::PermissionDenied(_) => Code::PermissionDenied,
+        Error::NotFound => Code::NotFound,
+        Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::DataLoss => Code::DataLoss,
+        Error::Unavailable(_) => Code::Unavailable,
+        Error::Unimplemented => Code::Unimplemented,
+        Error::Internal(_) => Code::Internal,
+    }
+}
+
+/// The caller of an RPC whose `Need` guarantees one.
+fn must(caller: Option<Caller>) -> Result<Caller, Error> {
+    caller.ok_or(Error::Unauthenticated("missing bearer token"))
+}
+
+fn to_pb(r: PlainRecord) -> pb::Record {
+    pb::Record {
+        id: r.id.to_string(),
+        version: r.version,
+        fields: r
+            .fields
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect(),
+    }
+}
+
+macro_rules! envelope {
+    ($self:ident, $req:ident, $action:literal, $need:expr, $body:expr) => {{
+        let peer = $req.remote_addr();
+        let (meta, _, msg) = $req.into_parts();
+        $self
+            .gate
+            .run(concat!("coffre.v1.", $action), &meta, peer, $need, async move |c| {
+                ($body)(c, msg).await
+            })
+            .await
+    }};
+}
+
+pub struct AuthService {
+    gate: Gate,
+}
+
+impl AuthService {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl auth_server::Auth for AuthService {
+    async fn login(
+        &self,
+        req: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Auth/Login", Need::Nobody, async |_c: Option<Caller>,
+                                                                m: pb::LoginRequest| {
+            let l = v.accounts.login(&m.tenant, &m.username, &m.password).await?;
+            Ok(pb::LoginResponse {
+                token: l.token.to_string(),
+                expires_at_unix: l.expires_at_unix,
+            })
+        })
+    }
+
+    async fn logout(
+        &self,
+        req: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Auth/Logout", Need::Anyone, async |c: Option<Caller>,
+                                                                _m: pb::LogoutRequest| {
+            v.accounts.logout(&must(c)?).await?;
+            Ok(pb::LogoutResponse {})
+        })
+    }
+
+    async fn change_password(
+        &self,
+        req: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Auth/ChangePassword", Need::Anyone, async |c: Option<Caller>,
+                                                                         m: pb::ChangePasswordRequest| {
+            v.accounts
+                .change_password(&must(c)?, &m.old_password, m.new_password)
+                .await?;
+            Ok(pb::ChangePasswordResponse {})
+        })
+    }
+}
+
+pub struct RecordsService {
+    gate: Gate,
+}
+
+impl RecordsService {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl records_server::Records for RecordsService {
+    async fn put_record(
+        &self,
+        req: Request<pb::PutRecordRequest>,
+    ) -> Result<Response<pb::PutRecordResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/PutRecord", Need::RecordReader, async |c: Option<Caller>,
+                                                                            m: pb::PutRecordRequest| {
+            let caller = must(c)?;
+            let rec = m
+                .record
+                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?;
+            let id = if rec.id.is_empty() {
+                None
+            } else {
+                Some(RecordId::parse(&rec.id)?)
+            };
+            let fields = Fields::parse(rec.fields)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            let (id, version) = v.records.put(&tenant, id, fields).await?;
+            Ok(pb::PutRecordResponse {
+                id: id.to_string(),
+                version,
+            })
+        })
+    }
+
+    async fn get_record(
+        &self,
+        req: Request<pb::GetRecordRequest>,
+    ) -> Result<Response<pb::GetRecordResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/GetRecord", Need::RecordReader, async |c: Option<Caller>,
+                                                                            m: pb::GetRecordRequest| {
+            let caller = must(c)?;
+            let id = RecordId::parse(&m.id)?;
+            let fields = parse_field_list(&m.fields)?;
+            let _purpose = Purpose::parse(&m.purpose)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            let rec = v.records.get(&tenant, &id, &fields)?;
+            Ok(pb::GetRecordResponse {
+                record: Some(to_pb(rec)),
+            })
+        })
+    }
+
+    async fn delete_record(
+        &self,
+        req: Request<pb::DeleteRecordRequest>,
+    ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/DeleteRecord", Need::RecordReader, async |c: Option<Caller>,
+                                                                               m: pb::DeleteRecordRequest| {
+            let caller = must(c)?;
+            let id = RecordId::parse(&m.id)?;
+            let _purpose = Purpose::parse(&m.purpose)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            v.records.delete(&tenant, &id).await?;
+            Ok(pb::DeleteRecordResponse {})
+        })
+    }
+
+    async fn find_records(
+        &self,
+        req: Request<pb::FindRecordsRequest>,
+    ) -> Result<Response<pb::FindRecordsResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/FindRecords", Need::RecordReader, async |c: Option<Caller>,
+                                                                              m: pb::FindRecordsRequest| {
+            let caller = must(c)?;
+            let field = crate::model::FieldName::parse(&m.field)?;
+            let _purpose = Purpose::parse(&m.purpose)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            let ids = v.records.find(&tenant, &field, &m.value)?;
+            Ok(pb::FindRecordsResponse {
+                ids: ids.into_iter().map(|i| i.to_string()).collect(),
+            })
+        })
+    }
+
+    type BulkReadStream = BoxStream<pb::Record>;
+
+    async fn bulk_read(
+        &self,
+        req: Request<pb::BulkReadRequest>,
+    ) -> Result<Response<Self::BulkReadStream>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/BulkRead", Need::RecordReader, async |c: Option<Caller>,
+                                                                           m: pb::BulkReadRequest| {
+            let caller = must(c)?;
+            if m.ids.len() > MAX_BULK_IDS {
+                return Err(Error::InvalidArgument("at most 1000 ids per BulkRead".into()));
+            }
+            let ids = m
+                .ids
+                .iter()
+                .map(|s| RecordId::parse(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let fields = parse_field_list(&m.fields)?;
+            let _purpose = Purpose::parse_required(&m.purpose)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            // Decrypt lazily, a few records ahead of the client, so a large
+            // read never sits whole in memory.
+            let (tx, rx) = mpsc::channel(8);
+            let vault = v.clone();
+            tokio::task::spawn_blocking(move || {
+                for id in ids {
+                    let item = match vault.records.get(&tenant, &id, &fields) {
+                        Ok(r) => Ok(to_pb(r)),
+                        // Missing (or another tenant's) ids are left out.
+                        Err(Error::NotFound) => continue,
+                        Err(e) => Err(to_status(e)),
+                    };
+                    let stop = item.is_err();
+                    if tx.blocking_send(item).is_err() || stop {
+                        break;
+                    }
+                }
+            });
+            Ok(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::Record>)
+        })
+    }
+
+    async fn set_secret(
+        &self,
+        req: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SetSecretResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/SetSecret", Need::RecordReader, async |c: Option<Caller>,
+                                                                            m: pb::SetSecretRequest| {
+            let caller = must(c)?;
+            let id = RecordId::parse(&m.record_id)?;
+            let name = crate::model::FieldName::parse(&m.name)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            v.records.set_secret(&tenant, &id, &name, m.secret).await?;
+            Ok(pb::SetSecretResponse {})
+        })
+    }
+
+    async fn verify_secret(
+        &self,
+        req: Request<pb::VerifySecretRequest>,
+    ) -> Result<Response<pb::VerifySecretResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Records/VerifySecret", Need::RecordReader, async |c: Option<Caller>,
+                                                                               m: pb::VerifySecretRequest| {
+            let caller = must(c)?;
+            let id = RecordId::parse(&m.record_id)?;
+            let name = crate::model::FieldName::parse(&m.name)?;
+            let tenant = v.tenants.get(&caller.tenant)?;
+            let ok = v.records.verify_secret(&tenant, &id, &name, m.candidate).await?;
+            Ok(pb::VerifySecretResponse { ok })
+        })
+    }
+}
+
+pub struct AdminService {
+    gate: Gate,
+}
+
+impl AdminService {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminService {
+    async fn create_tenant(
+        &self,
+        req: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Admin/CreateTenant", Need::Admin, async |_c: Option<Caller>,
+                                                                      m: pb::CreateTenantRequest| {
+            let name = TenantName::parse(&m.name)?;
+            let indexed = parse_field_list(&m.indexed_fields)?;
+            v.tenants.create(&name, &indexed).await?;
+            Ok(pb::CreateTenantResponse {})
+        })
+    }
+
+    async fn create_principal(
+        &self,
+        req: Request<pb::CreatePrincipalRequest>,
+    ) -> Result<Response<pb::CreatePrincipalResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Admin/CreatePrincipal", Need::Admin, async |_c: Option<Caller>,
+                                                                         m: pb::CreatePrincipalRequest| {
+            let tenant = TenantName::parse(&m.tenant)?;
+            let username = Username::parse(&m.username)?;
+            let role = pb::Role::try_from(m.role)
+                .ok()
+                .filter(|r| *r != pb::Role::Unspecified)
+                .ok_or_else(|| Error::InvalidArgument("role is required".into()))
+                .and_then(|r| Role::parse(r.as_str_name()))?;
+            // Admins live in `system`; records live in other tenants.
+            match (tenant.is_system(), role) {
+                (true, Role::Clinician | Role::Service) => {
+                    return Err(Error::InvalidArgument(
+                        "tenant system holds no records: no clinician or service there".into(),
+                    ));
+                }
+                (false, Role::Admin) => {
+                    return Err(Error::InvalidArgument(
+                        "admins live in tenant system".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if !v.tenants.exists(&tenant)? {
+                return Err(Error::NotFound);
+            }
+            let password =
+                Password::new_checked(m.password, &[username.as_str(), tenant.as_str()])?;
+            v.accounts.create(&tenant, &username, &password, role).await?;
+            Ok(pb::CreatePrincipalResponse {})
+        })
+    }
+
+    async fn set_principal_locked(
+        &self,
+        req: Request<pb::SetPrincipalLockedRequest>,
+    ) -> Result<Response<pb::SetPrincipalLockedResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(self, req, "Admin/SetPrincipalLocked", Need::Admin, async |_c: Option<Caller>,
+                                                                            m: pb::SetPrincipalLockedRequest| {
+            let tenant = TenantName::parse(&m.tenant)?;
+            let username = Username::parse(&m.username)?;
+            v.accounts.set_locked(&tenant, &username, m.locked).await?;
+            Ok(pb::SetPrincipalLockedResponse {})
+        })
+    }
+
+    async fn create_honeytoken(
+        &self,
+        req: Request<pb::CreateHoneytokenRequest>,
+    ) -> Result<Response<pb::CreateHoneytokenResponse>, Status> {
+        envelope!(self, req, "Admin/CreateHoneytoken", Need::Admin, async |_c: Option<Caller>,
+                                                                          _m: pb::CreateHoneytokenRequest| {
+            Err::<pb::CreateHoneytokenResponse, _>(Error::Unimplemented)
+        })
+    }
+
+    async fn rotate_tenant_key(
+        &self,
+        req: Request<pb::RotateTenantKeyRequest>,
+    ) -> Result<Response<pb::RotateTenantKeyResponse>, Status> {
+        envelope!(self, req, "Admin/RotateTenantKey", Need::Admin, async |_c: Option<Caller>,
+                                                                         _m: pb::RotateTenantKeyRequest| {
+            Err::<pb::RotateTenantKeyResponse, _>(Error::Unimplemented)
+        })
+    }
+
+    type RewrapTenantStream = BoxStream<pb::RewrapProgress>;
+
+    async fn rewrap_tenant(
+        &self,
+        req: Request<pb::RewrapTenantRequest>,
+    ) -> Result<Response<Self::RewrapTenantStream>, Status> {
+        envelope!(self, req, "Admin/RewrapTenant", Need::Admin, async |_c: Option<Caller>,
+                                                                      _m: pb::RewrapTenantRequest| {
+            Err::<Self::RewrapTenantStream, _>(Error::Unimplemented)
+        })
+    }
+
+    async fn key_status(
+        &self,
+        req: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        envelope!(self, req, "Admin/KeyStatus", Need::Admin, async |_c: Option<Caller>,
+                                                                   _m: pb::KeyStatusRequest| {
+            Err::<pb::KeyStatusResponse, _>(Error::Unimplemented)
+        })
+    }
+
+    async fn retire_key_version(
+        &self,
+        req: Request<pb::RetireKeyVersionRequest>,
+    ) -> Result<Response<pb::RetireKeyVersionResponse>, Status> {
+        envelope!(self, req, "Admin/RetireKeyVersion", Need::Admin, async |_c: Option<Caller>,
+                                                                          _m: pb::RetireKeyVersionRequest| {
+            Err::<pb::RetireKeyVersionResponse, _>(Error::Unimplemented)
+        })
+    }
+
+    async fn shred_tenant(
+        &self,
+        req: Request<pb::ShredTenantRequest>,
+    ) -> Result<Response<pb::ShredTenantResponse>, Status> {
+        envelope!(self, req, "Admin/ShredTenant", Need::Admin, async |_c: Option<Caller>,
+                                                                     _m: pb::ShredTenantRequest| {
+            Err::<pb::ShredTenantResponse, _>(Error::Unimplemented)
+        })
+    }
+}
+
+pub struct AuditService {
+    gate: Gate,
+}
+
+impl AuditService {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl audit_server::Audit for AuditService {
+    type QueryAuditStream = BoxStream<pb::AuditEvent>;
+
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<Self::QueryAuditStream>, Status> {
+        envelope!(self, req, "Audit/QueryAudit", Need::Auditor, async |_c: Option<Caller>,
+                                                                      _m: pb::QueryAuditRequest| {
+            Err::<Self::QueryAuditStream, _>(Error::Unimplemented)
+        })
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        envelope!(self, req, "Audit/VerifyAudit", Need::Auditor, async |_c: Option<Caller>,
+                                                                        _m: pb::VerifyAuditRequest| {
+            Err::<pb::VerifyAuditResponse, _>(Error::Unimplemented)
+        })
+    }
+
+    type ListAlertsStream = BoxStream<pb::Alert>;
+
+    async fn list_alerts(
+        &self,
+        req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<Self::ListAlertsStream>, Status> {
+        envelope!(self, req, "Audit/ListAlerts", Need::Auditor, async |_c: Option<Caller>,
+                                                                       _m: pb::ListAlertsRequest| {
+            Err::<Self::ListAlertsStream, _>(Error::Unimplemented)
+        })
+    }
+}

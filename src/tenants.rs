@@ -1,0 +1,98 @@
+//! Tenants: a name, the fields its blind index covers, and its keys.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use parking_lot::RwLock;
+use prost::Message;
+
+use crate::{
+    accounts::now_ms,
+    error::{Error, Result},
+    keys::{Keyring, TenantKeys},
+    model::{FieldName, MAX_FIELDS, TenantName},
+    storage::{Batch, Space, Storage},
+};
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredTenant {
+    #[prost(string, repeated, tag = "1")]
+    indexed_fields: Vec<String>,
+    #[prost(int64, tag = "2")]
+    created_ms: i64,
+}
+
+/// A tenant as the record path needs it: loaded and unwrapped once.
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: TenantName,
+    pub indexed: BTreeSet<FieldName>,
+    pub keys: Arc<TenantKeys>,
+}
+
+pub struct Tenants {
+    store: Storage,
+    keys: Arc<Keyring>,
+    cache: RwLock<HashMap<TenantName, Arc<Tenant>>>,
+}
+
+impl Tenants {
+    pub fn new(store: Storage, keys: Arc<Keyring>) -> Self {
+        Self {
+            store,
+            keys,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub async fn create(&self, name: &TenantName, indexed: &[FieldName]) -> Result<()> {
+        if indexed.len() > MAX_FIELDS {
+            return Err(Error::InvalidArgument(
+                "at most 256 indexed fields".into(),
+            ));
+        }
+        if self.store.get(Space::Tenants, name.as_str().as_bytes())?.is_some() {
+            return Err(Error::AlreadyExists("tenant already exists".into()));
+        }
+        let t = StoredTenant {
+            indexed_fields: indexed.iter().map(|f| f.to_string()).collect(),
+            created_ms: now_ms(),
+        };
+        let mut b = Batch::new();
+        b.put(Space::Tenants, name.as_str().as_bytes(), t.encode_to_vec());
+        self.keys.add_new_tenant(name.as_str(), &mut b);
+        Ok(self.store.commit(b).await?)
+    }
+
+    pub fn exists(&self, name: &TenantName) -> Result<bool> {
+        Ok(self.cache.read().contains_key(name)
+            || self.store.get(Space::Tenants, name.as_str().as_bytes())?.is_some())
+    }
+
+    /// The tenant with its keys, or NOT_FOUND.
+    pub fn get(&self, name: &TenantName) -> Result<Arc<Tenant>> {
+        if let Some(t) = self.cache.read().get(name) {
+            return Ok(t.clone());
+        }
+        let bytes = self
+            .store
+            .get(Space::Tenants, name.as_str().as_bytes())?
+            .ok_or(Error::NotFound)?;
+        let st = StoredTenant::decode(&bytes[..])?;
+        let indexed = st
+            .indexed_fields
+            .iter()
+            .map(|f| FieldName::parse(f).map_err(|_| Error::DataLoss))
+            .collect::<Result<_>>()?;
+        let keys = self.keys.tenant(name.as_str())?.ok_or(Error::DataLoss)?;
+        let t = Arc::new(Tenant {
+            name: name.clone(),
+            indexed,
+            keys,
+        });
+        self.cache.write().insert(name.clone(), t.clone());
+        Ok(t)
+    }
+}
