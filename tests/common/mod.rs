@@ -1,0 +1,279 @@
+//! Test harness: a real Coffre server on a loopback port with a temporary
+//! data directory, reached through the generated gRPC clients. Argon2 is
+//! made cheap through config (never by changing the defaults).
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use coffre::{
+    config::Config,
+    pb::{
+        self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient,
+    },
+    vault::Vault,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Request, transport::Channel};
+
+pub const ADMIN_PASSWORD: &str = "violet anchor 8812 meadow crane";
+pub const CLINICIAN_PASSWORD: &str = "harbor lantern 5521 cobalt fern";
+
+/// A config for tests: dev mode on an ephemeral loopback port, cheap Argon2.
+pub fn test_config(root: &Path) -> Config {
+    let text = format!(
+        "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\n",
+        root.join("data"),
+        root.join("keys").join("master.key"),
+    );
+    let path = root.join("coffre.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load_with_env(Some(&path), |_| None).unwrap()
+}
+
+pub struct TestServer {
+    pub root: tempfile::TempDir,
+    pub config: Config,
+    pub addr: String,
+    pub vault: Option<Arc<Vault>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(root.path());
+        Self::start_with(root, config).await
+    }
+
+    pub async fn start_with(root: tempfile::TempDir, config: Config) -> Self {
+        let mut s = Self {
+            root,
+            config,
+            addr: String::new(),
+            vault: None,
+            stop: None,
+            task: None,
+        };
+        s.boot().await;
+        s
+    }
+
+    async fn boot(&mut self) {
+        // sled releases its lock only once the previous instance is dropped.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let vault = loop {
+            match Vault::open(&self.config, Some(ADMIN_PASSWORD.into())).await {
+                Ok((v, _)) => break v,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("vault did not open: {e}"),
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let v = vault.clone();
+        self.task = Some(tokio::spawn(async move {
+            coffre::server::run(v, None, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        }));
+        self.stop = Some(tx);
+        self.vault = Some(vault);
+    }
+
+    /// Graceful stop; the data directory stays.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        self.vault = None;
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.data_dir.clone()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn login(&self, tenant: &str, user: &str, password: &str) -> Result<String, tonic::Status> {
+        AuthClient::new(self.channel().await)
+            .login(pb::LoginRequest {
+                tenant: tenant.into(),
+                username: user.into(),
+                password: password.into(),
+            })
+            .await
+            .map(|r| r.into_inner().token)
+    }
+
+    pub async fn admin_token(&self) -> String {
+        self.login("system", "admin", ADMIN_PASSWORD).await.unwrap()
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    pub async fn records(&self) -> RecordsClient<Channel> {
+        RecordsClient::new(self.channel().await)
+    }
+
+    /// Creates a tenant (indexed on `nir`) and a principal; returns its token.
+    pub async fn tenant_with(&self, tenant: &str, user: &str, role: pb::Role) -> String {
+        let admin = self.admin_token().await;
+        let mut a = self.admin().await;
+        let _ = a
+            .create_tenant(authed(
+                &admin,
+                pb::CreateTenantRequest {
+                    name: tenant.into(),
+                    indexed_fields: vec!["nir".into()],
+                },
+            ))
+            .await;
+        a.create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: tenant.into(),
+                username: user.into(),
+                password: CLINICIAN_PASSWORD.into(),
+                role: role as i32,
+            },
+        ))
+        .await
+        .unwrap();
+        self.login(tenant, user, CLINICIAN_PASSWORD).await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+pub fn put(id: &str, fields: &[(&str, &str)]) -> pb::PutRecordRequest {
+    pb::PutRecordRequest {
+        record: Some(pb::Record {
+            id: id.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            version: 0,
+        }),
+    }
+}
+
+pub fn get(id: &str) -> pb::GetRecordRequest {
+    pb::GetRecordRequest {
+        id: id.into(),
+        fields: vec![],
+        purpose: "care".into(),
+    }
+}
+
+/// The real `coffre` binary, run as a child process.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub stderr_path: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_coffre")
+}
+
+/// Starts `coffre serve --config FILE` and waits for its listening line.
+pub fn spawn_server(config_file: &Path, envs: &[(&str, &str)]) -> Result<Proc, String> {
+    let dir = config_file.parent().unwrap();
+    let stderr_path = dir.join(format!("stderr-{}.log", rand_suffix()));
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config_file)
+        .env_remove("COFFRE_BOOTSTRAP_ADMIN_PASSWORD")
+        .env("COFFRE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(line)) if line.contains("listening on ") => {
+            let addr = line.rsplit(' ').next().unwrap().to_string();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            Ok(Proc {
+                child,
+                addr,
+                stderr_path,
+            })
+        }
+        _ => {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            Err(format!("{status}: {err}"))
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Writes a config file for a child-process server under `root`.
+pub fn write_config(root: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n{extra}\n\
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n",
+        root.join("data"),
+        root.join("keys").join("master.key"),
+    );
+    let path = root.join("coffre.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
