@@ -1,0 +1,318 @@
+//! What a stolen data directory yields (T1), and what tampering with it
+//! gets (T4): ciphertext only, and DATA_LOSS rather than wrong plaintext.
+
+mod common;
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use base64::Engine;
+use coffre::{
+    pb,
+    storage::{Batch, SledOptions, Space, Storage},
+};
+use common::*;
+use tonic::Code;
+
+/// Every byte of every file under `dir`.
+fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The forms a secret could take on disk: plain, UTF-16 (both orders), and
+/// base64 (standard and URL-safe, at each of the three alignments).
+fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut v = vec![secret.to_vec()];
+    if let Ok(s) = std::str::from_utf8(secret) {
+        v.push(s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect());
+        v.push(s.encode_utf16().flat_map(|u| u.to_be_bytes()).collect());
+    }
+    for engine in [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for pad in 0..3 {
+            let mut buf = vec![0u8; pad];
+            buf.extend_from_slice(secret);
+            let enc = engine.encode(&buf);
+            // Drop the characters that depend on the neighbouring bytes.
+            let start = if pad == 0 { 0 } else { (pad * 4).div_ceil(3) + 1 };
+            let end = enc.trim_end_matches('=').len().saturating_sub(2);
+            if end > start + 8 {
+                v.push(enc.as_bytes()[start..end].to_vec());
+            }
+        }
+    }
+    v
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_copy_of_the_data_directory_holds_no_value_password_token_or_key() {
+    let mut s = TestServer::start().await;
+    let admin = s.admin_token().await;
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    let clin_pw = "Qmarker pw clinician 7731 zebra";
+    secrets.push(clin_pw.as_bytes().to_vec());
+    secrets.push(common::ADMIN_PASSWORD.as_bytes().to_vec());
+    s.admin()
+        .await
+        .create_tenant(authed(
+            &admin,
+            pb::CreateTenantRequest {
+                name: "clinic".into(),
+                indexed_fields: vec!["nir".into(), "family_name".into()],
+            },
+        ))
+        .await
+        .unwrap();
+    s.admin()
+        .await
+        .create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: "clinic".into(),
+                username: "dr_a".into(),
+                password: clin_pw.into(),
+                role: pb::Role::Clinician as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    let token = s.login("clinic", "dr_a", clin_pw).await.unwrap();
+    secrets.push(token.as_bytes().to_vec());
+    secrets.push(admin.as_bytes().to_vec());
+    let mut r = s.records().await;
+    for i in 0..50 {
+        let fields: Vec<(String, String)> = [
+            "family_name",
+            "given_name",
+            "nir",
+            "address",
+            "note",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), format!("MK{i:03}{f}Zq-Éloïse")))
+        .collect();
+        for (_, v) in &fields {
+            secrets.push(v.as_bytes().to_vec());
+        }
+        let refs: Vec<(&str, &str)> = fields.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        r.put_record(authed(&token, put(&format!("rec-{i}"), &refs)))
+            .await
+            .unwrap();
+        let secret = format!("PortalSecret{i:03}Marker");
+        r.set_secret(authed(
+            &token,
+            pb::SetSecretRequest {
+                record_id: format!("rec-{i}"),
+                name: "portal".into(),
+                secret: secret.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+        secrets.push(secret.into_bytes());
+    }
+    let key_text = std::fs::read_to_string(&s.config.master_key_file).unwrap();
+    let key_b64 = key_text.trim().split(':').nth(1).unwrap().to_string();
+    let raw_key = base64::engine::general_purpose::STANDARD
+        .decode(&key_b64)
+        .unwrap();
+    secrets.push(raw_key);
+    secrets.push(key_b64.into_bytes());
+    s.stop().await;
+
+    let files = all_files(&s.data_dir());
+    let total: usize = files.iter().map(|(_, b)| b.len()).sum();
+    assert!(total > 10_000, "the scan reads the real data ({total} bytes)");
+    // Positive control: names are stored in clear (T1 allows it), so the
+    // scan must find one, or it is not reading what sled wrote.
+    assert!(
+        files.iter().any(|(_, b)| contains(b, b"given_name")),
+        "the scan sees sled's bytes"
+    );
+    let mut hits = Vec::new();
+    for secret in &secrets {
+        for form in forms(secret) {
+            for (name, bytes) in &files {
+                if contains(bytes, &form) {
+                    hits.push(format!("{name}: {}", String::from_utf8_lossy(&form)));
+                }
+            }
+        }
+    }
+    println!(
+        "at-rest scan: {} secrets x forms over {} files, {} bytes: {} hits",
+        secrets.len(),
+        files.len(),
+        total,
+        hits.len()
+    );
+    assert!(hits.is_empty(), "found in clear: {hits:?}");
+}
+
+/// The stored record layout, as an attacker with the format would edit it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRecord {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(map = "string, bytes", tag = "2")]
+    fields: HashMap<String, Vec<u8>>,
+    #[prost(map = "string, bytes", tag = "3")]
+    index: HashMap<String, Vec<u8>>,
+}
+
+fn rkey(tenant: &str, id: &str) -> Vec<u8> {
+    format!("{tenant}\0{id}").into_bytes()
+}
+
+async fn open_store(dir: &Path) -> Storage {
+    for _ in 0..200 {
+        if let Ok(s) = Storage::open_sled(
+            dir,
+            &SledOptions {
+                cache_capacity_bytes: 1 << 20,
+            },
+        ) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("store did not open");
+}
+
+#[tokio::test]
+async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
+    let mut s = TestServer::start().await;
+    let a = s.tenant_with("clinic_a", "dr_a", pb::Role::Clinician).await;
+    let b = s.tenant_with("clinic_b", "dr_b", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    for i in 1..=7 {
+        r.put_record(authed(
+            &a,
+            put(
+                &format!("p{i}"),
+                &[("nir", &format!("nir-a-{i}")), ("family_name", &format!("fam-{i}"))],
+            ),
+        ))
+        .await
+        .unwrap();
+    }
+    r.put_record(authed(&b, put("q1", &[("nir", "nir-b-1")])))
+        .await
+        .unwrap();
+    s.stop().await;
+
+    {
+        let store = open_store(&s.data_dir()).await;
+        let load = |t: &str, id: &str| -> RawRecord {
+            prost::Message::decode(&store.get(Space::Records, &rkey(t, id)).unwrap().unwrap()[..])
+                .unwrap()
+        };
+        let mut batch = Batch::new();
+        let mut save = |t: &str, id: &str, rec: &RawRecord| {
+            batch.put(Space::Records, rkey(t, id), prost::Message::encode_to_vec(rec));
+        };
+        // 1. One flipped byte in the middle of p1's nir ciphertext.
+        let mut p1 = load("clinic_a", "p1");
+        let c = p1.fields.get_mut("nir").unwrap();
+        let mid = c.len() / 2;
+        c[mid] ^= 0x01;
+        save("clinic_a", "p1", &p1);
+        // 2. p2's nir ciphertext copied into p3.
+        let p2 = load("clinic_a", "p2");
+        let mut p3 = load("clinic_a", "p3");
+        p3.fields.insert("nir".into(), p2.fields["nir"].clone());
+        save("clinic_a", "p3", &p3);
+        // 3. Tenant b's nir ciphertext copied into tenant a's p4.
+        let q1 = load("clinic_b", "q1");
+        let mut p4 = load("clinic_a", "p4");
+        p4.fields.insert("nir".into(), q1.fields["nir"].clone());
+        save("clinic_a", "p4", &p4);
+        // 4. A field moved to another field name of the same record.
+        let mut p5 = load("clinic_a", "p5");
+        let fam = p5.fields["family_name"].clone();
+        p5.fields.insert("nir".into(), fam);
+        save("clinic_a", "p5", &p5);
+        // 5. A whole record copied over another id.
+        let p6 = load("clinic_a", "p6");
+        save("clinic_a", "p7", &p6);
+        // 6. The header's key version rewritten.
+        let mut p6b = p6.clone();
+        p6b.fields.get_mut("family_name").unwrap()[4] ^= 0x02;
+        save("clinic_a", "p6", &p6b);
+        store.apply(batch).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    s.restart().await;
+    let a = s.login("clinic_a", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
+    let mut r = s.records().await;
+    let mut detected = 0;
+    for (id, what) in [
+        ("p1", "flipped byte"),
+        ("p3", "ciphertext from another record"),
+        ("p4", "ciphertext from another tenant"),
+        ("p5", "ciphertext from another field"),
+        ("p7", "record copied over another id"),
+        ("p6", "key version in header rewritten"),
+    ] {
+        match r.get_record(authed(&a, get(id))).await {
+            Err(e) => {
+                assert_eq!(e.code(), Code::DataLoss, "{what}");
+                assert!(!e.message().contains("nir-"), "no plaintext in the error");
+                detected += 1;
+            }
+            Ok(resp) => panic!("{what}: tampering returned {:?}", resp.into_inner().record),
+        }
+    }
+    println!("tamper: {detected}/6 classes answered DATA_LOSS");
+    // The untouched field of a tampered record still reads with projection,
+    // and untouched records read normally.
+    let fam = r
+        .get_record(authed(
+            &a,
+            pb::GetRecordRequest {
+                id: "p1".into(),
+                fields: vec!["family_name".into()],
+                purpose: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(fam.fields["family_name"], "fam-1");
+    let p2 = r.get_record(authed(&a, get("p2"))).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(p2.fields["nir"], "nir-a-2");
+    // A bulk read stops at the tampered record with DATA_LOSS.
+    let mut stream = r
+        .bulk_read(authed(
+            &a,
+            pb::BulkReadRequest {
+                ids: vec!["p2".into(), "p1".into()],
+                fields: vec![],
+                purpose: "transfer".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().id, "p2");
+    assert_eq!(stream.message().await.unwrap_err().code(), Code::DataLoss);
+}
