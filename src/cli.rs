@@ -295,12 +295,36 @@ async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
     println!("coffre: listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %local, dev = config.dev, "serving");
-    crate::server::run(vault, tls, listener, shutdown_signal())
-        .await
-        .map_err(err)?;
+    // SIGTERM stops accepting and drains; a client that keeps its
+    // connection open must not hold the exit past the 10 s operators expect.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let store = vault.store.clone();
+    let drain_deadline = async move {
+        let mut rx = stop_rx;
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = crate::server::run(vault, tls, listener, shutdown) => r.map_err(err)?,
+        _ = drain_deadline => {
+            tracing::warn!("drain timed out; closing remaining connections");
+            store.flush_blocking().map_err(err)?;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long SIGTERM waits for in-flight calls before closing connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
