@@ -117,7 +117,9 @@ impl Phc {
 impl Hasher {
     pub fn new(params: &Argon2Config, pepper: SecretKey) -> Result<Arc<Self>> {
         let concurrency = if params.max_concurrent == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            // Leave a core to the runtime so a login flood cannot starve
+            // record reads.
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
         } else {
             params.max_concurrent
         };

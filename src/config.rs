@@ -59,7 +59,7 @@ pub struct Argon2Config {
     pub t: u32,
     pub p: u32,
     /// Hashes computed at once; the rest queue, so a login flood cannot take
-    /// every core. 0 means the number of cores.
+    /// every core. 0 means one less than the number of cores (at least 1).
     pub max_concurrent: usize,
 }
 

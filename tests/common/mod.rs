@@ -81,11 +81,13 @@ impl TestServer {
             }
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        self.addr = format!("http://{}", listener.local_addr().unwrap());
+        let tls = coffre::server::tls_config(&self.config).unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        self.addr = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let v = vault.clone();
         self.task = Some(tokio::spawn(async move {
-            coffre::server::run(v, None, listener, async {
+            coffre::server::run(v, tls, listener, async {
                 let _ = rx.await;
             })
             .await
