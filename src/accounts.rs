@@ -496,7 +496,12 @@ impl Accounts {
         Err(Error::Unauthenticated(BAD_CREDENTIALS))
     }
 
-    async fn open_session(&self, tenant: TenantName, username: Username, now: i64) -> Result<Login> {
+    async fn open_session(
+        &self,
+        tenant: TenantName,
+        username: Username,
+        now: i64,
+    ) -> Result<Login> {
         let raw = Zeroizing::new(crypto::random_array::<32>());
         let token = Zeroizing::new(format!(
             "cf1.{}",

@@ -50,7 +50,10 @@ pub fn sample_fields(i: u64) -> HashMap<String, String> {
             "blood_group",
             ["A+", "A-", "B+", "O+", "O-", "AB+"][(i % 6) as usize].to_string(),
         ),
-        f("treating_physician", format!("Dr {}", FAMILY[(i / 3 % 8) as usize])),
+        f(
+            "treating_physician",
+            format!("Dr {}", FAMILY[(i / 3 % 8) as usize]),
+        ),
     ])
 }
 
@@ -84,29 +87,39 @@ pub async fn run(
     let ch = connect_to(&addr, ca.as_deref()).await.map_err(|e| e.0)?;
     let tag = hex::encode(crate::crypto::random_array::<4>());
     let tenant = format!("bench_{tag}");
-    let password = format!("bench {} horse battery {}", tag, hex::encode(crate::crypto::random_array::<8>()));
+    let password = format!(
+        "bench {} horse battery {}",
+        tag,
+        hex::encode(crate::crypto::random_array::<8>())
+    );
     let mut admin = AdminClient::new(ch.clone());
     let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     admin
-        .create_tenant(with_token(
-            &admin_token,
-            pb::CreateTenantRequest {
-                name: tenant.clone(),
-                indexed_fields: vec!["nir".into()],
-            },
-        ).map_err(|e| e.0)?)
+        .create_tenant(
+            with_token(
+                &admin_token,
+                pb::CreateTenantRequest {
+                    name: tenant.clone(),
+                    indexed_fields: vec!["nir".into()],
+                },
+            )
+            .map_err(|e| e.0)?,
+        )
         .await
         .map_err(st)?;
     admin
-        .create_principal(with_token(
-            &admin_token,
-            pb::CreatePrincipalRequest {
-                tenant: tenant.clone(),
-                username: "bench".into(),
-                password: password.clone(),
-                role: pb::Role::Clinician as i32,
-            },
-        ).map_err(|e| e.0)?)
+        .create_principal(
+            with_token(
+                &admin_token,
+                pb::CreatePrincipalRequest {
+                    tenant: tenant.clone(),
+                    username: "bench".into(),
+                    password: password.clone(),
+                    role: pb::Role::Clinician as i32,
+                },
+            )
+            .map_err(|e| e.0)?,
+        )
         .await
         .map_err(st)?;
     let token = AuthClient::new(ch.clone())
@@ -127,7 +140,10 @@ pub async fn run(
     }
 
     let seed = args.fill.unwrap_or(args.records).max(1);
-    eprintln!("bench: tenant {tenant}: loading {seed} records with {} clients", args.clients);
+    eprintln!(
+        "bench: tenant {tenant}: loading {seed} records with {} clients",
+        args.clients
+    );
     let ids = load(&channels, &token, seed).await?;
     if args.fill.is_some() {
         let msg = format!("loaded {} records into tenant {tenant}", ids.len());
@@ -204,7 +220,10 @@ pub async fn run(
                        "p99_ms": p.pct(0.99), "errors": p.errors, "ratio_to_health": p.rate() / base})
             })
             .collect();
-        println!("{}", json!({"clients": args.clients, "seconds": args.seconds, "phases": rows}));
+        println!(
+            "{}",
+            json!({"clients": args.clients, "seconds": args.seconds, "phases": rows})
+        );
     } else {
         println!(
             "{:<14} {:>10} {:>9} {:>9} {:>7} {:>8}",

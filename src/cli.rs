@@ -25,7 +25,11 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "coffre", version, about = "Encrypted vault for patient records")]
+#[command(
+    name = "coffre",
+    version,
+    about = "Encrypted vault for patient records"
+)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -36,7 +40,12 @@ pub struct Cli {
 #[derive(Args, Clone)]
 struct Global {
     /// Server URL: http://host:port in dev mode, https://host:port with TLS.
-    #[arg(long, global = true, env = "COFFRE_ADDR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     addr: String,
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, global = true, env = "COFFRE_CA")]
@@ -173,7 +182,12 @@ impl std::fmt::Display for CliError {
 }
 
 fn err(e: impl std::fmt::Display) -> CliError {
-    CliError(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+    CliError(
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 fn status_err(s: tonic::Status) -> CliError {
@@ -188,7 +202,10 @@ fn status_err(s: tonic::Status) -> CliError {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coffre: error: runtime: {e}");
@@ -210,7 +227,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Serve { config } => serve(config.as_deref()).await,
         Command::Keygen { out } => {
             crate::keys::generate_key_file(&out).map_err(err)?;
-            say(&g, &format!("wrote {}", out.display()), json!({"path": out}));
+            say(
+                &g,
+                &format!("wrote {}", out.display()),
+                json!({"path": out}),
+            );
             Ok(())
         }
         Command::Login {
@@ -241,7 +262,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             )?)
             .await
             .map_err(status_err)?;
-            say(&g, &format!("tenant {name} created"), json!({"tenant": name}));
+            say(
+                &g,
+                &format!("tenant {name} created"),
+                json!({"tenant": name}),
+            );
             Ok(())
         }
         Command::Principal(cmd) => principal(&g, cmd).await,
@@ -284,7 +309,9 @@ async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
             &**pw
         );
     } else if report.bootstrapped {
-        eprintln!("coffre: created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}");
+        eprintln!(
+            "coffre: created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}"
+        );
     }
     let tls = crate::server::tls_config(&config).map_err(err)?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr())
@@ -499,7 +526,9 @@ async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
                 json!({"tenant": tenant, "username": username, "role": role.as_str()}),
             );
         }
-        PrincipalCmd::Lock { tenant, username } => set_locked(g, &mut c, tenant, username, true).await?,
+        PrincipalCmd::Lock { tenant, username } => {
+            set_locked(g, &mut c, tenant, username, true).await?
+        }
         PrincipalCmd::Unlock { tenant, username } => {
             set_locked(g, &mut c, tenant, username, false).await?
         }
@@ -545,8 +574,9 @@ async fn record(g: &Global, cmd: RecordCmd) -> Result<(), CliError> {
                 id: String,
                 fields: std::collections::HashMap<String, String>,
             }
-            let rec: In = serde_json::from_str(&input)
-                .map_err(|_| err("stdin must be JSON: {\"id\": \"...\", \"fields\": {\"name\": \"value\"}}"))?;
+            let rec: In = serde_json::from_str(&input).map_err(|_| {
+                err("stdin must be JSON: {\"id\": \"...\", \"fields\": {\"name\": \"value\"}}")
+            })?;
             let r = c
                 .put_record(authed(
                     g,
@@ -573,7 +603,14 @@ async fn record(g: &Global, cmd: RecordCmd) -> Result<(), CliError> {
             purpose,
         } => {
             let r = c
-                .get_record(authed(g, pb::GetRecordRequest { id, fields, purpose })?)
+                .get_record(authed(
+                    g,
+                    pb::GetRecordRequest {
+                        id,
+                        fields,
+                        purpose,
+                    },
+                )?)
                 .await
                 .map_err(status_err)?
                 .into_inner()
@@ -608,9 +645,15 @@ async fn record(g: &Global, cmd: RecordCmd) -> Result<(), CliError> {
             }
         }
         RecordCmd::Delete { id, purpose } => {
-            c.delete_record(authed(g, pb::DeleteRecordRequest { id: id.clone(), purpose })?)
-                .await
-                .map_err(status_err)?;
+            c.delete_record(authed(
+                g,
+                pb::DeleteRecordRequest {
+                    id: id.clone(),
+                    purpose,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
             say(g, &format!("deleted {id}"), json!({"id": id}));
         }
     }
@@ -622,4 +665,3 @@ async fn bench(g: &Global, args: BenchArgs) -> Result<(), CliError> {
         .await
         .map_err(err)
 }
-

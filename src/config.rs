@@ -208,17 +208,22 @@ impl Config {
         for (key, kind) in ENV_KEYS {
             let name = env_name(key);
             let Some(raw) = env(&name) else { continue };
-            let value = match kind {
-                Kind::Str => toml::Value::String(raw),
-                Kind::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| {
-                    ConfigError::Invalid(format!("{name} must be a whole number"))
-                })?),
-                Kind::Bool => toml::Value::Boolean(match raw.trim() {
-                    "1" | "true" | "yes" => true,
-                    "0" | "false" | "no" => false,
-                    _ => return Err(ConfigError::Invalid(format!("{name} must be true or false"))),
-                }),
-            };
+            let value =
+                match kind {
+                    Kind::Str => toml::Value::String(raw),
+                    Kind::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| {
+                        ConfigError::Invalid(format!("{name} must be a whole number"))
+                    })?),
+                    Kind::Bool => toml::Value::Boolean(match raw.trim() {
+                        "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        _ => {
+                            return Err(ConfigError::Invalid(format!(
+                                "{name} must be true or false"
+                            )));
+                        }
+                    }),
+                };
             set_path(&mut table, key, value);
         }
         let config: Config = toml::Value::Table(table)
@@ -229,10 +234,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let addr: SocketAddr = self
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::Invalid(format!("listen {:?} is not host:port", self.listen)))?;
+        let addr: SocketAddr = self.listen.parse().map_err(|_| {
+            ConfigError::Invalid(format!("listen {:?} is not host:port", self.listen))
+        })?;
         if self.dev {
             if !addr.ip().is_loopback() {
                 return Err(ConfigError::Invalid(format!(
@@ -256,7 +260,9 @@ impl Config {
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::Invalid("log_format must be text or json".into()));
+            return Err(ConfigError::Invalid(
+                "log_format must be text or json".into(),
+            ));
         }
         if inside(&self.master_key_file, &self.data_dir) {
             return Err(ConfigError::Invalid(
@@ -293,7 +299,9 @@ fn inside(path: &Path, dir: &Path) -> bool {
                 _ => break,
             }
         }
-        let mut out = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+        let mut out = existing
+            .canonicalize()
+            .unwrap_or_else(|_| existing.to_path_buf());
         for name in rest.into_iter().rev() {
             out.push(name);
         }
@@ -321,7 +329,10 @@ fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -353,17 +364,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "listen = \"127.0.0.1:1\"\n").unwrap();
-        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        let e = Config::load_with_env(Some(&f), no_env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tls.cert"), "{e}");
         std::fs::write(&f, "dev = true\nlisten = \"0.0.0.0:1\"\n").unwrap();
-        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        let e = Config::load_with_env(Some(&f), no_env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("loopback"), "{e}");
         std::fs::write(
             &f,
             "dev = true\ndata_dir = \"/srv/d\"\nmaster_key_file = \"/srv/d/k\"\n",
         )
         .unwrap();
-        let e = Config::load_with_env(Some(&f), no_env).unwrap_err().to_string();
+        let e = Config::load_with_env(Some(&f), no_env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("inside data_dir"), "{e}");
         std::fs::write(&f, "dev = true\nbogus = 1\n").unwrap();
         assert!(Config::load_with_env(Some(&f), no_env).is_err());

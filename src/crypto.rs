@@ -133,8 +133,7 @@ impl Aead256 {
     pub fn seal_field(&self, key_version: u32, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let header = field_header(key_version);
         let aad = field_aad(&header, context);
-        let mut out =
-            Vec::with_capacity(FIELD_HEADER_LEN + NONCE_LEN + plaintext.len() + TAG_LEN);
+        let mut out = Vec::with_capacity(FIELD_HEADER_LEN + NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&header);
         self.seal_into(&mut out, &aad, plaintext);
         out
@@ -209,7 +208,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// HMAC-SHA256 over `data` under `key`.
 pub fn hmac_sha256(key: &SecretKey, data: &[u8]) -> [u8; 32] {
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length");
+    let mut mac =
+        <HmacSha256 as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length");
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -250,9 +250,15 @@ mod tests {
         let ctx = Context::new("f").with(b"tenant").with(b"rec").with(b"name");
         let sealed = key.seal_field(7, ctx.as_bytes(), b"Dupont");
         assert_eq!(field_key_version(&sealed), Ok(7));
-        assert_eq!(&key.open_field(ctx.as_bytes(), &sealed).unwrap()[..], b"Dupont");
+        assert_eq!(
+            &key.open_field(ctx.as_bytes(), &sealed).unwrap()[..],
+            b"Dupont"
+        );
 
-        let other = Context::new("f").with(b"tenant").with(b"rec2").with(b"name");
+        let other = Context::new("f")
+            .with(b"tenant")
+            .with(b"rec2")
+            .with(b"name");
         assert_eq!(
             key.open_field(other.as_bytes(), &sealed),
             Err(CryptoError::Authentication)

@@ -164,10 +164,7 @@ impl TenantKeys {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let version = crypto::field_key_version(sealed)?;
-        let key = self
-            .data
-            .get(&version)
-            .ok_or(CryptoError::Authentication)?;
+        let key = self.data.get(&version).ok_or(CryptoError::Authentication)?;
         key.aead.open_field(
             field_context(&self.tenant, record_id, field).as_bytes(),
             sealed,
@@ -302,18 +299,14 @@ impl Keyring {
         batch.put(
             Space::Keys,
             tenant_key_id(tenant, "data", 1),
-            self.kek.seal(
-                wrap_context(tenant, "data", 1).as_bytes(),
-                data.expose(),
-            ),
+            self.kek
+                .seal(wrap_context(tenant, "data", 1).as_bytes(), data.expose()),
         );
         batch.put(
             Space::Keys,
             tenant_key_id(tenant, "index", 0),
-            self.kek.seal(
-                wrap_context(tenant, "index", 0).as_bytes(),
-                index.expose(),
-            ),
+            self.kek
+                .seal(wrap_context(tenant, "index", 0).as_bytes(), index.expose()),
         );
         batch.put(
             Space::Keys,
@@ -484,11 +477,17 @@ mod tests {
         let a = ring.tenant("a").unwrap().unwrap();
         let b = ring.tenant("b").unwrap().unwrap();
         let sealed = a.encrypt_field("r1", "nir", b"1850775123456");
-        assert_eq!(&a.decrypt_field("r1", "nir", &sealed).unwrap()[..], b"1850775123456");
+        assert_eq!(
+            &a.decrypt_field("r1", "nir", &sealed).unwrap()[..],
+            b"1850775123456"
+        );
         assert!(b.decrypt_field("r1", "nir", &sealed).is_err());
         assert!(ring.tenant("nope").unwrap().is_none());
         // Swapping the wrapped keys of two tenants is detected.
-        let ka = s.get(Space::Keys, &tenant_key_id("a", "data", 1)).unwrap().unwrap();
+        let ka = s
+            .get(Space::Keys, &tenant_key_id("a", "data", 1))
+            .unwrap()
+            .unwrap();
         let mut swap = Batch::new();
         swap.put(Space::Keys, tenant_key_id("b", "data", 1), ka);
         s.apply(swap).unwrap();

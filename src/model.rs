@@ -75,9 +75,9 @@ fn lower_word(s: &str, max: usize, extra: &[u8]) -> bool {
     !b.is_empty()
         && b.len() <= max
         && b[0].is_ascii_lowercase()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || extra.contains(c))
+        && b[1..].iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || extra.contains(c)
+        })
 }
 
 impl FieldName {
@@ -114,9 +114,8 @@ impl Username {
         let ok = !b.is_empty()
             && b.len() <= 128
             && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-            && b.iter().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || b"._@-".contains(c)
-            });
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._@-".contains(c));
         if ok {
             Ok(Self(s.to_string()))
         } else {

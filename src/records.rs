@@ -185,7 +185,12 @@ impl Records {
     }
 
     /// Decrypts the fields asked for (all of them if `projection` is empty).
-    pub fn get(&self, tenant: &Tenant, id: &RecordId, projection: &[FieldName]) -> Result<PlainRecord> {
+    pub fn get(
+        &self,
+        tenant: &Tenant,
+        id: &RecordId,
+        projection: &[FieldName],
+    ) -> Result<PlainRecord> {
         let rec = self.load(tenant, id.as_str())?.ok_or(Error::NotFound)?;
         let mut fields = BTreeMap::new();
         let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
@@ -278,7 +283,11 @@ impl Records {
             .hash(&secret, &secret_context(tenant, id, name))
             .await?;
         let mut b = Batch::new();
-        b.put(Space::Secrets, secret_key(tenant, id, name.as_str()), phc.into_bytes());
+        b.put(
+            Space::Secrets,
+            secret_key(tenant, id, name.as_str()),
+            phc.into_bytes(),
+        );
         Ok(self.store.commit(b).await?)
     }
 
@@ -310,7 +319,10 @@ mod tests {
     fn normalisation_folds_case_space_and_composition() {
         assert_eq!(&*normalize("  DUPONT "), "dupont");
         // Precomposed "é" and "E" + combining acute compare equal.
-        assert_eq!(&*normalize("Ren\u{e9}"), &*normalize("REN E\u{301}".replace(' ', "").as_str()));
+        assert_eq!(
+            &*normalize("Ren\u{e9}"),
+            &*normalize("REN E\u{301}".replace(' ', "").as_str())
+        );
         assert_eq!(&*normalize("Stra\u{df}e"), "strasse");
         assert_ne!(&*normalize("dupont"), &*normalize("dupond"));
     }

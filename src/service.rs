@@ -167,9 +167,13 @@ macro_rules! envelope {
         let (meta, _, msg) = $req.into_parts();
         $self
             .gate
-            .run(concat!("coffre.v1.", $action), &meta, peer, $need, async move |c| {
-                ($body)(c, msg).await
-            })
+            .run(
+                concat!("coffre.v1.", $action),
+                &meta,
+                peer,
+                $need,
+                async move |c| ($body)(c, msg).await,
+            )
             .await
     }};
 }
@@ -191,14 +195,22 @@ impl auth_server::Auth for AuthService {
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Auth/Login", Need::Nobody, async |_c: Option<Caller>,
-                                                                m: pb::LoginRequest| {
-            let l = v.accounts.login(&m.tenant, &m.username, &m.password).await?;
-            Ok(pb::LoginResponse {
-                token: l.token.to_string(),
-                expires_at_unix: l.expires_at_unix,
-            })
-        })
+        envelope!(
+            self,
+            req,
+            "Auth/Login",
+            Need::Nobody,
+            async |_c: Option<Caller>, m: pb::LoginRequest| {
+                let l = v
+                    .accounts
+                    .login(&m.tenant, &m.username, &m.password)
+                    .await?;
+                Ok(pb::LoginResponse {
+                    token: l.token.to_string(),
+                    expires_at_unix: l.expires_at_unix,
+                })
+            }
+        )
     }
 
     async fn logout(
@@ -206,11 +218,16 @@ impl auth_server::Auth for AuthService {
         req: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Auth/Logout", Need::Anyone, async |c: Option<Caller>,
-                                                                _m: pb::LogoutRequest| {
-            v.accounts.logout(&must(c)?).await?;
-            Ok(pb::LogoutResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Auth/Logout",
+            Need::Anyone,
+            async |c: Option<Caller>, _m: pb::LogoutRequest| {
+                v.accounts.logout(&must(c)?).await?;
+                Ok(pb::LogoutResponse {})
+            }
+        )
     }
 
     async fn change_password(
@@ -218,13 +235,18 @@ impl auth_server::Auth for AuthService {
         req: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Auth/ChangePassword", Need::Anyone, async |c: Option<Caller>,
-                                                                         m: pb::ChangePasswordRequest| {
-            v.accounts
-                .change_password(&must(c)?, &m.old_password, m.new_password)
-                .await?;
-            Ok(pb::ChangePasswordResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Auth/ChangePassword",
+            Need::Anyone,
+            async |c: Option<Caller>, m: pb::ChangePasswordRequest| {
+                v.accounts
+                    .change_password(&must(c)?, &m.old_password, m.new_password)
+                    .await?;
+                Ok(pb::ChangePasswordResponse {})
+            }
+        )
     }
 }
 
@@ -247,25 +269,30 @@ impl records_server::Records for RecordsService {
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/PutRecord", Need::RecordReader, async |c: Option<Caller>,
-                                                                            m: pb::PutRecordRequest| {
-            let caller = must(c)?;
-            let rec = m
-                .record
-                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?;
-            let id = if rec.id.is_empty() {
-                None
-            } else {
-                Some(RecordId::parse(&rec.id)?)
-            };
-            let fields = Fields::parse(rec.fields)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            let (id, version) = v.records.put(&tenant, id, fields).await?;
-            Ok(pb::PutRecordResponse {
-                id: id.to_string(),
-                version,
-            })
-        })
+        envelope!(
+            self,
+            req,
+            "Records/PutRecord",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::PutRecordRequest| {
+                let caller = must(c)?;
+                let rec = m
+                    .record
+                    .ok_or_else(|| Error::InvalidArgument("record is required".into()))?;
+                let id = if rec.id.is_empty() {
+                    None
+                } else {
+                    Some(RecordId::parse(&rec.id)?)
+                };
+                let fields = Fields::parse(rec.fields)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                let (id, version) = v.records.put(&tenant, id, fields).await?;
+                Ok(pb::PutRecordResponse {
+                    id: id.to_string(),
+                    version,
+                })
+            }
+        )
     }
 
     async fn get_record(
@@ -273,18 +300,23 @@ impl records_server::Records for RecordsService {
         req: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::GetRecordResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/GetRecord", Need::RecordReader, async |c: Option<Caller>,
-                                                                            m: pb::GetRecordRequest| {
-            let caller = must(c)?;
-            let id = RecordId::parse(&m.id)?;
-            let fields = parse_field_list(&m.fields)?;
-            let _purpose = Purpose::parse(&m.purpose)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            let rec = v.records.get(&tenant, &id, &fields)?;
-            Ok(pb::GetRecordResponse {
-                record: Some(to_pb(rec)),
-            })
-        })
+        envelope!(
+            self,
+            req,
+            "Records/GetRecord",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::GetRecordRequest| {
+                let caller = must(c)?;
+                let id = RecordId::parse(&m.id)?;
+                let fields = parse_field_list(&m.fields)?;
+                let _purpose = Purpose::parse(&m.purpose)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                let rec = v.records.get(&tenant, &id, &fields)?;
+                Ok(pb::GetRecordResponse {
+                    record: Some(to_pb(rec)),
+                })
+            }
+        )
     }
 
     async fn delete_record(
@@ -292,15 +324,20 @@ impl records_server::Records for RecordsService {
         req: Request<pb::DeleteRecordRequest>,
     ) -> Result<Response<pb::DeleteRecordResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/DeleteRecord", Need::RecordReader, async |c: Option<Caller>,
-                                                                               m: pb::DeleteRecordRequest| {
-            let caller = must(c)?;
-            let id = RecordId::parse(&m.id)?;
-            let _purpose = Purpose::parse(&m.purpose)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            v.records.delete(&tenant, &id).await?;
-            Ok(pb::DeleteRecordResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Records/DeleteRecord",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::DeleteRecordRequest| {
+                let caller = must(c)?;
+                let id = RecordId::parse(&m.id)?;
+                let _purpose = Purpose::parse(&m.purpose)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                v.records.delete(&tenant, &id).await?;
+                Ok(pb::DeleteRecordResponse {})
+            }
+        )
     }
 
     async fn find_records(
@@ -308,17 +345,22 @@ impl records_server::Records for RecordsService {
         req: Request<pb::FindRecordsRequest>,
     ) -> Result<Response<pb::FindRecordsResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/FindRecords", Need::RecordReader, async |c: Option<Caller>,
-                                                                              m: pb::FindRecordsRequest| {
-            let caller = must(c)?;
-            let field = crate::model::FieldName::parse(&m.field)?;
-            let _purpose = Purpose::parse(&m.purpose)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            let ids = v.records.find(&tenant, &field, &m.value)?;
-            Ok(pb::FindRecordsResponse {
-                ids: ids.into_iter().map(|i| i.to_string()).collect(),
-            })
-        })
+        envelope!(
+            self,
+            req,
+            "Records/FindRecords",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::FindRecordsRequest| {
+                let caller = must(c)?;
+                let field = crate::model::FieldName::parse(&m.field)?;
+                let _purpose = Purpose::parse(&m.purpose)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                let ids = v.records.find(&tenant, &field, &m.value)?;
+                Ok(pb::FindRecordsResponse {
+                    ids: ids.into_iter().map(|i| i.to_string()).collect(),
+                })
+            }
+        )
     }
 
     type BulkReadStream = BoxStream<pb::Record>;
@@ -328,40 +370,47 @@ impl records_server::Records for RecordsService {
         req: Request<pb::BulkReadRequest>,
     ) -> Result<Response<Self::BulkReadStream>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/BulkRead", Need::RecordReader, async |c: Option<Caller>,
-                                                                           m: pb::BulkReadRequest| {
-            let caller = must(c)?;
-            if m.ids.len() > MAX_BULK_IDS {
-                return Err(Error::InvalidArgument("at most 1000 ids per BulkRead".into()));
-            }
-            let ids = m
-                .ids
-                .iter()
-                .map(|s| RecordId::parse(s))
-                .collect::<Result<Vec<_>, _>>()?;
-            let fields = parse_field_list(&m.fields)?;
-            let _purpose = Purpose::parse_required(&m.purpose)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            // Decrypt lazily, a few records ahead of the client, so a large
-            // read never sits whole in memory.
-            let (tx, rx) = mpsc::channel(8);
-            let vault = v.clone();
-            tokio::task::spawn_blocking(move || {
-                for id in ids {
-                    let item = match vault.records.get(&tenant, &id, &fields) {
-                        Ok(r) => Ok(to_pb(r)),
-                        // Missing (or another tenant's) ids are left out.
-                        Err(Error::NotFound) => continue,
-                        Err(e) => Err(to_status(e)),
-                    };
-                    let stop = item.is_err();
-                    if tx.blocking_send(item).is_err() || stop {
-                        break;
-                    }
+        envelope!(
+            self,
+            req,
+            "Records/BulkRead",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::BulkReadRequest| {
+                let caller = must(c)?;
+                if m.ids.len() > MAX_BULK_IDS {
+                    return Err(Error::InvalidArgument(
+                        "at most 1000 ids per BulkRead".into(),
+                    ));
                 }
-            });
-            Ok(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::Record>)
-        })
+                let ids = m
+                    .ids
+                    .iter()
+                    .map(|s| RecordId::parse(s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let fields = parse_field_list(&m.fields)?;
+                let _purpose = Purpose::parse_required(&m.purpose)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                // Decrypt lazily, a few records ahead of the client, so a large
+                // read never sits whole in memory.
+                let (tx, rx) = mpsc::channel(8);
+                let vault = v.clone();
+                tokio::task::spawn_blocking(move || {
+                    for id in ids {
+                        let item = match vault.records.get(&tenant, &id, &fields) {
+                            Ok(r) => Ok(to_pb(r)),
+                            // Missing (or another tenant's) ids are left out.
+                            Err(Error::NotFound) => continue,
+                            Err(e) => Err(to_status(e)),
+                        };
+                        let stop = item.is_err();
+                        if tx.blocking_send(item).is_err() || stop {
+                            break;
+                        }
+                    }
+                });
+                Ok(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::Record>)
+            }
+        )
     }
 
     async fn set_secret(
@@ -369,15 +418,20 @@ impl records_server::Records for RecordsService {
         req: Request<pb::SetSecretRequest>,
     ) -> Result<Response<pb::SetSecretResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/SetSecret", Need::RecordReader, async |c: Option<Caller>,
-                                                                            m: pb::SetSecretRequest| {
-            let caller = must(c)?;
-            let id = RecordId::parse(&m.record_id)?;
-            let name = crate::model::FieldName::parse(&m.name)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            v.records.set_secret(&tenant, &id, &name, m.secret).await?;
-            Ok(pb::SetSecretResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Records/SetSecret",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::SetSecretRequest| {
+                let caller = must(c)?;
+                let id = RecordId::parse(&m.record_id)?;
+                let name = crate::model::FieldName::parse(&m.name)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                v.records.set_secret(&tenant, &id, &name, m.secret).await?;
+                Ok(pb::SetSecretResponse {})
+            }
+        )
     }
 
     async fn verify_secret(
@@ -385,15 +439,23 @@ impl records_server::Records for RecordsService {
         req: Request<pb::VerifySecretRequest>,
     ) -> Result<Response<pb::VerifySecretResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Records/VerifySecret", Need::RecordReader, async |c: Option<Caller>,
-                                                                               m: pb::VerifySecretRequest| {
-            let caller = must(c)?;
-            let id = RecordId::parse(&m.record_id)?;
-            let name = crate::model::FieldName::parse(&m.name)?;
-            let tenant = v.tenants.get(&caller.tenant)?;
-            let ok = v.records.verify_secret(&tenant, &id, &name, m.candidate).await?;
-            Ok(pb::VerifySecretResponse { ok })
-        })
+        envelope!(
+            self,
+            req,
+            "Records/VerifySecret",
+            Need::RecordReader,
+            async |c: Option<Caller>, m: pb::VerifySecretRequest| {
+                let caller = must(c)?;
+                let id = RecordId::parse(&m.record_id)?;
+                let name = crate::model::FieldName::parse(&m.name)?;
+                let tenant = v.tenants.get(&caller.tenant)?;
+                let ok = v
+                    .records
+                    .verify_secret(&tenant, &id, &name, m.candidate)
+                    .await?;
+                Ok(pb::VerifySecretResponse { ok })
+            }
+        )
     }
 }
 
@@ -414,13 +476,18 @@ impl admin_server::Admin for AdminService {
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Admin/CreateTenant", Need::Admin, async |_c: Option<Caller>,
-                                                                      m: pb::CreateTenantRequest| {
-            let name = TenantName::parse(&m.name)?;
-            let indexed = parse_field_list(&m.indexed_fields)?;
-            v.tenants.create(&name, &indexed).await?;
-            Ok(pb::CreateTenantResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/CreateTenant",
+            Need::Admin,
+            async |_c: Option<Caller>, m: pb::CreateTenantRequest| {
+                let name = TenantName::parse(&m.name)?;
+                let indexed = parse_field_list(&m.indexed_fields)?;
+                v.tenants.create(&name, &indexed).await?;
+                Ok(pb::CreateTenantResponse {})
+            }
+        )
     }
 
     async fn create_principal(
@@ -428,37 +495,44 @@ impl admin_server::Admin for AdminService {
         req: Request<pb::CreatePrincipalRequest>,
     ) -> Result<Response<pb::CreatePrincipalResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Admin/CreatePrincipal", Need::Admin, async |_c: Option<Caller>,
-                                                                         m: pb::CreatePrincipalRequest| {
-            let tenant = TenantName::parse(&m.tenant)?;
-            let username = Username::parse(&m.username)?;
-            let role = pb::Role::try_from(m.role)
-                .ok()
-                .filter(|r| *r != pb::Role::Unspecified)
-                .ok_or_else(|| Error::InvalidArgument("role is required".into()))
-                .and_then(|r| Role::parse(r.as_str_name()))?;
-            // Admins live in `system`; records live in other tenants.
-            match (tenant.is_system(), role) {
-                (true, Role::Clinician | Role::Service) => {
-                    return Err(Error::InvalidArgument(
-                        "tenant system holds no records: no clinician or service there".into(),
-                    ));
+        envelope!(
+            self,
+            req,
+            "Admin/CreatePrincipal",
+            Need::Admin,
+            async |_c: Option<Caller>, m: pb::CreatePrincipalRequest| {
+                let tenant = TenantName::parse(&m.tenant)?;
+                let username = Username::parse(&m.username)?;
+                let role = pb::Role::try_from(m.role)
+                    .ok()
+                    .filter(|r| *r != pb::Role::Unspecified)
+                    .ok_or_else(|| Error::InvalidArgument("role is required".into()))
+                    .and_then(|r| Role::parse(r.as_str_name()))?;
+                // Admins live in `system`; records live in other tenants.
+                match (tenant.is_system(), role) {
+                    (true, Role::Clinician | Role::Service) => {
+                        return Err(Error::InvalidArgument(
+                            "tenant system holds no records: no clinician or service there".into(),
+                        ));
+                    }
+                    (false, Role::Admin) => {
+                        return Err(Error::InvalidArgument(
+                            "admins live in tenant system".into(),
+                        ));
+                    }
+                    _ => {}
                 }
-                (false, Role::Admin) => {
-                    return Err(Error::InvalidArgument(
-                        "admins live in tenant system".into(),
-                    ));
+                if !v.tenants.exists(&tenant)? {
+                    return Err(Error::NotFound);
                 }
-                _ => {}
+                let password =
+                    Password::new_checked(m.password, &[username.as_str(), tenant.as_str()])?;
+                v.accounts
+                    .create(&tenant, &username, &password, role)
+                    .await?;
+                Ok(pb::CreatePrincipalResponse {})
             }
-            if !v.tenants.exists(&tenant)? {
-                return Err(Error::NotFound);
-            }
-            let password =
-                Password::new_checked(m.password, &[username.as_str(), tenant.as_str()])?;
-            v.accounts.create(&tenant, &username, &password, role).await?;
-            Ok(pb::CreatePrincipalResponse {})
-        })
+        )
     }
 
     async fn set_principal_locked(
@@ -466,33 +540,48 @@ impl admin_server::Admin for AdminService {
         req: Request<pb::SetPrincipalLockedRequest>,
     ) -> Result<Response<pb::SetPrincipalLockedResponse>, Status> {
         let v = self.gate.vault.clone();
-        envelope!(self, req, "Admin/SetPrincipalLocked", Need::Admin, async |_c: Option<Caller>,
-                                                                            m: pb::SetPrincipalLockedRequest| {
-            let tenant = TenantName::parse(&m.tenant)?;
-            let username = Username::parse(&m.username)?;
-            v.accounts.set_locked(&tenant, &username, m.locked).await?;
-            Ok(pb::SetPrincipalLockedResponse {})
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/SetPrincipalLocked",
+            Need::Admin,
+            async |_c: Option<Caller>, m: pb::SetPrincipalLockedRequest| {
+                let tenant = TenantName::parse(&m.tenant)?;
+                let username = Username::parse(&m.username)?;
+                v.accounts.set_locked(&tenant, &username, m.locked).await?;
+                Ok(pb::SetPrincipalLockedResponse {})
+            }
+        )
     }
 
     async fn create_honeytoken(
         &self,
         req: Request<pb::CreateHoneytokenRequest>,
     ) -> Result<Response<pb::CreateHoneytokenResponse>, Status> {
-        envelope!(self, req, "Admin/CreateHoneytoken", Need::Admin, async |_c: Option<Caller>,
-                                                                          _m: pb::CreateHoneytokenRequest| {
-            Err::<pb::CreateHoneytokenResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/CreateHoneytoken",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::CreateHoneytokenRequest| {
+                Err::<pb::CreateHoneytokenResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 
     async fn rotate_tenant_key(
         &self,
         req: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::RotateTenantKeyResponse>, Status> {
-        envelope!(self, req, "Admin/RotateTenantKey", Need::Admin, async |_c: Option<Caller>,
-                                                                         _m: pb::RotateTenantKeyRequest| {
-            Err::<pb::RotateTenantKeyResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/RotateTenantKey",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::RotateTenantKeyRequest| {
+                Err::<pb::RotateTenantKeyResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 
     type RewrapTenantStream = BoxStream<pb::RewrapProgress>;
@@ -501,40 +590,60 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RewrapTenantRequest>,
     ) -> Result<Response<Self::RewrapTenantStream>, Status> {
-        envelope!(self, req, "Admin/RewrapTenant", Need::Admin, async |_c: Option<Caller>,
-                                                                      _m: pb::RewrapTenantRequest| {
-            Err::<Self::RewrapTenantStream, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/RewrapTenant",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::RewrapTenantRequest| {
+                Err::<Self::RewrapTenantStream, _>(Error::Unimplemented)
+            }
+        )
     }
 
     async fn key_status(
         &self,
         req: Request<pb::KeyStatusRequest>,
     ) -> Result<Response<pb::KeyStatusResponse>, Status> {
-        envelope!(self, req, "Admin/KeyStatus", Need::Admin, async |_c: Option<Caller>,
-                                                                   _m: pb::KeyStatusRequest| {
-            Err::<pb::KeyStatusResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/KeyStatus",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::KeyStatusRequest| {
+                Err::<pb::KeyStatusResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 
     async fn retire_key_version(
         &self,
         req: Request<pb::RetireKeyVersionRequest>,
     ) -> Result<Response<pb::RetireKeyVersionResponse>, Status> {
-        envelope!(self, req, "Admin/RetireKeyVersion", Need::Admin, async |_c: Option<Caller>,
-                                                                          _m: pb::RetireKeyVersionRequest| {
-            Err::<pb::RetireKeyVersionResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/RetireKeyVersion",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::RetireKeyVersionRequest| {
+                Err::<pb::RetireKeyVersionResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 
     async fn shred_tenant(
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
-        envelope!(self, req, "Admin/ShredTenant", Need::Admin, async |_c: Option<Caller>,
-                                                                     _m: pb::ShredTenantRequest| {
-            Err::<pb::ShredTenantResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Admin/ShredTenant",
+            Need::Admin,
+            async |_c: Option<Caller>, _m: pb::ShredTenantRequest| {
+                Err::<pb::ShredTenantResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 }
 
@@ -556,20 +665,30 @@ impl audit_server::Audit for AuditService {
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<Self::QueryAuditStream>, Status> {
-        envelope!(self, req, "Audit/QueryAudit", Need::Auditor, async |_c: Option<Caller>,
-                                                                      _m: pb::QueryAuditRequest| {
-            Err::<Self::QueryAuditStream, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Audit/QueryAudit",
+            Need::Auditor,
+            async |_c: Option<Caller>, _m: pb::QueryAuditRequest| {
+                Err::<Self::QueryAuditStream, _>(Error::Unimplemented)
+            }
+        )
     }
 
     async fn verify_audit(
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        envelope!(self, req, "Audit/VerifyAudit", Need::Auditor, async |_c: Option<Caller>,
-                                                                        _m: pb::VerifyAuditRequest| {
-            Err::<pb::VerifyAuditResponse, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Audit/VerifyAudit",
+            Need::Auditor,
+            async |_c: Option<Caller>, _m: pb::VerifyAuditRequest| {
+                Err::<pb::VerifyAuditResponse, _>(Error::Unimplemented)
+            }
+        )
     }
 
     type ListAlertsStream = BoxStream<pb::Alert>;
@@ -578,9 +697,14 @@ impl audit_server::Audit for AuditService {
         &self,
         req: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<Self::ListAlertsStream>, Status> {
-        envelope!(self, req, "Audit/ListAlerts", Need::Auditor, async |_c: Option<Caller>,
-                                                                       _m: pb::ListAlertsRequest| {
-            Err::<Self::ListAlertsStream, _>(Error::Unimplemented)
-        })
+        envelope!(
+            self,
+            req,
+            "Audit/ListAlerts",
+            Need::Auditor,
+            async |_c: Option<Caller>, _m: pb::ListAlertsRequest| {
+                Err::<Self::ListAlertsStream, _>(Error::Unimplemented)
+            }
+        )
     }
 }

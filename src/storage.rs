@@ -125,7 +125,11 @@ fn spaced(space: Space, key: &[u8]) -> Vec<u8> {
 
 impl Backend for SledBackend {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.db.get(spaced(space, key)).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self
+            .db
+            .get(spaced(space, key))
+            .map_err(io)?
+            .map(|v| v.to_vec()))
     }
 
     fn scan_prefix(

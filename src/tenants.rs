@@ -49,11 +49,13 @@ impl Tenants {
 
     pub async fn create(&self, name: &TenantName, indexed: &[FieldName]) -> Result<()> {
         if indexed.len() > MAX_FIELDS {
-            return Err(Error::InvalidArgument(
-                "at most 256 indexed fields".into(),
-            ));
+            return Err(Error::InvalidArgument("at most 256 indexed fields".into()));
         }
-        if self.store.get(Space::Tenants, name.as_str().as_bytes())?.is_some() {
+        if self
+            .store
+            .get(Space::Tenants, name.as_str().as_bytes())?
+            .is_some()
+        {
             return Err(Error::AlreadyExists("tenant already exists".into()));
         }
         let t = StoredTenant {
@@ -68,7 +70,10 @@ impl Tenants {
 
     pub fn exists(&self, name: &TenantName) -> Result<bool> {
         Ok(self.cache.read().contains_key(name)
-            || self.store.get(Space::Tenants, name.as_str().as_bytes())?.is_some())
+            || self
+                .store
+                .get(Space::Tenants, name.as_str().as_bytes())?
+                .is_some())
     }
 
     /// The tenant with its keys, or NOT_FOUND.

@@ -110,9 +110,8 @@ impl Vault {
         }
         let admin = Username::parse(BOOTSTRAP_ADMIN)?;
         let password = match password {
-            Some(p) => Password::new_checked(p, &[BOOTSTRAP_ADMIN]).map_err(|e| {
-                StartError::Bootstrap(format!("{BOOTSTRAP_PASSWORD_ENV}: {e}"))
-            })?,
+            Some(p) => Password::new_checked(p, &[BOOTSTRAP_ADMIN])
+                .map_err(|e| StartError::Bootstrap(format!("{BOOTSTRAP_PASSWORD_ENV}: {e}")))?,
             None => {
                 let raw = Zeroizing::new(crate::crypto::random_array::<18>());
                 let text = base64::Engine::encode(

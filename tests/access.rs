@@ -15,7 +15,11 @@ fn req<T>(token: Option<&str>, msg: T) -> Request<T> {
 }
 
 /// Calls every record RPC with `token` (None: no token) and returns the codes.
-async fn record_rpc_codes(s: &TestServer, token: Option<&str>, id: &str) -> Vec<(&'static str, Code)> {
+async fn record_rpc_codes(
+    s: &TestServer,
+    token: Option<&str>,
+    id: &str,
+) -> Vec<(&'static str, Code)> {
     let mut r = s.records().await;
     let code = |res: Result<(), tonic::Status>| match res {
         Ok(()) => Code::Ok,
@@ -24,27 +28,40 @@ async fn record_rpc_codes(s: &TestServer, token: Option<&str>, id: &str) -> Vec<
     let mut out = Vec::new();
     out.push((
         "PutRecord",
-        code(r.put_record(req(token, put(id, &[("nir", "9")]))).await.map(|_| ())),
+        code(
+            r.put_record(req(token, put(id, &[("nir", "9")])))
+                .await
+                .map(|_| ()),
+        ),
     ));
-    out.push(("GetRecord", code(r.get_record(req(token, get(id))).await.map(|_| ()))));
+    out.push((
+        "GetRecord",
+        code(r.get_record(req(token, get(id))).await.map(|_| ())),
+    ));
     out.push((
         "FindRecords",
         code(
-            r.find_records(req(token, pb::FindRecordsRequest {
-                field: "nir".into(),
-                value: "1".into(),
-                purpose: String::new(),
-            }))
+            r.find_records(req(
+                token,
+                pb::FindRecordsRequest {
+                    field: "nir".into(),
+                    value: "1".into(),
+                    purpose: String::new(),
+                },
+            ))
             .await
             .map(|_| ()),
         ),
     ));
     let bulk = r
-        .bulk_read(req(token, pb::BulkReadRequest {
-            ids: vec![id.into()],
-            fields: vec![],
-            purpose: "audit".into(),
-        }))
+        .bulk_read(req(
+            token,
+            pb::BulkReadRequest {
+                ids: vec![id.into()],
+                fields: vec![],
+                purpose: "audit".into(),
+            },
+        ))
         .await;
     let bulk_code = match bulk {
         Err(e) => e.code(),
@@ -61,11 +78,14 @@ async fn record_rpc_codes(s: &TestServer, token: Option<&str>, id: &str) -> Vec<
     out.push((
         "SetSecret",
         code(
-            r.set_secret(req(token, pb::SetSecretRequest {
-                record_id: id.into(),
-                name: "pw".into(),
-                secret: "x".into(),
-            }))
+            r.set_secret(req(
+                token,
+                pb::SetSecretRequest {
+                    record_id: id.into(),
+                    name: "pw".into(),
+                    secret: "x".into(),
+                },
+            ))
             .await
             .map(|_| ()),
         ),
@@ -73,11 +93,14 @@ async fn record_rpc_codes(s: &TestServer, token: Option<&str>, id: &str) -> Vec<
     out.push((
         "VerifySecret",
         code(
-            r.verify_secret(req(token, pb::VerifySecretRequest {
-                record_id: id.into(),
-                name: "pw".into(),
-                candidate: "x".into(),
-            }))
+            r.verify_secret(req(
+                token,
+                pb::VerifySecretRequest {
+                    record_id: id.into(),
+                    name: "pw".into(),
+                    candidate: "x".into(),
+                },
+            ))
             .await
             .map(|_| ()),
         ),
@@ -85,10 +108,13 @@ async fn record_rpc_codes(s: &TestServer, token: Option<&str>, id: &str) -> Vec<
     out.push((
         "DeleteRecord",
         code(
-            r.delete_record(req(token, pb::DeleteRecordRequest {
-                id: id.into(),
-                purpose: String::new(),
-            }))
+            r.delete_record(req(
+                token,
+                pb::DeleteRecordRequest {
+                    id: id.into(),
+                    purpose: String::new(),
+                },
+            ))
             .await
             .map(|_| ()),
         ),
@@ -111,8 +137,14 @@ async fn tenants_are_isolated_and_admins_and_auditors_read_nothing() {
     // Another tenant's clinician: NOT_FOUND exactly as for a missing id,
     // and the blind index finds nothing.
     let mut r_b = s.records().await;
-    let other = r_b.get_record(authed(&b, get("shared-id"))).await.unwrap_err();
-    let missing = r_b.get_record(authed(&b, get("never-was"))).await.unwrap_err();
+    let other = r_b
+        .get_record(authed(&b, get("shared-id")))
+        .await
+        .unwrap_err();
+    let missing = r_b
+        .get_record(authed(&b, get("never-was")))
+        .await
+        .unwrap_err();
     assert_eq!(other.code(), Code::NotFound);
     assert_eq!(other.message(), missing.message(), "no existence oracle");
     let ids = r_b
@@ -180,12 +212,17 @@ async fn logout_revokes_and_lock_stops_tokens() {
     assert!(t1.len() >= 43, "at least 256 bits of token");
     assert_ne!(t1, t2);
     let mut auth = AuthClient::new(s.channel().await);
-    auth.logout(authed(&t1, pb::LogoutRequest {})).await.unwrap();
+    auth.logout(authed(&t1, pb::LogoutRequest {}))
+        .await
+        .unwrap();
     let mut r = s.records().await;
     let e = r.get_record(authed(&t1, get("x"))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "revoked");
     assert_eq!(
-        r.get_record(authed(&t2, get("x"))).await.unwrap_err().code(),
+        r.get_record(authed(&t2, get("x")))
+            .await
+            .unwrap_err()
+            .code(),
         Code::NotFound,
         "the other session lives"
     );
@@ -202,8 +239,15 @@ async fn logout_revokes_and_lock_stops_tokens() {
         .await
         .unwrap();
     let e = r.get_record(authed(&t2, get("x"))).await.unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "locked: tokens stop at once");
-    let e = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::PermissionDenied,
+        "locked: tokens stop at once"
+    );
+    let e = s
+        .login("clinic", "dr_a", CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     s.admin()
         .await
@@ -211,7 +255,10 @@ async fn logout_revokes_and_lock_stops_tokens() {
         .await
         .unwrap();
     assert_eq!(
-        r.get_record(authed(&t2, get("x"))).await.unwrap_err().code(),
+        r.get_record(authed(&t2, get("x")))
+            .await
+            .unwrap_err()
+            .code(),
         Code::NotFound
     );
 }
@@ -220,21 +267,46 @@ async fn logout_revokes_and_lock_stops_tokens() {
 async fn five_failures_lock_and_unknown_users_look_the_same() {
     let s = TestServer::start().await;
     s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
-    let bad = s.login("clinic", "dr_a", "wrong password 1").await.unwrap_err();
-    let unknown = s.login("clinic", "nobody", "wrong password 1").await.unwrap_err();
-    let bad_tenant = s.login("nowhere", "dr_a", "wrong password 1").await.unwrap_err();
+    let bad = s
+        .login("clinic", "dr_a", "wrong password 1")
+        .await
+        .unwrap_err();
+    let unknown = s
+        .login("clinic", "nobody", "wrong password 1")
+        .await
+        .unwrap_err();
+    let bad_tenant = s
+        .login("nowhere", "dr_a", "wrong password 1")
+        .await
+        .unwrap_err();
     assert_eq!(bad.code(), Code::Unauthenticated);
-    assert_eq!((unknown.code(), unknown.message()), (bad.code(), bad.message()));
-    assert_eq!((bad_tenant.code(), bad_tenant.message()), (bad.code(), bad.message()));
+    assert_eq!(
+        (unknown.code(), unknown.message()),
+        (bad.code(), bad.message())
+    );
+    assert_eq!(
+        (bad_tenant.code(), bad_tenant.message()),
+        (bad.code(), bad.message())
+    );
     for _ in 0..3 {
-        s.login("clinic", "dr_a", "wrong password 1").await.unwrap_err();
-        s.login("clinic", "nobody", "wrong password 1").await.unwrap_err();
+        s.login("clinic", "dr_a", "wrong password 1")
+            .await
+            .unwrap_err();
+        s.login("clinic", "nobody", "wrong password 1")
+            .await
+            .unwrap_err();
     }
     // Fifth failure locks; from then on even the right password is refused.
     s.login("clinic", "dr_a", "wrong").await.unwrap_err();
     s.login("clinic", "nobody", "wrong").await.unwrap_err();
-    let real = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap_err();
-    let ghost = s.login("clinic", "nobody", CLINICIAN_PASSWORD).await.unwrap_err();
+    let real = s
+        .login("clinic", "dr_a", CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
+    let ghost = s
+        .login("clinic", "nobody", CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
     assert_eq!(real.code(), Code::PermissionDenied);
     assert_eq!(
         (ghost.code(), ghost.message()),
@@ -284,7 +356,10 @@ async fn passwords_follow_the_policy_and_change() {
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{pw}");
         assert!(e.message().contains(why), "{pw}: {}", e.message());
-        assert!(!e.message().contains(pw), "the message never repeats the password");
+        assert!(
+            !e.message().contains(pw),
+            "the message never repeats the password"
+        );
     }
     let other_session = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
     let mut auth = AuthClient::new(s.channel().await);
@@ -309,7 +384,10 @@ async fn passwords_follow_the_policy_and_change() {
     .await
     .unwrap();
     assert_eq!(
-        s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap_err().code(),
+        s.login("clinic", "dr_a", CLINICIAN_PASSWORD)
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unauthenticated
     );
     s.login("clinic", "dr_a", "granite willow 3390 ember tide")
@@ -317,12 +395,18 @@ async fn passwords_follow_the_policy_and_change() {
         .unwrap();
     let mut r = s.records().await;
     assert_eq!(
-        r.get_record(authed(&other_session, get("x"))).await.unwrap_err().code(),
+        r.get_record(authed(&other_session, get("x")))
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unauthenticated,
         "a password change revokes the other sessions"
     );
     assert_eq!(
-        r.get_record(authed(&token, get("x"))).await.unwrap_err().code(),
+        r.get_record(authed(&token, get("x")))
+            .await
+            .unwrap_err()
+            .code(),
         Code::NotFound,
         "but keeps the caller's"
     );
@@ -330,7 +414,9 @@ async fn passwords_follow_the_policy_and_change() {
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let s = TestServer::start().await;
     let mut h = HealthClient::new(s.channel().await);
     for service in [
@@ -368,7 +454,11 @@ async fn health_and_reflection_are_served() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["coffre.v1.Records", "coffre.v1.Auth", "grpc.health.v1.Health"] {
+    for want in [
+        "coffre.v1.Records",
+        "coffre.v1.Auth",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
     // RPCs of later issues answer UNIMPLEMENTED, not a crash.
@@ -376,7 +466,12 @@ async fn health_and_reflection_are_served() {
     let e = s
         .admin()
         .await
-        .rotate_tenant_key(authed(&admin, pb::RotateTenantKeyRequest { tenant: "system".into() }))
+        .rotate_tenant_key(authed(
+            &admin,
+            pb::RotateTenantKeyRequest {
+                tenant: "system".into(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);

@@ -47,7 +47,11 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
             buf.extend_from_slice(secret);
             let enc = engine.encode(&buf);
             // Drop the characters that depend on the neighbouring bytes.
-            let start = if pad == 0 { 0 } else { (pad * 4).div_ceil(3) + 1 };
+            let start = if pad == 0 {
+                0
+            } else {
+                (pad * 4).div_ceil(3) + 1
+            };
             let end = enc.trim_end_matches('=').len().saturating_sub(2);
             if end > start + 8 {
                 v.push(enc.as_bytes()[start..end].to_vec());
@@ -98,20 +102,17 @@ async fn a_copy_of_the_data_directory_holds_no_value_password_token_or_key() {
     secrets.push(admin.as_bytes().to_vec());
     let mut r = s.records().await;
     for i in 0..50 {
-        let fields: Vec<(String, String)> = [
-            "family_name",
-            "given_name",
-            "nir",
-            "address",
-            "note",
-        ]
-        .iter()
-        .map(|f| (f.to_string(), format!("MK{i:03}{f}Zq-Éloïse")))
-        .collect();
+        let fields: Vec<(String, String)> = ["family_name", "given_name", "nir", "address", "note"]
+            .iter()
+            .map(|f| (f.to_string(), format!("MK{i:03}{f}Zq-Éloïse")))
+            .collect();
         for (_, v) in &fields {
             secrets.push(v.as_bytes().to_vec());
         }
-        let refs: Vec<(&str, &str)> = fields.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let refs: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         r.put_record(authed(&token, put(&format!("rec-{i}"), &refs)))
             .await
             .unwrap();
@@ -139,7 +140,10 @@ async fn a_copy_of_the_data_directory_holds_no_value_password_token_or_key() {
 
     let files = all_files(&s.data_dir());
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
-    assert!(total > 10_000, "the scan reads the real data ({total} bytes)");
+    assert!(
+        total > 10_000,
+        "the scan reads the real data ({total} bytes)"
+    );
     // Positive control: names are stored in clear (T1 allows it), so the
     // scan must find one, or it is not reading what sled wrote.
     assert!(
@@ -207,7 +211,10 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
             &a,
             put(
                 &format!("p{i}"),
-                &[("nir", &format!("nir-a-{i}")), ("family_name", &format!("fam-{i}"))],
+                &[
+                    ("nir", &format!("nir-a-{i}")),
+                    ("family_name", &format!("fam-{i}")),
+                ],
             ),
         ))
         .await
@@ -226,7 +233,11 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
         };
         let mut batch = Batch::new();
         let mut save = |t: &str, id: &str, rec: &RawRecord| {
-            batch.put(Space::Records, rkey(t, id), prost::Message::encode_to_vec(rec));
+            batch.put(
+                Space::Records,
+                rkey(t, id),
+                prost::Message::encode_to_vec(rec),
+            );
         };
         // 1. One flipped byte in the middle of p1's nir ciphertext.
         let mut p1 = load("clinic_a", "p1");
@@ -260,7 +271,10 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
         store.flush_blocking().unwrap();
     }
     s.restart().await;
-    let a = s.login("clinic_a", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
+    let a = s
+        .login("clinic_a", "dr_a", CLINICIAN_PASSWORD)
+        .await
+        .unwrap();
     let mut r = s.records().await;
     let mut detected = 0;
     for (id, what) in [
@@ -298,7 +312,13 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
         .record
         .unwrap();
     assert_eq!(fam.fields["family_name"], "fam-1");
-    let p2 = r.get_record(authed(&a, get("p2"))).await.unwrap().into_inner().record.unwrap();
+    let p2 = r
+        .get_record(authed(&a, get("p2")))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
     assert_eq!(p2.fields["nir"], "nir-a-2");
     // A bulk read stops at the tampered record with DATA_LOSS.
     let mut stream = r

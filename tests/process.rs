@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient};
+use coffre::pb::{
+    self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient,
+};
 use common::*;
 use rand::Rng;
 use tonic::transport::Channel;
@@ -51,7 +53,10 @@ fn refused(config: &std::path::Path, envs: &[(&str, &str)]) -> String {
         }
         Err(e) => e,
     };
-    assert!(t.elapsed() < Duration::from_secs(5), "refused within seconds");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "refused within seconds"
+    );
     assert!(!err.starts_with("exit status: 0"), "non-zero exit: {err}");
     err
 }
@@ -67,7 +72,10 @@ async fn sigterm(p: &mut Proc) -> std::process::ExitStatus {
             assert!(t.elapsed() < Duration::from_secs(10));
             return st;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "exits within 10 s of SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "exits within 10 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -105,7 +113,11 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // keygen never overwrites.
-    let out = Command::new(bin()).args(["keygen", "--out"]).arg(&key).output().unwrap();
+    let out = Command::new(bin())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&key).unwrap(), good);
 
@@ -120,9 +132,18 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     // A weak bootstrap password on an empty directory is refused too.
     let root2 = tempfile::tempdir().unwrap();
     let cfg2 = write_config(root2.path(), "");
-    let e = refused(&cfg2, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", "qwertyuiop12")]);
-    assert!(e.contains("COFFRE_BOOTSTRAP_ADMIN_PASSWORD") && e.contains("too weak"), "{e}");
-    assert!(!e.contains("qwerty"), "the refusal does not echo the password: {e}");
+    let e = refused(
+        &cfg2,
+        &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", "qwertyuiop12")],
+    );
+    assert!(
+        e.contains("COFFRE_BOOTSTRAP_ADMIN_PASSWORD") && e.contains("too weak"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("qwerty"),
+        "the refusal does not echo the password: {e}"
+    );
 
     // And the right key still works.
     let mut p = spawn_server(&cfg, &[]).unwrap();
@@ -207,10 +228,16 @@ async fn kill_9_never_loses_an_acknowledged_write() {
                     };
                     let nir = format!("{cycle}:{w}:{n}");
                     match client
-                        .put_record(authed(&token, put(&id, &[("nir", &nir), ("note", "crash")])))
+                        .put_record(authed(
+                            &token,
+                            put(&id, &[("nir", &nir), ("note", "crash")]),
+                        ))
                         .await
                     {
-                        Ok(r) => acked.lock().unwrap().push((id, r.into_inner().version, nir)),
+                        Ok(r) => acked
+                            .lock()
+                            .unwrap()
+                            .push((id, r.into_inner().version, nir)),
                         Err(_) => break,
                     }
                 }

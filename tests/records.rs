@@ -234,7 +234,10 @@ async fn replace_delete_bulk_read_and_secrets() {
         .into_inner()
         .record
         .unwrap();
-    assert!(!rec.fields.contains_key("portal_password"), "never readable back");
+    assert!(
+        !rec.fields.contains_key("portal_password"),
+        "never readable back"
+    );
     let e = r
         .set_secret(authed(
             &token,
@@ -311,7 +314,10 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
     for (what, req) in cases {
         let e = r.put_record(authed(&token, req)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
-        assert!(!e.message().contains("xxxx"), "{what}: message echoes no value");
+        assert!(
+            !e.message().contains("xxxx"),
+            "{what}: message echoes no value"
+        );
     }
     assert_eq!(
         r.get_record(authed(&token, get("r1")))

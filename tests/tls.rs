@@ -93,7 +93,9 @@ async fn try_login(ch: Channel) -> Result<String, tonic::Status> {
 async fn tls_is_required_outside_dev_mode() {
     let (s, p) = tls_server(false).await;
     assert!(s.addr.starts_with("https://"));
-    let token = try_login(tls_channel(&s, &p, false).await.unwrap()).await.unwrap();
+    let token = try_login(tls_channel(&s, &p, false).await.unwrap())
+        .await
+        .unwrap();
     assert!(!token.is_empty());
     // A plaintext client gets nothing.
     let plain = s.addr.replace("https://", "http://");
@@ -108,7 +110,9 @@ async fn tls_is_required_outside_dev_mode() {
 #[tokio::test]
 async fn mtls_requires_a_client_certificate() {
     let (s, p) = tls_server(true).await;
-    try_login(tls_channel(&s, &p, true).await.unwrap()).await.unwrap();
+    try_login(tls_channel(&s, &p, true).await.unwrap())
+        .await
+        .unwrap();
     let without = match tls_channel(&s, &p, false).await {
         Err(_) => true,
         Ok(ch) => try_login(ch).await.is_err(),

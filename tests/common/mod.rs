@@ -14,9 +14,7 @@ use std::{
 
 use coffre::{
     config::Config,
-    pb::{
-        self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient,
-    },
+    pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
     vault::Vault,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -125,7 +123,12 @@ impl TestServer {
             .unwrap()
     }
 
-    pub async fn login(&self, tenant: &str, user: &str, password: &str) -> Result<String, tonic::Status> {
+    pub async fn login(
+        &self,
+        tenant: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<String, tonic::Status> {
         AuthClient::new(self.channel().await)
             .login(pb::LoginRequest {
                 tenant: tenant.into(),
@@ -264,7 +267,11 @@ pub fn spawn_server(config_file: &Path, envs: &[(&str, &str)]) -> Result<Proc, S
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Writes a config file for a child-process server under `root`.
