@@ -49,6 +49,20 @@ pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError
     Ok(Some(tls))
 }
 
+/// Accepted connections with Nagle off: tonic's own `tcp_nodelay` applies
+/// only to listeners it binds, and without it a response split in two
+/// segments waits for the client's delayed ACK (about 40 ms).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight calls and
 /// flushes storage.
 pub async fn run(
@@ -105,7 +119,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AuditServer::new(AuditService::new(gate)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();

@@ -240,18 +240,40 @@ impl Storage {
     }
 }
 
-/// Waits for a request, takes every request queued behind it, flushes once,
-/// and answers them all: one fsync per group rather than per write.
+/// How long the flusher lingers for more writers once a flush has shown
+/// concurrency (PostgreSQL's `commit_delay`): a few hundred microseconds
+/// turn many small flushes into one.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// Waits for a request, gathers every request that arrives with it, flushes
+/// once, and answers them all: one fsync per group rather than per write.
 fn group_commit_loop(
     backend: &dyn Backend,
     rx: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
 ) {
+    let mut concurrent = false;
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
+        if concurrent {
+            let until = std::time::Instant::now() + COMMIT_DELAY;
+            while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(more) => waiters.push(more),
+                    Err(_) => break,
+                }
+            }
+        }
         while let Ok(more) = rx.try_recv() {
             waiters.push(more);
         }
+        concurrent = waiters.len() > 1;
+        let started = std::time::Instant::now();
         let result = backend.flush().map_err(|e| e.to_string());
+        tracing::trace!(
+            group = waiters.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "flush"
+        );
         for w in waiters {
             let _ = w.send(result.clone());
         }
