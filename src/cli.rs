@@ -82,6 +82,9 @@ enum Command {
     },
     /// Revoke the current token.
     Logout,
+    /// Change the logged-in principal's password (read from the prompt or
+    /// two lines of stdin: old, then new); other sessions are revoked.
+    Passwd,
     #[command(subcommand)]
     Tenant(TenantCmd),
     #[command(subcommand)]
@@ -248,6 +251,22 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             say(&g, "logged out", json!({"ok": true}));
             Ok(())
         }
+        Command::Passwd => {
+            let old = read_secret("current password: ", false)?;
+            let new = read_secret("new password: ", true)?;
+            let mut c = AuthClient::new(connect(&g).await?);
+            c.change_password(authed(
+                &g,
+                pb::ChangePasswordRequest {
+                    old_password: old.to_string(),
+                    new_password: new.to_string(),
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(&g, "password changed", json!({"ok": true}));
+            Ok(())
+        }
         Command::Tenant(TenantCmd::Create {
             name,
             indexed_fields,
@@ -305,7 +324,7 @@ async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
     if let Some(pw) = &report.bootstrap_password {
         // Printed once, to the operator's terminal, never to the log.
         eprintln!(
-            "coffre: created administrator system/admin with password: {}\ncoffre: change it with `coffre login` then a password change; it is not shown again.",
+            "coffre: created administrator system/admin with password: {}\ncoffre: change it with `coffre login` then `coffre passwd`; it is not shown again.",
             &**pw
         );
     } else if report.bootstrapped {

@@ -65,22 +65,34 @@ impl Gate {
         Self { vault }
     }
 
-    fn authorize(&self, meta: &MetadataMap, need: Need) -> Result<Option<Caller>, Error> {
+    /// The caller (if a token was given and is valid), and whether `need`
+    /// admits it. The caller is kept even when refused, so the refusal is
+    /// attributed to a principal.
+    fn authorize(&self, meta: &MetadataMap, need: Need) -> (Option<Caller>, Result<(), Error>) {
         if let Need::Nobody = need {
-            return Ok(None);
+            return (None, Ok(()));
         }
-        let token = bearer(meta).ok_or(Error::Unauthenticated("missing bearer token"))?;
-        let caller = self.vault.accounts.authenticate(token)?;
+        let Some(token) = bearer(meta) else {
+            return (None, Err(Error::Unauthenticated("missing bearer token")));
+        };
+        let caller = match self.vault.accounts.authenticate(token) {
+            Ok(c) => c,
+            Err(e) => return (None, Err(e)),
+        };
         let allowed = match need {
             Need::Nobody | Need::Anyone => true,
             Need::RecordReader => caller.role.reads_records(),
             Need::Admin => caller.role == Role::Admin && caller.tenant.is_system(),
             Need::Auditor => caller.role == Role::Auditor,
         };
-        if !allowed {
-            return Err(Error::PermissionDenied("role not allowed for this call"));
+        if allowed {
+            (Some(caller), Ok(()))
+        } else {
+            (
+                Some(caller),
+                Err(Error::PermissionDenied("role not allowed for this call")),
+            )
         }
-        Ok(Some(caller))
     }
 
     /// Runs one RPC: authorize, call `f`, map and log the outcome.
@@ -92,12 +104,11 @@ impl Gate {
         need: Need,
         f: impl AsyncFnOnce(Option<Caller>) -> Result<T, Error>,
     ) -> Result<Response<T>, Status> {
-        let (principal, result) = match self.authorize(meta, need) {
-            Ok(caller) => {
-                let principal = caller.as_ref().map(Caller::principal);
-                (principal, f(caller).await)
-            }
-            Err(e) => (None, Err(e)),
+        let (caller, allowed) = self.authorize(meta, need);
+        let principal = caller.as_ref().map(Caller::principal);
+        let result = match allowed {
+            Ok(()) => f(caller).await,
+            Err(e) => Err(e),
         };
         let outcome = match &result {
             Ok(_) => "ok".to_string(),

@@ -124,7 +124,11 @@ impl Vault {
         };
         // Principal first: if we crash between the two, the next start
         // retries the whole bootstrap (the tenant is the marker).
-        if !self.accounts.exists(&system, &admin)? {
+        if self.accounts.exists(&system, &admin)? {
+            // An earlier start made the admin and crashed before the tenant:
+            // its password stands, and a new one must not be shown.
+            report.bootstrap_password = None;
+        } else {
             self.accounts
                 .create(&system, &admin, &password, Role::Admin)
                 .await?;

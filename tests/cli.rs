@@ -1,0 +1,192 @@
+//! The README's walk-through, run with the real `coffre` binary against a
+//! real server: secrets on stdin, one-line errors, `--json`.
+
+mod common;
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+use common::*;
+
+fn coffre(addr: &str, token_file: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("COFFRE_ADDR", addr)
+        .env("COFFRE_TOKEN_FILE", token_file)
+        .env_remove("COFFRE_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn fails(o: &Output) -> String {
+    assert!(!o.status.success());
+    let e = String::from_utf8(o.stderr.clone()).unwrap();
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    assert!(e.starts_with("coffre: error: "), "{e}");
+    e
+}
+
+#[tokio::test]
+async fn readme_walkthrough() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = write_config(root.path(), "");
+    let mut p = spawn_server(&cfg, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]).unwrap();
+    let tok = root.path().join("token");
+    let run = |args: &[&str], stdin: &str| coffre(&p.addr, &tok, args, stdin);
+    let admin_pw = format!("{ADMIN_PASSWORD}\n");
+    let clin_pw = format!("{CLINICIAN_PASSWORD}\n");
+
+    ok(&run(&["login"], &admin_pw));
+    let mode = std::fs::metadata(&tok).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    assert!(
+        ok(&run(
+            &["tenant", "create", "clinique-nord", "--index", "nir"],
+            ""
+        ))
+        .contains("created")
+    );
+    let e = fails(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+            "--role",
+            "clinician",
+        ],
+        "abc\n",
+    ));
+    assert!(e.contains("at least 12"), "{e}");
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+            "--role",
+            "clinician",
+        ],
+        &clin_pw,
+    ));
+    ok(&run(
+        &[
+            "login",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+        ],
+        &clin_pw,
+    ));
+    let put = ok(&run(
+        &["--json", "record", "put"],
+        r#"{"id": "p-001", "fields": {"family_name": "Durand", "nir": "185077512345678", "blood_group": "O+"}}"#,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&put).unwrap();
+    assert_eq!(v["version"], 1);
+    let got = ok(&run(
+        &[
+            "record",
+            "get",
+            "p-001",
+            "--field",
+            "blood_group",
+            "--purpose",
+            "consultation",
+        ],
+        "",
+    ));
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["fields"], serde_json::json!({"blood_group": "O+"}));
+    assert_eq!(
+        ok(&run(
+            &["record", "find", "--field", "nir"],
+            "185077512345678\n"
+        ))
+        .trim(),
+        "p-001"
+    );
+    let e = fails(&run(&["record", "get", "p-404"], ""));
+    assert!(e.contains("NotFound"), "{e}");
+
+    // The admin manages but cannot read.
+    ok(&run(&["login"], &admin_pw));
+    let e = fails(&run(&["record", "get", "p-001"], ""));
+    assert!(e.contains("PermissionDenied"), "{e}");
+    ok(&run(
+        &[
+            "principal",
+            "lock",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+        ],
+        "",
+    ));
+    let e = fails(&run(
+        &[
+            "login",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+        ],
+        &clin_pw,
+    ));
+    assert!(e.contains("locked"), "{e}");
+    ok(&run(
+        &[
+            "principal",
+            "unlock",
+            "--tenant",
+            "clinique-nord",
+            "--username",
+            "dr.martin",
+        ],
+        "",
+    ));
+
+    // Password change through stdin: old, then new.
+    let new_pw = "saffron glacier 6602 pebble lark";
+    ok(&run(&["passwd"], &format!("{ADMIN_PASSWORD}\n{new_pw}\n")));
+    fails(&run(&["login"], &admin_pw));
+    ok(&run(&["login"], &format!("{new_pw}\n")));
+
+    let _ = p.child.kill();
+    let e = fails(&coffre(
+        "http://127.0.0.1:9",
+        &tok,
+        &["tenant", "create", "x"],
+        "",
+    ));
+    assert!(e.contains("cannot reach"), "{e}");
+    let e = fails(&coffre("not a url", &tok, &["logout"], ""));
+    assert!(e.contains("not a URL"), "{e}");
+}
