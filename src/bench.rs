@@ -38,7 +38,10 @@ pub fn sample_fields(i: u64) -> HashMap<String, String> {
             "birth_date",
             format!("19{:02}-{:02}-{:02}", 30 + i % 70, 1 + i % 12, 1 + i % 28),
         ),
-        f("sex", if i % 2 == 0 { "F" } else { "M" }.to_string()),
+        f(
+            "sex",
+            if i.is_multiple_of(2) { "F" } else { "M" }.to_string(),
+        ),
         f(
             "address",
             format!("{} rue de la République, 69002 Lyon", 1 + i % 200),

@@ -38,6 +38,9 @@ pub enum Space {
     Counters = 9,
 }
 
+/// A stored key (within its space) and value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// One write of a batch.
 #[derive(Debug)]
 pub enum Op {
@@ -73,7 +76,7 @@ pub trait Backend: Send + Sync + 'static {
         space: Space,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    ) -> Result<Vec<Entry>, StorageError>;
     /// Applies every op atomically; visible at once, durable after `flush`.
     fn apply(&self, batch: Batch) -> Result<(), StorageError>;
     /// Makes every applied batch durable.
@@ -137,7 +140,7 @@ impl Backend for SledBackend {
         space: Space,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(spaced(space, prefix)).take(limit) {
             let (k, v) = kv.map_err(io)?;
@@ -200,7 +203,7 @@ impl Storage {
         space: Space,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<Entry>, StorageError> {
         self.backend.scan_prefix(space, prefix, limit)
     }
 
