@@ -4,6 +4,20 @@
 
 use std::{env, path::PathBuf};
 
+/// Keep in step with `redacted_debug!` in src/lib.rs.
+const SECRET_MESSAGES: &[&str] = &[
+    "LoginRequest",
+    "LoginResponse",
+    "ChangePasswordRequest",
+    "CreatePrincipalRequest",
+    "Record",
+    "PutRecordRequest",
+    "GetRecordResponse",
+    "FindRecordsRequest",
+    "SetSecretRequest",
+    "VerifySecretRequest",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/coffre/v1/auth.proto",
@@ -22,6 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Messages that carry passwords, tokens or field values get a
+        // redacting Debug (src/lib.rs) instead of the derived one.
+        .skip_debug(SECRET_MESSAGES.iter().map(|m| format!(".coffre.v1.{m}")))
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

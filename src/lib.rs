@@ -48,4 +48,28 @@ pub mod pb {
     tonic::include_proto!("coffre.v1");
     /// The encoded descriptors, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("coffre_descriptor");
+
+    /// These messages carry passwords, tokens or field values: their Debug
+    /// names the type only (build.rs skips the derived one).
+    macro_rules! redacted_debug {
+        ($($t:ident),* $(,)?) => {$(
+            impl std::fmt::Debug for $t {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str(concat!(stringify!($t), " { [redacted] }"))
+                }
+            }
+        )*};
+    }
+    redacted_debug!(
+        LoginRequest,
+        LoginResponse,
+        ChangePasswordRequest,
+        CreatePrincipalRequest,
+        Record,
+        PutRecordRequest,
+        GetRecordResponse,
+        FindRecordsRequest,
+        SetSecretRequest,
+        VerifySecretRequest,
+    );
 }

@@ -330,6 +330,28 @@ mod tests {
     }
 
     #[test]
+    fn messages_with_secrets_print_redacted() {
+        use crate::pb;
+        let login = pb::LoginRequest {
+            tenant: "t".into(),
+            username: "u".into(),
+            password: "hunter2 hunter2".into(),
+        };
+        let rec = pb::Record {
+            id: "r".into(),
+            fields: [("nir".to_string(), "185077512345678".to_string())].into(),
+            version: 1,
+        };
+        let shown = format!(
+            "{login:?} {rec:?} {:?}",
+            Password::candidate("pw-x".into()).unwrap()
+        );
+        for secret in ["hunter2", "185077512345678", "pw-x"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
     fn record_limits() {
         let big = "v".repeat(MAX_VALUE_BYTES + 1);
         assert!(Fields::parse([("a".to_string(), big)]).is_err());
