@@ -82,6 +82,12 @@ fn index_prefix(tenant: &Tenant, field: &str, token: &[u8]) -> Vec<u8> {
     k
 }
 
+fn index_key(tenant: &Tenant, field: &str, token: &[u8], id: &RecordId) -> Vec<u8> {
+    let mut k = index_prefix(tenant, field, token);
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
 fn secret_key(tenant: &Tenant, id: &RecordId, name: &str) -> Vec<u8> {
     let mut k = record_key(tenant, id.as_str());
     k.push(0);
@@ -165,15 +171,11 @@ impl Records {
             let mut b = Batch::new();
             if let Some(old) = &old {
                 for (f, token) in &old.index {
-                    let mut k = index_prefix(tenant, f, token);
-                    k.extend_from_slice(id.as_str().as_bytes());
-                    b.delete(Space::Index, k);
+                    b.delete(Space::Index, index_key(tenant, f, token, &id));
                 }
             }
             for (f, token) in &rec.index {
-                let mut k = index_prefix(tenant, f, token);
-                k.extend_from_slice(id.as_str().as_bytes());
-                b.put(Space::Index, k, Vec::new());
+                b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
             }
             rec.version = old.map_or(1, |o| o.version + 1);
             b.put(Space::Records, key, rec.encode_to_vec());
@@ -224,9 +226,7 @@ impl Records {
             let old = self.load(tenant, id.as_str())?.ok_or(Error::NotFound)?;
             let mut b = Batch::new();
             for (f, token) in &old.index {
-                let mut k = index_prefix(tenant, f, token);
-                k.extend_from_slice(id.as_str().as_bytes());
-                b.delete(Space::Index, k);
+                b.delete(Space::Index, index_key(tenant, f, token, id));
             }
             let mut sp = record_key(tenant, id.as_str());
             sp.push(0);
