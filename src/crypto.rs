@@ -128,26 +128,48 @@ impl Aead256 {
     }
 
     /// Seals a field value: `header ‖ nonce ‖ ciphertext ‖ tag`. The header
-    /// (format and key version) is authenticated with `context` as AAD, so
+    /// (format and key version) is authenticated with the context as AAD, so
     /// neither can be swapped without detection.
-    pub fn seal_field(&self, key_version: u32, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let header = field_header(key_version);
-        let aad = field_aad(&header, context);
+    pub fn seal_field(&self, key_version: u32, aad: &mut FieldAad, plaintext: &[u8]) -> Vec<u8> {
+        let aad = aad.for_version(key_version);
         let mut out = Vec::with_capacity(FIELD_HEADER_LEN + NONCE_LEN + plaintext.len() + TAG_LEN);
-        out.extend_from_slice(&header);
-        self.seal_into(&mut out, &aad, plaintext);
+        out.extend_from_slice(&aad[..FIELD_HEADER_LEN]);
+        self.seal_into(&mut out, aad, plaintext);
         out
     }
 
     /// Opens a field sealed by [`Aead256::seal_field`] with the same context.
     pub fn open_field(
         &self,
-        context: &[u8],
+        aad: &mut FieldAad,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let version = field_key_version(sealed)?;
-        let aad = field_aad(&field_header(version), context);
-        self.open(&aad, &sealed[FIELD_HEADER_LEN..])
+        self.open(aad.for_version(version), &sealed[FIELD_HEADER_LEN..])
+    }
+}
+
+/// The AAD of a field: its header followed by the context parts
+/// (length-prefixed), built once, in one allocation, per field.
+pub struct FieldAad(Vec<u8>);
+
+impl FieldAad {
+    pub fn new(label: &str, parts: &[&[u8]]) -> Self {
+        let len =
+            FIELD_HEADER_LEN + 4 + label.len() + parts.iter().map(|p| 4 + p.len()).sum::<usize>();
+        let mut v = Vec::with_capacity(len);
+        v.extend_from_slice(&[FIELD_FORMAT_V1, 0, 0, 0, 0]);
+        for part in std::iter::once(label.as_bytes()).chain(parts.iter().copied()) {
+            let n = u32::try_from(part.len()).expect("context part under 4 GiB");
+            v.extend_from_slice(&n.to_be_bytes());
+            v.extend_from_slice(part);
+        }
+        Self(v)
+    }
+
+    fn for_version(&mut self, key_version: u32) -> &[u8] {
+        self.0[1..FIELD_HEADER_LEN].copy_from_slice(&key_version.to_be_bytes());
+        &self.0
     }
 }
 
@@ -159,20 +181,6 @@ pub fn field_key_version(sealed: &[u8]) -> Result<u32, CryptoError> {
     let mut v = [0u8; 4];
     v.copy_from_slice(&sealed[1..FIELD_HEADER_LEN]);
     Ok(u32::from_be_bytes(v))
-}
-
-fn field_header(key_version: u32) -> [u8; FIELD_HEADER_LEN] {
-    let mut h = [0u8; FIELD_HEADER_LEN];
-    h[0] = FIELD_FORMAT_V1;
-    h[1..].copy_from_slice(&key_version.to_be_bytes());
-    h
-}
-
-fn field_aad(header: &[u8], context: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(header.len() + context.len());
-    aad.extend_from_slice(header);
-    aad.extend_from_slice(context);
-    aad
 }
 
 /// Builds unambiguous byte strings from parts: each part is prefixed by its
@@ -247,30 +255,24 @@ mod tests {
     #[test]
     fn field_round_trip_and_context_binding() {
         let key = SecretKey::random().aead();
-        let ctx = Context::new("f").with(b"tenant").with(b"rec").with(b"name");
-        let sealed = key.seal_field(7, ctx.as_bytes(), b"Dupont");
+        let mut ctx = FieldAad::new("f", &[b"tenant", b"rec", b"name"]);
+        let sealed = key.seal_field(7, &mut ctx, b"Dupont");
         assert_eq!(field_key_version(&sealed), Ok(7));
-        assert_eq!(
-            &key.open_field(ctx.as_bytes(), &sealed).unwrap()[..],
-            b"Dupont"
-        );
+        assert_eq!(&key.open_field(&mut ctx, &sealed).unwrap()[..], b"Dupont");
 
-        let other = Context::new("f")
-            .with(b"tenant")
-            .with(b"rec2")
-            .with(b"name");
+        let mut other = FieldAad::new("f", &[b"tenant", b"rec2", b"name"]);
         assert_eq!(
-            key.open_field(other.as_bytes(), &sealed),
+            key.open_field(&mut other, &sealed),
             Err(CryptoError::Authentication)
         );
         let mut flipped = sealed.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert!(key.open_field(ctx.as_bytes(), &flipped).is_err());
+        assert!(key.open_field(&mut ctx, &flipped).is_err());
         // A header claiming another version must not open either.
         let mut reversioned = sealed.clone();
         reversioned[4] ^= 1;
-        assert!(key.open_field(ctx.as_bytes(), &reversioned).is_err());
+        assert!(key.open_field(&mut ctx, &reversioned).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use base64::Engine;
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, Aead256, Context, CryptoError, SecretKey};
+use crate::crypto::{self, Aead256, Context, CryptoError, FieldAad, SecretKey};
 use crate::storage::{Batch, Space, Storage, StorageError};
 
 const KEY_FILE_PREFIX: &str = "coffre-master-key-v1:";
@@ -150,7 +150,7 @@ impl TenantKeys {
         let key = &self.data[&self.active];
         key.aead.seal_field(
             self.active,
-            field_context(&self.tenant, record_id, field).as_bytes(),
+            &mut field_aad(&self.tenant, record_id, field),
             plaintext,
         )
     }
@@ -165,10 +165,8 @@ impl TenantKeys {
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let version = crypto::field_key_version(sealed)?;
         let key = self.data.get(&version).ok_or(CryptoError::Authentication)?;
-        key.aead.open_field(
-            field_context(&self.tenant, record_id, field).as_bytes(),
-            sealed,
-        )
+        key.aead
+            .open_field(&mut field_aad(&self.tenant, record_id, field), sealed)
     }
 
     /// The blind-index token of an already normalised value of `field`.
@@ -192,11 +190,11 @@ impl TenantKeys {
     }
 }
 
-fn field_context(tenant: &str, record_id: &str, field: &str) -> Context {
-    Context::new("coffre/field/v1")
-        .with(tenant.as_bytes())
-        .with(record_id.as_bytes())
-        .with(field.as_bytes())
+fn field_aad(tenant: &str, record_id: &str, field: &str) -> FieldAad {
+    FieldAad::new(
+        "coffre/field/v1",
+        &[tenant.as_bytes(), record_id.as_bytes(), field.as_bytes()],
+    )
 }
 
 fn wrap_context(tenant: &str, kind: &str, version: u32) -> Context {

@@ -196,8 +196,13 @@ impl Records {
         let rec = self.load(tenant, id.as_str())?.ok_or(Error::NotFound)?;
         let mut fields = BTreeMap::new();
         let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
-            let plain = tenant.keys.decrypt_field(id.as_str(), name, sealed)?;
-            let text = String::from_utf8(plain.to_vec()).map_err(|_| Error::DataLoss)?;
+            let mut plain = tenant.keys.decrypt_field(id.as_str(), name, sealed)?;
+            // Moves the bytes (no copy left behind); on failure `plain`
+            // still holds them and zeroizes.
+            let text = String::from_utf8(std::mem::take(&mut *plain)).map_err(|e| {
+                *plain = e.into_bytes();
+                Error::DataLoss
+            })?;
             fields.insert(name.to_string(), Zeroizing::new(text));
             Ok(())
         };

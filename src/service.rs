@@ -167,7 +167,9 @@ fn to_pb(r: PlainRecord) -> pb::Record {
         fields: r
             .fields
             .into_iter()
-            .map(|(k, v)| (k, v.to_string()))
+            // The response takes the value; what tonic encodes is beyond
+            // our zeroizing anyway.
+            .map(|(k, mut v)| (k, std::mem::take(&mut *v)))
             .collect(),
     }
 }
