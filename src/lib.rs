@@ -18,6 +18,7 @@
 //!   lockout, sessions and bearer tokens.
 //! - [`tenants`], [`records`]: the record core — field encryption, blind
 //!   index, secrets.
+//! - [`audit`]: the HMAC-chained, fail-closed audit trail and its mirror.
 //! - [`vault`]: opens everything and bootstraps an empty data directory.
 //! - [`service`]: the gRPC services, thin; the one error→status mapping.
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
@@ -28,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     accounts::Caller,
+    audit::Note,
     error::Error,
     model::{
         Fields, MAX_BULK_IDS, Password, Purpose, RecordId, Role, TenantName, Username,
@@ -95,32 +96,56 @@ impl Gate {
         }
     }
 
-    /// Runs one RPC: authorize, call `f`, map and log the outcome.
+    /// Runs one RPC: authorize, call `f`, then record the audit event
+    /// before anything is returned. If the event cannot be stored the RPC
+    /// fails with UNAVAILABLE and returns no data (fail-closed).
     async fn run<T>(
         &self,
         action: &'static str,
         meta: &MetadataMap,
         peer: Option<SocketAddr>,
         need: Need,
-        f: impl AsyncFnOnce(Option<Caller>) -> Result<T, Error>,
+        f: impl AsyncFnOnce(Option<Caller>, &mut Note) -> Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let (caller, allowed) = self.authorize(meta, need);
+        let mut note = Note::default();
         let principal = caller.as_ref().map(Caller::principal);
+        let role = caller.as_ref().map(|c| c.role.as_str()).unwrap_or_default();
+        let tenant = caller.as_ref().map(|c| c.tenant.to_string());
         let result = match allowed {
-            Ok(()) => f(caller).await,
+            Ok(()) => f(caller, &mut note).await,
             Err(e) => Err(e),
         };
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(e) => code_name(e),
         };
+        let event = pb::AuditEvent {
+            tenant: note.tenant.or(tenant).unwrap_or_default(),
+            principal: principal.or(note.principal).unwrap_or_default(),
+            role: role.to_string(),
+            action: action.to_string(),
+            record_ids: note.record_ids,
+            fields: note.fields,
+            purpose: note.purpose,
+            outcome,
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
         tracing::info!(
             action,
-            principal = principal.as_deref().unwrap_or("-"),
-            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-            outcome,
+            principal = %event.principal,
+            peer = %event.peer,
+            outcome = %event.outcome,
             "rpc"
         );
+        if let Err(e) = self.vault.audit.record(event).await {
+            tracing::error!(action, error = %e, "audit event not stored: failing the call");
+            return Err(to_status(match e {
+                Error::Unavailable(s) => Error::Unavailable(s),
+                _ => Error::Unavailable(crate::storage::StorageError::Io("audit".into())),
+            }));
+        }
         result.map(Response::new).map_err(to_status)
     }
 }
@@ -185,7 +210,7 @@ macro_rules! envelope {
                 &meta,
                 peer,
                 $need,
-                async move |c| ($body)(c, msg).await,
+                async move |c, n: &mut Note| ($body)(c, msg, n).await,
             )
             .await
     }};
@@ -213,7 +238,16 @@ impl auth_server::Auth for AuthService {
             req,
             "Auth/Login",
             Need::Nobody,
-            async |_c: Option<Caller>, m: pb::LoginRequest| {
+            async |_c: Option<Caller>, m: pb::LoginRequest, n: &mut Note| {
+                // Only well-formed names reach the trail: a password typed
+                // into the username box must not.
+                let t = TenantName::parse(&m.tenant).ok();
+                let u = Username::parse(&m.username).ok();
+                n.tenant = t.as_ref().map(|t| t.to_string());
+                n.principal = Some(match (&t, &u) {
+                    (Some(t), Some(u)) => format!("{t}/{u}"),
+                    _ => "(malformed)".into(),
+                });
                 let l = v
                     .accounts
                     .login(&m.tenant, &m.username, &m.password)
@@ -236,7 +270,7 @@ impl auth_server::Auth for AuthService {
             req,
             "Auth/Logout",
             Need::Anyone,
-            async |c: Option<Caller>, _m: pb::LogoutRequest| {
+            async |c: Option<Caller>, _m: pb::LogoutRequest, _n: &mut Note| {
                 v.accounts.logout(&must(c)?).await?;
                 Ok(pb::LogoutResponse {})
             }
@@ -253,7 +287,7 @@ impl auth_server::Auth for AuthService {
             req,
             "Auth/ChangePassword",
             Need::Anyone,
-            async |c: Option<Caller>, m: pb::ChangePasswordRequest| {
+            async |c: Option<Caller>, m: pb::ChangePasswordRequest, _n: &mut Note| {
                 v.accounts
                     .change_password(&must(c)?, &m.old_password, m.new_password)
                     .await?;
@@ -287,7 +321,7 @@ impl records_server::Records for RecordsService {
             req,
             "Records/PutRecord",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::PutRecordRequest| {
+            async |c: Option<Caller>, m: pb::PutRecordRequest, n: &mut Note| {
                 let caller = must(c)?;
                 let rec = m
                     .record
@@ -297,9 +331,14 @@ impl records_server::Records for RecordsService {
                 } else {
                     Some(RecordId::parse(&rec.id)?)
                 };
+                n.record_ids = id.iter().map(|i| i.to_string()).collect();
+                let mut names: Vec<String> = rec.fields.keys().cloned().collect();
+                names.sort();
+                n.fields = names;
                 let fields = Fields::parse(rec.fields)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 let (id, version) = v.records.put(&tenant, id, fields).await?;
+                n.record_ids = vec![id.to_string()];
                 Ok(pb::PutRecordResponse {
                     id: id.to_string(),
                     version,
@@ -318,11 +357,14 @@ impl records_server::Records for RecordsService {
             req,
             "Records/GetRecord",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::GetRecordRequest| {
+            async |c: Option<Caller>, m: pb::GetRecordRequest, n: &mut Note| {
                 let caller = must(c)?;
+                n.record_ids = vec![m.id.clone()];
+                n.purpose = m.purpose.clone();
                 let id = RecordId::parse(&m.id)?;
                 let fields = parse_field_list(&m.fields)?;
-                let _purpose = Purpose::parse(&m.purpose)?;
+                n.fields = fields.iter().map(|f| f.to_string()).collect();
+                Purpose::parse(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 let rec = v.records.get(&tenant, &id, &fields)?;
                 Ok(pb::GetRecordResponse {
@@ -342,10 +384,12 @@ impl records_server::Records for RecordsService {
             req,
             "Records/DeleteRecord",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::DeleteRecordRequest| {
+            async |c: Option<Caller>, m: pb::DeleteRecordRequest, n: &mut Note| {
                 let caller = must(c)?;
+                n.record_ids = vec![m.id.clone()];
+                n.purpose = m.purpose.clone();
                 let id = RecordId::parse(&m.id)?;
-                let _purpose = Purpose::parse(&m.purpose)?;
+                Purpose::parse(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 v.records.delete(&tenant, &id).await?;
                 Ok(pb::DeleteRecordResponse {})
@@ -363,12 +407,15 @@ impl records_server::Records for RecordsService {
             req,
             "Records/FindRecords",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::FindRecordsRequest| {
+            async |c: Option<Caller>, m: pb::FindRecordsRequest, n: &mut Note| {
                 let caller = must(c)?;
+                n.purpose = m.purpose.clone();
                 let field = crate::model::FieldName::parse(&m.field)?;
-                let _purpose = Purpose::parse(&m.purpose)?;
+                n.fields = vec![field.to_string()];
+                Purpose::parse(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 let ids = v.records.find(&tenant, &field, &m.value)?;
+                n.record_ids = ids.iter().map(|i| i.to_string()).collect();
                 Ok(pb::FindRecordsResponse {
                     ids: ids.into_iter().map(|i| i.to_string()).collect(),
                 })
@@ -388,7 +435,7 @@ impl records_server::Records for RecordsService {
             req,
             "Records/BulkRead",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::BulkReadRequest| {
+            async |c: Option<Caller>, m: pb::BulkReadRequest, n: &mut Note| {
                 let caller = must(c)?;
                 if m.ids.len() > MAX_BULK_IDS {
                     return Err(Error::InvalidArgument(
@@ -401,7 +448,10 @@ impl records_server::Records for RecordsService {
                     .map(|s| RecordId::parse(s))
                     .collect::<Result<Vec<_>, _>>()?;
                 let fields = parse_field_list(&m.fields)?;
-                let _purpose = Purpose::parse_required(&m.purpose)?;
+                n.record_ids = ids.iter().map(|i| i.to_string()).collect();
+                n.fields = fields.iter().map(|f| f.to_string()).collect();
+                n.purpose = m.purpose.clone();
+                Purpose::parse_required(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 // Decrypt lazily, a few records ahead of the client, so a large
                 // read never sits whole in memory.
@@ -436,9 +486,11 @@ impl records_server::Records for RecordsService {
             req,
             "Records/SetSecret",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::SetSecretRequest| {
+            async |c: Option<Caller>, m: pb::SetSecretRequest, n: &mut Note| {
                 let caller = must(c)?;
+                n.record_ids = vec![m.record_id.clone()];
                 let id = RecordId::parse(&m.record_id)?;
+                n.fields = vec![m.name.clone()];
                 let name = crate::model::FieldName::parse(&m.name)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 v.records.set_secret(&tenant, &id, &name, m.secret).await?;
@@ -457,9 +509,11 @@ impl records_server::Records for RecordsService {
             req,
             "Records/VerifySecret",
             Need::RecordReader,
-            async |c: Option<Caller>, m: pb::VerifySecretRequest| {
+            async |c: Option<Caller>, m: pb::VerifySecretRequest, n: &mut Note| {
                 let caller = must(c)?;
+                n.record_ids = vec![m.record_id.clone()];
                 let id = RecordId::parse(&m.record_id)?;
+                n.fields = vec![m.name.clone()];
                 let name = crate::model::FieldName::parse(&m.name)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
                 let ok = v
@@ -494,8 +548,9 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/CreateTenant",
             Need::Admin,
-            async |_c: Option<Caller>, m: pb::CreateTenantRequest| {
+            async |_c: Option<Caller>, m: pb::CreateTenantRequest, n: &mut Note| {
                 let name = TenantName::parse(&m.name)?;
+                n.tenant = Some(name.to_string());
                 let indexed = parse_field_list(&m.indexed_fields)?;
                 v.tenants.create(&name, &indexed).await?;
                 Ok(pb::CreateTenantResponse {})
@@ -513,9 +568,12 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/CreatePrincipal",
             Need::Admin,
-            async |_c: Option<Caller>, m: pb::CreatePrincipalRequest| {
+            async |_c: Option<Caller>, m: pb::CreatePrincipalRequest, n: &mut Note| {
                 let tenant = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(tenant.to_string());
                 let username = Username::parse(&m.username)?;
+                // The subject of an account call is named in `fields`.
+                n.fields = vec![format!("username={username}")];
                 let role = pb::Role::try_from(m.role)
                     .ok()
                     .filter(|r| *r != pb::Role::Unspecified)
@@ -558,9 +616,12 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/SetPrincipalLocked",
             Need::Admin,
-            async |_c: Option<Caller>, m: pb::SetPrincipalLockedRequest| {
+            async |_c: Option<Caller>, m: pb::SetPrincipalLockedRequest, n: &mut Note| {
                 let tenant = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(tenant.to_string());
                 let username = Username::parse(&m.username)?;
+                // The subject of an account call is named in `fields`.
+                n.fields = vec![format!("username={username}")];
                 v.accounts.set_locked(&tenant, &username, m.locked).await?;
                 Ok(pb::SetPrincipalLockedResponse {})
             }
@@ -576,7 +637,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/CreateHoneytoken",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::CreateHoneytokenRequest| {
+            async |_c: Option<Caller>, _m: pb::CreateHoneytokenRequest, _n: &mut Note| {
                 Err::<pb::CreateHoneytokenResponse, _>(Error::Unimplemented)
             }
         )
@@ -591,7 +652,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RotateTenantKey",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RotateTenantKeyRequest| {
+            async |_c: Option<Caller>, _m: pb::RotateTenantKeyRequest, _n: &mut Note| {
                 Err::<pb::RotateTenantKeyResponse, _>(Error::Unimplemented)
             }
         )
@@ -608,7 +669,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RewrapTenant",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RewrapTenantRequest| {
+            async |_c: Option<Caller>, _m: pb::RewrapTenantRequest, _n: &mut Note| {
                 Err::<Self::RewrapTenantStream, _>(Error::Unimplemented)
             }
         )
@@ -623,7 +684,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/KeyStatus",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::KeyStatusRequest| {
+            async |_c: Option<Caller>, _m: pb::KeyStatusRequest, _n: &mut Note| {
                 Err::<pb::KeyStatusResponse, _>(Error::Unimplemented)
             }
         )
@@ -638,7 +699,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RetireKeyVersion",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RetireKeyVersionRequest| {
+            async |_c: Option<Caller>, _m: pb::RetireKeyVersionRequest, _n: &mut Note| {
                 Err::<pb::RetireKeyVersionResponse, _>(Error::Unimplemented)
             }
         )
@@ -653,7 +714,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/ShredTenant",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::ShredTenantRequest| {
+            async |_c: Option<Caller>, _m: pb::ShredTenantRequest, _n: &mut Note| {
                 Err::<pb::ShredTenantResponse, _>(Error::Unimplemented)
             }
         )
@@ -683,7 +744,7 @@ impl audit_server::Audit for AuditService {
             req,
             "Audit/QueryAudit",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::QueryAuditRequest| {
+            async |_c: Option<Caller>, _m: pb::QueryAuditRequest, _n: &mut Note| {
                 Err::<Self::QueryAuditStream, _>(Error::Unimplemented)
             }
         )
@@ -698,7 +759,7 @@ impl audit_server::Audit for AuditService {
             req,
             "Audit/VerifyAudit",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::VerifyAuditRequest| {
+            async |_c: Option<Caller>, _m: pb::VerifyAuditRequest, _n: &mut Note| {
                 Err::<pb::VerifyAuditResponse, _>(Error::Unimplemented)
             }
         )
@@ -715,7 +776,7 @@ impl audit_server::Audit for AuditService {
             req,
             "Audit/ListAlerts",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::ListAlertsRequest| {
+            async |_c: Option<Caller>, _m: pb::ListAlertsRequest, _n: &mut Note| {
                 Err::<Self::ListAlertsStream, _>(Error::Unimplemented)
             }
         )

@@ -36,6 +36,7 @@ pub enum Space {
     Index = 7,
     Secrets = 8,
     Counters = 9,
+    Audit = 10,
 }
 
 /// A stored key (within its space) and value.

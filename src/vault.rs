@@ -7,6 +7,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     accounts::{Accounts, Hasher},
+    audit::Audit,
     config::Config,
     error::Error,
     keys::{self, KeyError, Keyring},
@@ -50,6 +51,7 @@ pub struct OpenReport {
 
 pub struct Vault {
     pub store: Storage,
+    pub audit: Audit,
     pub keys: Arc<Keyring>,
     pub accounts: Accounts,
     pub tenants: Tenants,
@@ -88,7 +90,15 @@ impl Vault {
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())
             .expect("pepper is KEY_LEN bytes");
         let hasher = Hasher::new(&config.argon2, pepper)?;
+        let audit_key = crate::crypto::SecretKey::from_slice(keys.audit_key().expose())
+            .expect("audit key is KEY_LEN bytes");
+        let audit = Audit::open(
+            store.clone(),
+            audit_key,
+            config.audit.mirror_file.as_deref(),
+        )?;
         let vault = Arc::new(Self {
+            audit,
             accounts: Accounts::new(store.clone(), hasher.clone(), config.session.clone()),
             tenants: Tenants::new(store.clone(), keys.clone()),
             records: Records::new(store.clone(), keys.clone(), hasher),

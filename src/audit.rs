@@ -1,0 +1,302 @@
+//! The audit trail: one event per RPC, chained by an HMAC so that an edited,
+//! inserted, deleted or reordered event is found, written durably before
+//! the response leaves (fail-closed), and mirrored as JSON lines.
+//!
+//! `hash_n = HMAC-SHA256(audit_key, hash_{n-1} ‖ canonical(event_n))`, with
+//! `hash_0` all zeroes. Events carry names, ids, purposes and outcomes:
+//! never a field value, password or token.
+
+use std::{fs::File, io::Write, path::Path, sync::Arc};
+
+use parking_lot::Mutex;
+use prost::Message;
+
+use crate::{
+    accounts::now_ms,
+    crypto::{self, Context, SecretKey},
+    error::{Error, Result},
+    pb::AuditEvent,
+    storage::{Batch, Space, Storage},
+};
+
+const HEAD_KEY: &[u8] = b"audit_head";
+const GENESIS: [u8; 32] = [0; 32];
+
+/// What a handler says about its call, for the event.
+#[derive(Debug, Default, Clone)]
+pub struct Note {
+    /// The tenant acted on, when no caller names it (Login, admin calls).
+    pub tenant: Option<String>,
+    /// The principal attempted, when there is no caller yet (Login).
+    pub principal: Option<String>,
+    pub record_ids: Vec<String>,
+    pub fields: Vec<String>,
+    pub purpose: String,
+}
+
+/// The result of checking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub ok: bool,
+    pub checked: u64,
+    /// The first sequence number that fails (0 when `ok`).
+    pub first_bad_seq: u64,
+    pub head_seq: u64,
+    pub head_hash: [u8; 32],
+    pub reason: Option<String>,
+}
+
+/// Filters of `QueryAudit`; empty strings and zeroes match everything.
+#[derive(Debug, Default, Clone)]
+pub struct Query {
+    /// Restricts to one tenant (an auditor's own), whatever `tenant` says.
+    pub scope: Option<String>,
+    pub tenant: String,
+    pub principal: String,
+    pub record_id: String,
+    pub action: String,
+    pub outcome: String,
+    pub since_unix_ms: i64,
+    pub until_unix_ms: i64,
+    pub limit: usize,
+    pub newest_first: bool,
+}
+
+struct Head {
+    seq: u64,
+    hash: [u8; 32],
+}
+
+pub struct Audit {
+    store: Storage,
+    key: SecretKey,
+    head: Mutex<Head>,
+    mirror: Option<Mutex<File>>,
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The bytes the chain MACs for one event (everything but the hashes).
+pub fn canonical(e: &AuditEvent) -> Vec<u8> {
+    let mut c = Context::new("coffre/audit/v1");
+    c.push(&e.seq.to_be_bytes())
+        .push(&e.time_unix_ms.to_be_bytes())
+        .push(e.tenant.as_bytes())
+        .push(e.principal.as_bytes())
+        .push(e.role.as_bytes())
+        .push(e.action.as_bytes())
+        .push(&(e.record_ids.len() as u64).to_be_bytes());
+    for id in &e.record_ids {
+        c.push(id.as_bytes());
+    }
+    c.push(&(e.fields.len() as u64).to_be_bytes());
+    for f in &e.fields {
+        c.push(f.as_bytes());
+    }
+    c.push(e.purpose.as_bytes())
+        .push(e.outcome.as_bytes())
+        .push(e.peer.as_bytes());
+    c.as_bytes().to_vec()
+}
+
+impl Audit {
+    pub fn open(store: Storage, key: SecretKey, mirror: Option<&Path>) -> Result<Self> {
+        let head = match store.get(Space::Meta, HEAD_KEY)? {
+            Some(v) if v.len() == 40 => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&v[8..]);
+                Head {
+                    seq: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                    hash,
+                }
+            }
+            Some(_) => return Err(Error::DataLoss),
+            None => Head {
+                seq: 0,
+                hash: GENESIS,
+            },
+        };
+        let mirror = match mirror {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| Error::Internal(format!("audit mirror {}: {e}", p.display())))?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            store,
+            key,
+            head: Mutex::new(head),
+            mirror,
+        })
+    }
+
+    /// Chains and stores one event, and returns once it is durable. An
+    /// error means the event is not stored: the caller must fail the RPC.
+    pub async fn record(&self, mut e: AuditEvent) -> Result<AuditEvent> {
+        {
+            let mut head = self.head.lock();
+            e.seq = head.seq + 1;
+            e.time_unix_ms = now_ms();
+            e.prev_hash = head.hash.to_vec();
+            let hash = self.chain_hash(&head.hash, &e);
+            e.hash = hash.to_vec();
+            let mut b = Batch::new();
+            b.put(Space::Audit, seq_key(e.seq).to_vec(), e.encode_to_vec());
+            let mut h = e.seq.to_be_bytes().to_vec();
+            h.extend_from_slice(&hash);
+            b.put(Space::Meta, HEAD_KEY.to_vec(), h);
+            self.store.apply(b).map_err(Error::Unavailable)?;
+            head.seq = e.seq;
+            head.hash = hash;
+            if let Some(m) = &self.mirror {
+                let line = format!("{}\n", to_json(&e));
+                // The store has the event already; a mirror failure is
+                // logged, not fatal, and `verify --mirror` will show the gap.
+                if let Err(err) = m.lock().write_all(line.as_bytes()) {
+                    tracing::error!(error = %err, "audit mirror write failed");
+                }
+            }
+        }
+        self.store.sync().await.map_err(Error::Unavailable)?;
+        Ok(e)
+    }
+
+    fn chain_hash(&self, prev: &[u8], e: &AuditEvent) -> [u8; 32] {
+        let mut data = prev.to_vec();
+        data.extend_from_slice(&canonical(e));
+        crypto::hmac_sha256(&self.key, &data)
+    }
+
+    fn all(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.store.scan_prefix(Space::Audit, b"", usize::MAX)?)
+    }
+
+    /// Recomputes the whole chain; names the first sequence number that
+    /// fails. `checkpoint` (seq, hash) is a head the auditor kept elsewhere:
+    /// the chain must still reach it.
+    pub fn verify(&self, checkpoint: Option<(u64, [u8; 32])>) -> Result<Verification> {
+        let stored_head = self.head.lock().seq;
+        let mut prev = GENESIS;
+        let mut expect_seq = 1u64;
+        let mut checked = 0u64;
+        let bad = |seq: u64, why: &str, prev: [u8; 32], checked| Verification {
+            ok: false,
+            checked,
+            first_bad_seq: seq,
+            head_seq: stored_head,
+            head_hash: prev,
+            reason: Some(why.to_string()),
+        };
+        let mut seen_checkpoint = checkpoint.is_none();
+        for (k, v) in self.all()? {
+            let key_seq = k.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let Ok(e) = AuditEvent::decode(&v[..]) else {
+                return Ok(bad(key_seq, "event does not decode", prev, checked));
+            };
+            if key_seq != expect_seq || e.seq != expect_seq {
+                return Ok(bad(expect_seq, "sequence gap or reordering", prev, checked));
+            }
+            if e.prev_hash != prev {
+                return Ok(bad(e.seq, "previous hash does not match", prev, checked));
+            }
+            let h = self.chain_hash(&prev, &e);
+            if !crypto::ct_eq(&h, &e.hash) {
+                return Ok(bad(e.seq, "event was modified", prev, checked));
+            }
+            if let Some((cs, ch)) = checkpoint
+                && cs == e.seq
+            {
+                if !crypto::ct_eq(&ch, &h) {
+                    return Ok(bad(e.seq, "checkpoint hash differs", prev, checked));
+                }
+                seen_checkpoint = true;
+            }
+            prev = h;
+            expect_seq += 1;
+            checked += 1;
+        }
+        if checked != stored_head {
+            return Ok(bad(
+                checked + 1,
+                "events missing at the tail",
+                prev,
+                checked,
+            ));
+        }
+        if !seen_checkpoint {
+            let cs = checkpoint.map_or(0, |c| c.0);
+            return Ok(bad(
+                cs,
+                "chain no longer reaches the checkpoint (truncated)",
+                prev,
+                checked,
+            ));
+        }
+        Ok(Verification {
+            ok: true,
+            checked,
+            first_bad_seq: 0,
+            head_seq: stored_head,
+            head_hash: prev,
+            reason: None,
+        })
+    }
+
+    /// Events matching `q`, oldest first unless `q.newest_first`.
+    pub fn query(&self, q: &Query) -> Result<Vec<AuditEvent>> {
+        let mut out = Vec::new();
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut rows = self.all()?;
+        if q.newest_first {
+            rows.reverse();
+        }
+        for (_, v) in rows {
+            let e = AuditEvent::decode(&v[..])?;
+            let keep = q.scope.as_deref().is_none_or(|s| e.tenant == s)
+                && (q.tenant.is_empty() || e.tenant == q.tenant)
+                && (q.principal.is_empty() || e.principal == q.principal)
+                && (q.record_id.is_empty() || e.record_ids.iter().any(|r| *r == q.record_id))
+                && (q.action.is_empty()
+                    || e.action == q.action
+                    || e.action.ends_with(&format!("/{}", q.action)))
+                && (q.outcome.is_empty() || e.outcome == q.outcome)
+                && (q.since_unix_ms == 0 || e.time_unix_ms >= q.since_unix_ms)
+                && (q.until_unix_ms == 0 || e.time_unix_ms < q.until_unix_ms);
+            if keep {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One event as a JSON object (hashes in hex), for the mirror and exports.
+pub fn to_json(e: &AuditEvent) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq,
+        "time_unix_ms": e.time_unix_ms,
+        "tenant": e.tenant,
+        "principal": e.principal,
+        "role": e.role,
+        "action": e.action,
+        "record_ids": e.record_ids,
+        "fields": e.fields,
+        "purpose": e.purpose,
+        "outcome": e.outcome,
+        "peer": e.peer,
+        "prev_hash": hex::encode(&e.prev_hash),
+        "hash": hex::encode(&e.hash),
+    })
+}
+
+/// Shared handle.
+pub type AuditLog = Arc<Audit>;
