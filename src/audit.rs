@@ -183,7 +183,6 @@ impl Audit {
     pub fn verify(&self, checkpoint: Option<(u64, [u8; 32])>) -> Result<Verification> {
         let stored_head = self.head.lock().seq;
         let mut prev = GENESIS;
-        let mut expect_seq = 1u64;
         let mut checked = 0u64;
         let bad = |seq: u64, why: &str, prev: [u8; 32], checked| Verification {
             ok: false,
@@ -194,7 +193,7 @@ impl Audit {
             reason: Some(why.to_string()),
         };
         let mut seen_checkpoint = checkpoint.is_none();
-        for (k, v) in self.all()? {
+        for (expect_seq, (k, v)) in (1u64..).zip(self.all()?) {
             let key_seq = k.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
             let Ok(e) = AuditEvent::decode(&v[..]) else {
                 return Ok(bad(key_seq, "event does not decode", prev, checked));
@@ -218,7 +217,6 @@ impl Audit {
                 seen_checkpoint = true;
             }
             prev = h;
-            expect_seq += 1;
             checked += 1;
         }
         if checked != stored_head {
@@ -261,7 +259,7 @@ impl Audit {
             let keep = q.scope.as_deref().is_none_or(|s| e.tenant == s)
                 && (q.tenant.is_empty() || e.tenant == q.tenant)
                 && (q.principal.is_empty() || e.principal == q.principal)
-                && (q.record_id.is_empty() || e.record_ids.iter().any(|r| *r == q.record_id))
+                && (q.record_id.is_empty() || e.record_ids.contains(&q.record_id))
                 && (q.action.is_empty()
                     || e.action == q.action
                     || e.action.ends_with(&format!("/{}", q.action)))
