@@ -739,13 +739,34 @@ impl audit_server::Audit for AuditService {
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<Self::QueryAuditStream>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Audit/QueryAudit",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::QueryAuditRequest, _n: &mut Note| {
-                Err::<Self::QueryAuditStream, _>(Error::Unimplemented)
+            async |c: Option<Caller>, m: pb::QueryAuditRequest, n: &mut Note| {
+                let caller = must(c)?;
+                if !m.record_id.is_empty() {
+                    n.record_ids = vec![m.record_id.clone()];
+                }
+                // An auditor of `system` sees every tenant; others their own.
+                let scope = (!caller.tenant.is_system()).then(|| caller.tenant.to_string());
+                let q = crate::audit::Query {
+                    scope,
+                    tenant: m.tenant,
+                    principal: m.principal,
+                    record_id: m.record_id,
+                    action: m.action,
+                    outcome: m.outcome,
+                    since_unix_ms: m.since_unix_ms,
+                    until_unix_ms: m.until_unix_ms,
+                    limit: m.limit as usize,
+                    newest_first: m.newest_first,
+                };
+                let events = v.audit.query(&q)?;
+                Ok(Box::pin(tokio_stream::iter(events.into_iter().map(Ok)))
+                    as Self::QueryAuditStream)
             }
         )
     }
@@ -754,13 +775,30 @@ impl audit_server::Audit for AuditService {
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Audit/VerifyAudit",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::VerifyAuditRequest, _n: &mut Note| {
-                Err::<pb::VerifyAuditResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::VerifyAuditRequest, _n: &mut Note| {
+                let checkpoint = if m.checkpoint_seq == 0 {
+                    None
+                } else {
+                    let hash: [u8; 32] = m.checkpoint_hash.as_slice().try_into().map_err(|_| {
+                        Error::InvalidArgument("checkpoint_hash must be 32 bytes".into())
+                    })?;
+                    Some((m.checkpoint_seq, hash))
+                };
+                let r = v.audit.verify(checkpoint)?;
+                Ok(pb::VerifyAuditResponse {
+                    ok: r.ok,
+                    checked: r.checked,
+                    first_bad_seq: r.first_bad_seq,
+                    head_hash: r.head_hash.to_vec(),
+                    head_seq: r.head_seq,
+                    reason: r.reason.unwrap_or_default(),
+                })
             }
         )
     }

@@ -170,6 +170,61 @@ impl Backend for SledBackend {
     }
 }
 
+/// A backend that fails writes to chosen spaces on demand: the fault
+/// injection of the fail-closed tests, usable against any backend.
+pub struct FaultyBackend {
+    inner: Arc<dyn Backend>,
+    failing: parking_lot::Mutex<Vec<Space>>,
+}
+
+impl FaultyBackend {
+    pub fn new(inner: Arc<dyn Backend>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            failing: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// From now on, batches touching `space` fail.
+    pub fn fail(&self, space: Space) {
+        self.failing.lock().push(space);
+    }
+
+    pub fn heal(&self) {
+        self.failing.lock().clear();
+    }
+}
+
+impl Backend for FaultyBackend {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(space, key)
+    }
+    fn scan_prefix(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.inner.scan_prefix(space, prefix, limit)
+    }
+    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+        let failing = self.failing.lock().clone();
+        let touches = batch.0.iter().any(|op| match op {
+            Op::Put(s, _, _) | Op::Delete(s, _) => failing.contains(s),
+        });
+        if touches {
+            return Err(StorageError::Io("injected fault".into()));
+        }
+        self.inner.apply(batch)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush()
+    }
+    fn size_on_disk(&self) -> Result<u64, StorageError> {
+        self.inner.size_on_disk()
+    }
+}
+
 /// The handle the rest of the vault uses: a backend plus group commit.
 #[derive(Clone)]
 pub struct Storage {

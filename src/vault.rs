@@ -13,7 +13,7 @@ use crate::{
     keys::{self, KeyError, Keyring},
     model::{Password, Role, TenantName, Username},
     records::Records,
-    storage::{SledOptions, Storage, StorageError},
+    storage::{Backend, SledBackend, SledOptions, Storage, StorageError},
     tenants::Tenants,
 };
 
@@ -68,6 +68,16 @@ impl Vault {
         config: &Config,
         bootstrap_password: Option<String>,
     ) -> Result<(Arc<Self>, OpenReport), StartError> {
+        Self::open_with(config, bootstrap_password, |b| b).await
+    }
+
+    /// Like [`Vault::open`], with the storage backend passed through `wrap`
+    /// first (fault injection in tests).
+    pub async fn open_with(
+        config: &Config,
+        bootstrap_password: Option<String>,
+        wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
+    ) -> Result<(Arc<Self>, OpenReport), StartError> {
         let mut report = OpenReport::default();
         let key_path = &config.master_key_file;
         if config.dev && !key_path.exists() {
@@ -79,12 +89,13 @@ impl Vault {
         }
         let master = keys::load_key_file(key_path)?;
         make_private_dir(&config.data_dir)?;
-        let store = Storage::open_sled(
+        let sled = SledBackend::open(
             &config.data_dir,
             &SledOptions {
                 cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
             },
         )?;
+        let store = Storage::new(wrap(Arc::new(sled)));
         let keys = Arc::new(Keyring::open(store.clone(), &master)?);
         drop(master);
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())

@@ -41,6 +41,9 @@ pub struct TestServer {
     pub config: Config,
     pub addr: String,
     pub vault: Option<Arc<Vault>>,
+    /// With `start_faulty`, the switch that makes storage writes fail.
+    pub faults: Option<Arc<coffre::storage::FaultyBackend>>,
+    want_faults: bool,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -52,12 +55,24 @@ impl TestServer {
         Self::start_with(root, config).await
     }
 
+    /// A server whose storage writes can be made to fail (`faults`).
+    pub async fn start_faulty() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(root.path());
+        let mut s = Self::start_with(root, config).await;
+        s.want_faults = true;
+        s.restart().await;
+        s
+    }
+
     pub async fn start_with(root: tempfile::TempDir, config: Config) -> Self {
         let mut s = Self {
             root,
             config,
             addr: String::new(),
             vault: None,
+            faults: None,
+            want_faults: false,
             stop: None,
             task: None,
         };
@@ -69,7 +84,20 @@ impl TestServer {
         // sled releases its lock only once the previous instance is dropped.
         let deadline = Instant::now() + Duration::from_secs(10);
         let vault = loop {
-            match Vault::open(&self.config, Some(ADMIN_PASSWORD.into())).await {
+            let want = self.want_faults;
+            let mut faulty = None;
+            let opened = Vault::open_with(&self.config, Some(ADMIN_PASSWORD.into()), |b| {
+                if want {
+                    let f = coffre::storage::FaultyBackend::new(b);
+                    faulty = Some(f.clone());
+                    f
+                } else {
+                    b
+                }
+            })
+            .await;
+            self.faults = faulty;
+            match opened {
                 Ok((v, _)) => break v,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

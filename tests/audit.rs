@@ -1,0 +1,683 @@
+//! The audit trail through the real server: exactly one event per RPC,
+//! tamper classes found by verification, fail-closed storage, and events
+//! that survive `kill -9`.
+
+mod common;
+
+use std::time::Duration;
+
+use coffre::{
+    pb::{self, audit_client::AuditClient, auth_client::AuthClient},
+    storage::{Batch, SledOptions, Space, Storage},
+};
+use common::*;
+use prost::Message;
+use tonic::Code;
+
+const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
+
+async fn system_auditor(s: &TestServer) -> String {
+    let admin = s.admin_token().await;
+    s.admin()
+        .await
+        .create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: "system".into(),
+                username: "auditor".into(),
+                password: AUDITOR_PASSWORD.into(),
+                role: pb::Role::Auditor as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    s.login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap()
+}
+
+async fn events(s: &TestServer, auditor: &str, q: pb::QueryAuditRequest) -> Vec<pb::AuditEvent> {
+    let mut st = AuditClient::new(s.channel().await)
+        .query_audit(authed(auditor, q))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = st.message().await.unwrap() {
+        out.push(e);
+    }
+    out
+}
+
+/// Events after `after`, leaving out the auditor's own queries.
+async fn new_events(s: &TestServer, auditor: &str, after: u64) -> Vec<pb::AuditEvent> {
+    events(s, auditor, pb::QueryAuditRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.seq > after && e.principal != "system/auditor")
+        .collect()
+}
+
+async fn head(s: &TestServer, auditor: &str) -> u64 {
+    events(
+        s,
+        auditor,
+        pb::QueryAuditRequest {
+            limit: 1,
+            newest_first: true,
+            ..Default::default()
+        },
+    )
+    .await[0]
+        .seq
+}
+
+#[tokio::test]
+async fn every_rpc_allowed_or_refused_makes_exactly_one_event() {
+    let s = TestServer::start().await;
+    let clin = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let aud = system_auditor(&s).await;
+    let admin = s.admin_token().await;
+    let mut r = s.records().await;
+    r.put_record(authed(&clin, put("p1", &[("nir", "1")])))
+        .await
+        .unwrap();
+
+    type Call<'a> = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Vec<&'static str>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Code> + 'a>>,
+    );
+    let code = |r: Result<(), tonic::Status>| match r {
+        Ok(()) => Code::Ok,
+        Err(e) => e.code(),
+    };
+    let ch = s.channel().await;
+    let cases: Vec<Call> = vec![
+        (
+            "Records/GetRecord",
+            "clinic/dr_a",
+            "ok",
+            vec!["p1"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move { code(r.get_record(authed(&t, get("p1"))).await.map(|_| ())) }
+            }),
+        ),
+        (
+            "Records/GetRecord",
+            "clinic/dr_a",
+            "not_found",
+            vec!["nope"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move { code(r.get_record(authed(&t, get("nope"))).await.map(|_| ())) }
+            }),
+        ),
+        (
+            "Records/GetRecord",
+            "system/admin",
+            "permission_denied",
+            vec![],
+            Box::pin({
+                let mut r = r.clone();
+                let t = admin.clone();
+                async move { code(r.get_record(authed(&t, get("p1"))).await.map(|_| ())) }
+            }),
+        ),
+        (
+            "Records/GetRecord",
+            "",
+            "unauthenticated",
+            vec![],
+            Box::pin({
+                let mut r = r.clone();
+                async move {
+                    code(
+                        r.get_record(tonic::Request::new(get("p1")))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/PutRecord",
+            "clinic/dr_a",
+            "ok",
+            vec!["p2"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.put_record(authed(&t, put("p2", &[("nir", "2")])))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/PutRecord",
+            "clinic/dr_a",
+            "invalid_argument",
+            vec!["p3"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.put_record(authed(&t, put("p3", &[("Bad", "2")])))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/FindRecords",
+            "clinic/dr_a",
+            "ok",
+            vec!["p1"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.find_records(authed(
+                            &t,
+                            pb::FindRecordsRequest {
+                                field: "nir".into(),
+                                value: "1".into(),
+                                purpose: "care".into(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/BulkRead",
+            "clinic/dr_a",
+            "ok",
+            vec!["p1", "p2"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.bulk_read(authed(
+                            &t,
+                            pb::BulkReadRequest {
+                                ids: vec!["p1".into(), "p2".into()],
+                                fields: vec![],
+                                purpose: "transfer".into(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/SetSecret",
+            "clinic/dr_a",
+            "ok",
+            vec!["p1"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.set_secret(authed(
+                            &t,
+                            pb::SetSecretRequest {
+                                record_id: "p1".into(),
+                                name: "portal".into(),
+                                secret: "s3cret-portal".into(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/VerifySecret",
+            "clinic/dr_a",
+            "ok",
+            vec!["p1"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.verify_secret(authed(
+                            &t,
+                            pb::VerifySecretRequest {
+                                record_id: "p1".into(),
+                                name: "portal".into(),
+                                candidate: "guess".into(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Records/DeleteRecord",
+            "clinic/dr_a",
+            "ok",
+            vec!["p2"],
+            Box::pin({
+                let mut r = r.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        r.delete_record(authed(
+                            &t,
+                            pb::DeleteRecordRequest {
+                                id: "p2".into(),
+                                purpose: String::new(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Auth/Login",
+            "clinic/dr_a",
+            "ok",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                async move {
+                    code(
+                        AuthClient::new(ch)
+                            .login(pb::LoginRequest {
+                                tenant: "clinic".into(),
+                                username: "dr_a".into(),
+                                password: CLINICIAN_PASSWORD.into(),
+                            })
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Auth/Login",
+            "clinic/ghost",
+            "unauthenticated",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                async move {
+                    code(
+                        AuthClient::new(ch)
+                            .login(pb::LoginRequest {
+                                tenant: "clinic".into(),
+                                username: "ghost".into(),
+                                password: "wrong password".into(),
+                            })
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Admin/CreateTenant",
+            "system/admin",
+            "ok",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                let t = admin.clone();
+                async move {
+                    code(
+                        pb::admin_client::AdminClient::new(ch)
+                            .create_tenant(authed(
+                                &t,
+                                pb::CreateTenantRequest {
+                                    name: "clinic2".into(),
+                                    indexed_fields: vec![],
+                                },
+                            ))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Admin/CreateTenant",
+            "clinic/dr_a",
+            "permission_denied",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        pb::admin_client::AdminClient::new(ch)
+                            .create_tenant(authed(
+                                &t,
+                                pb::CreateTenantRequest {
+                                    name: "clinic3".into(),
+                                    indexed_fields: vec![],
+                                },
+                            ))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Admin/SetPrincipalLocked",
+            "system/admin",
+            "ok",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                let t = admin.clone();
+                async move {
+                    code(
+                        pb::admin_client::AdminClient::new(ch)
+                            .set_principal_locked(authed(
+                                &t,
+                                pb::SetPrincipalLockedRequest {
+                                    tenant: "clinic".into(),
+                                    username: "dr_a".into(),
+                                    locked: false,
+                                },
+                            ))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Admin/RotateTenantKey",
+            "system/admin",
+            "unimplemented",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                let t = admin.clone();
+                async move {
+                    code(
+                        pb::admin_client::AdminClient::new(ch)
+                            .rotate_tenant_key(authed(
+                                &t,
+                                pb::RotateTenantKeyRequest {
+                                    tenant: "clinic".into(),
+                                },
+                            ))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+        (
+            "Audit/VerifyAudit",
+            "clinic/dr_a",
+            "permission_denied",
+            vec![],
+            Box::pin({
+                let ch = ch.clone();
+                let t = clin.clone();
+                async move {
+                    code(
+                        AuditClient::new(ch)
+                            .verify_audit(authed(&t, pb::VerifyAuditRequest::default()))
+                            .await
+                            .map(|_| ()),
+                    )
+                }
+            }),
+        ),
+    ];
+    let n = cases.len();
+    for (action, principal, outcome, ids, call) in cases {
+        let before = head(&s, &aud).await;
+        call.await;
+        let got = new_events(&s, &aud, before).await;
+        assert_eq!(got.len(), 1, "{action} {outcome}: {got:?}");
+        let e = &got[0];
+        assert_eq!(e.action, format!("coffre.v1.{action}"));
+        assert_eq!(e.principal, principal, "{action} {outcome}");
+        assert_eq!(e.outcome, outcome, "{action}");
+        assert_eq!(e.record_ids, ids, "{action} {outcome}");
+        assert!(e.peer.starts_with("127.0.0.1:"), "{e:?}");
+        assert_eq!(e.hash.len(), 32);
+    }
+    println!("audit: {n} RPC cases, one event each");
+    // Auditors see the purpose as given, and a patient's accesses by id.
+    let p1 = events(
+        &s,
+        &aud,
+        pb::QueryAuditRequest {
+            record_id: "p1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        p1.iter()
+            .any(|e| e.purpose == "transfer" && e.action.ends_with("BulkRead"))
+    );
+    let v = AuditClient::new(s.channel().await)
+        .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    assert!(v.checked as usize > n);
+}
+
+#[tokio::test]
+async fn a_tenant_auditor_sees_only_its_tenant() {
+    let s = TestServer::start().await;
+    let a = s.tenant_with("clinic_a", "dr_a", pb::Role::Clinician).await;
+    let b = s.tenant_with("clinic_b", "dr_b", pb::Role::Clinician).await;
+    let aud_a = s.tenant_with("clinic_a", "aud_a", pb::Role::Auditor).await;
+    let mut r = s.records().await;
+    r.put_record(authed(&a, put("x", &[("nir", "1")])))
+        .await
+        .unwrap();
+    r.put_record(authed(&b, put("y", &[("nir", "2")])))
+        .await
+        .unwrap();
+    let seen = events(&s, &aud_a, pb::QueryAuditRequest::default()).await;
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|e| e.tenant == "clinic_a"), "{seen:?}");
+    assert!(seen.iter().any(|e| e.record_ids == vec!["x"]));
+    let asked_b = events(
+        &s,
+        &aud_a,
+        pb::QueryAuditRequest {
+            tenant: "clinic_b".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(asked_b.is_empty());
+}
+
+async fn verify(
+    s: &TestServer,
+    aud: &str,
+    checkpoint: Option<(u64, Vec<u8>)>,
+) -> pb::VerifyAuditResponse {
+    let (checkpoint_seq, checkpoint_hash) = checkpoint.unwrap_or_default();
+    AuditClient::new(s.channel().await)
+        .verify_audit(authed(
+            aud,
+            pb::VerifyAuditRequest {
+                checkpoint_seq,
+                checkpoint_hash,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn open_store(dir: &std::path::Path) -> Storage {
+    for _ in 0..200 {
+        if let Ok(s) = Storage::open_sled(
+            dir,
+            &SledOptions {
+                cache_capacity_bytes: 1 << 20,
+            },
+        ) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("store did not open");
+}
+
+#[tokio::test]
+async fn five_tamper_classes_are_detected_and_located() {
+    let mut detected = Vec::new();
+    for class in ["edit", "insert", "delete", "reorder", "truncate"] {
+        let mut s = TestServer::start().await;
+        let clin = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+        let aud = system_auditor(&s).await;
+        let mut r = s.records().await;
+        for i in 0..10 {
+            r.put_record(authed(&clin, put(&format!("p{i}"), &[("nir", "1")])))
+                .await
+                .unwrap();
+        }
+        let v = verify(&s, &aud, None).await;
+        assert!(v.ok);
+        let checkpoint = (v.head_seq, v.head_hash.clone());
+        s.stop().await;
+        let target = 5u64;
+        {
+            let store = open_store(&s.data_dir()).await;
+            let key = |seq: u64| seq.to_be_bytes().to_vec();
+            let load = |seq: u64| {
+                pb::AuditEvent::decode(&store.get(Space::Audit, &key(seq)).unwrap().unwrap()[..])
+                    .unwrap()
+            };
+            let mut b = Batch::new();
+            match class {
+                "edit" => {
+                    let mut e = load(target);
+                    e.outcome = "ok".into();
+                    e.principal = "someone/else".into();
+                    b.put(Space::Audit, key(target), e.encode_to_vec());
+                }
+                "insert" => {
+                    // A forged event slipped in at `target`, the rest shifted.
+                    let head = checkpoint.0;
+                    for seq in (target..=head).rev() {
+                        let mut e = load(seq);
+                        e.seq = seq + 1;
+                        b.put(Space::Audit, key(seq + 1), e.encode_to_vec());
+                    }
+                    let mut forged = load(target);
+                    forged.principal = "clinic/intruder".into();
+                    b.put(Space::Audit, key(target), forged.encode_to_vec());
+                }
+                "delete" => b.delete(Space::Audit, key(target)),
+                "reorder" => {
+                    let (x, y) = (load(target), load(target + 1));
+                    b.put(Space::Audit, key(target), y.encode_to_vec());
+                    b.put(Space::Audit, key(target + 1), x.encode_to_vec());
+                }
+                "truncate" => {
+                    // The tail and the head marker both rewound: only the
+                    // auditor's checkpoint can tell.
+                    for (k, _) in store.scan_prefix(Space::Audit, b"", usize::MAX).unwrap() {
+                        if k.as_slice() >= key(target).as_slice() {
+                            b.delete(Space::Audit, k);
+                        }
+                    }
+                    let prev = load(target - 1);
+                    let mut h = (target - 1).to_be_bytes().to_vec();
+                    h.extend_from_slice(&prev.hash);
+                    b.put(Space::Meta, b"audit_head".to_vec(), h);
+                }
+                _ => unreachable!(),
+            }
+            store.apply(b).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        s.restart().await;
+        let aud = s
+            .login("system", "auditor", AUDITOR_PASSWORD)
+            .await
+            .unwrap();
+        let v = verify(&s, &aud, Some(checkpoint.clone())).await;
+        assert!(!v.ok, "{class} not detected");
+        let expect = if class == "truncate" {
+            checkpoint.0
+        } else {
+            target
+        };
+        assert_eq!(v.first_bad_seq, expect, "{class}: {}", v.reason);
+        detected.push(format!("{class}@{} ({})", v.first_bad_seq, v.reason));
+    }
+    println!(
+        "audit tamper: {}/5 detected: {}",
+        detected.len(),
+        detected.join("; ")
+    );
+}
+
+#[tokio::test]
+async fn a_read_fails_closed_when_its_event_cannot_be_stored() {
+    let s = TestServer::start_faulty().await;
+    let clin = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    r.put_record(authed(&clin, put("p1", &[("nir", "185077512345678")])))
+        .await
+        .unwrap();
+    s.faults.as_ref().unwrap().fail(Space::Audit);
+    let e = r.get_record(authed(&clin, get("p1"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(!e.message().contains("185077512345678"));
+    let e = r
+        .bulk_read(authed(
+            &clin,
+            pb::BulkReadRequest {
+                ids: vec!["p1".into()],
+                fields: vec![],
+                purpose: "x".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "no stream is returned");
+    s.faults.as_ref().unwrap().heal();
+    let rec = r
+        .get_record(authed(&clin, get("p1")))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(rec.fields["nir"], "185077512345678");
+}
