@@ -681,3 +681,217 @@ async fn a_read_fails_closed_when_its_event_cannot_be_stored() {
         .unwrap();
     assert_eq!(rec.fields["nir"], "185077512345678");
 }
+
+async fn chan(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String {
+    AuthClient::new(chan(addr).await)
+        .login(pb::LoginRequest {
+            tenant: tenant.into(),
+            username: user.into(),
+            password: pw.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// Sets up the real binary with a mirror and info logs; returns the server,
+/// the clinician token and the system auditor token.
+async fn binary_with_mirror(root: &std::path::Path) -> (Proc, String, String) {
+    let cfg = write_config(
+        root,
+        &format!("[audit]\nmirror_file = {:?}\n", root.join("mirror.jsonl")),
+    );
+    let p = spawn_server(
+        &cfg,
+        &[
+            ("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD),
+            ("COFFRE_LOG", "debug"),
+        ],
+    )
+    .unwrap();
+    let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
+    let mut a = pb::admin_client::AdminClient::new(chan(&p.addr).await);
+    a.create_tenant(authed(
+        &admin,
+        pb::CreateTenantRequest {
+            name: "clinic".into(),
+            indexed_fields: vec!["nir".into()],
+        },
+    ))
+    .await
+    .unwrap();
+    for (tenant, user, pw, role) in [
+        ("clinic", "dr_a", CLINICIAN_PASSWORD, pb::Role::Clinician),
+        ("system", "auditor", AUDITOR_PASSWORD, pb::Role::Auditor),
+    ] {
+        a.create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: tenant.into(),
+                username: user.into(),
+                password: pw.into(),
+                role: role as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    let clin = bin_login(&p.addr, "clinic", "dr_a", CLINICIAN_PASSWORD).await;
+    let aud = bin_login(&p.addr, "system", "auditor", AUDITOR_PASSWORD).await;
+    (p, clin, aud)
+}
+
+#[tokio::test]
+async fn acknowledged_reads_keep_their_events_through_kill_9() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut p, clin, _) = binary_with_mirror(root.path()).await;
+    let mut r = pb::records_client::RecordsClient::new(chan(&p.addr).await);
+    r.put_record(authed(&clin, put("p1", &[("nir", "1")])))
+        .await
+        .unwrap();
+    for i in 0..100 {
+        r.get_record(authed(
+            &clin,
+            pb::GetRecordRequest {
+                id: "p1".into(),
+                fields: vec![],
+                purpose: format!("read {i}"),
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let cfg = root.path().join("coffre.toml");
+    let mut p = spawn_server(&cfg, &[]).unwrap();
+    let aud = bin_login(&p.addr, "system", "auditor", AUDITOR_PASSWORD).await;
+    let mut st = AuditClient::new(chan(&p.addr).await)
+        .query_audit(authed(
+            &aud,
+            pb::QueryAuditRequest {
+                action: "GetRecord".into(),
+                record_id: "p1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut purposes = Vec::new();
+    while let Some(e) = st.message().await.unwrap() {
+        purposes.push(e.purpose);
+    }
+    let want: Vec<String> = (0..100).map(|i| format!("read {i}")).collect();
+    assert_eq!(purposes, want, "all 100 acknowledged reads, in order");
+    let v = AuditClient::new(chan(&p.addr).await)
+        .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    println!(
+        "audit after kill -9: 100/100 read events, chain of {} verifies",
+        v.checked
+    );
+    let _ = p.child.kill();
+}
+
+#[tokio::test]
+async fn no_value_password_or_token_reaches_events_mirror_or_logs() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut p, clin, aud) = binary_with_mirror(root.path()).await;
+    let mut canaries = vec![
+        CLINICIAN_PASSWORD.to_string(),
+        ADMIN_PASSWORD.to_string(),
+        AUDITOR_PASSWORD.to_string(),
+        clin.clone(),
+        aud.clone(),
+    ];
+    let mut r = pb::records_client::RecordsClient::new(chan(&p.addr).await);
+    for i in 0..20 {
+        let nir = format!("CANARYNIR{i:04}");
+        let name = format!("CanaryName{i:04}");
+        r.put_record(authed(
+            &clin,
+            put(&format!("p{i}"), &[("nir", &nir), ("family_name", &name)]),
+        ))
+        .await
+        .unwrap();
+        r.find_records(authed(
+            &clin,
+            pb::FindRecordsRequest {
+                field: "nir".into(),
+                value: nir.clone(),
+                purpose: "lookup".into(),
+            },
+        ))
+        .await
+        .unwrap();
+        let secret = format!("CanarySecret{i:04}");
+        r.set_secret(authed(
+            &clin,
+            pb::SetSecretRequest {
+                record_id: format!("p{i}"),
+                name: "portal".into(),
+                secret: secret.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+        canaries.extend([nir, name, secret]);
+    }
+    // A wrong password and a password typed as a username.
+    let _ = AuthClient::new(chan(&p.addr).await)
+        .login(pb::LoginRequest {
+            tenant: "clinic".into(),
+            username: "canarypasswordasuser".into(),
+            password: "CanaryWrongPassword".into(),
+        })
+        .await;
+    canaries.push("CanaryWrongPassword".into());
+    let mut st = AuditClient::new(chan(&p.addr).await)
+        .query_audit(authed(&aud, pb::QueryAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = String::new();
+    while let Some(e) = st.message().await.unwrap() {
+        events.push_str(&format!("{e:?}\n"));
+    }
+    let _ = p.child.kill();
+    p.child.wait().unwrap();
+    let mirror = std::fs::read_to_string(root.path().join("mirror.jsonl")).unwrap();
+    let logs = std::fs::read_to_string(&p.stderr_path).unwrap();
+    assert!(mirror.lines().count() > 60, "mirror has the events");
+    assert!(
+        logs.contains("coffre.v1.Records/PutRecord"),
+        "logs were captured"
+    );
+    let mut hits = Vec::new();
+    for c in &canaries {
+        for (name, text) in [("events", &events), ("mirror", &mirror), ("logs", &logs)] {
+            if text.contains(c.as_str()) {
+                hits.push(format!("{name}: {c}"));
+            }
+        }
+    }
+    println!(
+        "canary scan: {} canaries over {} events, {} mirror lines, {} log lines: {} hits",
+        canaries.len(),
+        events.lines().count(),
+        mirror.lines().count(),
+        logs.lines().count(),
+        hits.len()
+    );
+    assert!(hits.is_empty(), "{hits:?}");
+}
