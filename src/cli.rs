@@ -91,6 +91,8 @@ enum Command {
     Principal(PrincipalCmd),
     #[command(subcommand)]
     Record(RecordCmd),
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Load generator: N concurrent clients against a running server.
     Bench(BenchArgs),
 }
@@ -155,6 +157,58 @@ enum RecordCmd {
         id: String,
         #[arg(long, default_value = "")]
         purpose: String,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct AuditFilter {
+    #[arg(long)]
+    tenant: Option<String>,
+    /// `tenant/username`.
+    #[arg(long)]
+    principal: Option<String>,
+    #[arg(long)]
+    record_id: Option<String>,
+    /// Full RPC name or its last part (`GetRecord`).
+    #[arg(long)]
+    action: Option<String>,
+    /// `ok` or a status name in lower case (`permission_denied`).
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Unix milliseconds, or an age such as `7d`, `24h`, `30m`.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    #[arg(long)]
+    newest_first: bool,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Events matching the filters, as a table or JSON lines.
+    Query(AuditFilter),
+    /// Recompute the chain; non-zero exit if it fails.
+    Verify {
+        /// `SEQ:HASH` from `coffre audit checkpoint`, kept elsewhere.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Cross-check a mirror file (JSON lines) against the store.
+        #[arg(long)]
+        mirror: Option<PathBuf>,
+    },
+    /// Print the current `SEQ:HASH` for the auditor to keep elsewhere.
+    Checkpoint,
+    /// Every access to one record: the list a patient may ask for.
+    Patient { record_id: String },
+    /// Export events as JSON lines or CSV.
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[command(flatten)]
+        filter: AuditFilter,
     },
 }
 
@@ -291,6 +345,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Principal(cmd) => principal(&g, cmd).await,
         Command::Record(cmd) => record(&g, cmd).await,
         Command::Bench(args) => bench(&g, args).await,
+        Command::Audit(cmd) => audit(&g, cmd).await,
     }
 }
 
@@ -677,6 +732,280 @@ async fn record(g: &Global, cmd: RecordCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+fn parse_when(s: &Option<String>) -> Result<i64, CliError> {
+    let Some(s) = s else { return Ok(0) };
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = n.parse().map_err(|_| {
+        err(format!(
+            "{s:?}: use unix milliseconds or an age like 7d, 24h, 30m"
+        ))
+    })?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        _ => return Err(err(format!("{s:?}: unit must be d, h or m"))),
+    };
+    Ok(crate::accounts::now_ms() - secs * 1000)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` from unix milliseconds (UTC).
+fn fmt_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+async fn fetch_events(g: &Global, f: &AuditFilter) -> Result<Vec<pb::AuditEvent>, CliError> {
+    let mut c = pb::audit_client::AuditClient::new(connect(g).await?);
+    let req = pb::QueryAuditRequest {
+        tenant: f.tenant.clone().unwrap_or_default(),
+        principal: f.principal.clone().unwrap_or_default(),
+        record_id: f.record_id.clone().unwrap_or_default(),
+        action: f.action.clone().unwrap_or_default(),
+        outcome: f.outcome.clone().unwrap_or_default(),
+        since_unix_ms: parse_when(&f.since)?,
+        until_unix_ms: parse_when(&f.until)?,
+        limit: f.limit,
+        newest_first: f.newest_first,
+    };
+    let mut st = c
+        .query_audit(authed(g, req)?)
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = st.message().await.map_err(status_err)? {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn print_events(g: &Global, events: &[pb::AuditEvent]) {
+    if g.json {
+        for e in events {
+            println!("{}", crate::audit::to_json(e));
+        }
+        return;
+    }
+    println!(
+        "{:>6}  {:<24}  {:<24}  {:<30}  {:<18}  {:<20}  purpose",
+        "seq", "time (UTC)", "principal", "action", "outcome", "records"
+    );
+    for e in events {
+        let action = e.action.trim_start_matches("coffre.v1.");
+        let mut ids = e.record_ids.join(",");
+        if ids.len() > 20 {
+            ids = format!("{}… ({})", &ids[..16], e.record_ids.len());
+        }
+        println!(
+            "{:>6}  {:<24}  {:<24}  {:<30}  {:<18}  {:<20}  {}",
+            e.seq,
+            fmt_time(e.time_unix_ms),
+            e.principal,
+            action,
+            e.outcome,
+            ids,
+            e.purpose.escape_debug()
+        );
+    }
+}
+
+fn csv_cell(s: &str) -> String {
+    // Quote always; neutralise spreadsheet formulas.
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
+    match cmd {
+        AuditCmd::Query(f) => print_events(g, &fetch_events(g, &f).await?),
+        AuditCmd::Patient { record_id } => {
+            let f = AuditFilter {
+                record_id: Some(record_id),
+                ..Default::default()
+            };
+            print_events(g, &fetch_events(g, &f).await?);
+        }
+        AuditCmd::Export { format, filter } => {
+            let events = fetch_events(g, &filter).await?;
+            match format.as_str() {
+                "jsonl" => {
+                    for e in &events {
+                        println!("{}", crate::audit::to_json(e));
+                    }
+                }
+                "csv" => {
+                    println!(
+                        "seq,time_unix_ms,time,tenant,principal,role,action,record_ids,fields,purpose,outcome,peer,hash"
+                    );
+                    for e in &events {
+                        let cells = [
+                            e.seq.to_string(),
+                            e.time_unix_ms.to_string(),
+                            fmt_time(e.time_unix_ms),
+                            e.tenant.clone(),
+                            e.principal.clone(),
+                            e.role.clone(),
+                            e.action.clone(),
+                            e.record_ids.join(" "),
+                            e.fields.join(" "),
+                            e.purpose.clone(),
+                            e.outcome.clone(),
+                            e.peer.clone(),
+                            hex::encode(&e.hash),
+                        ];
+                        let row: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
+                        println!("{}", row.join(","));
+                    }
+                }
+                other => return Err(err(format!("--format {other}: use jsonl or csv"))),
+            }
+        }
+        AuditCmd::Checkpoint => {
+            let v = verify_call(g, None).await?;
+            if !v.ok {
+                return Err(err(format!(
+                    "the chain fails at seq {} ({}): no checkpoint taken",
+                    v.first_bad_seq, v.reason
+                )));
+            }
+            let cp = format!("{}:{}", v.head_seq, hex::encode(&v.head_hash));
+            say(
+                g,
+                &cp,
+                json!({"seq": v.head_seq, "hash": hex::encode(&v.head_hash), "checkpoint": cp}),
+            );
+        }
+        AuditCmd::Verify { checkpoint, mirror } => {
+            let cp = checkpoint
+                .map(|c| {
+                    let (seq, hash) = c
+                        .split_once(':')
+                        .ok_or_else(|| err("--checkpoint is SEQ:HASH"))?;
+                    let seq: u64 = seq
+                        .parse()
+                        .map_err(|_| err("--checkpoint SEQ is a number"))?;
+                    let hash = hex::decode(hash).map_err(|_| err("--checkpoint HASH is hex"))?;
+                    Ok::<_, CliError>((seq, hash))
+                })
+                .transpose()?;
+            let v = verify_call(g, cp).await?;
+            let mirror_report = match &mirror {
+                Some(path) => Some(check_mirror(g, path).await?),
+                None => None,
+            };
+            let mirror_ok = mirror_report.as_ref().is_none_or(|r| r.is_none());
+            if g.json {
+                println!(
+                    "{}",
+                    json!({"ok": v.ok && mirror_ok, "checked": v.checked, "first_bad_seq": v.first_bad_seq,
+                           "reason": v.reason, "head_seq": v.head_seq, "head_hash": hex::encode(&v.head_hash),
+                           "mirror": mirror_report.as_ref().map(|r| r.clone().unwrap_or_else(|| "ok".into()))})
+                );
+            } else if v.ok {
+                println!(
+                    "audit chain ok: {} events, head {}:{}",
+                    v.checked,
+                    v.head_seq,
+                    hex::encode(&v.head_hash)
+                );
+            }
+            if !v.ok {
+                return Err(err(format!(
+                    "audit chain FAILS at seq {}: {} ({} events checked before it)",
+                    v.first_bad_seq, v.reason, v.checked
+                )));
+            }
+            if let Some(Some(problem)) = mirror_report {
+                return Err(err(format!("mirror differs from the store: {problem}")));
+            }
+            if mirror.is_some() && !g.json {
+                println!("mirror matches the store");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn verify_call(
+    g: &Global,
+    checkpoint: Option<(u64, Vec<u8>)>,
+) -> Result<pb::VerifyAuditResponse, CliError> {
+    let (checkpoint_seq, checkpoint_hash) = checkpoint.unwrap_or_default();
+    let mut c = pb::audit_client::AuditClient::new(connect(g).await?);
+    Ok(c.verify_audit(authed(
+        g,
+        pb::VerifyAuditRequest {
+            checkpoint_seq,
+            checkpoint_hash,
+        },
+    )?)
+    .await
+    .map_err(status_err)?
+    .into_inner())
+}
+
+/// `None` when every stored event is in the mirror with the same hash (and
+/// the mirror has nothing the store lacks); otherwise the first difference.
+async fn check_mirror(g: &Global, path: &Path) -> Result<Option<String>, CliError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let mut mirror = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|_| err(format!("{}: line {} is not JSON", path.display(), n + 1)))?;
+        let seq = v["seq"]
+            .as_u64()
+            .ok_or_else(|| err(format!("line {}: no seq", n + 1)))?;
+        mirror.insert(seq, v["hash"].as_str().unwrap_or_default().to_string());
+    }
+    let stored = fetch_events(g, &AuditFilter::default()).await?;
+    for e in &stored {
+        match mirror.remove(&e.seq) {
+            None => return Ok(Some(format!("seq {} is missing from the mirror", e.seq))),
+            Some(h) if h != hex::encode(&e.hash) => {
+                return Ok(Some(format!(
+                    "seq {} has another hash in the mirror",
+                    e.seq
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    // The mirror may run ahead by the events of this very check.
+    let last = stored.last().map_or(0, |e| e.seq);
+    if let Some((seq, _)) = mirror.iter().find(|(s, _)| **s <= last) {
+        return Ok(Some(format!(
+            "seq {seq} is in the mirror but not in the store"
+        )));
+    }
+    Ok(None)
 }
 
 async fn bench(g: &Global, args: BenchArgs) -> Result<(), CliError> {

@@ -190,3 +190,114 @@ async fn readme_walkthrough() {
     let e = fails(&coffre("not a url", &tok, &["logout"], ""));
     assert!(e.contains("not a URL"), "{e}");
 }
+
+#[tokio::test]
+async fn auditor_cli_query_patient_checkpoint_verify_export() {
+    let root = tempfile::tempdir().unwrap();
+    let mirror = root.path().join("mirror.jsonl");
+    let cfg = write_config(root.path(), &format!("[audit]\nmirror_file = {mirror:?}\n"));
+    let mut p = spawn_server(&cfg, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]).unwrap();
+    let tok = root.path().join("token");
+    let run = |args: &[&str], stdin: &str| coffre(&p.addr, &tok, args, stdin);
+    let aud_pw = "lattice ember 5150 harbor wren\n";
+    ok(&run(&["login"], &format!("{ADMIN_PASSWORD}\n")));
+    ok(&run(&["tenant", "create", "clinic"], ""));
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "clinic",
+            "--username",
+            "dr",
+            "--role",
+            "clinician",
+        ],
+        &format!("{CLINICIAN_PASSWORD}\n"),
+    ));
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "system",
+            "--username",
+            "aud",
+            "--role",
+            "auditor",
+        ],
+        aud_pw,
+    ));
+    ok(&run(
+        &["login", "--tenant", "clinic", "--username", "dr"],
+        &format!("{CLINICIAN_PASSWORD}\n"),
+    ));
+    ok(&run(
+        &["record", "put"],
+        r#"{"id": "p-9", "fields": {"nir": "1"}}"#,
+    ));
+    ok(&run(
+        &[
+            "record",
+            "get",
+            "p-9",
+            "--purpose",
+            "consultation, \"urgent\"",
+        ],
+        "",
+    ));
+    ok(&run(
+        &["login", "--tenant", "system", "--username", "aud"],
+        aud_pw,
+    ));
+
+    let table = ok(&run(&["audit", "patient", "p-9"], ""));
+    assert!(
+        table.contains("clinic/dr") && table.contains("Records/GetRecord"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 3, "header, put, get: {table}");
+    let lines = ok(&run(
+        &[
+            "--json",
+            "audit",
+            "query",
+            "--action",
+            "GetRecord",
+            "--outcome",
+            "ok",
+        ],
+        "",
+    ));
+    let v: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(v["purpose"], "consultation, \"urgent\"");
+    let cp = ok(&run(&["audit", "checkpoint"], "")).trim().to_string();
+    assert!(cp.contains(':'), "{cp}");
+    let m = mirror.to_str().unwrap();
+    let out = ok(&run(
+        &["audit", "verify", "--checkpoint", &cp, "--mirror", m],
+        "",
+    ));
+    assert!(
+        out.contains("audit chain ok") && out.contains("mirror matches"),
+        "{out}"
+    );
+    let csv = ok(&run(
+        &["audit", "export", "--format", "csv", "--since", "1h"],
+        "",
+    ));
+    assert!(csv.starts_with("seq,time_unix_ms"));
+    assert!(csv.contains("\"consultation, \"\"urgent\"\"\""), "{csv}");
+    // A forged mirror line is reported.
+    let mut text = std::fs::read_to_string(&mirror).unwrap();
+    text = text.replacen("\"hash\":\"", "\"hash\":\"00", 1);
+    std::fs::write(&mirror, text).unwrap();
+    let e = fails(&run(&["audit", "verify", "--mirror", m], ""));
+    assert!(e.contains("mirror differs"), "{e}");
+    let e = fails(&run(&["audit", "verify", "--checkpoint", "99999:00"], ""));
+    assert!(e.contains("32 bytes"), "{e}");
+    let far = format!("99999:{}", "0".repeat(64));
+    let e = fails(&run(&["audit", "verify", "--checkpoint", &far], ""));
+    assert!(e.contains("FAILS"), "{e}");
+    let _ = p.child.kill();
+}
