@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use crate::{
+    audit::{Audit, Severity},
     config::{Argon2Config, SessionConfig},
     crypto::{self, SecretKey},
     error::{Error, Result},
@@ -330,6 +331,8 @@ impl std::fmt::Debug for Login {
 
 pub struct Accounts {
     store: Storage,
+    /// Lockouts and unlocks raise alerts.
+    audit: Arc<Audit>,
     hasher: Arc<Hasher>,
     session: SessionConfig,
     sessions: RwLock<HashMap<[u8; 32], Arc<CachedSession>>>,
@@ -357,9 +360,15 @@ fn lock_secs(failures: u32) -> i64 {
 }
 
 impl Accounts {
-    pub fn new(store: Storage, hasher: Arc<Hasher>, session: SessionConfig) -> Self {
+    pub fn new(
+        store: Storage,
+        hasher: Arc<Hasher>,
+        session: SessionConfig,
+        audit: Arc<Audit>,
+    ) -> Self {
         Self {
             store,
+            audit,
             hasher,
             session,
             sessions: RwLock::new(HashMap::new()),
@@ -449,11 +458,15 @@ impl Accounts {
             .await?;
         if !ok {
             p.failed_logins = p.failed_logins.saturating_add(1);
-            if p.failed_logins >= LOCK_AFTER_FAILURES {
+            let locked = p.failed_logins >= LOCK_AFTER_FAILURES;
+            if locked {
                 p.locked_until_ms = now + lock_secs(p.failed_logins) * 1000;
-                tracing::warn!(principal = %format!("{t}/{u}"), failures = p.failed_logins, "account locked after failed logins");
             }
             self.save(&t, &u, &p).await?;
+            if locked {
+                self.lock_alert(t.as_str(), &format!("{t}/{u}"), p.failed_logins)
+                    .await?;
+            }
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
         if p.failed_logins != 0 {
@@ -484,14 +497,28 @@ impl Accounts {
             return Err(Error::PermissionDenied(LOCKED));
         }
         self.hasher.verify(None, password, b"coffre/dummy").await?;
-        let mut map = self.unknown_failures.lock();
-        if map.len() >= MAX_UNKNOWN_TRACKED {
-            map.clear();
-        }
-        let e = map.entry(key).or_insert((0, 0));
-        e.0 = e.0.saturating_add(1);
-        if e.0 >= LOCK_AFTER_FAILURES {
-            e.1 = now + lock_secs(e.0) * 1000;
+        let failures = {
+            let mut map = self.unknown_failures.lock();
+            if map.len() >= MAX_UNKNOWN_TRACKED {
+                map.clear();
+            }
+            let e = map.entry(key).or_insert((0, 0));
+            e.0 = e.0.saturating_add(1);
+            if e.0 >= LOCK_AFTER_FAILURES {
+                e.1 = now + lock_secs(e.0) * 1000;
+            }
+            e.0
+        };
+        if failures >= LOCK_AFTER_FAILURES {
+            // Named only when well-formed (never a password typed as a name).
+            let names = TenantName::parse(tenant)
+                .and_then(|t| Username::parse(username).map(|u| (t, u)))
+                .ok();
+            let (t, who) = match &names {
+                Some((t, u)) => (t.to_string(), format!("{t}/{u}")),
+                None => (String::new(), "(malformed)".to_string()),
+            };
+            self.lock_alert(&t, &who, failures).await?;
         }
         Err(Error::Unauthenticated(BAD_CREDENTIALS))
     }
@@ -655,6 +682,21 @@ impl Accounts {
         Ok(out)
     }
 
+    async fn lock_alert(&self, tenant: &str, principal: &str, failures: u32) -> Result<()> {
+        self.audit
+            .alert(
+                Severity::Critical,
+                "login_lockout",
+                tenant,
+                principal,
+                format!(
+                    "{failures} consecutive failed logins; locked for {} s",
+                    lock_secs(failures)
+                ),
+            )
+            .await
+    }
+
     /// Locks or unlocks a principal. Unlocking also clears failed logins.
     pub async fn set_locked(
         &self,
@@ -668,7 +710,20 @@ impl Accounts {
             p.failed_logins = 0;
             p.locked_until_ms = 0;
         }
-        self.save(tenant, username, &p).await
+        self.save(tenant, username, &p).await?;
+        if !locked {
+            // Unlocking undoes a defence: reviewers should see each one.
+            self.audit
+                .alert(
+                    Severity::Warning,
+                    "admin_unlock",
+                    tenant.as_str(),
+                    &format!("{tenant}/{username}"),
+                    "account unlocked by an administrator".into(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Drops expired sessions from memory and storage.

@@ -15,7 +15,7 @@ use crate::{
     accounts::now_ms,
     crypto::{self, Context, SecretKey},
     error::{Error, Result},
-    pb::AuditEvent,
+    pb::{Alert, AuditEvent},
     storage::{Batch, Space, Storage},
 };
 
@@ -72,6 +72,32 @@ pub struct Audit {
     key: SecretKey,
     head: Mutex<Head>,
     mirror: Option<Mutex<File>>,
+    alert_file: Option<Mutex<File>>,
+}
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+fn append_line(path: &Path) -> Result<Mutex<File>> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Mutex::new)
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -102,7 +128,12 @@ pub fn canonical(e: &AuditEvent) -> Vec<u8> {
 }
 
 impl Audit {
-    pub fn open(store: Storage, key: SecretKey, mirror: Option<&Path>) -> Result<Self> {
+    pub fn open(
+        store: Storage,
+        key: SecretKey,
+        mirror: Option<&Path>,
+        alert_file: Option<&Path>,
+    ) -> Result<Self> {
         let head = match store.get(Space::Meta, HEAD_KEY)? {
             Some(v) if v.len() == 40 => {
                 let mut hash = [0u8; 32];
@@ -118,21 +149,12 @@ impl Audit {
                 hash: GENESIS,
             },
         };
-        let mirror = match mirror {
-            Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| Error::Internal(format!("audit mirror {}: {e}", p.display())))?,
-            )),
-            None => None,
-        };
         Ok(Self {
             store,
             key,
             head: Mutex::new(head),
-            mirror,
+            mirror: mirror.map(append_line).transpose()?,
+            alert_file: alert_file.map(append_line).transpose()?,
         })
     }
 
@@ -165,6 +187,53 @@ impl Audit {
         }
         self.store.sync().await.map_err(Error::Unavailable)?;
         Ok(e)
+    }
+
+    /// Raises an alert: an audit event (action `alert/<kind>`, outcome the
+    /// severity, `purpose` the detail) and a JSON line in `alert_file`.
+    /// `detail` must name no value: counts and durations only.
+    pub async fn alert(
+        &self,
+        severity: Severity,
+        kind: &str,
+        tenant: &str,
+        principal: &str,
+        detail: String,
+    ) -> Result<()> {
+        let e = self
+            .record(AuditEvent {
+                tenant: tenant.into(),
+                principal: principal.into(),
+                action: format!("alert/{kind}"),
+                outcome: severity.as_str().into(),
+                purpose: detail,
+                ..Default::default()
+            })
+            .await?;
+        let a = event_to_alert(&e);
+        tracing::warn!(kind, severity = severity.as_str(), principal, "alert");
+        if let Some(f) = &self.alert_file {
+            let line = format!("{}\n", alert_json(&a));
+            if let Err(err) = f.lock().write_all(line.as_bytes()) {
+                tracing::error!(error = %err, "alert file write failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Alerts since `since_unix_ms`, limited to `scope` when given.
+    pub fn alerts(&self, since_unix_ms: i64, scope: Option<&str>) -> Result<Vec<Alert>> {
+        let mut out = Vec::new();
+        for (_, v) in self.all()? {
+            let e = AuditEvent::decode(&v[..])?;
+            if e.action.starts_with("alert/")
+                && e.time_unix_ms >= since_unix_ms
+                && scope.is_none_or(|s| e.tenant == s)
+            {
+                out.push(event_to_alert(&e));
+            }
+        }
+        Ok(out)
     }
 
     fn chain_hash(&self, prev: &[u8], e: &AuditEvent) -> [u8; 32] {
@@ -279,6 +348,31 @@ impl Audit {
         }
         Ok(out)
     }
+}
+
+fn event_to_alert(e: &AuditEvent) -> Alert {
+    Alert {
+        seq: e.seq,
+        time_unix_ms: e.time_unix_ms,
+        severity: e.outcome.clone(),
+        tenant: e.tenant.clone(),
+        principal: e.principal.clone(),
+        kind: e.action.trim_start_matches("alert/").to_string(),
+        detail: e.purpose.clone(),
+    }
+}
+
+/// One alert as a JSON object.
+pub fn alert_json(a: &Alert) -> serde_json::Value {
+    serde_json::json!({
+        "seq": a.seq,
+        "time_unix_ms": a.time_unix_ms,
+        "severity": a.severity,
+        "tenant": a.tenant,
+        "principal": a.principal,
+        "kind": a.kind,
+        "detail": a.detail,
+    })
 }
 
 /// One event as a JSON object (hashes in hex), for the mirror and exports.

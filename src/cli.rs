@@ -201,6 +201,12 @@ enum AuditCmd {
     },
     /// Print the current `SEQ:HASH` for the auditor to keep elsewhere.
     Checkpoint,
+    /// Alerts (lockouts, unlocks, …) since a time.
+    Alerts {
+        /// Unix milliseconds, or an age such as `7d`, `24h`, `30m`.
+        #[arg(long, default_value = "7d")]
+        since: String,
+    },
     /// Every access to one record: the list a patient may ask for.
     Patient { record_id: String },
     /// Export events as JSON lines or CSV.
@@ -885,6 +891,40 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                     }
                 }
                 other => return Err(err(format!("--format {other}: use jsonl or csv"))),
+            }
+        }
+        AuditCmd::Alerts { since } => {
+            let mut c = pb::audit_client::AuditClient::new(connect(g).await?);
+            let mut st = c
+                .list_alerts(authed(
+                    g,
+                    pb::ListAlertsRequest {
+                        since_unix_ms: parse_when(&Some(since))?,
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if !g.json {
+                println!(
+                    "{:>6}  {:<24}  {:<9}  {:<16}  {:<24}  detail",
+                    "seq", "time (UTC)", "severity", "kind", "principal"
+                );
+            }
+            while let Some(a) = st.message().await.map_err(status_err)? {
+                if g.json {
+                    println!("{}", crate::audit::alert_json(&a));
+                } else {
+                    println!(
+                        "{:>6}  {:<24}  {:<9}  {:<16}  {:<24}  {}",
+                        a.seq,
+                        fmt_time(a.time_unix_ms),
+                        a.severity,
+                        a.kind,
+                        a.principal,
+                        a.detail.escape_debug()
+                    );
+                }
             }
         }
         AuditCmd::Checkpoint => {

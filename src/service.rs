@@ -809,13 +809,18 @@ impl audit_server::Audit for AuditService {
         &self,
         req: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<Self::ListAlertsStream>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Audit/ListAlerts",
             Need::Auditor,
-            async |_c: Option<Caller>, _m: pb::ListAlertsRequest, _n: &mut Note| {
-                Err::<Self::ListAlertsStream, _>(Error::Unimplemented)
+            async |c: Option<Caller>, m: pb::ListAlertsRequest, _n: &mut Note| {
+                let caller = must(c)?;
+                let scope = (!caller.tenant.is_system()).then(|| caller.tenant.to_string());
+                let alerts = v.audit.alerts(m.since_unix_ms, scope.as_deref())?;
+                Ok(Box::pin(tokio_stream::iter(alerts.into_iter().map(Ok)))
+                    as Self::ListAlertsStream)
             }
         )
     }

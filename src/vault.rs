@@ -51,7 +51,7 @@ pub struct OpenReport {
 
 pub struct Vault {
     pub store: Storage,
-    pub audit: Audit,
+    pub audit: Arc<Audit>,
     pub keys: Arc<Keyring>,
     pub accounts: Accounts,
     pub tenants: Tenants,
@@ -107,10 +107,12 @@ impl Vault {
             store.clone(),
             audit_key,
             config.audit.mirror_file.as_deref(),
+            config.alert_file.as_deref(),
         )?;
+        let audit = Arc::new(audit);
         let vault = Arc::new(Self {
-            audit,
-            accounts: Accounts::new(store.clone(), hasher.clone(), config.session.clone()),
+            audit: audit.clone(),
+            accounts: Accounts::new(store.clone(), hasher.clone(), config.session.clone(), audit),
             tenants: Tenants::new(store.clone(), keys.clone()),
             records: Records::new(store.clone(), keys.clone(), hasher),
             keys,

@@ -895,3 +895,69 @@ async fn no_value_password_or_token_reaches_events_mirror_or_logs() {
     );
     assert!(hits.is_empty(), "{hits:?}");
 }
+
+#[tokio::test]
+async fn lockouts_and_unlocks_raise_alerts() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = test_config(root.path());
+    let alert_file = root.path().join("alerts.jsonl");
+    config.alert_file = Some(alert_file.clone());
+    let s = TestServer::start_with(root, config).await;
+    s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let aud = system_auditor(&s).await;
+    for _ in 0..5 {
+        s.login("clinic", "dr_a", "not the password")
+            .await
+            .unwrap_err();
+        s.login("clinic", "ghost", "not the password")
+            .await
+            .unwrap_err();
+    }
+    let admin = s.admin_token().await;
+    s.admin()
+        .await
+        .set_principal_locked(authed(
+            &admin,
+            pb::SetPrincipalLockedRequest {
+                tenant: "clinic".into(),
+                username: "dr_a".into(),
+                locked: false,
+            },
+        ))
+        .await
+        .unwrap();
+    let mut st = AuditClient::new(s.channel().await)
+        .list_alerts(authed(&aud, pb::ListAlertsRequest { since_unix_ms: 0 }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alerts = Vec::new();
+    while let Some(a) = st.message().await.unwrap() {
+        alerts.push((a.kind, a.severity, a.principal, a.detail));
+    }
+    let kinds: Vec<_> = alerts
+        .iter()
+        .map(|a| (a.0.as_str(), a.1.as_str(), a.2.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("login_lockout", "critical", "clinic/dr_a"),
+            ("login_lockout", "critical", "clinic/ghost"),
+            ("admin_unlock", "warning", "clinic/dr_a"),
+        ],
+        "{alerts:?}"
+    );
+    assert!(alerts[0].3.contains("5 consecutive failed logins"));
+    let lines = std::fs::read_to_string(&alert_file).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    assert!(!lines.contains("not the password"));
+    // A tenant's auditor sees its own tenant's alerts only.
+    let other = s.tenant_with("clinic_b", "aud_b", pb::Role::Auditor).await;
+    let mut st = AuditClient::new(s.channel().await)
+        .list_alerts(authed(&other, pb::ListAlertsRequest { since_unix_ms: 0 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.message().await.unwrap().is_none());
+}
