@@ -20,6 +20,8 @@ use crate::{
 };
 
 const HEAD_KEY: &[u8] = b"audit_head";
+/// Where the chain starts after pruning: `seq ‖ prev_hash ‖ MAC`.
+const BASE_KEY: &[u8] = b"audit_base";
 const GENESIS: [u8; 32] = [0; 32];
 
 /// What a handler says about its call, for the event.
@@ -251,7 +253,8 @@ impl Audit {
     /// the chain must still reach it.
     pub fn verify(&self, checkpoint: Option<(u64, [u8; 32])>) -> Result<Verification> {
         let stored_head = self.head.lock().seq;
-        let mut prev = GENESIS;
+        let (base_seq, base_prev) = self.base()?;
+        let mut prev = base_prev;
         let mut checked = 0u64;
         let bad = |seq: u64, why: &str, prev: [u8; 32], checked| Verification {
             ok: false,
@@ -261,8 +264,10 @@ impl Audit {
             head_hash: prev,
             reason: Some(why.to_string()),
         };
-        let mut seen_checkpoint = checkpoint.is_none();
-        for (expect_seq, (k, v)) in (1u64..).zip(self.all()?) {
+        // A checkpoint older than the retention window can no longer be
+        // checked; the authenticated base stands in for it.
+        let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
+        for (expect_seq, (k, v)) in (base_seq..).zip(self.all()?) {
             let key_seq = k.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
             // Events appended while we scan are for the next verification.
             if key_seq > stored_head && key_seq == expect_seq {
@@ -292,9 +297,9 @@ impl Audit {
             prev = h;
             checked += 1;
         }
-        if checked != stored_head {
+        if checked + base_seq - 1 != stored_head {
             return Ok(bad(
-                checked + 1,
+                checked + base_seq,
                 "events missing at the tail",
                 prev,
                 checked,
@@ -317,6 +322,57 @@ impl Audit {
             head_hash: prev,
             reason: None,
         })
+    }
+
+    fn base_mac(&self, seq: u64, prev: &[u8]) -> [u8; 32] {
+        let c = Context::new("coffre/audit-base/v1")
+            .with(&seq.to_be_bytes())
+            .with(prev);
+        crypto::hmac_sha256(&self.key, c.as_bytes())
+    }
+
+    /// The first kept sequence number and the hash it continues from.
+    fn base(&self) -> Result<(u64, [u8; 32])> {
+        let Some(v) = self.store.get(Space::Meta, BASE_KEY)? else {
+            return Ok((1, GENESIS));
+        };
+        if v.len() != 72 {
+            return Err(Error::DataLoss);
+        }
+        let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+        let mut prev = [0u8; 32];
+        prev.copy_from_slice(&v[8..40]);
+        if !crypto::ct_eq(&self.base_mac(seq, &prev), &v[40..]) {
+            return Err(Error::DataLoss);
+        }
+        Ok((seq, prev))
+    }
+
+    /// Deletes events older than `before_unix_ms` (never the newest), and
+    /// records where the kept chain starts so it still verifies. Returns
+    /// how many events went.
+    pub async fn prune(&self, before_unix_ms: i64) -> Result<u64> {
+        let head = self.head.lock().seq;
+        let mut b = Batch::new();
+        let mut new_base = None;
+        for (k, v) in self.all()? {
+            let e = AuditEvent::decode(&v[..])?;
+            if e.time_unix_ms >= before_unix_ms || e.seq >= head {
+                new_base = Some((e.seq, e.prev_hash));
+                break;
+            }
+            b.delete(Space::Audit, k);
+        }
+        let n = b.0.len() as u64;
+        let Some((seq, prev)) = new_base.filter(|_| n > 0) else {
+            return Ok(0);
+        };
+        let mut v = seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&prev);
+        v.extend_from_slice(&self.base_mac(seq, &prev));
+        b.put(Space::Meta, BASE_KEY.to_vec(), v);
+        self.store.commit(b).await.map_err(Error::Unavailable)?;
+        Ok(n)
     }
 
     /// Events matching `q`, oldest first unless `q.newest_first`.

@@ -420,7 +420,7 @@ async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        r = crate::server::run(vault, tls, listener, shutdown) => r.map_err(err)?,
+        r = crate::server::run(vault, config.audit.retention_days, tls, listener, shutdown) => r.map_err(err)?,
         _ = drain_deadline => {
             tracing::warn!("drain timed out; closing remaining connections");
             store.flush_blocking().map_err(err)?;

@@ -67,6 +67,7 @@ fn incoming(
 /// flushes storage.
 pub async fn run(
     vault: Arc<Vault>,
+    retention_days: Option<u32>,
     tls: Option<ServerTlsConfig>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -94,10 +95,23 @@ pub async fn run(
         let vault = vault.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut minutes = 0u64;
             loop {
                 tick.tick().await;
                 let v = vault.clone();
                 let _ = tokio::task::spawn_blocking(move || v.accounts.sweep_expired()).await;
+                // Retention: hourly, and once at start.
+                if let Some(days) = retention_days
+                    && minutes % 60 == 0
+                {
+                    let before = crate::accounts::now_ms() - i64::from(days) * 86_400_000;
+                    match vault.audit.prune(before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(pruned = n, days, "audit retention"),
+                        Err(e) => tracing::error!(error = %e, "audit retention failed"),
+                    }
+                }
+                minutes += 1;
             }
         })
     };

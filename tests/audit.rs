@@ -964,3 +964,52 @@ async fn lockouts_and_unlocks_raise_alerts() {
         .into_inner();
     assert!(st.message().await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn retention_pruning_keeps_the_rest_verifiable() {
+    let mut s = TestServer::start().await;
+    let clin = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let aud = system_auditor(&s).await;
+    let mut r = s.records().await;
+    r.put_record(authed(&clin, put("old", &[("nir", "1")])))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = coffre::accounts::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r.put_record(authed(&clin, put("new", &[("nir", "2")])))
+        .await
+        .unwrap();
+    let before = verify(&s, &aud, None).await;
+    let pruned = s.vault.as_ref().unwrap().audit.prune(cutoff).await.unwrap();
+    assert!(pruned > 3, "pruned {pruned}");
+    let after = verify(&s, &aud, None).await;
+    assert!(after.ok, "{after:?}");
+    assert!(after.checked < before.checked);
+    let kept = events(&s, &aud, pb::QueryAuditRequest::default()).await;
+    assert!(kept.iter().all(|e| e.time_unix_ms >= cutoff));
+    assert!(kept.iter().any(|e| e.record_ids == vec!["new"]));
+    println!(
+        "retention: pruned {pruned} events, {} kept and verified",
+        after.checked
+    );
+
+    // Deleting the first kept event is still caught.
+    let first = kept[0].seq;
+    s.stop().await;
+    {
+        let store = open_store(&s.data_dir()).await;
+        let mut b = Batch::new();
+        b.delete(Space::Audit, first.to_be_bytes().to_vec());
+        store.apply(b).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    s.restart().await;
+    let aud = s
+        .login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap();
+    let v = verify(&s, &aud, None).await;
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, first);
+}

@@ -113,7 +113,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let v = vault.clone();
         self.task = Some(tokio::spawn(async move {
-            coffre::server::run(v, tls, listener, async {
+            coffre::server::run(v, None, tls, listener, async {
                 let _ = rx.await;
             })
             .await
