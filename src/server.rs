@@ -102,7 +102,7 @@ pub async fn run(
                 let _ = tokio::task::spawn_blocking(move || v.accounts.sweep_expired()).await;
                 // Retention: hourly, and once at start.
                 if let Some(days) = retention_days
-                    && minutes % 60 == 0
+                    && minutes.is_multiple_of(60)
                 {
                     let before = crate::accounts::now_ms() - i64::from(days) * 86_400_000;
                     match vault.audit.prune(before).await {
