@@ -209,6 +209,24 @@ enum AuditCmd {
     },
     /// Every access to one record: the list a patient may ask for.
     Patient { record_id: String },
+    /// Per tenant and period: reads per principal ranked, refused and
+    /// throttled calls, lockouts, off-hours reads, and principals whose
+    /// distinct-record count stands far above their role's median.
+    Report {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Unix milliseconds, or an age such as `30d`.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// Office hours (UTC) as START-END; reads outside are listed.
+        #[arg(long, default_value = "7-20")]
+        office_hours: String,
+        /// Flag principals reading more than this many times their role's median.
+        #[arg(long, default_value_t = 3.0)]
+        outlier_factor: f64,
+    },
     /// Export events as JSON lines or CSV.
     Export {
         #[arg(long, default_value = "jsonl")]
@@ -891,6 +909,32 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                     }
                 }
                 other => return Err(err(format!("--format {other}: use jsonl or csv"))),
+            }
+        }
+        AuditCmd::Report {
+            tenant,
+            since,
+            until,
+            office_hours,
+            outlier_factor,
+        } => {
+            let f = AuditFilter {
+                tenant,
+                since: Some(since),
+                until,
+                ..Default::default()
+            };
+            let events = fetch_events(g, &f).await?;
+            let (start, end) = office_hours
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)))
+                .filter(|(a, b)| a < b && *b <= 24)
+                .ok_or_else(|| err("--office-hours is START-END in hours, such as 7-20"))?;
+            let report = crate::report::build(&events, (start, end), outlier_factor);
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&report).map_err(err)?);
+            } else {
+                print!("{}", crate::report::render(&report));
             }
         }
         AuditCmd::Alerts { since } => {

@@ -23,6 +23,7 @@
 //! - [`service`]: the gRPC services, thin; the one error→status mapping.
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.
+//! - [`report`]: the auditors' period report, computed from audit events.
 //! - [`cli`]: the `coffre` command line (the binary only parses and calls).
 //! - [`error`]: the core's error type.
 
@@ -38,6 +39,7 @@ pub mod error;
 pub mod keys;
 pub mod model;
 pub mod records;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod storage;

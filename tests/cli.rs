@@ -271,6 +271,14 @@ async fn auditor_cli_query_patient_checkpoint_verify_export() {
     ));
     let v: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
     assert_eq!(v["purpose"], "consultation, \"urgent\"");
+    let report = ok(&run(
+        &["audit", "report", "--tenant", "clinic", "--since", "1d"],
+        "",
+    ));
+    assert!(
+        report.contains("clinic/dr") && report.contains("reads per principal"),
+        "{report}"
+    );
     let cp = ok(&run(&["audit", "checkpoint"], "")).trim().to_string();
     assert!(cp.contains(':'), "{cp}");
     let m = mirror.to_str().unwrap();
