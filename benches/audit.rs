@@ -29,6 +29,9 @@ impl Backend for NoFlush {
     fn apply(&self, b: Batch) -> Result<(), StorageError> {
         self.0.apply(b)
     }
+    fn last(&self, s: Space) -> Result<Option<Entry>, StorageError> {
+        self.0.last(s)
+    }
     fn flush(&self) -> Result<(), StorageError> {
         Ok(())
     }

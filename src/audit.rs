@@ -19,7 +19,6 @@ use crate::{
     storage::{Batch, Space, Storage},
 };
 
-const HEAD_KEY: &[u8] = b"audit_head";
 /// Where the chain starts after pruning: `seq ‖ prev_hash ‖ MAC`.
 const BASE_KEY: &[u8] = b"audit_base";
 const GENESIS: [u8; 32] = [0; 32];
@@ -136,16 +135,17 @@ impl Audit {
         mirror: Option<&Path>,
         alert_file: Option<&Path>,
     ) -> Result<Self> {
-        let head = match store.get(Space::Meta, HEAD_KEY)? {
-            Some(v) if v.len() == 40 => {
-                let mut hash = [0u8; 32];
-                hash.copy_from_slice(&v[8..]);
+        // The head is the last stored event: one write per event, no
+        // second key to keep in step. A truncated tail shows against the
+        // auditor's checkpoint and the mirror.
+        let head = match store.last(Space::Audit)? {
+            Some((_, v)) => {
+                let e = AuditEvent::decode(&v[..])?;
                 Head {
-                    seq: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
-                    hash,
+                    seq: e.seq,
+                    hash: e.hash.as_slice().try_into().map_err(|_| Error::DataLoss)?,
                 }
             }
-            Some(_) => return Err(Error::DataLoss),
             None => Head {
                 seq: 0,
                 hash: GENESIS,
@@ -172,9 +172,6 @@ impl Audit {
             e.hash = hash.to_vec();
             let mut b = Batch::new();
             b.put(Space::Audit, seq_key(e.seq).to_vec(), e.encode_to_vec());
-            let mut h = e.seq.to_be_bytes().to_vec();
-            h.extend_from_slice(&hash);
-            b.put(Space::Meta, HEAD_KEY.to_vec(), h);
             self.store.apply(b).map_err(Error::Unavailable)?;
             head.seq = e.seq;
             head.hash = hash;

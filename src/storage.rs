@@ -80,6 +80,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Entry>, StorageError>;
     /// Applies every op atomically; visible at once, durable after `flush`.
     fn apply(&self, batch: Batch) -> Result<(), StorageError>;
+    /// The entry with the greatest key in `space`.
+    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
     /// Makes every applied batch durable.
     fn flush(&self) -> Result<(), StorageError>;
     /// Bytes the engine occupies on disk, for status output.
@@ -150,7 +152,16 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+    fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
+        // A lone write is atomic by itself; sled's batches take a global
+        // lock that stalls every concurrent reader, so skip it when we can.
+        if batch.0.len() == 1 {
+            return match batch.0.pop().expect("one op") {
+                Op::Put(s, k, v) => self.db.insert(spaced(s, &k), v).map(|_| ()),
+                Op::Delete(s, k) => self.db.remove(spaced(s, &k)).map(|_| ()),
+            }
+            .map_err(io);
+        }
         let mut b = sled::Batch::default();
         for op in batch.0 {
             match op {
@@ -159,6 +170,18 @@ impl Backend for SledBackend {
             }
         }
         self.db.apply_batch(b).map_err(io)
+    }
+
+    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        let lo = [space as u8];
+        let hi = [space as u8 + 1];
+        match self.db.range(&lo[..]..&hi[..]).next_back() {
+            Some(kv) => {
+                let (k, v) = kv.map_err(io)?;
+                Ok(Some((k[1..].to_vec(), v.to_vec())))
+            }
+            None => Ok(None),
+        }
     }
 
     fn flush(&self) -> Result<(), StorageError> {
@@ -217,6 +240,9 @@ impl Backend for FaultyBackend {
         }
         self.inner.apply(batch)
     }
+    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        self.inner.last(space)
+    }
     fn flush(&self) -> Result<(), StorageError> {
         self.inner.flush()
     }
@@ -261,6 +287,10 @@ impl Storage {
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
         self.backend.scan_prefix(space, prefix, limit)
+    }
+
+    pub fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        self.backend.last(space)
     }
 
     /// Applies a batch without waiting for durability (for state whose loss
