@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{collections::HashMap, path::Path};
 
 use base64::Engine;
 use coffre::{
     pb,
-    storage::{Batch, SledOptions, Space, Storage},
+    storage::{Batch, Space},
 };
 use common::*;
 use tonic::Code;
@@ -183,21 +183,6 @@ struct RawRecord {
 
 fn rkey(tenant: &str, id: &str) -> Vec<u8> {
     format!("{tenant}\0{id}").into_bytes()
-}
-
-async fn open_store(dir: &Path) -> Storage {
-    for _ in 0..200 {
-        if let Ok(s) = Storage::open_sled(
-            dir,
-            &SledOptions {
-                cache_capacity_bytes: 1 << 20,
-            },
-        ) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("store did not open");
 }
 
 #[tokio::test]

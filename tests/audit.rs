@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use coffre::{
     pb::{self, audit_client::AuditClient, auth_client::AuthClient},
-    storage::{Batch, SledOptions, Space, Storage},
+    storage::{Batch, Space},
 };
 use common::*;
 use prost::Message;
@@ -544,21 +544,6 @@ async fn verify(
         .into_inner()
 }
 
-async fn open_store(dir: &std::path::Path) -> Storage {
-    for _ in 0..200 {
-        if let Ok(s) = Storage::open_sled(
-            dir,
-            &SledOptions {
-                cache_capacity_bytes: 1 << 20,
-            },
-        ) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("store did not open");
-}
-
 #[tokio::test]
 async fn five_tamper_classes_are_detected_and_located() {
     let mut detected = Vec::new();
@@ -683,27 +668,6 @@ async fn a_read_fails_closed_when_its_event_cannot_be_stored() {
         .record
         .unwrap();
     assert_eq!(rec.fields["nir"], "185077512345678");
-}
-
-async fn chan(addr: &str) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(addr.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String {
-    AuthClient::new(chan(addr).await)
-        .login(pb::LoginRequest {
-            tenant: tenant.into(),
-            username: user.into(),
-            password: pw.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
 }
 
 /// Sets up the real binary with a mirror and info logs; returns the server,

@@ -11,33 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::pb::{
-    self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient,
-};
+use coffre::pb::{self, admin_client::AdminClient, records_client::RecordsClient};
 use common::*;
 use rand::Rng;
-use tonic::transport::Channel;
-
-async fn chan(addr: &str) -> Channel {
-    Channel::from_shared(addr.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-async fn login(addr: &str, tenant: &str, user: &str, pw: &str) -> String {
-    AuthClient::new(chan(addr).await)
-        .login(pb::LoginRequest {
-            tenant: tenant.into(),
-            username: user.into(),
-            password: pw.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
 
 fn boot_env() -> [(&'static str, &'static str); 1] {
     [("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]
@@ -85,7 +61,7 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     let root = tempfile::tempdir().unwrap();
     let cfg = write_config(root.path(), "");
     let mut p = spawn_server(&cfg, &boot_env()).unwrap();
-    let token = login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
+    let token = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
     assert!(!token.is_empty());
     assert!(sigterm(&mut p).await.success(), "SIGTERM: drain and exit 0");
 
@@ -147,7 +123,7 @@ async fn refused_starts_exit_non_zero_with_one_line() {
 
     // And the right key still works.
     let mut p = spawn_server(&cfg, &[]).unwrap();
-    login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
+    bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
     let _ = p.child.kill();
 }
 
@@ -163,7 +139,7 @@ async fn random_bootstrap_password_is_printed_once() {
         .expect("password printed")
         .trim()
         .to_string();
-    login(&p.addr, "system", "admin", &pw).await;
+    bin_login(&p.addr, "system", "admin", &pw).await;
     sigterm(&mut p).await;
     let mut p = spawn_server(&cfg, &[]).unwrap();
     let err = std::fs::read_to_string(&p.stderr_path).unwrap();
@@ -181,7 +157,7 @@ async fn kill_9_never_loses_an_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let cfg = write_config(root.path(), "");
     let mut p = spawn_server(&cfg, &boot_env()).unwrap();
-    let admin = login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
+    let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
     let mut a = AdminClient::new(chan(&p.addr).await);
     a.create_tenant(authed(
         &admin,
@@ -209,7 +185,7 @@ async fn kill_9_never_loses_an_acknowledged_write() {
     let mut lost = 0usize;
     let mut total_acked = 0usize;
     for cycle in 0..cycles {
-        let token = login(&p.addr, "clinic", "writer", CLINICIAN_PASSWORD).await;
+        let token = bin_login(&p.addr, "clinic", "writer", CLINICIAN_PASSWORD).await;
         let acked = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for w in 0..writers {
@@ -258,7 +234,7 @@ async fn kill_9_never_loses_an_acknowledged_write() {
             all_acked.push((id, version, nir));
         }
         p = spawn_server(&cfg, &[]).expect("restart after kill -9");
-        let token = login(&p.addr, "clinic", "writer", CLINICIAN_PASSWORD).await;
+        let token = bin_login(&p.addr, "clinic", "writer", CLINICIAN_PASSWORD).await;
         let mut client = RecordsClient::new(chan(&p.addr).await);
         // Check this cycle's writes every time, and everything at the end.
         let check: Vec<_> = all_acked

@@ -314,3 +314,42 @@ pub fn write_config(root: &Path, extra: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Opens a stopped server's store directly, as an attacker with write
+/// access to the data directory would (sled frees its lock asynchronously).
+pub async fn open_store(dir: &Path) -> coffre::storage::Storage {
+    for _ in 0..200 {
+        if let Ok(s) = coffre::storage::Storage::open_sled(
+            dir,
+            &coffre::storage::SledOptions {
+                cache_capacity_bytes: 1 << 20,
+            },
+        ) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("store did not open");
+}
+
+pub async fn chan(addr: &str) -> Channel {
+    Channel::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Logs in to a server at `addr` (a child process); panics on refusal.
+pub async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String {
+    AuthClient::new(chan(addr).await)
+        .login(pb::LoginRequest {
+            tenant: tenant.into(),
+            username: user.into(),
+            password: pw.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
