@@ -35,9 +35,6 @@ impl Backend for NoFlush {
     fn flush(&self) -> Result<(), StorageError> {
         Ok(())
     }
-    fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.0.size_on_disk()
-    }
 }
 
 const PW: &str = "violet anchor 8812 meadow crane";

@@ -376,10 +376,6 @@ impl Accounts {
         }
     }
 
-    pub fn hasher(&self) -> &Arc<Hasher> {
-        &self.hasher
-    }
-
     fn load(&self, tenant: &TenantName, username: &Username) -> Result<Option<StoredPrincipal>> {
         Ok(self
             .store

@@ -6,7 +6,7 @@
 //! `hash_0` all zeroes. Events carry names, ids, purposes and outcomes:
 //! never a field value, password or token.
 
-use std::{fs::File, io::Write, path::Path, sync::Arc};
+use std::{fs::File, io::Write, path::Path};
 
 use parking_lot::Mutex;
 use prost::Message;
@@ -446,6 +446,3 @@ pub fn to_json(e: &AuditEvent) -> serde_json::Value {
         "hash": hex::encode(&e.hash),
     })
 }
-
-/// Shared handle.
-pub type AuditLog = Arc<Audit>;

@@ -180,6 +180,30 @@ fn status_code(e: &Error) -> tonic::Code {
     }
 }
 
+/// The tenant, record and secret name a SetSecret/VerifySecret call is
+/// about, noted for the audit event before they are parsed.
+fn secret_target(
+    v: &Vault,
+    caller: Option<Caller>,
+    record_id: &str,
+    name: &str,
+    n: &mut Note,
+) -> Result<
+    (
+        Arc<crate::tenants::Tenant>,
+        RecordId,
+        crate::model::FieldName,
+    ),
+    Error,
+> {
+    let caller = must(caller)?;
+    n.record_ids = vec![record_id.to_string()];
+    n.fields = vec![name.to_string()];
+    let id = RecordId::parse(record_id)?;
+    let name = crate::model::FieldName::parse(name)?;
+    Ok((v.tenants.get(&caller.tenant)?, id, name))
+}
+
 /// The caller of an RPC whose `Need` guarantees one.
 fn must(caller: Option<Caller>) -> Result<Caller, Error> {
     caller.ok_or(Error::Unauthenticated("missing bearer token"))
@@ -487,12 +511,7 @@ impl records_server::Records for RecordsService {
             "Records/SetSecret",
             Need::RecordReader,
             async |c: Option<Caller>, m: pb::SetSecretRequest, n: &mut Note| {
-                let caller = must(c)?;
-                n.record_ids = vec![m.record_id.clone()];
-                let id = RecordId::parse(&m.record_id)?;
-                n.fields = vec![m.name.clone()];
-                let name = crate::model::FieldName::parse(&m.name)?;
-                let tenant = v.tenants.get(&caller.tenant)?;
+                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n)?;
                 v.records.set_secret(&tenant, &id, &name, m.secret).await?;
                 Ok(pb::SetSecretResponse {})
             }
@@ -510,12 +529,7 @@ impl records_server::Records for RecordsService {
             "Records/VerifySecret",
             Need::RecordReader,
             async |c: Option<Caller>, m: pb::VerifySecretRequest, n: &mut Note| {
-                let caller = must(c)?;
-                n.record_ids = vec![m.record_id.clone()];
-                let id = RecordId::parse(&m.record_id)?;
-                n.fields = vec![m.name.clone()];
-                let name = crate::model::FieldName::parse(&m.name)?;
-                let tenant = v.tenants.get(&caller.tenant)?;
+                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n)?;
                 let ok = v
                     .records
                     .verify_secret(&tenant, &id, &name, m.candidate)

@@ -84,8 +84,6 @@ pub trait Backend: Send + Sync + 'static {
     fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
     /// Makes every applied batch durable.
     fn flush(&self) -> Result<(), StorageError>;
-    /// Bytes the engine occupies on disk, for status output.
-    fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
 
 /// sled settings that operators tune.
@@ -187,10 +185,6 @@ impl Backend for SledBackend {
     fn flush(&self) -> Result<(), StorageError> {
         self.db.flush().map(|_| ()).map_err(io)
     }
-
-    fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.db.size_on_disk().map_err(io)
-    }
 }
 
 /// A backend that fails writes to chosen spaces on demand: the fault
@@ -245,9 +239,6 @@ impl Backend for FaultyBackend {
     }
     fn flush(&self) -> Result<(), StorageError> {
         self.inner.flush()
-    }
-    fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.inner.size_on_disk()
     }
 }
 
@@ -322,10 +313,6 @@ impl Storage {
     /// Flushes from a synchronous context (start-up, shutdown).
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
         self.backend.flush()
-    }
-
-    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.backend.size_on_disk()
     }
 }
 
