@@ -266,6 +266,13 @@ struct StoredPrincipal {
     admin_locked: bool,
     #[prost(int64, tag = "6")]
     created_ms: i64,
+    /// Why the account is locked until an administrator unlocks it.
+    #[prost(string, tag = "7")]
+    lock_reason: String,
+    /// Sessions opened before this time were revoked by a lock: they
+    /// answer "locked" while it lasts and are gone after an unlock.
+    #[prost(int64, tag = "8")]
+    sessions_from_ms: i64,
 }
 
 impl StoredPrincipal {
@@ -425,6 +432,8 @@ impl Accounts {
             locked_until_ms: 0,
             admin_locked: false,
             created_ms: now_ms(),
+            lock_reason: String::new(),
+            sessions_from_ms: 0,
         };
         self.save(tenant, username, &p).await
     }
@@ -597,6 +606,10 @@ impl Accounts {
         if p.locked_at(now) {
             return Err(Error::PermissionDenied(LOCKED));
         }
+        if s.created_ms < p.sessions_from_ms {
+            self.forget_session(&hash);
+            return Err(Error::Unauthenticated(NO_SESSION));
+        }
         let role = Role::parse(&p.role).map_err(|_| Error::DataLoss)?;
         s.last_used_ms.store(now, Ordering::Relaxed);
         if now - s.persisted_ms.load(Ordering::Relaxed) > LAST_USE_PERSIST_MS {
@@ -702,9 +715,13 @@ impl Accounts {
     ) -> Result<()> {
         let mut p = self.load(tenant, username)?.ok_or(Error::NotFound)?;
         p.admin_locked = locked;
-        if !locked {
+        if locked {
+            p.lock_reason = "locked by an administrator".into();
+            p.sessions_from_ms = now_ms() + 1;
+        } else {
             p.failed_logins = 0;
             p.locked_until_ms = 0;
+            p.lock_reason.clear();
         }
         self.save(tenant, username, &p).await?;
         if !locked {
@@ -720,6 +737,27 @@ impl Accounts {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Locks a principal until an administrator unlocks it and revokes
+    /// every session it has: its tokens stop working at once (a spent
+    /// budget, a honeytoken read). Returns whether it was unlocked before,
+    /// so the caller alerts once.
+    pub async fn lock_out(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        reason: &str,
+    ) -> Result<bool> {
+        let mut p = self.load(tenant, username)?.ok_or(Error::NotFound)?;
+        let was_locked = p.admin_locked;
+        p.admin_locked = true;
+        if !was_locked {
+            p.lock_reason = reason.into();
+        }
+        p.sessions_from_ms = now_ms() + 1;
+        self.save(tenant, username, &p).await?;
+        Ok(!was_locked)
     }
 
     /// Drops expired sessions from memory and storage.

@@ -3,6 +3,7 @@
 //! `argon2.m_kib` ← `COFFRE_ARGON2_M_KIB`).
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -37,10 +38,31 @@ pub struct Config {
     pub keys: KeysConfig,
     /// `text` or `json`.
     pub log_format: String,
-    /// Read budgets per role (`[limits.<role>]`), taken by the budgets issue.
-    pub limits: toml::Table,
-    /// Per-tenant overrides (`[tenants.<name>.limits.<role>]`).
-    pub tenants: toml::Table,
+    /// Read budgets per role (`[limits.<role>]`, role `clinician` or
+    /// `service`), over the built-in defaults of `budgets`.
+    pub limits: BTreeMap<String, LimitsConfig>,
+    /// Per-tenant overrides (`[tenants.<name>.limits.<role>]`), over
+    /// `limits`.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Read-budget settings of one role; an absent key keeps the value below it
+/// (tenant over `[limits]` over the built-in default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub reads_per_second: Option<f64>,
+    pub read_burst: Option<u32>,
+    pub distinct_records_per_hour: Option<u32>,
+    pub distinct_records_per_day: Option<u32>,
+    pub finds_per_minute: Option<u32>,
+    pub lock_after_throttles: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    pub limits: BTreeMap<String, LimitsConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -144,8 +166,8 @@ impl Default for Config {
             audit: AuditConfig::default(),
             keys: KeysConfig::default(),
             log_format: "text".into(),
-            limits: toml::Table::new(),
-            tenants: toml::Table::new(),
+            limits: BTreeMap::new(),
+            tenants: BTreeMap::new(),
         }
     }
 }
@@ -154,6 +176,7 @@ impl Default for Config {
 enum Kind {
     Str,
     Int,
+    Float,
     Bool,
 }
 
@@ -178,6 +201,18 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("audit.retention_days", Kind::Int),
     ("keys.rotate_after_encryptions", Kind::Int),
     ("log_format", Kind::Str),
+    ("limits.clinician.reads_per_second", Kind::Float),
+    ("limits.clinician.read_burst", Kind::Int),
+    ("limits.clinician.distinct_records_per_hour", Kind::Int),
+    ("limits.clinician.distinct_records_per_day", Kind::Int),
+    ("limits.clinician.finds_per_minute", Kind::Int),
+    ("limits.clinician.lock_after_throttles", Kind::Int),
+    ("limits.service.reads_per_second", Kind::Float),
+    ("limits.service.read_burst", Kind::Int),
+    ("limits.service.distinct_records_per_hour", Kind::Int),
+    ("limits.service.distinct_records_per_day", Kind::Int),
+    ("limits.service.finds_per_minute", Kind::Int),
+    ("limits.service.lock_after_throttles", Kind::Int),
 ];
 
 /// The environment variable that overrides a config key.
@@ -214,6 +249,11 @@ impl Config {
                     Kind::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| {
                         ConfigError::Invalid(format!("{name} must be a whole number"))
                     })?),
+                    Kind::Float => {
+                        toml::Value::Float(raw.trim().parse().map_err(|_| {
+                            ConfigError::Invalid(format!("{name} must be a number"))
+                        })?)
+                    }
                     Kind::Bool => toml::Value::Boolean(match raw.trim() {
                         "1" | "true" | "yes" => true,
                         "0" | "false" | "no" => false,
@@ -264,6 +304,19 @@ impl Config {
                 "log_format must be text or json".into(),
             ));
         }
+        for (role, l) in &self.limits {
+            l.validate(&format!("limits.{role}"), role)?;
+        }
+        for (tenant, t) in &self.tenants {
+            if crate::model::TenantName::parse(tenant).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "tenants.{tenant}: not a valid tenant name"
+                )));
+            }
+            for (role, l) in &t.limits {
+                l.validate(&format!("tenants.{tenant}.limits.{role}"), role)?;
+            }
+        }
         if inside(&self.master_key_file, &self.data_dir) {
             return Err(ConfigError::Invalid(
                 "master_key_file must not lie inside data_dir".into(),
@@ -275,6 +328,38 @@ impl Config {
     pub fn listen_addr(&self) -> SocketAddr {
         // validate() has parsed it already.
         self.listen.parse().expect("listen validated at load")
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, at: &str, role: &str) -> Result<(), ConfigError> {
+        if !matches!(role, "clinician" | "service") {
+            return Err(ConfigError::Invalid(format!(
+                "{at}: only clinician and service read records"
+            )));
+        }
+        if self
+            .reads_per_second
+            .is_some_and(|r| !(r.is_finite() && r > 0.0))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.reads_per_second must be a positive number"
+            )));
+        }
+        for (key, v) in [
+            ("read_burst", self.read_burst),
+            ("distinct_records_per_hour", self.distinct_records_per_hour),
+            ("distinct_records_per_day", self.distinct_records_per_day),
+            ("finds_per_minute", self.finds_per_minute),
+            ("lock_after_throttles", self.lock_after_throttles),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.{key} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

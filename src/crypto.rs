@@ -183,6 +183,14 @@ pub fn field_key_version(sealed: &[u8]) -> Result<u32, CryptoError> {
     Ok(u32::from_be_bytes(v))
 }
 
+/// The plaintext length of a sealed field (what a copy of the data
+/// directory shows anyway: sizes are not secret, SPEC §1 T1).
+pub fn field_plaintext_len(sealed: &[u8]) -> Option<usize> {
+    sealed
+        .len()
+        .checked_sub(FIELD_HEADER_LEN + NONCE_LEN + TAG_LEN)
+}
+
 /// Builds unambiguous byte strings from parts: each part is prefixed by its
 /// length, so `("ab","c")` and `("a","bc")` never collide.
 #[derive(Default)]

@@ -24,8 +24,12 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// A read budget is spent: how long until the next read may succeed.
+    #[error("read budget exhausted ({limit}); retry in {} s", retry_after_ms.div_ceil(1000))]
+    OverBudget {
+        limit: &'static str,
+        retry_after_ms: u64,
+    },
     /// Stored ciphertext or a stored key failed authentication.
     #[error("stored data failed authentication")]
     DataLoss,

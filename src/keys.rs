@@ -227,6 +227,10 @@ pub struct Keyring {
     kek: Aead256,
     pepper: SecretKey,
     audit: SecretKey,
+    /// Names the records a principal read, in its stored read budget.
+    budget: SecretKey,
+    /// Marks honeytoken records without naming them in the clear.
+    honeytoken: SecretKey,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
 }
 
@@ -276,6 +280,8 @@ impl Keyring {
             kek,
             pepper,
             audit: crypto::derive_key(&master.0, "audit"),
+            budget: crypto::derive_key(&master.0, "budget"),
+            honeytoken: crypto::derive_key(&master.0, "honeytoken"),
             tenants: RwLock::new(HashMap::new()),
         })
     }
@@ -288,6 +294,16 @@ impl Keyring {
     /// The key that MACs the audit chain.
     pub fn audit_key(&self) -> &SecretKey {
         &self.audit
+    }
+
+    /// The key that names records in stored read budgets.
+    pub fn budget_key(&self) -> &SecretKey {
+        &self.budget
+    }
+
+    /// The key that marks honeytoken records.
+    pub fn honeytoken_key(&self) -> &SecretKey {
+        &self.honeytoken
     }
 
     /// Adds a new tenant's wrapped keys (data key v1, index key) to `batch`.

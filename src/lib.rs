@@ -18,8 +18,12 @@
 //!   lockout, sessions and bearer tokens.
 //! - [`tenants`], [`records`]: the record core — field encryption, blind
 //!   index, secrets.
+//! - [`budgets`]: read budgets per principal — token bucket, distinct-record
+//!   windows, find rate, throttle lockout, break-glass.
+//! - [`honeytokens`]: canary records whose read locks the reader.
 //! - [`audit`]: the HMAC-chained, fail-closed audit trail and its mirror.
-//! - [`vault`]: opens everything and bootstraps an empty data directory.
+//! - [`vault`]: opens everything, bootstraps an empty data directory, and
+//!   joins records, budgets and honeytokens on the read path.
 //! - [`service`]: the gRPC services, thin; the one error→status mapping.
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.
@@ -32,10 +36,12 @@
 pub mod accounts;
 pub mod audit;
 pub mod bench;
+pub mod budgets;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod honeytokens;
 pub mod keys;
 pub mod model;
 pub mod records;

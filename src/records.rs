@@ -7,13 +7,14 @@
 //! the in-memory part), then waits for a group-committed flush.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     hash::{Hash, Hasher as _},
     sync::Arc,
 };
 
 use parking_lot::Mutex;
 use prost::Message;
+use rand::seq::IndexedRandom;
 use unicode_normalization::UnicodeNormalization;
 use zeroize::Zeroizing;
 
@@ -144,6 +145,18 @@ impl Records {
         id: Option<RecordId>,
         fields: Fields,
     ) -> Result<(RecordId, u64)> {
+        self.put_with(tenant, id, fields, &BTreeSet::new()).await
+    }
+
+    /// [`Records::put`], with the indexed fields in `decoys` indexed under a
+    /// random token that no search can produce (honeytokens' common values).
+    pub(crate) async fn put_with(
+        &self,
+        tenant: &Tenant,
+        id: Option<RecordId>,
+        fields: Fields,
+        decoys: &BTreeSet<FieldName>,
+    ) -> Result<(RecordId, u64)> {
         let id = id.unwrap_or_else(RecordId::generate);
         self.keys
             .reserve_encryptions(&tenant.keys, fields.0.len() as u64)?;
@@ -160,7 +173,11 @@ impl Records {
                     .encrypt_field(id.as_str(), name.as_str(), value.as_bytes()),
             );
             if tenant.indexed.contains(name) {
-                let token = tenant.keys.index_token(name.as_str(), &normalize(value));
+                let token = if decoys.contains(name) {
+                    crate::crypto::random_array::<32>()
+                } else {
+                    tenant.keys.index_token(name.as_str(), &normalize(value))
+                };
                 rec.index.insert(name.to_string(), token.to_vec());
             }
         }
@@ -184,6 +201,39 @@ impl Records {
         };
         self.store.sync().await?;
         Ok((id, version))
+    }
+
+    /// The field names of a record of the tenant, picked at random among
+    /// the first few, with their plaintext lengths; the usual patient
+    /// fields when the tenant has no record yet.
+    pub fn sample_shape(&self, tenant: &Tenant) -> Result<Vec<(FieldName, usize)>> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let some = self.store.scan_prefix(Space::Records, &prefix, 64)?;
+        let Some((_, bytes)) = some.choose(&mut rand::rng()) else {
+            return Ok(crate::honeytokens::default_shape());
+        };
+        let rec = StoredRecord::decode(&bytes[..])?;
+        let mut shape = rec
+            .fields
+            .iter()
+            .map(|(name, sealed)| {
+                Ok((
+                    FieldName::parse(name).map_err(|_| Error::DataLoss)?,
+                    crate::crypto::field_plaintext_len(sealed).ok_or(Error::DataLoss)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        shape.sort();
+        Ok(shape)
+    }
+
+    /// Whether a record exists (without decrypting it).
+    pub fn exists(&self, tenant: &Tenant, id: &RecordId) -> Result<bool> {
+        Ok(self
+            .store
+            .get(Space::Records, &record_key(tenant, id.as_str()))?
+            .is_some())
     }
 
     /// Decrypts the fields asked for (all of them if `projection` is empty).

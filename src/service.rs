@@ -30,7 +30,14 @@ pub fn to_status(e: Error) -> Status {
         Error::Internal(cause) => tracing::error!(error = %cause, "internal error"),
         _ => {}
     }
-    Status::new(status_code(&e), e.to_string())
+    let mut status = Status::new(status_code(&e), e.to_string());
+    if let Error::OverBudget { retry_after_ms, .. } = e {
+        // What clients back off by, in whole seconds as HTTP's Retry-After.
+        if let Ok(v) = retry_after_ms.div_ceil(1000).to_string().parse() {
+            status.metadata_mut().insert("retry-after", v);
+        }
+    }
+    status
 }
 
 /// Which callers an RPC admits.
@@ -172,7 +179,7 @@ fn status_code(e: &Error) -> tonic::Code {
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::AlreadyExists(_) => Code::AlreadyExists,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::OverBudget { .. } => Code::ResourceExhausted,
         Error::DataLoss => Code::DataLoss,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Unimplemented => Code::Unimplemented,
@@ -207,6 +214,35 @@ fn secret_target(
 /// The caller of an RPC whose `Need` guarantees one.
 fn must(caller: Option<Caller>) -> Result<Caller, Error> {
     caller.ok_or(Error::Unauthenticated("missing bearer token"))
+}
+
+const GET_RECORD: &str = "coffre.v1.Records/GetRecord";
+const FIND_RECORDS: &str = "coffre.v1.Records/FindRecords";
+const BULK_READ: &str = "coffre.v1.Records/BulkRead";
+/// Records a BulkRead sends per durable budget write.
+const BULK_GROUP: usize = 32;
+
+/// Makes the budget spent on `group` durable, then sends it. False when the
+/// stream is over (client gone, or storage failed and said so).
+async fn send_group(
+    vault: &Vault,
+    tx: &mpsc::Sender<Result<pb::Record, Status>>,
+    group: &mut Vec<pb::Record>,
+) -> bool {
+    if group.is_empty() {
+        return true;
+    }
+    if let Err(e) = vault.store.sync().await {
+        group.clear();
+        let _ = tx.send(Err(to_status(e.into()))).await;
+        return false;
+    }
+    for r in group.drain(..) {
+        if tx.send(Ok(r)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn to_pb(r: PlainRecord) -> pb::Record {
@@ -388,9 +424,12 @@ impl records_server::Records for RecordsService {
                 let id = RecordId::parse(&m.id)?;
                 let fields = parse_field_list(&m.fields)?;
                 n.fields = fields.iter().map(|f| f.to_string()).collect();
-                Purpose::parse(&m.purpose)?;
+                let purpose = Purpose::parse(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
-                let rec = v.records.get(&tenant, &id, &fields)?;
+                v.budgets.begin(&caller, &purpose).await?;
+                let rec = v
+                    .read_record(&caller, &tenant, &id, &fields, GET_RECORD)
+                    .await?;
                 Ok(pb::GetRecordResponse {
                     record: Some(to_pb(rec)),
                 })
@@ -436,9 +475,12 @@ impl records_server::Records for RecordsService {
                 n.purpose = m.purpose.clone();
                 let field = crate::model::FieldName::parse(&m.field)?;
                 n.fields = vec![field.to_string()];
-                Purpose::parse(&m.purpose)?;
+                let purpose = Purpose::parse(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
-                let ids = v.records.find(&tenant, &field, &m.value)?;
+                v.budgets.begin(&caller, &purpose).await?;
+                let ids = v
+                    .find_records(&caller, &tenant, &field, &m.value, FIND_RECORDS)
+                    .await?;
                 n.record_ids = ids.iter().map(|i| i.to_string()).collect();
                 Ok(pb::FindRecordsResponse {
                     ids: ids.into_iter().map(|i| i.to_string()).collect(),
@@ -475,24 +517,47 @@ impl records_server::Records for RecordsService {
                 n.record_ids = ids.iter().map(|i| i.to_string()).collect();
                 n.fields = fields.iter().map(|f| f.to_string()).collect();
                 n.purpose = m.purpose.clone();
-                Purpose::parse_required(&m.purpose)?;
+                let purpose = Purpose::parse_required(&m.purpose)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
-                // Decrypt lazily, a few records ahead of the client, so a large
-                // read never sits whole in memory.
-                let (tx, rx) = mpsc::channel(8);
+                v.budgets.begin(&caller, &purpose).await?;
+                // Records go out in small groups, each after the budget it
+                // spent is durable: a crash mid-stream refills nothing. The
+                // stream ends at the budget's edge.
+                let (tx, rx) = mpsc::channel(BULK_GROUP);
                 let vault = v.clone();
-                tokio::task::spawn_blocking(move || {
+                tokio::spawn(async move {
+                    let mut group = Vec::with_capacity(BULK_GROUP);
+                    let mut end = None;
                     for id in ids {
-                        let item = match vault.records.get(&tenant, &id, &fields) {
-                            Ok(r) => Ok(to_pb(r)),
+                        match vault
+                            .read_record(&caller, &tenant, &id, &fields, BULK_READ)
+                            .await
+                        {
+                            Ok(r) => group.push(to_pb(r)),
                             // Missing (or another tenant's) ids are left out.
-                            Err(Error::NotFound) => continue,
-                            Err(e) => Err(to_status(e)),
-                        };
-                        let stop = item.is_err();
-                        if tx.blocking_send(item).is_err() || stop {
-                            break;
+                            Err(Error::NotFound) => {}
+                            // Locked (a honeytoken, the budget's end):
+                            // nothing more at all.
+                            Err(e @ Error::PermissionDenied(_)) => {
+                                group.clear();
+                                end = Some(e);
+                                break;
+                            }
+                            // The budget's edge, a record that fails
+                            // authentication: what was read before goes out.
+                            Err(e) => {
+                                end = Some(e);
+                                break;
+                            }
                         }
+                        if group.len() == BULK_GROUP && !send_group(&vault, &tx, &mut group).await {
+                            return;
+                        }
+                    }
+                    if send_group(&vault, &tx, &mut group).await
+                        && let Some(e) = end
+                    {
+                        let _ = tx.send(Err(to_status(e))).await;
                     }
                 });
                 Ok(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::Record>)
@@ -637,6 +702,9 @@ impl admin_server::Admin for AdminService {
                 // The subject of an account call is named in `fields`.
                 n.fields = vec![format!("username={username}")];
                 v.accounts.set_locked(&tenant, &username, m.locked).await?;
+                if !m.locked {
+                    v.budgets.unlocked(&tenant, username.as_str())?;
+                }
                 Ok(pb::SetPrincipalLockedResponse {})
             }
         )
@@ -646,13 +714,25 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CreateHoneytokenRequest>,
     ) -> Result<Response<pb::CreateHoneytokenResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/CreateHoneytoken",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::CreateHoneytokenRequest, _n: &mut Note| {
-                Err::<pb::CreateHoneytokenResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::CreateHoneytokenRequest, n: &mut Note| {
+                let name = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(name.to_string());
+                if name.is_system() {
+                    return Err(Error::InvalidArgument(
+                        "tenant system holds no records".into(),
+                    ));
+                }
+                let tenant = v.tenants.get(&name)?;
+                let id = v.honeytokens.create(&tenant, &v.records).await?;
+                // The canary's id is for the administrator alone: the trail
+                // is read by auditors of the tenant, who must not learn it.
+                Ok(pb::CreateHoneytokenResponse { id: id.to_string() })
             }
         )
     }

@@ -37,6 +37,8 @@ pub enum Space {
     Secrets = 8,
     Counters = 9,
     Audit = 10,
+    Budgets = 11,
+    Honeytokens = 12,
 }
 
 /// A stored key (within its space) and value.

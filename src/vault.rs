@@ -6,14 +6,18 @@ use std::{fs, os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
 use zeroize::Zeroizing;
 
 use crate::{
-    accounts::{Accounts, Hasher},
+    accounts::{Accounts, Caller, Hasher},
     audit::Audit,
+    budgets::{Budgets, Policy, Read},
     config::Config,
     error::Error,
+    honeytokens::Honeytokens,
     keys::{self, KeyError, Keyring},
-    model::{Password, Role, TenantName, Username},
+    model::{FieldName, Password, RecordId, Role, TenantName, Username},
+    records::PlainRecord,
     records::Records,
     storage::{Backend, SledBackend, SledOptions, Storage, StorageError},
+    tenants::Tenant,
     tenants::Tenants,
 };
 
@@ -53,9 +57,11 @@ pub struct Vault {
     pub store: Storage,
     pub audit: Arc<Audit>,
     pub keys: Arc<Keyring>,
-    pub accounts: Accounts,
+    pub accounts: Arc<Accounts>,
     pub tenants: Tenants,
     pub records: Records,
+    pub budgets: Budgets,
+    pub honeytokens: Honeytokens,
 }
 
 /// Name of the first administrator made on an empty data directory.
@@ -110,9 +116,27 @@ impl Vault {
             config.alert_file.as_deref(),
         )?;
         let audit = Arc::new(audit);
+        let accounts = Arc::new(Accounts::new(
+            store.clone(),
+            hasher.clone(),
+            config.session.clone(),
+            audit.clone(),
+        ));
+        let derived = |k: &crate::crypto::SecretKey| {
+            crate::crypto::SecretKey::from_slice(k.expose())
+                .expect("derived keys are KEY_LEN bytes")
+        };
         let vault = Arc::new(Self {
-            audit: audit.clone(),
-            accounts: Accounts::new(store.clone(), hasher.clone(), config.session.clone(), audit),
+            budgets: Budgets::new(
+                store.clone(),
+                audit.clone(),
+                accounts.clone(),
+                derived(keys.budget_key()),
+                Policy::from_config(config),
+            ),
+            honeytokens: Honeytokens::open(store.clone(), derived(keys.honeytoken_key()))?,
+            audit,
+            accounts,
             tenants: Tenants::new(store.clone(), keys.clone()),
             records: Records::new(store.clone(), keys.clone(), hasher),
             keys,
@@ -120,6 +144,66 @@ impl Vault {
         });
         vault.bootstrap(bootstrap_password, &mut report).await?;
         Ok((vault, report))
+    }
+
+    /// Reads one record for `caller` under its read budget (SPEC §5): a
+    /// honeytoken locks the caller, a spent budget refuses, and only then is
+    /// anything decrypted. A missing id spends budget like a present one.
+    pub async fn read_record(
+        &self,
+        caller: &Caller,
+        tenant: &Tenant,
+        id: &RecordId,
+        projection: &[FieldName],
+        action: &str,
+    ) -> Result<PlainRecord, Error> {
+        if self.honeytokens.is_canary(&tenant.name, id) {
+            return Err(self.honeytoken_tripped(caller, action).await);
+        }
+        let found = self.records.exists(tenant, id)?;
+        let read = if found {
+            Read::Record(id)
+        } else {
+            Read::Missing
+        };
+        if let Err(refused) = self.budgets.spend_read(caller, read)? {
+            return Err(self.budgets.throttled(caller, action, refused).await);
+        }
+        if !found {
+            return Err(Error::NotFound);
+        }
+        self.records.get(tenant, id, projection)
+    }
+
+    /// FindRecords under the find rate limit; a hit on a honeytoken locks
+    /// the caller. The ids found spend no read budget until read.
+    pub async fn find_records(
+        &self,
+        caller: &Caller,
+        tenant: &Tenant,
+        field: &FieldName,
+        value: &str,
+        action: &str,
+    ) -> Result<Vec<RecordId>, Error> {
+        if let Err(refused) = self.budgets.spend_find(caller)? {
+            return Err(self.budgets.throttled(caller, action, refused).await);
+        }
+        let ids = self.records.find(tenant, field, value)?;
+        if ids
+            .iter()
+            .any(|id| self.honeytokens.is_canary(&tenant.name, id))
+        {
+            return Err(self.honeytoken_tripped(caller, action).await);
+        }
+        Ok(ids)
+    }
+
+    async fn honeytoken_tripped(&self, caller: &Caller, action: &str) -> Error {
+        let detail = format!("honeytoken hit by {action}; account locked");
+        match self.budgets.lock(caller, "honeytoken_read", detail).await {
+            Ok(()) => Error::PermissionDenied("account locked"),
+            Err(e) => e,
+        }
     }
 
     async fn bootstrap(

@@ -254,8 +254,18 @@ async fn logout_revokes_and_lock_stops_tokens() {
         .set_principal_locked(authed(&admin, lock(false)))
         .await
         .unwrap();
+    // A lock revokes the sessions it found: after the unlock the old token
+    // is gone (it may be the stolen one), and a new login works.
     assert_eq!(
         r.get_record(authed(&t2, get("x")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let t3 = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
+    assert_eq!(
+        r.get_record(authed(&t3, get("x")))
             .await
             .unwrap_err()
             .code(),

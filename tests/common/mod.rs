@@ -23,11 +23,24 @@ use tonic::{Request, transport::Channel};
 pub const ADMIN_PASSWORD: &str = "violet anchor 8812 meadow crane";
 pub const CLINICIAN_PASSWORD: &str = "harbor lantern 5521 cobalt fern";
 
+/// Read budgets that tests of other features never reach; the budgets
+/// themselves are tested in `tests/budgets.rs`, with their own limits.
+pub const ROOMY_LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0\n\
+     read_burst = 1000000\ndistinct_records_per_hour = 1000000\n\
+     distinct_records_per_day = 1000000\nfinds_per_minute = 1000000\n\
+     [limits.service]\nreads_per_second = 1000000.0\nread_burst = 1000000\n\
+     distinct_records_per_hour = 1000000\ndistinct_records_per_day = 1000000\n";
+
 /// A config for tests: dev mode on an ephemeral loopback port, cheap Argon2.
 pub fn test_config(root: &Path) -> Config {
+    test_config_with(root, ROOMY_LIMITS)
+}
+
+/// [`test_config`] with `extra` TOML (tables) in place of the roomy limits.
+pub fn test_config_with(root: &Path, extra: &str) -> Config {
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\n{extra}\n",
         root.join("data"),
         root.join("keys").join("master.key"),
     );
@@ -304,9 +317,14 @@ fn rand_suffix() -> String {
 
 /// Writes a config file for a child-process server under `root`.
 pub fn write_config(root: &Path, extra: &str) -> PathBuf {
+    let limits = if extra.contains("[limits.") {
+        ""
+    } else {
+        ROOMY_LIMITS
+    };
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n{extra}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n{limits}",
         root.join("data"),
         root.join("keys").join("master.key"),
     );

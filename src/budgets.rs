@@ -1,0 +1,803 @@
+//! Read budgets (SPEC §5): what stops a stolen account from copying a
+//! tenant. Per principal:
+//!
+//! - a token bucket (`reads_per_second`, `read_burst`): every record
+//!   returned, and every read of a missing id, spends one token;
+//! - sliding windows of *distinct* records read in the last hour and the
+//!   last day (`distinct_records_per_hour|day`): a record counts once per
+//!   window however often it is read, and a slow dump under the hourly rate
+//!   meets the daily one;
+//! - a token bucket of FindRecords calls (`finds_per_minute`), so the blind
+//!   index cannot enumerate the tenant;
+//! - `lock_after_throttles` refused calls within an hour lock the account.
+//!
+//! Purpose `break_glass` doubles every limit for an hour and raises a
+//! warning alert. The check and the spend happen under one lock per
+//! principal, so parallel clients cannot overspend; each spend is applied to
+//! the store before the record leaves, and the RPC's audit event is made
+//! durable after it, so a restart never refills a budget.
+//!
+//! A read of a missing id answers like the read of a new record when the
+//! distinct windows are full: the budget is no existence oracle.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
+use prost::Message;
+
+use crate::{
+    accounts::{Accounts, Caller, now_ms},
+    audit::{Audit, Severity},
+    config::{Config, LimitsConfig},
+    crypto::{self, SecretKey},
+    error::{Error, Result},
+    model::{Purpose, RecordId, Role, TenantName},
+    pb,
+    storage::{Batch, Space, Storage},
+};
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// How long `break_glass` doubles the budget.
+const BREAK_GLASS_MS: i64 = HOUR_MS;
+/// The purpose that opens emergency access.
+pub const BREAK_GLASS: &str = "break_glass";
+
+/// The budget of one role, as enforced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub reads_per_second: f64,
+    pub read_burst: u32,
+    pub distinct_records_per_hour: u32,
+    pub distinct_records_per_day: u32,
+    pub finds_per_minute: u32,
+    pub lock_after_throttles: u32,
+}
+
+impl Limits {
+    /// The built-in budget of a role that reads records; `None` for the
+    /// others (they read nothing).
+    ///
+    /// Clinicians are sized for the busiest honest shift, an emergency
+    /// department's (README "Sizing read budgets"): about 30 distinct
+    /// patients in a peak hour, 150 over a 12-hour shift, with ×4 and ×3
+    /// headroom. Services (integration engines, exports to the lab or the
+    /// billing system) legitimately read far more, and are watched by the
+    /// same windows at their own scale.
+    pub fn default_for(role: Role) -> Option<Self> {
+        match role {
+            Role::Clinician => Some(Self {
+                reads_per_second: 2.0,
+                read_burst: 40,
+                distinct_records_per_hour: 120,
+                distinct_records_per_day: 400,
+                finds_per_minute: 30,
+                lock_after_throttles: 20,
+            }),
+            Role::Service => Some(Self {
+                reads_per_second: 100.0,
+                read_burst: 500,
+                distinct_records_per_hour: 20_000,
+                distinct_records_per_day: 100_000,
+                finds_per_minute: 1_200,
+                lock_after_throttles: 100,
+            }),
+            Role::Admin | Role::Auditor => None,
+        }
+    }
+
+    fn overlay(mut self, c: &LimitsConfig) -> Self {
+        if let Some(v) = c.reads_per_second {
+            self.reads_per_second = v;
+        }
+        if let Some(v) = c.read_burst {
+            self.read_burst = v;
+        }
+        if let Some(v) = c.distinct_records_per_hour {
+            self.distinct_records_per_hour = v;
+        }
+        if let Some(v) = c.distinct_records_per_day {
+            self.distinct_records_per_day = v;
+        }
+        if let Some(v) = c.finds_per_minute {
+            self.finds_per_minute = v;
+        }
+        if let Some(v) = c.lock_after_throttles {
+            self.lock_after_throttles = v;
+        }
+        self
+    }
+
+    /// Emergency access: twice every read limit (not the lock threshold).
+    fn doubled(self) -> Self {
+        Self {
+            reads_per_second: self.reads_per_second * 2.0,
+            read_burst: self.read_burst.saturating_mul(2),
+            distinct_records_per_hour: self.distinct_records_per_hour.saturating_mul(2),
+            distinct_records_per_day: self.distinct_records_per_day.saturating_mul(2),
+            finds_per_minute: self.finds_per_minute.saturating_mul(2),
+            lock_after_throttles: self.lock_after_throttles,
+        }
+    }
+}
+
+/// Limits per role, with per-tenant overrides, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    roles: HashMap<Role, Limits>,
+    tenants: HashMap<(String, Role), Limits>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Self {
+        let mut roles = HashMap::new();
+        for role in [Role::Clinician, Role::Service] {
+            let mut l = Limits::default_for(role).expect("record readers have defaults");
+            if let Some(c) = config.limits.get(role.as_str()) {
+                l = l.overlay(c);
+            }
+            roles.insert(role, l);
+        }
+        let mut tenants = HashMap::new();
+        for (tenant, t) in &config.tenants {
+            for (role, c) in &t.limits {
+                // Config validation admitted only these two roles.
+                if let Ok(role) = Role::parse(role) {
+                    tenants.insert((tenant.clone(), role), roles[&role].overlay(c));
+                }
+            }
+        }
+        Self { roles, tenants }
+    }
+
+    /// The budget of `role` in `tenant`; `None` for roles that read nothing.
+    pub fn limits(&self, tenant: &TenantName, role: Role) -> Option<Limits> {
+        self.tenants
+            .get(&(tenant.to_string(), role))
+            .or_else(|| self.roles.get(&role))
+            .copied()
+    }
+}
+
+/// The budgets' time: the system clock plus an offset that only code in
+/// the process can move (tests simulate a day in seconds); no RPC reaches
+/// it.
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_ms: AtomicI64,
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> i64 {
+        now_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Moves this clock forward.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+    }
+}
+
+/// What a read spends budget on.
+#[derive(Clone, Copy)]
+pub enum Read<'a> {
+    /// A record about to be returned.
+    Record(&'a RecordId),
+    /// An id that does not exist (or is another tenant's).
+    Missing,
+}
+
+/// Why a spend was refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    /// Over a limit.
+    Over(Over),
+    /// The budget locked the account earlier (calls already in flight).
+    Locked,
+}
+
+const LOCKED: &str = "account locked";
+
+/// A limit that refused a spend, and when to retry.
+#[derive(Debug, Clone, Copy)]
+pub struct Over {
+    pub limit: &'static str,
+    pub retry_after_ms: u64,
+}
+
+/// The stored part of a principal's budget that is not a list of reads.
+#[derive(Clone, PartialEq, Message)]
+struct StoredBudget {
+    #[prost(double, tag = "1")]
+    tokens: f64,
+    #[prost(int64, tag = "2")]
+    tokens_at_ms: i64,
+    #[prost(double, tag = "3")]
+    find_tokens: f64,
+    #[prost(int64, tag = "4")]
+    finds_at_ms: i64,
+    #[prost(int64, repeated, tag = "5")]
+    throttles_ms: Vec<i64>,
+    #[prost(int64, tag = "6")]
+    break_glass_until_ms: i64,
+    #[prost(uint64, tag = "7")]
+    next_seq: u64,
+    #[prost(int64, tag = "8")]
+    now_ms: i64,
+}
+
+type RecordTag = [u8; 16];
+
+/// One principal's budget, in memory, mirrored in `Space::Budgets` under
+/// `tenant\0user\0s` (the scalars) and `tenant\0user\0r<seq>` (one entry per
+/// distinct record read within the day: time and a keyed tag of the id).
+struct State {
+    prefix: Vec<u8>,
+    b: StoredBudget,
+    /// Distinct records of the last day, oldest first, by sequence number.
+    reads: BTreeMap<u64, (i64, RecordTag)>,
+    by_record: HashMap<RecordTag, u64>,
+    /// Reads with a sequence number at or above this may be within the
+    /// hour; `hour_count` counts those that are.
+    hour_from: u64,
+    hour_count: u32,
+    /// Set when the budget locked the account; cleared by an unlock.
+    locked: bool,
+    throttles: VecDeque<i64>,
+}
+
+impl State {
+    fn scalar_key(&self) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.push(b's');
+        k
+    }
+
+    fn read_key(&self, seq: u64) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.push(b'r');
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    fn load(store: &Storage, prefix: Vec<u8>, limits: &Limits, now: i64) -> Result<Self> {
+        let mut s = Self {
+            prefix,
+            b: StoredBudget {
+                tokens: f64::from(limits.read_burst),
+                tokens_at_ms: now,
+                find_tokens: f64::from(limits.finds_per_minute),
+                finds_at_ms: now,
+                ..Default::default()
+            },
+            reads: BTreeMap::new(),
+            by_record: HashMap::new(),
+            hour_from: 0,
+            hour_count: 0,
+            locked: false,
+            throttles: VecDeque::new(),
+        };
+        for (k, v) in store.scan_prefix(Space::Budgets, &s.prefix, usize::MAX)? {
+            match &k[s.prefix.len()..] {
+                [b's'] => s.b = StoredBudget::decode(&v[..])?,
+                [b'r', seq @ ..] => {
+                    let seq = u64::from_be_bytes(seq.try_into().map_err(|_| Error::DataLoss)?);
+                    if v.len() != 8 + 16 {
+                        return Err(Error::DataLoss);
+                    }
+                    let t = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+                    let tag: RecordTag = v[8..].try_into().expect("16 bytes");
+                    s.reads.insert(seq, (t, tag));
+                    s.by_record.insert(tag, seq);
+                }
+                _ => return Err(Error::DataLoss),
+            }
+        }
+        s.throttles = s.b.throttles_ms.iter().copied().collect();
+        s.hour_count = s.reads.len() as u32;
+        Ok(s)
+    }
+
+    /// Moves the windows to `now` (never backwards), dropping what left
+    /// them; deletions go to `batch`.
+    fn advance(&mut self, now: i64, batch: &mut Batch) -> i64 {
+        let now = now.max(self.b.now_ms);
+        self.b.now_ms = now;
+        while let Some((&seq, &(t, _))) = self.reads.range(self.hour_from..).next() {
+            if t > now - HOUR_MS {
+                break;
+            }
+            self.hour_count -= 1;
+            self.hour_from = seq + 1;
+        }
+        while let Some((&seq, &(t, tag))) = self.reads.first_key_value() {
+            if t > now - DAY_MS {
+                break;
+            }
+            self.reads.remove(&seq);
+            self.by_record.remove(&tag);
+            batch.delete(Space::Budgets, self.read_key(seq));
+        }
+        while self.throttles.front().is_some_and(|&t| t <= now - HOUR_MS) {
+            self.throttles.pop_front();
+        }
+        now
+    }
+
+    fn limits(&self, base: Limits, now: i64) -> Limits {
+        if now < self.b.break_glass_until_ms {
+            base.doubled()
+        } else {
+            base
+        }
+    }
+
+    fn refill(level: &mut f64, at: &mut i64, rate_per_ms: f64, cap: f64, now: i64) {
+        let elapsed = (now - *at).max(0) as f64;
+        *level = (*level + elapsed * rate_per_ms).min(cap);
+        *at = now;
+    }
+
+    /// Checks and spends one read; on success the spend is in `batch`.
+    fn spend_read(
+        &mut self,
+        l: &Limits,
+        tag: Option<RecordTag>,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Result<(), Over> {
+        let rate = l.reads_per_second / 1000.0;
+        Self::refill(
+            &mut self.b.tokens,
+            &mut self.b.tokens_at_ms,
+            rate,
+            f64::from(l.read_burst),
+            now,
+        );
+        if self.b.tokens < 1.0 {
+            return Err(Over {
+                limit: "reads_per_second",
+                retry_after_ms: ((1.0 - self.b.tokens) / rate).ceil() as u64,
+            });
+        }
+        let known = tag.and_then(|t| self.by_record.get(&t).copied());
+        let in_hour = known.is_some_and(|seq| seq >= self.hour_from);
+        if !in_hour && self.hour_count >= l.distinct_records_per_hour {
+            let oldest = self
+                .reads
+                .range(self.hour_from..)
+                .next()
+                .map_or(now, |(_, (t, _))| *t);
+            return Err(Over {
+                limit: "distinct_records_per_hour",
+                retry_after_ms: (oldest + HOUR_MS - now).max(1) as u64,
+            });
+        }
+        if known.is_none() && self.reads.len() as u64 >= u64::from(l.distinct_records_per_day) {
+            let oldest = self.reads.first_key_value().map_or(now, |(_, (t, _))| *t);
+            return Err(Over {
+                limit: "distinct_records_per_day",
+                retry_after_ms: (oldest + DAY_MS - now).max(1) as u64,
+            });
+        }
+        self.b.tokens -= 1.0;
+        if let Some(tag) = tag {
+            if let Some(old) = known {
+                self.reads.remove(&old);
+                batch.delete(Space::Budgets, self.read_key(old));
+                if in_hour {
+                    self.hour_count -= 1;
+                }
+            }
+            let seq = self.b.next_seq;
+            self.b.next_seq += 1;
+            self.reads.insert(seq, (now, tag));
+            self.by_record.insert(tag, seq);
+            self.hour_count += 1;
+            let mut v = Vec::with_capacity(24);
+            v.extend_from_slice(&now.to_be_bytes());
+            v.extend_from_slice(&tag);
+            batch.put(Space::Budgets, self.read_key(seq), v);
+        }
+        Ok(())
+    }
+
+    fn spend_find(&mut self, l: &Limits, now: i64) -> Result<(), Over> {
+        let rate = f64::from(l.finds_per_minute) / 60_000.0;
+        Self::refill(
+            &mut self.b.find_tokens,
+            &mut self.b.finds_at_ms,
+            rate,
+            f64::from(l.finds_per_minute),
+            now,
+        );
+        if self.b.find_tokens < 1.0 {
+            return Err(Over {
+                limit: "finds_per_minute",
+                retry_after_ms: ((1.0 - self.b.find_tokens) / rate).ceil() as u64,
+            });
+        }
+        self.b.find_tokens -= 1.0;
+        Ok(())
+    }
+
+    fn save(&mut self, batch: &mut Batch) {
+        self.b.throttles_ms = self.throttles.iter().copied().collect();
+        batch.put(Space::Budgets, self.scalar_key(), self.b.encode_to_vec());
+    }
+}
+
+/// The read budgets of every principal.
+pub struct Budgets {
+    store: Storage,
+    audit: Arc<Audit>,
+    accounts: Arc<Accounts>,
+    tag_key: SecretKey,
+    policy: Policy,
+    clock: Clock,
+    states: Mutex<HashMap<String, Arc<Mutex<Option<State>>>>>,
+    /// Off only in benchmarks that measure what the check costs.
+    enforce: std::sync::atomic::AtomicBool,
+}
+
+impl Budgets {
+    pub fn new(
+        store: Storage,
+        audit: Arc<Audit>,
+        accounts: Arc<Accounts>,
+        tag_key: SecretKey,
+        policy: Policy,
+    ) -> Self {
+        Self {
+            store,
+            audit,
+            accounts,
+            tag_key,
+            policy,
+            clock: Clock::default(),
+            states: Mutex::new(HashMap::new()),
+            enforce: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Turns the budgets off (or on again), for benchmarks that compare the
+    /// read path with and without them. Nothing in the server calls it.
+    pub fn set_enforced(&self, on: bool) {
+        self.enforce.store(on, Ordering::Relaxed);
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn slot(&self, caller: &Caller) -> Arc<Mutex<Option<State>>> {
+        self.states
+            .lock()
+            .entry(caller.principal())
+            .or_default()
+            .clone()
+    }
+
+    fn prefix(caller: &Caller) -> Vec<u8> {
+        let mut p = caller.tenant.as_str().as_bytes().to_vec();
+        p.push(0);
+        p.extend_from_slice(caller.username.as_str().as_bytes());
+        p.push(0);
+        p
+    }
+
+    /// Runs `f` on the caller's state, loaded and moved to now, and applies
+    /// what it wrote. `None` when the role has no budget (it reads nothing).
+    fn with_state<T>(
+        &self,
+        caller: &Caller,
+        f: impl FnOnce(&mut State, Limits, i64, &mut Batch) -> T,
+    ) -> Result<Option<T>> {
+        let Some(base) = self.policy.limits(&caller.tenant, caller.role) else {
+            return Ok(None);
+        };
+        let slot = self.slot(caller);
+        let mut guard = slot.lock();
+        let now = self.clock.now_ms();
+        if guard.is_none() {
+            *guard = Some(State::load(&self.store, Self::prefix(caller), &base, now)?);
+        }
+        let state = guard.as_mut().expect("loaded just above");
+        let mut batch = Batch::new();
+        let now = state.advance(now, &mut batch);
+        let limits = state.limits(base, now);
+        let out = f(state, limits, now, &mut batch);
+        state.save(&mut batch);
+        self.store.apply(batch)?;
+        Ok(Some(out))
+    }
+
+    /// Call once per read RPC with its purpose: `break_glass` opens an
+    /// hour of doubled budget (and a warning alert) if none is open.
+    pub async fn begin(&self, caller: &Caller, purpose: &Purpose) -> Result<()> {
+        if purpose.as_str() != BREAK_GLASS || !self.enforce.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let opened = self.with_state(caller, |s, _, now, _| {
+            if now < s.b.break_glass_until_ms {
+                false
+            } else {
+                s.b.break_glass_until_ms = now + BREAK_GLASS_MS;
+                true
+            }
+        })?;
+        if opened == Some(true) {
+            self.audit
+                .alert(
+                    Severity::Warning,
+                    "break_glass",
+                    caller.tenant.as_str(),
+                    &caller.principal(),
+                    "emergency access: read budget doubled for 1 h; review required".into(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Spends one read, or says why not. Synchronous and cheap: the read
+    /// paths call it per record.
+    pub fn spend_read(&self, caller: &Caller, read: Read<'_>) -> Result<Result<(), Refused>> {
+        if !self.enforce.load(Ordering::Relaxed) {
+            return Ok(Ok(()));
+        }
+        let tag = match read {
+            Read::Record(id) => Some(self.tag(id)),
+            Read::Missing => None,
+        };
+        Ok(self
+            .with_state(caller, |s, l, now, b| {
+                if s.locked {
+                    return Err(Refused::Locked);
+                }
+                s.spend_read(&l, tag, now, b).map_err(Refused::Over)
+            })?
+            .unwrap_or(Ok(())))
+    }
+
+    /// Spends one FindRecords call.
+    pub fn spend_find(&self, caller: &Caller) -> Result<Result<(), Refused>> {
+        if !self.enforce.load(Ordering::Relaxed) {
+            return Ok(Ok(()));
+        }
+        Ok(self
+            .with_state(caller, |s, l, now, _| {
+                if s.locked {
+                    return Err(Refused::Locked);
+                }
+                s.spend_find(&l, now).map_err(Refused::Over)
+            })?
+            .unwrap_or(Ok(())))
+    }
+
+    /// Records a refused call: an audit event naming the limit, a warning
+    /// alert on the first in the hour, and, at `lock_after_throttles`, the
+    /// lock and a critical alert. Returns the error the call answers.
+    pub async fn throttled(&self, caller: &Caller, action: &str, refused: Refused) -> Error {
+        let over = match refused {
+            Refused::Locked => return Error::PermissionDenied(LOCKED),
+            Refused::Over(o) => o,
+        };
+        match self.count_throttle(caller, action, over).await {
+            Ok(true) => Error::PermissionDenied(LOCKED),
+            Ok(false) => Error::OverBudget {
+                limit: over.limit,
+                retry_after_ms: over.retry_after_ms,
+            },
+            Err(e) => e,
+        }
+    }
+
+    async fn count_throttle(&self, caller: &Caller, action: &str, over: Over) -> Result<bool> {
+        let counted = self.with_state(caller, |s, l, now, _| {
+            s.throttles.push_back(now);
+            let n = s.throttles.len() as u32;
+            let lock = n >= l.lock_after_throttles && !s.locked;
+            if lock {
+                s.locked = true;
+            }
+            (n, lock, l.lock_after_throttles)
+        })?;
+        let Some((n, lock, threshold)) = counted else {
+            return Ok(false);
+        };
+        let principal = caller.principal();
+        let tenant = caller.tenant.as_str();
+        self.audit
+            .record(pb::AuditEvent {
+                tenant: tenant.into(),
+                principal: principal.clone(),
+                role: caller.role.as_str().into(),
+                action: "budget/throttled".into(),
+                purpose: format!("{} ({action})", over.limit),
+                outcome: "resource_exhausted".into(),
+                ..Default::default()
+            })
+            .await?;
+        if n == 1 {
+            self.audit
+                .alert(
+                    Severity::Warning,
+                    "budget_exceeded",
+                    tenant,
+                    &principal,
+                    format!("read budget exceeded ({}); throttled", over.limit),
+                )
+                .await?;
+        }
+        if lock {
+            self.lock(
+                caller,
+                "budget_lockout",
+                format!("{n} throttled calls within an hour (limit {threshold}); account locked"),
+            )
+            .await?;
+        }
+        Ok(lock)
+    }
+
+    /// Locks the caller's account (durably, sessions revoked) and raises a
+    /// critical alert: the end of a budget, or a honeytoken read.
+    pub async fn lock(&self, caller: &Caller, kind: &str, detail: String) -> Result<()> {
+        let _ = self.with_state(caller, |s, _, _, _| s.locked = true)?;
+        let newly = self
+            .accounts
+            .lock_out(&caller.tenant, &caller.username, kind)
+            .await?;
+        if newly {
+            self.audit
+                .alert(
+                    Severity::Critical,
+                    kind,
+                    caller.tenant.as_str(),
+                    &caller.principal(),
+                    detail,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After an administrator's unlock: the principal may read again, and
+    /// its past throttles no longer count towards a new lock. Its windows
+    /// stay: an unlock does not refill a budget.
+    pub fn unlocked(&self, tenant: &TenantName, username: &str) -> Result<()> {
+        let key = format!("{tenant}/{username}");
+        let slot = self.states.lock().get(&key).cloned();
+        if let Some(slot) = slot
+            && let Some(s) = slot.lock().as_mut()
+        {
+            s.locked = false;
+            s.throttles.clear();
+            let mut b = Batch::new();
+            s.save(&mut b);
+            self.store.apply(b)?;
+            return Ok(());
+        }
+        // Not in memory: clear the stored throttles.
+        let mut k = tenant.as_str().as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(username.as_bytes());
+        k.extend_from_slice(b"\0s");
+        if let Some(v) = self.store.get(Space::Budgets, &k)? {
+            let mut b = StoredBudget::decode(&v[..])?;
+            b.throttles_ms.clear();
+            let mut batch = Batch::new();
+            batch.put(Space::Budgets, k, b.encode_to_vec());
+            self.store.apply(batch)?;
+        }
+        Ok(())
+    }
+
+    fn tag(&self, id: &RecordId) -> RecordTag {
+        let mac = crypto::hmac_sha256(&self.tag_key, id.as_str().as_bytes());
+        mac[..16].try_into().expect("16 of 32 bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            reads_per_second: 1.0,
+            read_burst: 5,
+            distinct_records_per_hour: 3,
+            distinct_records_per_day: 5,
+            finds_per_minute: 2,
+            lock_after_throttles: 3,
+        }
+    }
+
+    fn state() -> State {
+        // An empty store: the state starts full and lives in memory after.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open_sled(
+            dir.path(),
+            &crate::storage::SledOptions {
+                cache_capacity_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        State::load(&store, b"t\0u\0".to_vec(), &limits(), 0).unwrap()
+    }
+
+    fn tag(i: u8) -> Option<RecordTag> {
+        Some([i; 16])
+    }
+
+    #[test]
+    fn rereads_count_once_per_window_and_windows_slide() {
+        let mut s = state();
+        let l = limits();
+        let mut b = Batch::new();
+        let mut now = s.advance(0, &mut b);
+        for i in 0..3 {
+            s.spend_read(&l, tag(i), now, &mut b).unwrap();
+        }
+        // A fourth distinct record is over the hour; a re-read is not.
+        assert_eq!(
+            s.spend_read(&l, tag(3), now, &mut b).unwrap_err().limit,
+            "distinct_records_per_hour"
+        );
+        s.spend_read(&l, tag(0), now, &mut b).unwrap();
+        now = s.advance(HOUR_MS + 1, &mut b);
+        // Record 0 was re-read at 0, so all three left the hour together.
+        assert_eq!(s.hour_count, 0);
+        s.spend_read(&l, tag(3), now, &mut b).unwrap();
+        s.spend_read(&l, tag(4), now, &mut b).unwrap();
+        assert_eq!(
+            s.spend_read(&l, tag(5), now, &mut b).unwrap_err().limit,
+            "distinct_records_per_day"
+        );
+        // A missing id is refused like a new record once the day is full.
+        assert_eq!(
+            s.spend_read(&l, None, now, &mut b).unwrap_err().limit,
+            "distinct_records_per_day"
+        );
+        now = s.advance(DAY_MS + 1, &mut b);
+        assert_eq!(s.reads.len(), 2);
+        s.spend_read(&l, tag(5), now, &mut b).unwrap();
+    }
+
+    #[test]
+    fn token_bucket_refills_at_the_rate() {
+        let mut s = state();
+        let l = Limits {
+            distinct_records_per_hour: 100,
+            distinct_records_per_day: 100,
+            ..limits()
+        };
+        let mut b = Batch::new();
+        for i in 0..5 {
+            s.spend_read(&l, tag(i), 0, &mut b).unwrap();
+        }
+        let over = s.spend_read(&l, tag(9), 0, &mut b).unwrap_err();
+        assert_eq!(over.limit, "reads_per_second");
+        assert_eq!(over.retry_after_ms, 1000);
+        s.spend_read(&l, tag(9), 1000, &mut b).unwrap();
+        assert!(s.spend_find(&l, 1000).is_ok());
+        assert!(s.spend_find(&l, 1000).is_ok());
+        assert_eq!(
+            s.spend_find(&l, 1000).unwrap_err().limit,
+            "finds_per_minute"
+        );
+    }
+}
