@@ -212,7 +212,7 @@ async fn scripted_exfiltration_is_capped_locked_and_reported() {
             // Each thread takes its share: even threads by GetRecord, odd
             // ones by BulkRead of 100 ids.
             let share: Vec<String> = ids.iter().skip(t).step_by(8).cloned().collect();
-            let mut count = |status: Option<tonic::Status>| match status.map(|s| s.code()) {
+            let count = |status: Option<tonic::Status>| match status.map(|s| s.code()) {
                 Some(Code::ResourceExhausted) => {
                     exhausted.fetch_add(1, Ordering::Relaxed);
                 }
