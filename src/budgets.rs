@@ -212,38 +212,40 @@ pub struct Over {
     pub retry_after_ms: u64,
 }
 
-/// The stored part of a principal's budget that is not a list of reads.
+/// The stored scalars of a principal's budget; written when they change
+/// (a throttle, break-glass, an unlock), never per read.
 #[derive(Clone, PartialEq, Message)]
 struct StoredBudget {
-    #[prost(double, tag = "1")]
-    tokens: f64,
-    #[prost(int64, tag = "2")]
-    tokens_at_ms: i64,
-    #[prost(double, tag = "3")]
-    find_tokens: f64,
-    #[prost(int64, tag = "4")]
-    finds_at_ms: i64,
-    #[prost(int64, repeated, tag = "5")]
+    #[prost(int64, repeated, tag = "1")]
     throttles_ms: Vec<i64>,
-    #[prost(int64, tag = "6")]
+    #[prost(int64, tag = "2")]
     break_glass_until_ms: i64,
-    #[prost(uint64, tag = "7")]
-    next_seq: u64,
-    #[prost(int64, tag = "8")]
-    now_ms: i64,
 }
 
 type RecordTag = [u8; 16];
 
 /// One principal's budget, in memory, mirrored in `Space::Budgets` under
-/// `tenant\0user\0s` (the scalars) and `tenant\0user\0r<seq>` (one entry per
-/// distinct record read within the day: time and a keyed tag of the id).
+/// `tenant\0user\0` and: `s` (the scalars), `r<tag>` (the last read time
+/// of each distinct record read within the day, `tag` a keyed MAC of its
+/// id), `m` (the last read of a missing id), `f` (the last find). One write
+/// per call, to one key.
+///
+/// The token buckets are not stored: after a restart each is taken as empty
+/// at the last spend on it and refilled at its rate since, so a restart
+/// never gives a burst that the bucket had not earned.
 struct State {
     prefix: Vec<u8>,
     b: StoredBudget,
+    tokens: f64,
+    tokens_at_ms: i64,
+    find_tokens: f64,
+    finds_at_ms: i64,
+    /// The latest time seen: the windows never move backwards.
+    now_ms: i64,
     /// Distinct records of the last day, oldest first, by sequence number.
     reads: BTreeMap<u64, (i64, RecordTag)>,
     by_record: HashMap<RecordTag, u64>,
+    next_seq: u64,
     /// Reads with a sequence number at or above this may be within the
     /// hour; `hour_count` counts those that are.
     hour_from: u64,
@@ -254,62 +256,96 @@ struct State {
 }
 
 impl State {
-    fn scalar_key(&self) -> Vec<u8> {
+    fn key(&self, kind: u8) -> Vec<u8> {
         let mut k = self.prefix.clone();
-        k.push(b's');
+        k.push(kind);
         k
     }
 
-    fn read_key(&self, seq: u64) -> Vec<u8> {
+    fn read_key(&self, tag: &RecordTag) -> Vec<u8> {
         let mut k = self.prefix.clone();
         k.push(b'r');
-        k.extend_from_slice(&seq.to_be_bytes());
+        k.extend_from_slice(tag);
         k
     }
 
-    fn load(store: &Storage, prefix: Vec<u8>, limits: &Limits, now: i64) -> Result<Self> {
+    /// The stored state, or a new one (buckets full) with its scalars in
+    /// `batch`, so that a restart knows it is not new.
+    fn load(
+        store: &Storage,
+        prefix: Vec<u8>,
+        limits: &Limits,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Result<Self> {
+        let mut stored = None;
+        let mut reads = Vec::new();
+        let (mut last_read, mut last_find) = (i64::MIN, i64::MIN);
+        let time = |v: &[u8]| -> Result<i64> {
+            Ok(i64::from_be_bytes(
+                v.try_into().map_err(|_| Error::DataLoss)?,
+            ))
+        };
+        for (k, v) in store.scan_prefix(Space::Budgets, &prefix, usize::MAX)? {
+            match &k[prefix.len()..] {
+                [b's'] => stored = Some(StoredBudget::decode(&v[..])?),
+                [b'r', tag @ ..] => {
+                    let tag: RecordTag = tag.try_into().map_err(|_| Error::DataLoss)?;
+                    let t = time(&v)?;
+                    last_read = last_read.max(t);
+                    reads.push((t, tag));
+                }
+                [b'm'] => last_read = last_read.max(time(&v)?),
+                [b'f'] => last_find = time(&v)?,
+                _ => return Err(Error::DataLoss),
+            }
+        }
+        reads.sort_unstable();
+        let known = stored.is_some();
+        // Empty at the last spend we know of (full for a new principal).
+        let bucket = |cap: u32, last: i64| {
+            if known && last != i64::MIN {
+                (0.0, last.min(now))
+            } else {
+                (f64::from(cap), now)
+            }
+        };
+        let (tokens, tokens_at_ms) = bucket(limits.read_burst, last_read);
+        let (find_tokens, finds_at_ms) = bucket(limits.finds_per_minute, last_find);
         let mut s = Self {
             prefix,
-            b: StoredBudget {
-                tokens: f64::from(limits.read_burst),
-                tokens_at_ms: now,
-                find_tokens: f64::from(limits.finds_per_minute),
-                finds_at_ms: now,
-                ..Default::default()
-            },
+            b: stored.unwrap_or_default(),
+            tokens,
+            tokens_at_ms,
+            find_tokens,
+            finds_at_ms,
+            now_ms: last_read.max(now),
             reads: BTreeMap::new(),
             by_record: HashMap::new(),
+            next_seq: 0,
             hour_from: 0,
             hour_count: 0,
             locked: false,
             throttles: VecDeque::new(),
         };
-        for (k, v) in store.scan_prefix(Space::Budgets, &s.prefix, usize::MAX)? {
-            match &k[s.prefix.len()..] {
-                [b's'] => s.b = StoredBudget::decode(&v[..])?,
-                [b'r', seq @ ..] => {
-                    let seq = u64::from_be_bytes(seq.try_into().map_err(|_| Error::DataLoss)?);
-                    if v.len() != 8 + 16 {
-                        return Err(Error::DataLoss);
-                    }
-                    let t = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-                    let tag: RecordTag = v[8..].try_into().expect("16 bytes");
-                    s.reads.insert(seq, (t, tag));
-                    s.by_record.insert(tag, seq);
-                }
-                _ => return Err(Error::DataLoss),
-            }
+        for (t, tag) in reads {
+            s.reads.insert(s.next_seq, (t, tag));
+            s.by_record.insert(tag, s.next_seq);
+            s.next_seq += 1;
         }
-        s.throttles = s.b.throttles_ms.iter().copied().collect();
         s.hour_count = s.reads.len() as u32;
+        s.throttles = s.b.throttles_ms.iter().copied().collect();
+        if !known {
+            s.save(batch);
+        }
         Ok(s)
     }
 
     /// Moves the windows to `now` (never backwards), dropping what left
     /// them; deletions go to `batch`.
     fn advance(&mut self, now: i64, batch: &mut Batch) -> i64 {
-        let now = now.max(self.b.now_ms);
-        self.b.now_ms = now;
+        let now = now.max(self.now_ms);
+        self.now_ms = now;
         while let Some((&seq, &(t, _))) = self.reads.range(self.hour_from..).next() {
             if t > now - HOUR_MS {
                 break;
@@ -323,7 +359,7 @@ impl State {
             }
             self.reads.remove(&seq);
             self.by_record.remove(&tag);
-            batch.delete(Space::Budgets, self.read_key(seq));
+            batch.delete(Space::Budgets, self.read_key(&tag));
         }
         while self.throttles.front().is_some_and(|&t| t <= now - HOUR_MS) {
             self.throttles.pop_front();
@@ -355,16 +391,16 @@ impl State {
     ) -> Result<(), Over> {
         let rate = l.reads_per_second / 1000.0;
         Self::refill(
-            &mut self.b.tokens,
-            &mut self.b.tokens_at_ms,
+            &mut self.tokens,
+            &mut self.tokens_at_ms,
             rate,
             f64::from(l.read_burst),
             now,
         );
-        if self.b.tokens < 1.0 {
+        if self.tokens < 1.0 {
             return Err(Over {
                 limit: "reads_per_second",
-                retry_after_ms: ((1.0 - self.b.tokens) / rate).ceil() as u64,
+                retry_after_ms: ((1.0 - self.tokens) / rate).ceil() as u64,
             });
         }
         let known = tag.and_then(|t| self.by_record.get(&t).copied());
@@ -387,50 +423,53 @@ impl State {
                 retry_after_ms: (oldest + DAY_MS - now).max(1) as u64,
             });
         }
-        self.b.tokens -= 1.0;
-        if let Some(tag) = tag {
-            if let Some(old) = known {
-                self.reads.remove(&old);
-                batch.delete(Space::Budgets, self.read_key(old));
-                if in_hour {
-                    self.hour_count -= 1;
-                }
+        self.tokens -= 1.0;
+        let Some(tag) = tag else {
+            batch.put(Space::Budgets, self.key(b'm'), now.to_be_bytes().to_vec());
+            return Ok(());
+        };
+        if let Some(old) = known {
+            self.reads.remove(&old);
+            if in_hour {
+                self.hour_count -= 1;
             }
-            let seq = self.b.next_seq;
-            self.b.next_seq += 1;
-            self.reads.insert(seq, (now, tag));
-            self.by_record.insert(tag, seq);
-            self.hour_count += 1;
-            let mut v = Vec::with_capacity(24);
-            v.extend_from_slice(&now.to_be_bytes());
-            v.extend_from_slice(&tag);
-            batch.put(Space::Budgets, self.read_key(seq), v);
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.reads.insert(seq, (now, tag));
+        self.by_record.insert(tag, seq);
+        self.hour_count += 1;
+        batch.put(
+            Space::Budgets,
+            self.read_key(&tag),
+            now.to_be_bytes().to_vec(),
+        );
         Ok(())
     }
 
-    fn spend_find(&mut self, l: &Limits, now: i64) -> Result<(), Over> {
+    fn spend_find(&mut self, l: &Limits, now: i64, batch: &mut Batch) -> Result<(), Over> {
         let rate = f64::from(l.finds_per_minute) / 60_000.0;
         Self::refill(
-            &mut self.b.find_tokens,
-            &mut self.b.finds_at_ms,
+            &mut self.find_tokens,
+            &mut self.finds_at_ms,
             rate,
             f64::from(l.finds_per_minute),
             now,
         );
-        if self.b.find_tokens < 1.0 {
+        if self.find_tokens < 1.0 {
             return Err(Over {
                 limit: "finds_per_minute",
-                retry_after_ms: ((1.0 - self.b.find_tokens) / rate).ceil() as u64,
+                retry_after_ms: ((1.0 - self.find_tokens) / rate).ceil() as u64,
             });
         }
-        self.b.find_tokens -= 1.0;
+        self.find_tokens -= 1.0;
+        batch.put(Space::Budgets, self.key(b'f'), now.to_be_bytes().to_vec());
         Ok(())
     }
 
     fn save(&mut self, batch: &mut Batch) {
         self.b.throttles_ms = self.throttles.iter().copied().collect();
-        batch.put(Space::Budgets, self.scalar_key(), self.b.encode_to_vec());
+        batch.put(Space::Budgets, self.key(b's'), self.b.encode_to_vec());
     }
 }
 
@@ -510,16 +549,20 @@ impl Budgets {
         let slot = self.slot(caller);
         let mut guard = slot.lock();
         let now = self.clock.now_ms();
+        let mut batch = Batch::new();
         if guard.is_none() {
-            *guard = Some(State::load(&self.store, Self::prefix(caller), &base, now)?);
+            let state = State::load(&self.store, Self::prefix(caller), &base, now, &mut batch)?;
+            *guard = Some(state);
         }
         let state = guard.as_mut().expect("loaded just above");
-        let mut batch = Batch::new();
         let now = state.advance(now, &mut batch);
         let limits = state.limits(base, now);
         let out = f(state, limits, now, &mut batch);
-        state.save(&mut batch);
-        self.store.apply(batch)?;
+        // Applied before the RPC's audit event is flushed, so durable when
+        // the response leaves. One op at a time: a crash between them loses
+        // at most the deletion of an expired read, which the next load
+        // expires again.
+        self.store.apply_each(batch)?;
         Ok(Some(out))
     }
 
@@ -529,11 +572,12 @@ impl Budgets {
         if purpose.as_str() != BREAK_GLASS || !self.enforce.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let opened = self.with_state(caller, |s, _, now, _| {
+        let opened = self.with_state(caller, |s, _, now, b| {
             if now < s.b.break_glass_until_ms {
                 false
             } else {
                 s.b.break_glass_until_ms = now + BREAK_GLASS_MS;
+                s.save(b);
                 true
             }
         })?;
@@ -577,11 +621,11 @@ impl Budgets {
             return Ok(Ok(()));
         }
         Ok(self
-            .with_state(caller, |s, l, now, _| {
+            .with_state(caller, |s, l, now, b| {
                 if s.locked {
                     return Err(Refused::Locked);
                 }
-                s.spend_find(&l, now).map_err(Refused::Over)
+                s.spend_find(&l, now, b).map_err(Refused::Over)
             })?
             .unwrap_or(Ok(())))
     }
@@ -605,8 +649,9 @@ impl Budgets {
     }
 
     async fn count_throttle(&self, caller: &Caller, action: &str, over: Over) -> Result<bool> {
-        let counted = self.with_state(caller, |s, l, now, _| {
+        let counted = self.with_state(caller, |s, l, now, b| {
             s.throttles.push_back(now);
+            s.save(b);
             let n = s.throttles.len() as u32;
             let lock = n >= l.lock_after_throttles && !s.locked;
             if lock {
@@ -687,7 +732,7 @@ impl Budgets {
             s.throttles.clear();
             let mut b = Batch::new();
             s.save(&mut b);
-            self.store.apply(b)?;
+            self.store.apply_each(b)?;
             return Ok(());
         }
         // Not in memory: clear the stored throttles.
@@ -700,7 +745,7 @@ impl Budgets {
             b.throttles_ms.clear();
             let mut batch = Batch::new();
             batch.put(Space::Budgets, k, b.encode_to_vec());
-            self.store.apply(batch)?;
+            self.store.apply_each(batch)?;
         }
         Ok(())
     }
@@ -736,7 +781,7 @@ mod tests {
             },
         )
         .unwrap();
-        State::load(&store, b"t\0u\0".to_vec(), &limits(), 0).unwrap()
+        State::load(&store, b"t\0u\0".to_vec(), &limits(), 0, &mut Batch::new()).unwrap()
     }
 
     fn tag(i: u8) -> Option<RecordTag> {
@@ -793,10 +838,10 @@ mod tests {
         assert_eq!(over.limit, "reads_per_second");
         assert_eq!(over.retry_after_ms, 1000);
         s.spend_read(&l, tag(9), 1000, &mut b).unwrap();
-        assert!(s.spend_find(&l, 1000).is_ok());
-        assert!(s.spend_find(&l, 1000).is_ok());
+        assert!(s.spend_find(&l, 1000, &mut b).is_ok());
+        assert!(s.spend_find(&l, 1000, &mut b).is_ok());
         assert_eq!(
-            s.spend_find(&l, 1000).unwrap_err().limit,
+            s.spend_find(&l, 1000, &mut b).unwrap_err().limit,
             "finds_per_minute"
         );
     }

@@ -292,6 +292,16 @@ impl Storage {
         self.backend.apply(batch)
     }
 
+    /// Applies the ops one at a time: not atomic, but never through the
+    /// backend's batch path (sled's takes a global lock that stalls every
+    /// reader). Only for state where every prefix of the ops is safe.
+    pub fn apply_each(&self, batch: Batch) -> Result<(), StorageError> {
+        for op in batch.0 {
+            self.backend.apply(Batch(vec![op]))?;
+        }
+        Ok(())
+    }
+
     /// Applies a batch and returns once it is durable. Concurrent callers
     /// share flushes.
     pub async fn commit(&self, batch: Batch) -> Result<(), StorageError> {
