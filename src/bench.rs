@@ -213,6 +213,14 @@ pub async fn run(
     })
     .await;
 
+    if get.errors > 0 {
+        eprintln!(
+            "bench: {} GetRecord calls failed: the server's read budgets throttle one \
+             principal reading this fast (SPEC §5); serve with roomy [limits.clinician], \
+             as deploy/coffre.bench.toml has",
+            get.errors
+        );
+    }
     let base = health.rate();
     let phases = [health, get, put];
     if json_out {

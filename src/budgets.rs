@@ -823,6 +823,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/coffre.toml");
+        let config = Config::load_with_env(Some(&path), |_| None).unwrap();
+        let policy = Policy::from_config(&config);
+        let clinic = TenantName::parse("clinic").unwrap();
+        for role in [Role::Clinician, Role::Service] {
+            assert_eq!(policy.limits(&clinic, role), Limits::default_for(role));
+        }
+        assert_eq!(policy.limits(&clinic, Role::Admin), None);
+        let overridden = Config::load_with_env(Some(&path), |k| {
+            (k == "COFFRE_LIMITS_CLINICIAN_READ_BURST").then(|| "7".to_string())
+        })
+        .unwrap();
+        let l = Policy::from_config(&overridden)
+            .limits(&clinic, Role::Clinician)
+            .unwrap();
+        assert_eq!(l.read_burst, 7);
+    }
+
+    #[test]
     fn token_bucket_refills_at_the_rate() {
         let mut s = state();
         let l = Limits {

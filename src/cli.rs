@@ -106,6 +106,14 @@ enum TenantCmd {
         #[arg(long = "index")]
         indexed_fields: Vec<String>,
     },
+    /// Plant honeytokens: canary records that look like the tenant's own;
+    /// reading one locks the reader. Keep the printed ids to yourself.
+    Honeytoken {
+        name: String,
+        /// How many canaries to plant.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -363,6 +371,28 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 &g,
                 &format!("tenant {name} created"),
                 json!({"tenant": name}),
+            );
+            Ok(())
+        }
+        Command::Tenant(TenantCmd::Honeytoken { name, count }) => {
+            let mut c = AdminClient::new(connect(&g).await?);
+            let mut ids = Vec::new();
+            for _ in 0..count {
+                let r = c
+                    .create_honeytoken(authed(
+                        &g,
+                        pb::CreateHoneytokenRequest {
+                            tenant: name.clone(),
+                        },
+                    )?)
+                    .await
+                    .map_err(status_err)?;
+                ids.push(r.into_inner().id);
+            }
+            say(
+                &g,
+                &format!("{count} honeytoken(s) planted in {name}: {}", ids.join(" ")),
+                json!({"tenant": name, "ids": ids}),
             );
             Ok(())
         }

@@ -469,5 +469,27 @@ mod tests {
         assert!(e.contains("inside data_dir"), "{e}");
         std::fs::write(&f, "dev = true\nbogus = 1\n").unwrap();
         assert!(Config::load_with_env(Some(&f), no_env).is_err());
+        for (budget, says) in [
+            (
+                "[limits.admin]\nread_burst = 5\n",
+                "only clinician and service",
+            ),
+            (
+                "[limits.clinician]\nread_burst = 0\n",
+                "read_burst must be at least 1",
+            ),
+            ("[limits.service]\nreads_per_second = -1.0\n", "positive"),
+            (
+                "[tenants.Bad.limits.clinician]\nread_burst = 5\n",
+                "tenant name",
+            ),
+            ("[limits.clinician]\nread_brust = 5\n", "read_brust"),
+        ] {
+            std::fs::write(&f, format!("dev = true\n{budget}")).unwrap();
+            let e = Config::load_with_env(Some(&f), no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{budget}: {e}");
+        }
     }
 }

@@ -173,6 +173,34 @@ async fn readme_walkthrough() {
         "",
     ));
 
+    // A honeytoken planted by the admin locks the clinician who reads it.
+    let planted = ok(&run(
+        &[
+            "--json",
+            "tenant",
+            "honeytoken",
+            "clinique-nord",
+            "--count",
+            "2",
+        ],
+        "",
+    ));
+    let v: serde_json::Value = serde_json::from_str(&planted).unwrap();
+    let canary = v["ids"][1].as_str().unwrap().to_string();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 2);
+    let martin = [
+        "login",
+        "--tenant",
+        "clinique-nord",
+        "--username",
+        "dr.martin",
+    ];
+    ok(&run(&martin, &clin_pw));
+    let e = fails(&run(&["record", "get", &canary], ""));
+    assert!(e.contains("PermissionDenied"), "{e}");
+    assert!(fails(&run(&martin, &clin_pw)).contains("locked"));
+    ok(&run(&["login"], &admin_pw));
+
     // Password change through stdin: old, then new.
     let new_pw = "saffron glacier 6602 pebble lark";
     ok(&run(&["passwd"], &format!("{ADMIN_PASSWORD}\n{new_pw}\n")));
