@@ -39,11 +39,8 @@ impl Backend for NoFlush {
 const CLIENTS: usize = 64;
 const SECONDS: u64 = 8;
 
-/// Roomy read budgets: this measures the audit trail, not the budgets.
-const LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0\nread_burst = 1000000\n";
-
 async fn run(durable: bool) -> (f64, f64) {
-    let b = support::start(LIMITS, |b| {
+    let b = support::start(support::ROOMY_LIMITS, |b| {
         if durable {
             b
         } else {

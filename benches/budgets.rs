@@ -13,8 +13,6 @@ use coffre::{budgets::Read, model::RecordId};
 const CLIENTS: usize = 16;
 const SECONDS: u64 = 5;
 const ROUNDS: usize = 3;
-const LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0\nread_burst = 1000000\n\
-                      distinct_records_per_hour = 1000000\ndistinct_records_per_day = 1000000\n";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -30,7 +28,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let b = support::start(LIMITS, |b| b).await;
+        let b = support::start(support::ROOMY_LIMITS, |b| b).await;
         // Warm up connections, caches and the budget state.
         b.get_load(CLIENTS, Duration::from_secs(2)).await;
         let (mut on, mut off, mut on_p99, mut off_p99) = (vec![], vec![], vec![], vec![]);

@@ -28,7 +28,8 @@ async fn server(limits: &str) -> TestServer {
         "[limits.clinician]\nreads_per_second = 1.0\nread_burst = 1\n\
          [tenants.clinic.limits.clinician]\n{limits}\n"
     );
-    let config = test_config_with(root.path(), &extra);
+    let mut config = test_config_with(root.path(), &extra);
+    config.alert_file = Some(root.path().join("alerts.jsonl"));
     let s = TestServer::start_with(root, config).await;
     let admin = s.admin_token().await;
     s.admin()
@@ -294,6 +295,16 @@ async fn scripted_exfiltration_is_capped_locked_and_reported() {
         !alerts.iter().any(|a| a.principal == "clinic/dr_h"),
         "nothing against the honest clinician"
     );
+    // The same alert, as a JSON line for the SIEM.
+    let lines = std::fs::read_to_string(s.config.alert_file.as_ref().unwrap()).unwrap();
+    let lockout: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "budget_lockout")
+        .collect();
+    assert_eq!(lockout.len(), 1);
+    assert_eq!(lockout[0]["principal"], "clinic/dr_x");
+    assert_eq!(lockout[0]["severity"], "critical");
 }
 
 /// Issue 4, point 2: a honeytoken read locks within that call, the lock
