@@ -101,15 +101,9 @@ async fn record_only(durable: bool) -> f64 {
 }
 
 fn main() {
-    // `cargo test --benches` runs bench binaries with no arguments but
-    // `--bench`; only measure when asked to.
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(rt) = support::runtime_if_measuring() else {
         return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    };
     for durable in [false, true] {
         let eps = rt.block_on(record_only(durable));
         println!("Audit::record alone, 64 tasks, durable={durable}: {eps:.0} events/s");

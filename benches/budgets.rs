@@ -20,13 +20,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(rt) = support::runtime_if_measuring() else {
         return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    };
     rt.block_on(async {
         let b = support::start(support::ROOMY_LIMITS, |b| b).await;
         // Warm up connections, caches and the budget state.

@@ -84,19 +84,8 @@ async fn a_copy_of_the_data_directory_holds_no_value_password_token_or_key() {
         ))
         .await
         .unwrap();
-    s.admin()
-        .await
-        .create_principal(authed(
-            &admin,
-            pb::CreatePrincipalRequest {
-                tenant: "clinic".into(),
-                username: "dr_a".into(),
-                password: clin_pw.into(),
-                role: pb::Role::Clinician as i32,
-            },
-        ))
-        .await
-        .unwrap();
+    s.principal("clinic", "dr_a", pb::Role::Clinician, clin_pw)
+        .await;
     let token = s.login("clinic", "dr_a", clin_pw).await.unwrap();
     secrets.push(token.as_bytes().to_vec());
     secrets.push(admin.as_bytes().to_vec());

@@ -17,20 +17,8 @@ use tonic::Code;
 const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
 
 async fn system_auditor(s: &TestServer) -> String {
-    let admin = s.admin_token().await;
-    s.admin()
-        .await
-        .create_principal(authed(
-            &admin,
-            pb::CreatePrincipalRequest {
-                tenant: "system".into(),
-                username: "auditor".into(),
-                password: AUDITOR_PASSWORD.into(),
-                role: pb::Role::Auditor as i32,
-            },
-        ))
-        .await
-        .unwrap();
+    s.principal("system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD)
+        .await;
     s.login("system", "auditor", AUDITOR_PASSWORD)
         .await
         .unwrap()
@@ -893,15 +881,12 @@ async fn lockouts_and_unlocks_raise_alerts() {
         ))
         .await
         .unwrap();
-    let mut st = AuditClient::new(s.channel().await)
-        .list_alerts(authed(&aud, pb::ListAlertsRequest { since_unix_ms: 0 }))
+    let alerts: Vec<_> = s
+        .alerts(&aud)
         .await
-        .unwrap()
-        .into_inner();
-    let mut alerts = Vec::new();
-    while let Some(a) = st.message().await.unwrap() {
-        alerts.push((a.kind, a.severity, a.principal, a.detail));
-    }
+        .into_iter()
+        .map(|a| (a.kind, a.severity, a.principal, a.detail))
+        .collect();
     let kinds: Vec<_> = alerts
         .iter()
         .map(|a| (a.0.as_str(), a.1.as_str(), a.2.as_str()))

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use coffre::pb::{self, audit_client::AuditClient};
+use coffre::pb;
 use common::*;
 use tonic::Code;
 
@@ -43,29 +43,14 @@ async fn server(limits: &str) -> TestServer {
         ))
         .await
         .unwrap();
-    principal(&s, "system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD).await;
+    s.principal("system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD)
+        .await;
     s
 }
 
-async fn principal(s: &TestServer, tenant: &str, user: &str, role: pb::Role, pw: &str) {
-    let admin = s.admin_token().await;
-    s.admin()
-        .await
-        .create_principal(authed(
-            &admin,
-            pb::CreatePrincipalRequest {
-                tenant: tenant.into(),
-                username: user.into(),
-                password: pw.into(),
-                role: role as i32,
-            },
-        ))
-        .await
-        .unwrap();
-}
-
 async fn clinician(s: &TestServer, user: &str) -> String {
-    principal(s, "clinic", user, pb::Role::Clinician, CLINICIAN_PASSWORD).await;
+    s.principal("clinic", user, pb::Role::Clinician, CLINICIAN_PASSWORD)
+        .await;
     s.login("clinic", user, CLINICIAN_PASSWORD).await.unwrap()
 }
 
@@ -146,16 +131,7 @@ async fn alerts(s: &TestServer) -> Vec<pb::Alert> {
         .login("system", "auditor", AUDITOR_PASSWORD)
         .await
         .unwrap();
-    let mut st = AuditClient::new(s.channel().await)
-        .list_alerts(authed(&aud, pb::ListAlertsRequest { since_unix_ms: 0 }))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(a) = st.message().await.unwrap() {
-        out.push(a);
-    }
-    out
+    s.alerts(&aud).await
 }
 
 /// Issue 4, point 1: one clinician, 8 threads, 5,000 records by GetRecord

@@ -25,6 +25,17 @@ pub const ROOMY_LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0
      read_burst = 1000000\ndistinct_records_per_hour = 1000000\n\
      distinct_records_per_day = 1000000\n";
 
+/// The runtime to measure on, or `None` when the binary runs without
+/// `--bench` (as `cargo test --benches` does): then nothing is measured.
+pub fn runtime_if_measuring() -> Option<tokio::runtime::Runtime> {
+    std::env::args().any(|a| a == "--bench").then(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 pub fn authed<T>(t: &str, m: T) -> Request<T> {
     let mut r = Request::new(m);
     r.metadata_mut()

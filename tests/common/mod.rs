@@ -192,6 +192,38 @@ impl TestServer {
         RecordsClient::new(self.channel().await)
     }
 
+    /// Creates a principal (as the bootstrap admin).
+    pub async fn principal(&self, tenant: &str, user: &str, role: pb::Role, password: &str) {
+        let admin = self.admin_token().await;
+        self.admin()
+            .await
+            .create_principal(authed(
+                &admin,
+                pb::CreatePrincipalRequest {
+                    tenant: tenant.into(),
+                    username: user.into(),
+                    password: password.into(),
+                    role: role as i32,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Every alert the auditor behind `token` may see.
+    pub async fn alerts(&self, token: &str) -> Vec<pb::Alert> {
+        let mut st = pb::audit_client::AuditClient::new(self.channel().await)
+            .list_alerts(authed(token, pb::ListAlertsRequest { since_unix_ms: 0 }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(a) = st.message().await.unwrap() {
+            out.push(a);
+        }
+        out
+    }
+
     /// Creates a tenant (indexed on `nir`) and a principal; returns its token.
     pub async fn tenant_with(&self, tenant: &str, user: &str, role: pb::Role) -> String {
         let admin = self.admin_token().await;
