@@ -26,11 +26,17 @@ fn field_crypto(c: &mut Criterion) {
         },
     )
     .unwrap();
-    let ring = Keyring::open(store.clone(), &MasterKey::from_secret(SecretKey::random())).unwrap();
+    let ring = Keyring::open(
+        store.clone(),
+        &MasterKey::from_secret(SecretKey::random()),
+        u64::MAX,
+    )
+    .unwrap();
     let mut b = coffre::storage::Batch::new();
     ring.add_new_tenant("bench", &mut b);
     store.apply(b).unwrap();
     let keys = ring.tenant("bench").unwrap().unwrap();
+    let (active, _) = ring.reserve_encryptions(&keys, 1).unwrap();
     let mut g = c.benchmark_group("field");
     for size in [16usize, 256, 1024, 4096] {
         let value = vec![b'x'; size];
@@ -38,13 +44,19 @@ fn field_crypto(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("encrypt", size), &value, |b, v| {
             b.iter(|| {
                 keys.encrypt_field(
+                    &active,
                     "00000000-0000-4000-8000-000000000000",
                     "address",
                     black_box(v),
                 )
             })
         });
-        let sealed = keys.encrypt_field("00000000-0000-4000-8000-000000000000", "address", &value);
+        let sealed = keys.encrypt_field(
+            &active,
+            "00000000-0000-4000-8000-000000000000",
+            "address",
+            &value,
+        );
         g.bench_with_input(BenchmarkId::new("decrypt", size), &sealed, |b, s| {
             b.iter(|| {
                 keys.decrypt_field(
@@ -73,7 +85,12 @@ fn record_store(c: &mut Criterion) {
     )
     .unwrap();
     let ring = Arc::new(
-        Keyring::open(store.clone(), &MasterKey::from_secret(SecretKey::random())).unwrap(),
+        Keyring::open(
+            store.clone(),
+            &MasterKey::from_secret(SecretKey::random()),
+            u64::MAX,
+        )
+        .unwrap(),
     );
     let pepper = SecretKey::from_slice(ring.pepper().expose()).unwrap();
     let hasher = Hasher::new(

@@ -24,7 +24,7 @@ use crate::{
     crypto::{self, Context, SecretKey},
     error::Result,
     model::{FieldName, Fields, RecordId, TenantName},
-    records::Records,
+    records::{Records, Written},
     storage::{Batch, Space, Storage},
     tenants::Tenant,
 };
@@ -68,7 +68,7 @@ impl Honeytokens {
     }
 
     /// Makes a canary record in `tenant` and returns its id.
-    pub async fn create(&self, tenant: &Tenant, records: &Records) -> Result<RecordId> {
+    pub async fn create(&self, tenant: &Tenant, records: &Records) -> Result<Written> {
         let id = RecordId::generate();
         let shape = records.sample_shape(tenant)?;
         let mut fields = Vec::new();
@@ -88,10 +88,10 @@ impl Honeytokens {
         let mut b = Batch::new();
         b.put(Space::Honeytokens, tag.to_vec(), Vec::new());
         self.store.commit(b).await?;
-        records
+        let written = records
             .put_with(tenant, Some(id.clone()), fields, &decoys)
             .await?;
-        Ok(id)
+        Ok(written)
     }
 }
 

@@ -111,12 +111,18 @@ impl MasterKey {
     }
 }
 
-/// One tenant's unwrapped keys.
+/// One tenant's unwrapped keys. Versions are added by rotation and removed
+/// by retirement while the keys are shared, so they sit behind a lock; a
+/// write takes the active version once ([`ActiveKey`]) for all its fields.
 pub struct TenantKeys {
     tenant: String,
-    active: u32,
-    data: HashMap<u32, DataKey>,
+    versions: RwLock<Versions>,
     index: SecretKey,
+}
+
+struct Versions {
+    active: u32,
+    data: HashMap<u32, Arc<DataKey>>,
 }
 
 struct DataKey {
@@ -130,33 +136,51 @@ struct EncryptionCounter {
     reserved: Mutex<u64>,
 }
 
+/// The version one write encrypts under, with its encryptions counted.
+pub struct ActiveKey {
+    version: u32,
+    key: Arc<DataKey>,
+}
+
+impl ActiveKey {
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl std::fmt::Debug for TenantKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TenantKeys")
             .field("tenant", &self.tenant)
-            .field("active", &self.active)
+            .field("active", &self.active_version())
             .finish_non_exhaustive()
     }
 }
 
 impl TenantKeys {
     pub fn active_version(&self) -> u32 {
-        self.active
+        self.versions.read().active
     }
 
-    /// Seals one field value under the active version. The caller must have
-    /// reserved the encryption count first ([`Keyring::reserve_encryptions`]).
-    pub fn encrypt_field(&self, record_id: &str, field: &str, plaintext: &[u8]) -> Vec<u8> {
-        let key = &self.data[&self.active];
-        key.aead.seal_field(
-            self.active,
+    /// Seals one field value under `active`, which
+    /// [`Keyring::reserve_encryptions`] returned for this write.
+    pub fn encrypt_field(
+        &self,
+        active: &ActiveKey,
+        record_id: &str,
+        field: &str,
+        plaintext: &[u8],
+    ) -> Vec<u8> {
+        active.key.aead.seal_field(
+            active.version,
             &mut field_aad(&self.tenant, record_id, field),
             plaintext,
         )
     }
 
     /// Opens a field; any failure (tampering, a field moved from another
-    /// record or tenant, an unknown key version) is an authentication error.
+    /// record or tenant, an unknown or retired key version) is an
+    /// authentication error.
     pub fn decrypt_field(
         &self,
         record_id: &str,
@@ -164,7 +188,13 @@ impl TenantKeys {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let version = crypto::field_key_version(sealed)?;
-        let key = self.data.get(&version).ok_or(CryptoError::Authentication)?;
+        let key = self
+            .versions
+            .read()
+            .data
+            .get(&version)
+            .cloned()
+            .ok_or(CryptoError::Authentication)?;
         key.aead
             .open_field(&mut field_aad(&self.tenant, record_id, field), sealed)
     }
@@ -178,9 +208,11 @@ impl TenantKeys {
         crypto::hmac_sha256(&self.index, ctx.as_bytes())
     }
 
-    /// Encryptions performed under each version (for `KeyStatus`).
+    /// Encryptions performed under each live version (for `KeyStatus`).
     pub fn encryption_counts(&self) -> Vec<(u32, u64)> {
         let mut v: Vec<_> = self
+            .versions
+            .read()
             .data
             .iter()
             .map(|(ver, k)| (*ver, k.counter.count.load(Ordering::Relaxed)))
@@ -227,6 +259,10 @@ pub struct Keyring {
     kek: Aead256,
     pepper: SecretKey,
     audit: SecretKey,
+    /// A tenant data key version encrypts at most this many values.
+    rotate_after: u64,
+    /// Rotations one at a time.
+    rotating: Mutex<()>,
     /// Names the records a principal read, in its stored read budget.
     budget: SecretKey,
     /// Marks honeytoken records without naming them in the clear.
@@ -243,7 +279,7 @@ impl std::fmt::Debug for Keyring {
 impl Keyring {
     /// Opens the key store with `master`. On an empty store, records the
     /// key-check value and a new pepper; otherwise refuses a different key.
-    pub fn open(store: Storage, master: &MasterKey) -> Result<Self, KeyError> {
+    pub fn open(store: Storage, master: &MasterKey, rotate_after: u64) -> Result<Self, KeyError> {
         let check_key = crypto::derive_key(&master.0, "key-check");
         let check = crypto::hmac_sha256(&check_key, KEY_CHECK_LABEL);
         let kek = crypto::derive_key(&master.0, "kek").aead();
@@ -280,6 +316,8 @@ impl Keyring {
             kek,
             pepper,
             audit: crypto::derive_key(&master.0, "audit"),
+            rotate_after,
+            rotating: Mutex::new(()),
             budget: crypto::derive_key(&master.0, "budget"),
             honeytoken: crypto::derive_key(&master.0, "honeytoken"),
             tenants: RwLock::new(HashMap::new()),
@@ -374,24 +412,14 @@ impl Keyring {
                 .transpose()
                 .map_err(|_| KeyError::Tampered)?
                 .unwrap_or(0);
-            data.insert(
-                version,
-                DataKey {
-                    aead: key.aead(),
-                    counter: EncryptionCounter {
-                        count: AtomicU64::new(reserved),
-                        reserved: Mutex::new(reserved),
-                    },
-                },
-            );
+            data.insert(version, Arc::new(DataKey::new(key.aead(), reserved)));
         }
         if !data.contains_key(&active) {
             return Err(KeyError::Tampered);
         }
         Ok(Some(TenantKeys {
             tenant: tenant.to_string(),
-            active,
-            data,
+            versions: RwLock::new(Versions { active, data }),
             index,
         }))
     }
@@ -418,26 +446,115 @@ impl Keyring {
         SecretKey::from_slice(&raw).ok_or(KeyError::Tampered)
     }
 
-    /// Counts `n` encryptions under the tenant's active version. When the
-    /// count passes the durable reservation, a new reservation is applied to
+    /// Counts `n` encryptions under the tenant's active version and returns
+    /// that version for the caller to encrypt with. If they would take the
+    /// version past `keys.rotate_after_encryptions` (the nonce bound of SPEC
+    /// §2), the tenant key rotates first and the count goes to the new
+    /// version; the second value then names it. Reservations are applied to
     /// the store before the encryptions happen, so the caller's commit makes
-    /// it durable together with the ciphertexts.
-    pub fn reserve_encryptions(&self, keys: &TenantKeys, n: u64) -> Result<(), StorageError> {
-        let key = &keys.data[&keys.active];
+    /// them durable with the ciphertexts; near the bound they are exact, so
+    /// that a restart resumes the count where it was.
+    pub fn reserve_encryptions(
+        &self,
+        keys: &TenantKeys,
+        n: u64,
+    ) -> Result<(ActiveKey, Option<u32>), KeyError> {
+        let limit = self.rotate_after.max(n);
+        let (version, key) = {
+            let v = keys.versions.read();
+            (v.active, v.data[&v.active].clone())
+        };
         let after = key.counter.count.fetch_add(n, Ordering::Relaxed) + n;
-        let mut reserved = key.counter.reserved.lock();
-        if after > *reserved {
-            let next = after + COUNTER_BLOCK;
-            let mut b = Batch::new();
-            b.put(
-                Space::Counters,
-                tenant_key_id(&keys.tenant, "data", keys.active),
-                next.to_be_bytes().to_vec(),
-            );
-            self.store.apply(b)?;
-            *reserved = next;
+        if after > limit {
+            key.counter.count.fetch_sub(n, Ordering::Relaxed);
+            let _serial = self.rotating.lock();
+            // Another write may have rotated while we waited.
+            if keys.active_version() == version {
+                self.rotate_now(keys)?;
+            }
+            let (active, _) = self.reserve_encryptions(keys, n)?;
+            let version = active.version;
+            return Ok((active, Some(version)));
         }
-        Ok(())
+        {
+            let mut reserved = key.counter.reserved.lock();
+            if after > *reserved {
+                let next = if after + COUNTER_BLOCK > limit {
+                    after
+                } else {
+                    after + COUNTER_BLOCK
+                };
+                let mut b = Batch::new();
+                b.put(
+                    Space::Counters,
+                    tenant_key_id(&keys.tenant, "data", version),
+                    next.to_be_bytes().to_vec(),
+                );
+                self.store.apply(b)?;
+                *reserved = next;
+            }
+        }
+        Ok((ActiveKey { version, key }, None))
+    }
+
+    /// Makes a new data key version the tenant's active one, at once, and
+    /// returns it. Durable once the caller has synced the store.
+    pub fn rotate(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
+        let _serial = self.rotating.lock();
+        self.rotate_now(keys)
+    }
+
+    fn rotate_now(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
+        let tenant = &keys.tenant;
+        // Never reuse a number, even of a retired version.
+        let next = self
+            .store
+            .get(Space::Keys, &tenant_key_id(tenant, "next", 0))?
+            .map(|v| v.try_into().map(u32::from_be_bytes))
+            .transpose()
+            .map_err(|_| KeyError::Tampered)?
+            .unwrap_or(0)
+            .max(keys.versions.read().data.keys().max().copied().unwrap_or(0) + 1);
+        let data = SecretKey::random();
+        let mut b = Batch::new();
+        b.put(
+            Space::Keys,
+            tenant_key_id(tenant, "data", next),
+            self.kek
+                .seal(wrap_context(tenant, "data", next).as_bytes(), data.expose()),
+        );
+        b.put(
+            Space::Keys,
+            tenant_key_id(tenant, "active", 0),
+            next.to_be_bytes().to_vec(),
+        );
+        b.put(
+            Space::Keys,
+            tenant_key_id(tenant, "next", 0),
+            (next + 1).to_be_bytes().to_vec(),
+        );
+        b.put(
+            Space::Counters,
+            tenant_key_id(tenant, "data", next),
+            0u64.to_be_bytes().to_vec(),
+        );
+        self.store.apply(b)?;
+        let mut v = keys.versions.write();
+        v.data.insert(next, Arc::new(DataKey::new(data.aead(), 0)));
+        v.active = next;
+        Ok(next)
+    }
+}
+
+impl DataKey {
+    fn new(aead: Aead256, count: u64) -> Self {
+        Self {
+            aead,
+            counter: EncryptionCounter {
+                count: AtomicU64::new(count),
+                reserved: Mutex::new(count),
+            },
+        }
     }
 }
 
@@ -445,6 +562,8 @@ impl Keyring {
 mod tests {
     use super::*;
     use crate::storage::SledOptions;
+
+    const BOUND: u64 = 1 << 40;
 
     fn store(dir: &Path) -> Storage {
         Storage::open_sled(
@@ -474,8 +593,8 @@ mod tests {
     fn wrong_master_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        Keyring::open(s.clone(), &MasterKey(SecretKey::random())).unwrap();
-        let err = Keyring::open(s, &MasterKey(SecretKey::random())).unwrap_err();
+        Keyring::open(s.clone(), &MasterKey(SecretKey::random()), BOUND).unwrap();
+        let err = Keyring::open(s, &MasterKey(SecretKey::random()), BOUND).unwrap_err();
         assert!(matches!(err, KeyError::WrongKey));
     }
 
@@ -483,14 +602,15 @@ mod tests {
     fn tenant_keys_are_stored_wrapped_and_bound_to_their_tenant() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        let ring = Keyring::open(s.clone(), &MasterKey(SecretKey::random())).unwrap();
+        let ring = Keyring::open(s.clone(), &MasterKey(SecretKey::random()), BOUND).unwrap();
         let mut b = Batch::new();
         ring.add_new_tenant("a", &mut b);
         ring.add_new_tenant("b", &mut b);
         s.apply(b).unwrap();
         let a = ring.tenant("a").unwrap().unwrap();
         let b = ring.tenant("b").unwrap().unwrap();
-        let sealed = a.encrypt_field("r1", "nir", b"1850775123456");
+        let (active, _) = ring.reserve_encryptions(&a, 1).unwrap();
+        let sealed = a.encrypt_field(&active, "r1", "nir", b"1850775123456");
         assert_eq!(
             &a.decrypt_field("r1", "nir", &sealed).unwrap()[..],
             b"1850775123456"
@@ -514,16 +634,46 @@ mod tests {
         let s = store(dir.path());
         let master = SecretKey::random();
         let m = MasterKey(SecretKey::from_slice(master.expose()).unwrap());
-        let ring = Keyring::open(s.clone(), &m).unwrap();
+        let ring = Keyring::open(s.clone(), &m, BOUND).unwrap();
         let mut b = Batch::new();
         ring.add_new_tenant("t", &mut b);
         s.apply(b).unwrap();
         let k = ring.tenant("t").unwrap().unwrap();
-        ring.reserve_encryptions(&k, 10).unwrap();
+        let _ = ring.reserve_encryptions(&k, 10).unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
-        let ring2 = Keyring::open(s, &m).unwrap();
+        let ring2 = Keyring::open(s, &m, BOUND).unwrap();
         let k2 = ring2.tenant("t").unwrap().unwrap();
         let after_restart = k2.encryption_counts()[0].1;
         assert!(after_restart >= 10, "a restart never under-counts");
+    }
+
+    #[test]
+    fn rotation_at_the_bound_is_exact_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let master = SecretKey::random();
+        let m = MasterKey(SecretKey::from_slice(master.expose()).unwrap());
+        let ring = Keyring::open(s.clone(), &m, 10).unwrap();
+        let mut b = Batch::new();
+        ring.add_new_tenant("t", &mut b);
+        s.apply(b).unwrap();
+        let k = ring.tenant("t").unwrap().unwrap();
+        let (a, rotated) = ring.reserve_encryptions(&k, 4).unwrap();
+        assert_eq!((a.version(), rotated), (1, None));
+        let old = k.encrypt_field(&a, "r", "f", b"v1");
+        let (_, rotated) = ring.reserve_encryptions(&k, 6).unwrap();
+        assert_eq!(rotated, None, "exactly at the bound: still version 1");
+        drop(ring);
+        // Reopened: the count resumed exactly, so one more rotates.
+        let ring = Keyring::open(s.clone(), &m, 10).unwrap();
+        let k = ring.tenant("t").unwrap().unwrap();
+        assert_eq!(k.encryption_counts(), vec![(1, 10)]);
+        let (a, rotated) = ring.reserve_encryptions(&k, 1).unwrap();
+        assert_eq!((a.version(), rotated), (2, Some(2)));
+        assert_eq!(k.encryption_counts(), vec![(1, 10), (2, 1)]);
+        assert_eq!(&k.decrypt_field("r", "f", &old).unwrap()[..], b"v1");
+        assert_eq!(ring.rotate(&k).unwrap(), 3);
+        let ring = Keyring::open(s, &m, 10).unwrap();
+        assert_eq!(ring.tenant("t").unwrap().unwrap().active_version(), 3);
     }
 }

@@ -44,6 +44,16 @@ struct StoredRecord {
     index: HashMap<String, Vec<u8>>,
 }
 
+/// What a durable put did.
+#[derive(Debug)]
+pub struct Written {
+    pub id: RecordId,
+    pub version: u64,
+    /// The write took the tenant's data key to its encryption bound, and
+    /// this version became active first.
+    pub rotated_to: Option<u32>,
+}
+
 /// A decrypted record. Values zeroize on drop; `Debug` shows names only.
 pub struct PlainRecord {
     pub id: RecordId,
@@ -144,7 +154,7 @@ impl Records {
         tenant: &Tenant,
         id: Option<RecordId>,
         fields: Fields,
-    ) -> Result<(RecordId, u64)> {
+    ) -> Result<Written> {
         self.put_with(tenant, id, fields, &BTreeSet::new()).await
     }
 
@@ -156,9 +166,10 @@ impl Records {
         id: Option<RecordId>,
         fields: Fields,
         decoys: &BTreeSet<FieldName>,
-    ) -> Result<(RecordId, u64)> {
+    ) -> Result<Written> {
         let id = id.unwrap_or_else(RecordId::generate);
-        self.keys
+        let (active, rotated) = self
+            .keys
             .reserve_encryptions(&tenant.keys, fields.0.len() as u64)?;
         let mut rec = StoredRecord {
             version: 0,
@@ -170,7 +181,7 @@ impl Records {
                 name.to_string(),
                 tenant
                     .keys
-                    .encrypt_field(id.as_str(), name.as_str(), value.as_bytes()),
+                    .encrypt_field(&active, id.as_str(), name.as_str(), value.as_bytes()),
             );
             if tenant.indexed.contains(name) {
                 let token = if decoys.contains(name) {
@@ -200,7 +211,11 @@ impl Records {
             rec.version
         };
         self.store.sync().await?;
-        Ok((id, version))
+        Ok(Written {
+            id,
+            version,
+            rotated_to: rotated,
+        })
     }
 
     /// The field names of a record of the tenant, picked at random among

@@ -397,11 +397,11 @@ impl records_server::Records for RecordsService {
                 n.fields = names;
                 let fields = Fields::parse(rec.fields)?;
                 let tenant = v.tenants.get(&caller.tenant)?;
-                let (id, version) = v.records.put(&tenant, id, fields).await?;
-                n.record_ids = vec![id.to_string()];
+                let w = v.put_record(&tenant, id, fields).await?;
+                n.record_ids = vec![w.id.to_string()];
                 Ok(pb::PutRecordResponse {
-                    id: id.to_string(),
-                    version,
+                    id: w.id.to_string(),
+                    version: w.version,
                 })
             }
         )
@@ -729,7 +729,9 @@ impl admin_server::Admin for AdminService {
                     ));
                 }
                 let tenant = v.tenants.get(&name)?;
-                let id = v.honeytokens.create(&tenant, &v.records).await?;
+                let w = v.honeytokens.create(&tenant, &v.records).await?;
+                v.key_rotated(&tenant, w.rotated_to).await?;
+                let id = w.id;
                 // The canary's id is for the administrator alone: the trail
                 // is read by auditors of the tenant, who must not learn it.
                 Ok(pb::CreateHoneytokenResponse { id: id.to_string() })

@@ -13,9 +13,9 @@ use crate::{
     error::Error,
     honeytokens::Honeytokens,
     keys::{self, KeyError, Keyring},
-    model::{FieldName, Password, RecordId, Role, TenantName, Username},
-    records::PlainRecord,
+    model::{FieldName, Fields, Password, RecordId, Role, TenantName, Username},
     records::Records,
+    records::{PlainRecord, Written},
     storage::{Backend, SledBackend, SledOptions, Storage, StorageError},
     tenants::Tenant,
     tenants::Tenants,
@@ -102,7 +102,11 @@ impl Vault {
             },
         )?;
         let store = Storage::new(wrap(Arc::new(sled)));
-        let keys = Arc::new(Keyring::open(store.clone(), &master)?);
+        let keys = Arc::new(Keyring::open(
+            store.clone(),
+            &master,
+            config.keys.rotate_after_encryptions,
+        )?);
         drop(master);
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())
             .expect("pepper is KEY_LEN bytes");
@@ -173,6 +177,37 @@ impl Vault {
             return Err(Error::NotFound);
         }
         self.records.get(tenant, id, projection)
+    }
+
+    /// Stores a record; if the write took the tenant's data key to its
+    /// encryption bound, the automatic rotation is recorded in the trail.
+    pub async fn put_record(
+        &self,
+        tenant: &Tenant,
+        id: Option<RecordId>,
+        fields: Fields,
+    ) -> Result<Written, Error> {
+        let w = self.records.put(tenant, id, fields).await?;
+        self.key_rotated(tenant, w.rotated_to).await?;
+        Ok(w)
+    }
+
+    /// Records an automatic rotation (SPEC §2's nonce bound) in the trail.
+    pub async fn key_rotated(&self, tenant: &Tenant, to: Option<u32>) -> Result<(), Error> {
+        let Some(version) = to else { return Ok(()) };
+        self.audit
+            .record(crate::pb::AuditEvent {
+                tenant: tenant.name.to_string(),
+                principal: "system/coffre".into(),
+                action: "keys/auto_rotate".into(),
+                purpose: format!(
+                    "data key reached keys.rotate_after_encryptions; version {version} active"
+                ),
+                outcome: "ok".into(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
     }
 
     /// FindRecords under the find rate limit; a hit on a honeytoken locks
