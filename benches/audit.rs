@@ -25,6 +25,15 @@ impl Backend for NoFlush {
     fn scan_prefix(&self, s: Space, p: &[u8], l: usize) -> Result<Vec<Entry>, StorageError> {
         self.0.scan_prefix(s, p, l)
     }
+    fn scan_from(
+        &self,
+        s: Space,
+        p: &[u8],
+        from: &[u8],
+        l: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.0.scan_from(s, p, from, l)
+    }
     fn apply(&self, b: Batch) -> Result<(), StorageError> {
         self.0.apply(b)
     }

@@ -69,6 +69,17 @@ impl From<KeyError> for Error {
     }
 }
 
+impl From<crate::keys::RetireError> for Error {
+    fn from(e: crate::keys::RetireError) -> Self {
+        use crate::keys::RetireError as R;
+        match e {
+            R::Key(k) => k.into(),
+            R::Unknown => Error::NotFound,
+            other => Error::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
 impl From<prost::DecodeError> for Error {
     fn from(_: prost::DecodeError) -> Self {
         Error::DataLoss

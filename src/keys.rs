@@ -118,6 +118,10 @@ pub struct TenantKeys {
     tenant: String,
     versions: RwLock<Versions>,
     index: SecretKey,
+    /// Held shared by every write from the choice of its key version until
+    /// its ciphertexts are applied, and exclusively by a retirement, so no
+    /// write can use a version as it is retired.
+    writes: RwLock<()>,
 }
 
 struct Versions {
@@ -206,6 +210,11 @@ impl TenantKeys {
             .with(field.as_bytes())
             .with(normalized.as_bytes());
         crypto::hmac_sha256(&self.index, ctx.as_bytes())
+    }
+
+    /// Held by a write while it encrypts and applies (see `writes`).
+    pub fn write_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.writes.read()
     }
 
     /// Encryptions performed under each live version (for `KeyStatus`).
@@ -421,6 +430,7 @@ impl Keyring {
             tenant: tenant.to_string(),
             versions: RwLock::new(Versions { active, data }),
             index,
+            writes: RwLock::new(()),
         }))
     }
 
@@ -544,6 +554,78 @@ impl Keyring {
         v.active = next;
         Ok(next)
     }
+}
+
+impl Keyring {
+    /// Destroys a key version that seals nothing: its wrapped key and count
+    /// are deleted from the store (a tombstone keeps its number from being
+    /// reused) and its unwrapped key is dropped, which zeroizes it.
+    /// `in_use` counts the fields the version still seals; it runs with
+    /// every write of the tenant held off.
+    pub fn retire<E: From<RetireError>>(
+        &self,
+        keys: &TenantKeys,
+        version: u32,
+        in_use: impl FnOnce() -> Result<u64, E>,
+    ) -> Result<(), E> {
+        let _no_writes = keys.writes.write();
+        {
+            let v = keys.versions.read();
+            if v.active == version {
+                return Err(RetireError::Active.into());
+            }
+            if !v.data.contains_key(&version) {
+                return Err(RetireError::Unknown.into());
+            }
+        }
+        let n = in_use()?;
+        if n > 0 {
+            return Err(RetireError::InUse(n).into());
+        }
+        let tenant = &keys.tenant;
+        let mut b = Batch::new();
+        b.delete(Space::Keys, tenant_key_id(tenant, "data", version));
+        b.delete(Space::Counters, tenant_key_id(tenant, "data", version));
+        b.put(
+            Space::Keys,
+            tenant_key_id(tenant, "retired", version),
+            Vec::new(),
+        );
+        self.store
+            .apply(b)
+            .map_err(|e| RetireError::Key(KeyError::Storage(e)))?;
+        keys.versions.write().data.remove(&version);
+        Ok(())
+    }
+
+    /// The versions of a tenant that were retired.
+    pub fn retired_versions(&self, keys: &TenantKeys) -> Result<Vec<u32>, KeyError> {
+        let mut p = tenant_prefix(&keys.tenant);
+        p.extend_from_slice(b"retired\0");
+        self.store
+            .scan_prefix(Space::Keys, &p, usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| {
+                k[p.len()..]
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| KeyError::Tampered)
+            })
+            .collect()
+    }
+}
+
+/// Why a key version cannot be retired.
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    #[error("the active version cannot be retired: rotate first")]
+    Active,
+    #[error("no such live key version")]
+    Unknown,
+    #[error("{0} fields are still sealed under this version: rewrap first")]
+    InUse(u64),
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 impl DataKey {

@@ -44,6 +44,27 @@ struct StoredRecord {
     index: HashMap<String, Vec<u8>>,
 }
 
+/// What one [`Records::rewrap_step`] did (applied, not yet durable).
+#[derive(Debug)]
+pub struct RewrapStep {
+    /// Fields re-encrypted.
+    pub fields: u64,
+    /// Where the next step starts; `None` when the tenant is done.
+    pub cursor: Option<Vec<u8>>,
+    /// The step took the data key to its bound: this version became active.
+    pub rotated_to: Option<u32>,
+}
+
+/// Whether any field of `rec` is sealed under another version than `active`.
+fn stale_fields(rec: &StoredRecord, active: u32) -> Result<bool> {
+    for sealed in rec.fields.values() {
+        if crate::crypto::field_key_version(sealed)? != active {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// What a durable put did.
 #[derive(Debug)]
 pub struct Written {
@@ -168,47 +189,56 @@ impl Records {
         decoys: &BTreeSet<FieldName>,
     ) -> Result<Written> {
         let id = id.unwrap_or_else(RecordId::generate);
-        let (active, rotated) = self
-            .keys
-            .reserve_encryptions(&tenant.keys, fields.0.len() as u64)?;
-        let mut rec = StoredRecord {
-            version: 0,
-            fields: HashMap::with_capacity(fields.0.len()),
-            index: HashMap::new(),
-        };
-        for (name, value) in &fields.0 {
-            rec.fields.insert(
-                name.to_string(),
-                tenant
-                    .keys
-                    .encrypt_field(&active, id.as_str(), name.as_str(), value.as_bytes()),
-            );
-            if tenant.indexed.contains(name) {
-                let token = if decoys.contains(name) {
-                    crate::crypto::random_array::<32>()
-                } else {
-                    tenant.keys.index_token(name.as_str(), &normalize(value))
-                };
-                rec.index.insert(name.to_string(), token.to_vec());
-            }
-        }
-        let key = record_key(tenant, id.as_str());
-        let version = {
-            let _g = self.stripe(tenant, id.as_str()).lock();
-            let old = self.load(tenant, id.as_str())?;
-            let mut b = Batch::new();
-            if let Some(old) = &old {
-                for (f, token) in &old.index {
-                    b.delete(Space::Index, index_key(tenant, f, token, &id));
+        // Lock order, here and in rewrap: the tenant's write guard, then
+        // the stripe.
+        let (version, rotated) = {
+            let _writing = tenant.keys.write_guard();
+            let (active, rotated) = self
+                .keys
+                .reserve_encryptions(&tenant.keys, fields.0.len() as u64)?;
+            let mut rec = StoredRecord {
+                version: 0,
+                fields: HashMap::with_capacity(fields.0.len()),
+                index: HashMap::new(),
+            };
+            for (name, value) in &fields.0 {
+                rec.fields.insert(
+                    name.to_string(),
+                    tenant.keys.encrypt_field(
+                        &active,
+                        id.as_str(),
+                        name.as_str(),
+                        value.as_bytes(),
+                    ),
+                );
+                if tenant.indexed.contains(name) {
+                    let token = if decoys.contains(name) {
+                        crate::crypto::random_array::<32>()
+                    } else {
+                        tenant.keys.index_token(name.as_str(), &normalize(value))
+                    };
+                    rec.index.insert(name.to_string(), token.to_vec());
                 }
             }
-            for (f, token) in &rec.index {
-                b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
-            }
-            rec.version = old.map_or(1, |o| o.version + 1);
-            b.put(Space::Records, key, rec.encode_to_vec());
-            self.store.apply(b)?;
-            rec.version
+            let key = record_key(tenant, id.as_str());
+            let version = {
+                let _g = self.stripe(tenant, id.as_str()).lock();
+                let old = self.load(tenant, id.as_str())?;
+                let mut b = Batch::new();
+                if let Some(old) = &old {
+                    for (f, token) in &old.index {
+                        b.delete(Space::Index, index_key(tenant, f, token, &id));
+                    }
+                }
+                for (f, token) in &rec.index {
+                    b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
+                }
+                rec.version = old.map_or(1, |o| o.version + 1);
+                b.put(Space::Records, key, rec.encode_to_vec());
+                self.store.apply(b)?;
+                rec.version
+            };
+            (version, rotated)
         };
         self.store.sync().await?;
         Ok(Written {
@@ -241,6 +271,87 @@ impl Records {
             .collect::<Result<Vec<_>>>()?;
         shape.sort();
         Ok(shape)
+    }
+
+    /// Re-encrypts, under the active data key, every field of up to `max`
+    /// records after `cursor` (a record key; empty: from the start) that an
+    /// older version seals. Each record is rewritten under its stripe lock
+    /// from a fresh read, so a concurrent replace is never lost; its
+    /// version number stays (the content has not changed).
+    pub fn rewrap_step(&self, tenant: &Tenant, cursor: &[u8], max: usize) -> Result<RewrapStep> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let start = if cursor.is_empty() {
+            prefix.clone()
+        } else {
+            let mut s = cursor.to_vec();
+            s.push(0);
+            s
+        };
+        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
+        let mut step = RewrapStep {
+            fields: 0,
+            cursor: entries.last().map(|(k, _)| k.clone()),
+            rotated_to: None,
+        };
+        if entries.len() < max {
+            step.cursor = None;
+        }
+        for (key, bytes) in &entries {
+            let active = tenant.keys.active_version();
+            if !stale_fields(&StoredRecord::decode(&bytes[..])?, active)? {
+                continue;
+            }
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
+            let _writing = tenant.keys.write_guard();
+            let _g = self.stripe(tenant, id).lock();
+            let Some(mut rec) = self.load(tenant, id)? else {
+                continue;
+            };
+            let mut stale = Vec::new();
+            for (name, sealed) in &rec.fields {
+                if crate::crypto::field_key_version(sealed)? != active {
+                    stale.push(name.clone());
+                }
+            }
+            if stale.is_empty() {
+                continue;
+            }
+            let (key_now, rotated) = self
+                .keys
+                .reserve_encryptions(&tenant.keys, stale.len() as u64)?;
+            step.rotated_to = step.rotated_to.or(rotated);
+            for name in &stale {
+                let sealed = &rec.fields[name];
+                let plain = tenant.keys.decrypt_field(id, name, sealed)?;
+                let again = tenant.keys.encrypt_field(&key_now, id, name, &plain);
+                rec.fields.insert(name.clone(), again);
+            }
+            let mut b = Batch::new();
+            b.put(Space::Records, key.clone(), rec.encode_to_vec());
+            self.store.apply(b)?;
+            step.fields += stale.len() as u64;
+        }
+        Ok(step)
+    }
+
+    /// How many stored fields of the tenant each key version seals (a scan
+    /// of the tenant's records; nothing is decrypted).
+    pub fn key_usage(&self, tenant: &Tenant) -> Result<BTreeMap<u32, u64>> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut usage = BTreeMap::new();
+        for (_, bytes) in self
+            .store
+            .scan_prefix(Space::Records, &prefix, usize::MAX)?
+        {
+            let rec = StoredRecord::decode(&bytes[..])?;
+            for sealed in rec.fields.values() {
+                let v = crate::crypto::field_key_version(sealed)?;
+                *usage.entry(v).or_insert(0) += 1;
+            }
+        }
+        Ok(usage)
     }
 
     /// Whether a record exists (without decrypting it).

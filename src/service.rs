@@ -211,6 +211,13 @@ fn secret_target(
     Ok((v.tenants.get(&caller.tenant)?, id, name))
 }
 
+/// The tenant an administrator's key call is about, noted for the trail.
+fn admin_target(v: &Vault, name: &str, n: &mut Note) -> Result<Arc<crate::tenants::Tenant>, Error> {
+    let name = TenantName::parse(name)?;
+    n.tenant = Some(name.to_string());
+    v.tenants.get(&name)
+}
+
 /// The caller of an RPC whose `Need` guarantees one.
 fn must(caller: Option<Caller>) -> Result<Caller, Error> {
     caller.ok_or(Error::Unauthenticated("missing bearer token"))
@@ -743,13 +750,20 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::RotateTenantKeyResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/RotateTenantKey",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RotateTenantKeyRequest, _n: &mut Note| {
-                Err::<pb::RotateTenantKeyResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::RotateTenantKeyRequest, n: &mut Note| {
+                let tenant = admin_target(&v, &m.tenant, n)?;
+                let version = v.keys.rotate(&tenant.keys)?;
+                v.store.sync().await?;
+                n.fields = vec![format!("active_version={version}")];
+                Ok(pb::RotateTenantKeyResponse {
+                    active_version: version,
+                })
             }
         )
     }
@@ -760,13 +774,30 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RewrapTenantRequest>,
     ) -> Result<Response<Self::RewrapTenantStream>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/RewrapTenant",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RewrapTenantRequest, _n: &mut Note| {
-                Err::<Self::RewrapTenantStream, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::RewrapTenantRequest, n: &mut Note| {
+                let tenant = admin_target(&v, &m.tenant, n)?;
+                n.fields = vec![format!("to_version={}", tenant.keys.active_version())];
+                let (tx, rx) = mpsc::channel(16);
+                let vault = v.clone();
+                // The run goes on if the client leaves: it is resumable, and
+                // half a rewrap is worth keeping.
+                tokio::spawn(async move {
+                    let report = |done, total| {
+                        let _ = tx.try_send(Ok(pb::RewrapProgress { done, total }));
+                    };
+                    let end = match vault.rewrap(&tenant, report).await {
+                        Ok((done, total)) => Ok(pb::RewrapProgress { done, total }),
+                        Err(e) => Err(to_status(e)),
+                    };
+                    let _ = tx.send(end).await;
+                });
+                Ok(Box::pin(ReceiverStream::new(rx)) as Self::RewrapTenantStream)
             }
         )
     }
@@ -775,13 +806,39 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::KeyStatusRequest>,
     ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/KeyStatus",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::KeyStatusRequest, _n: &mut Note| {
-                Err::<pb::KeyStatusResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::KeyStatusRequest, n: &mut Note| {
+                let tenant = admin_target(&v, &m.tenant, n)?;
+                let usage = v.records.key_usage(&tenant)?;
+                let mut versions: Vec<_> = tenant
+                    .keys
+                    .encryption_counts()
+                    .into_iter()
+                    .map(|(version, encryptions)| pb::KeyVersionStatus {
+                        version,
+                        fields: usage.get(&version).copied().unwrap_or(0),
+                        retired: false,
+                        encryptions,
+                    })
+                    .collect();
+                for version in v.keys.retired_versions(&tenant.keys)? {
+                    versions.push(pb::KeyVersionStatus {
+                        version,
+                        fields: 0,
+                        retired: true,
+                        encryptions: 0,
+                    });
+                }
+                versions.sort_by_key(|k| k.version);
+                Ok(pb::KeyStatusResponse {
+                    active_version: tenant.keys.active_version(),
+                    versions,
+                })
             }
         )
     }
@@ -790,13 +847,21 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RetireKeyVersionRequest>,
     ) -> Result<Response<pb::RetireKeyVersionResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/RetireKeyVersion",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::RetireKeyVersionRequest, _n: &mut Note| {
-                Err::<pb::RetireKeyVersionResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::RetireKeyVersionRequest, n: &mut Note| {
+                let tenant = admin_target(&v, &m.tenant, n)?;
+                n.fields = vec![format!("version={}", m.version)];
+                v.keys.retire::<Error>(&tenant.keys, m.version, || {
+                    let usage = v.records.key_usage(&tenant)?;
+                    Ok(usage.get(&m.version).copied().unwrap_or(0))
+                })?;
+                v.store.sync().await?;
+                Ok(pb::RetireKeyVersionResponse {})
             }
         )
     }

@@ -80,6 +80,15 @@ pub trait Backend: Send + Sync + 'static {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError>;
+    /// Entries whose key starts with `prefix` and is at least `start`, in
+    /// key order, at most `limit` (resumable scans).
+    fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError>;
     /// Applies every op atomically; visible at once, durable after `flush`.
     fn apply(&self, batch: Batch) -> Result<(), StorageError>;
     /// The entry with the greatest key in `space`.
@@ -147,6 +156,26 @@ impl Backend for SledBackend {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(spaced(space, prefix)).take(limit) {
             let (k, v) = kv.map_err(io)?;
+            out.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let p = spaced(space, prefix);
+        let from = spaced(space, start.max(prefix));
+        let mut out = Vec::new();
+        for kv in self.db.range(from..).take(limit) {
+            let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(&p) {
+                break;
+            }
             out.push((k[1..].to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -226,6 +255,15 @@ impl Backend for FaultyBackend {
     ) -> Result<Vec<Entry>, StorageError> {
         self.inner.scan_prefix(space, prefix, limit)
     }
+    fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.inner.scan_from(space, prefix, start, limit)
+    }
     fn apply(&self, batch: Batch) -> Result<(), StorageError> {
         let failing = self.failing.lock().clone();
         let touches = batch.0.iter().any(|op| match op {
@@ -284,6 +322,16 @@ impl Storage {
 
     pub fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
         self.backend.last(space)
+    }
+
+    pub fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.backend.scan_from(space, prefix, start, limit)
     }
 
     /// Applies a batch without waiting for durability (for state whose loss

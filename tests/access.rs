@@ -476,10 +476,11 @@ async fn health_and_reflection_are_served() {
     let e = s
         .admin()
         .await
-        .rotate_tenant_key(authed(
+        .shred_tenant(authed(
             &admin,
-            pb::RotateTenantKeyRequest {
+            pb::ShredTenantRequest {
                 tenant: "system".into(),
+                confirm: "system".into(),
             },
         ))
         .await
