@@ -92,6 +92,8 @@ enum Command {
     #[command(subcommand)]
     Record(RecordCmd),
     #[command(subcommand)]
+    Keys(KeysCmd),
+    #[command(subcommand)]
     Audit(AuditCmd),
     /// Load generator: N concurrent clients against a running server.
     Bench(BenchArgs),
@@ -113,6 +115,33 @@ enum TenantCmd {
         /// How many canaries to plant.
         #[arg(long, default_value_t = 1)]
         count: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a new data key version active for the tenant's writes.
+    Rotate {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Re-encrypt every field under an older version with the active one
+    /// (online, resumable: run it again after an interruption).
+    Rewrap {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Key versions: fields sealed, encryptions performed, retired or not.
+    Status {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Destroy a version that seals no field any more.
+    Retire {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        version: u32,
     },
 }
 
@@ -399,6 +428,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Principal(cmd) => principal(&g, cmd).await,
         Command::Record(cmd) => record(&g, cmd).await,
         Command::Bench(args) => bench(&g, args).await,
+        Command::Keys(cmd) => keys(&g, cmd).await,
         Command::Audit(cmd) => audit(&g, cmd).await,
     }
 }
@@ -619,6 +649,149 @@ async fn login(g: &Global, tenant: &str, username: &str, print: bool) -> Result<
         );
     }
     Ok(())
+}
+
+async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
+    let mut c = AdminClient::new(connect(g).await?);
+    match cmd {
+        KeysCmd::Rotate { tenant } => {
+            let r = c
+                .rotate_tenant_key(authed(
+                    g,
+                    pb::RotateTenantKeyRequest {
+                        tenant: tenant.clone(),
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            say(
+                g,
+                &format!(
+                    "tenant {tenant}: key version {} active; run `coffre keys rewrap --tenant {tenant}`",
+                    r.active_version
+                ),
+                json!({"tenant": tenant, "active_version": r.active_version}),
+            );
+        }
+        KeysCmd::Rewrap { tenant } => {
+            let mut st = c
+                .rewrap_tenant(authed(
+                    g,
+                    pb::RewrapTenantRequest {
+                        tenant: tenant.clone(),
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let bar = std::io::stderr().is_terminal() && !g.json;
+            let started = std::time::Instant::now();
+            let mut last = pb::RewrapProgress::default();
+            while let Some(p) = st.message().await.map_err(status_err)? {
+                last = p;
+                if bar {
+                    eprint!("\r{}", progress_line(p.done, p.total, started.elapsed()));
+                }
+            }
+            if bar {
+                eprintln!();
+            }
+            say(
+                g,
+                &format!(
+                    "tenant {tenant}: {} of {} fields under the active key ({:.1} s)",
+                    last.done,
+                    last.total,
+                    started.elapsed().as_secs_f64()
+                ),
+                json!({"tenant": tenant, "done": last.done, "total": last.total}),
+            );
+        }
+        KeysCmd::Status { tenant } => {
+            let r = c
+                .key_status(authed(
+                    g,
+                    pb::KeyStatusRequest {
+                        tenant: tenant.clone(),
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if g.json {
+                let versions: Vec<_> = r
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        json!({"version": v.version, "fields": v.fields, "encryptions": v.encryptions,
+                               "retired": v.retired, "active": v.version == r.active_version})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"tenant": tenant, "active_version": r.active_version, "versions": versions})
+                );
+            } else {
+                println!(
+                    "{:>7}  {:>12}  {:>12}  state",
+                    "version", "fields", "encryptions"
+                );
+                for v in &r.versions {
+                    let state = if v.retired {
+                        "retired"
+                    } else if v.version == r.active_version {
+                        "active"
+                    } else {
+                        "decrypt only"
+                    };
+                    println!(
+                        "{:>7}  {:>12}  {:>12}  {state}",
+                        v.version, v.fields, v.encryptions
+                    );
+                }
+            }
+        }
+        KeysCmd::Retire { tenant, version } => {
+            c.retire_key_version(authed(
+                g,
+                pb::RetireKeyVersionRequest {
+                    tenant: tenant.clone(),
+                    version,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(
+                g,
+                &format!("tenant {tenant}: key version {version} retired and destroyed"),
+                json!({"tenant": tenant, "retired": version}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `[#####.....] 40 %  12000/30000 fields  8 500/s  ETA 2 s`
+fn progress_line(done: u64, total: u64, elapsed: std::time::Duration) -> String {
+    let frac = if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    };
+    let filled = (frac * 30.0).round() as usize;
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let eta = if rate > 0.0 {
+        format!("{:.0} s", (total.saturating_sub(done)) as f64 / rate)
+    } else {
+        "?".into()
+    };
+    format!(
+        "[{}{}] {:>3.0} %  {done}/{total} fields  {rate:.0}/s  ETA {eta}   ",
+        "#".repeat(filled.min(30)),
+        ".".repeat(30 - filled.min(30)),
+        frac * 100.0
+    )
 }
 
 async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {

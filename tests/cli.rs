@@ -201,6 +201,39 @@ async fn readme_walkthrough() {
     assert!(fails(&run(&martin, &clin_pw)).contains("locked"));
     ok(&run(&["login"], &admin_pw));
 
+    // Key lifecycle: rotate, rewrap, retire.
+    let t = ["--tenant", "clinique-nord"];
+    assert!(ok(&run(&[&["keys", "rotate"][..], &t].concat(), "")).contains("version 2 active"));
+    let e = fails(&run(
+        &[&["keys", "retire", "--version", "1"][..], &t].concat(),
+        "",
+    ));
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("rewrap first"),
+        "{e}"
+    );
+    let done = ok(&run(&[&["--json", "keys", "rewrap"][..], &t].concat(), ""));
+    let v: serde_json::Value = serde_json::from_str(&done).unwrap();
+    assert_eq!(v["done"], v["total"]);
+    assert!(v["total"].as_u64().unwrap() >= 3, "{v}");
+    ok(&run(
+        &[&["keys", "retire", "--version", "1"][..], &t].concat(),
+        "",
+    ));
+    let table = ok(&run(&[&["keys", "status"][..], &t].concat(), ""));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with('1') && l.ends_with("retired")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with('2') && l.ends_with("active")),
+        "{table}"
+    );
+
     // Password change through stdin: old, then new.
     let new_pw = "saffron glacier 6602 pebble lark";
     ok(&run(&["passwd"], &format!("{ADMIN_PASSWORD}\n{new_pw}\n")));
