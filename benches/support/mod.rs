@@ -52,8 +52,18 @@ pub struct Bench {
     _root: tempfile::TempDir,
 }
 
-/// Starts a server (storage passed through `wrap`), with `extra` TOML.
+/// Starts a server (storage passed through `wrap`), with `extra` TOML and
+/// [`RECORDS`] records.
 pub async fn start(extra: &str, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>) -> Bench {
+    start_with(extra, wrap, RECORDS).await
+}
+
+/// [`start`] with `records` records (ids `p0`…), loaded by 16 clients.
+pub async fn start_with(
+    extra: &str,
+    wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
+    records: u64,
+) -> Bench {
     let root = tempfile::tempdir().unwrap();
     let cfg = root.path().join("c.toml");
     std::fs::write(
@@ -123,20 +133,29 @@ pub async fn start(extra: &str, wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn B
             .into_inner()
             .token,
     );
-    let mut r = RecordsClient::new(ch);
-    for i in 0..RECORDS {
-        r.put_record(authed(
-            &token,
-            pb::PutRecordRequest {
-                record: Some(pb::Record {
-                    id: format!("p{i}"),
-                    fields: coffre::bench::sample_fields(i),
-                    version: 0,
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    let mut loaders = Vec::new();
+    for c in 0..16 {
+        let (ch, token) = (connect(&addr).await, token.clone());
+        loaders.push(tokio::spawn(async move {
+            let mut r = RecordsClient::new(ch);
+            for i in (c..records).step_by(16) {
+                r.put_record(authed(
+                    &token,
+                    pb::PutRecordRequest {
+                        record: Some(pb::Record {
+                            id: format!("p{i}"),
+                            fields: coffre::bench::sample_fields(i),
+                            version: 0,
+                        }),
+                    },
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for l in loaders {
+        l.await.unwrap();
     }
     Bench {
         vault,
@@ -167,21 +186,33 @@ impl Bench {
     /// `clients` concurrent clients reading the records for `secs`.
     pub async fn get_load(&self, clients: usize, secs: Duration) -> Load {
         let deadline = Instant::now() + secs;
+        self.get_load_while(clients, RECORDS, move || Instant::now() < deadline)
+            .await
+    }
+
+    /// `clients` concurrent clients reading the first `records` records
+    /// for as long as `go` says.
+    pub async fn get_load_while(
+        &self,
+        clients: usize,
+        records: u64,
+        go: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> Load {
         let start = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..clients {
             let ch = connect(&self.addr).await;
-            let token = self.token.clone();
+            let (token, go) = (self.token.clone(), go.clone());
             tasks.push(tokio::spawn(async move {
                 let mut r = RecordsClient::new(ch);
                 let mut lat = Vec::new();
                 let mut i = c as u64;
-                while Instant::now() < deadline {
+                while go() {
                     let t = Instant::now();
                     r.get_record(authed(
                         &token,
                         pb::GetRecordRequest {
-                            id: format!("p{}", i % RECORDS),
+                            id: format!("p{}", i % records),
                             fields: vec![],
                             purpose: "bench".into(),
                         },
