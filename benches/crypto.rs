@@ -28,13 +28,12 @@ fn field_crypto(c: &mut Criterion) {
     .unwrap();
     let ring = Keyring::open(
         store.clone(),
+        dir.path(),
         &MasterKey::from_secret(SecretKey::random()),
         u64::MAX,
     )
     .unwrap();
-    let mut b = coffre::storage::Batch::new();
-    ring.add_new_tenant("bench", &mut b);
-    store.apply(b).unwrap();
+    ring.create_tenant_keys("bench").unwrap();
     let keys = ring.tenant("bench").unwrap().unwrap();
     let (active, _) = ring.reserve_encryptions(&keys, 1).unwrap();
     let mut g = c.benchmark_group("field");
@@ -87,6 +86,7 @@ fn record_store(c: &mut Criterion) {
     let ring = Arc::new(
         Keyring::open(
             store.clone(),
+            dir.path(),
             &MasterKey::from_secret(SecretKey::random()),
             u64::MAX,
         )

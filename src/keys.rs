@@ -13,7 +13,7 @@
 //! print as `[redacted]`; a tenant's keys are unwrapped once and cached.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs,
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -29,7 +29,8 @@ use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, Aead256, Context, CryptoError, FieldAad, SecretKey};
-use crate::storage::{Batch, Space, Storage, StorageError};
+use crate::storage::{AtomicFile, Batch, Space, Storage, StorageError};
+use prost::Message as _;
 
 const KEY_FILE_PREFIX: &str = "coffre-master-key-v1:";
 const KEY_CHECK_LABEL: &[u8] = b"coffre key check v1";
@@ -53,6 +54,10 @@ pub enum KeyError {
     WrongKey,
     #[error("a stored key failed authentication: the key store was modified or damaged")]
     Tampered,
+    #[error(
+        "this data directory comes from a development version that kept keys in sled; create a new one"
+    )]
+    Legacy,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -238,44 +243,130 @@ fn field_aad(tenant: &str, record_id: &str, field: &str) -> FieldAad {
     )
 }
 
-fn wrap_context(tenant: &str, kind: &str, version: u32) -> Context {
-    Context::new("coffre/tenant-key/v1")
-        .with(tenant.as_bytes())
-        .with(kind.as_bytes())
-        .with(&version.to_be_bytes())
-}
-
-fn tenant_key_id(tenant: &str, kind: &str, version: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + kind.len() + 6);
+/// Where a version's encryption count is kept in `Space::Counters`.
+fn counter_id(tenant: &str, version: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 10);
     k.extend_from_slice(tenant.as_bytes());
-    k.push(0);
-    k.extend_from_slice(kind.as_bytes());
-    k.push(0);
+    k.extend_from_slice(b"\0data\0");
     k.extend_from_slice(&version.to_be_bytes());
     k
 }
 
-fn tenant_prefix(tenant: &str) -> Vec<u8> {
-    let mut k = tenant.as_bytes().to_vec();
-    k.push(0);
-    k
+/// The name of the key store inside `data_dir`.
+pub const KEYRING_FILE: &str = "keyring";
+const KEYRING_MAGIC: &[u8] = b"coffre-keyring-v1\n";
+
+/// Every wrapped key, and the few values that go with them, by name:
+/// `check`; `secret/<pepper|audit|budget|honeytoken>`;
+/// `tenant/<t>/data/<v>`, `tenant/<t>/index`, `tenant/<t>/active`,
+/// `tenant/<t>/next`, `tenant/<t>/retired/<v>`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeyringBody {
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    entries: BTreeMap<String, Vec<u8>>,
 }
 
-/// The vault's keys: the wrapping key, the pepper, derived keys, and a cache
-/// of unwrapped tenant keys.
+/// The keys one master key gives: the wrapping key, the key-check value and
+/// the key store's MAC key.
+struct MasterDerived {
+    kek: Aead256,
+    check: [u8; 32],
+    mac: SecretKey,
+}
+
+impl MasterDerived {
+    fn of(master: &MasterKey) -> Self {
+        let check_key = crypto::derive_key(&master.0, "key-check");
+        Self {
+            kek: crypto::derive_key(&master.0, "kek").aead(),
+            check: crypto::hmac_sha256(&check_key, KEY_CHECK_LABEL),
+            mac: crypto::derive_key(&master.0, "keyring-mac"),
+        }
+    }
+
+    fn wrap(&self, name: &str, key: &SecretKey) -> Vec<u8> {
+        self.kek.seal(wrap_aad(name).as_bytes(), key.expose())
+    }
+
+    fn unwrap(&self, name: &str, wrapped: &[u8]) -> Result<SecretKey, KeyError> {
+        let raw = self
+            .kek
+            .open(wrap_aad(name).as_bytes(), wrapped)
+            .map_err(|_| KeyError::Tampered)?;
+        SecretKey::from_slice(&raw).ok_or(KeyError::Tampered)
+    }
+
+    /// The file's bytes: magic, body, MAC of both.
+    fn seal_file(&self, entries: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+        let mut out = KEYRING_MAGIC.to_vec();
+        KeyringBody {
+            entries: entries.clone(),
+        }
+        .encode(&mut out)
+        .expect("a Vec grows as needed");
+        let mac = crypto::hmac_sha256(&self.mac, &out);
+        out.extend_from_slice(&mac);
+        out
+    }
+
+    /// Parses and authenticates the file: a different master key is
+    /// `WrongKey`, any other change `Tampered`.
+    fn open_file(&self, bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, KeyError> {
+        let body = bytes
+            .strip_prefix(KEYRING_MAGIC)
+            .filter(|b| b.len() >= 32)
+            .ok_or(KeyError::Tampered)?;
+        let (body, mac) = body.split_at(body.len() - 32);
+        let entries = KeyringBody::decode(body)
+            .map_err(|_| KeyError::Tampered)?
+            .entries;
+        let check = entries.get("check").ok_or(KeyError::Tampered)?;
+        if !crypto::ct_eq(check, &self.check) {
+            return Err(KeyError::WrongKey);
+        }
+        let want = crypto::hmac_sha256(&self.mac, &bytes[..bytes.len() - 32]);
+        if !crypto::ct_eq(mac, &want) {
+            return Err(KeyError::Tampered);
+        }
+        Ok(entries)
+    }
+}
+
+/// Wrapping binds each key to its entry name (tenant, kind, version), so
+/// no wrapped key can stand in for another.
+fn wrap_aad(name: &str) -> Context {
+    Context::new("coffre/keyring/v1").with(name.as_bytes())
+}
+
+fn tenant_entry(tenant: &str, rest: &str) -> String {
+    format!("tenant/{tenant}/{rest}")
+}
+
+const SECRETS: [&str; 4] = ["pepper", "audit", "budget", "honeytoken"];
+
+/// The vault's keys: the wrapping key, the secrets it wraps (pepper, audit
+/// key, …), and a cache of unwrapped tenant keys.
+///
+/// Wrapped keys live in the key store file `data_dir/keyring`, rewritten
+/// whole on each change, not in sled: sled is log-structured and keeps a
+/// deleted value's bytes in its files, and a retired or shredded key must
+/// leave none. Encryption counts, written often and not secret, stay in
+/// sled.
 pub struct Keyring {
     store: Storage,
-    kek: Aead256,
+    file: AtomicFile,
+    master: MasterDerived,
+    entries: Mutex<BTreeMap<String, Vec<u8>>>,
     pepper: SecretKey,
     audit: SecretKey,
-    /// A tenant data key version encrypts at most this many values.
-    rotate_after: u64,
-    /// Rotations one at a time.
-    rotating: Mutex<()>,
     /// Names the records a principal read, in its stored read budget.
     budget: SecretKey,
     /// Marks honeytoken records without naming them in the clear.
     honeytoken: SecretKey,
+    /// A tenant data key version encrypts at most this many values.
+    rotate_after: u64,
+    /// Rotations one at a time.
+    rotating: Mutex<()>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
 }
 
@@ -286,51 +377,65 @@ impl std::fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// Opens the key store with `master`. On an empty store, records the
-    /// key-check value and a new pepper; otherwise refuses a different key.
-    pub fn open(store: Storage, master: &MasterKey, rotate_after: u64) -> Result<Self, KeyError> {
-        let check_key = crypto::derive_key(&master.0, "key-check");
-        let check = crypto::hmac_sha256(&check_key, KEY_CHECK_LABEL);
-        let kek = crypto::derive_key(&master.0, "kek").aead();
-        let pepper_aad = Context::new("coffre/pepper/v1");
-        let pepper = match store.get(Space::Meta, b"key_check")? {
-            Some(stored) => {
-                if !crypto::ct_eq(&stored, &check) {
-                    return Err(KeyError::WrongKey);
-                }
-                let wrapped = store
-                    .get(Space::Meta, b"pepper")?
-                    .ok_or(KeyError::Tampered)?;
-                let raw = kek
-                    .open(pepper_aad.as_bytes(), &wrapped)
-                    .map_err(|_| KeyError::Tampered)?;
-                SecretKey::from_slice(&raw).ok_or(KeyError::Tampered)?
-            }
+    /// Opens the key store in `data_dir` with `master`, or creates it (with
+    /// a new pepper, audit key, budget and honeytoken keys) in a new data
+    /// directory. Refuses a different master key, and a modified store.
+    pub fn open(
+        store: Storage,
+        data_dir: &Path,
+        master: &MasterKey,
+        rotate_after: u64,
+    ) -> Result<Self, KeyError> {
+        let file = AtomicFile::new(data_dir.join(KEYRING_FILE));
+        let derived = MasterDerived::of(master);
+        let entries = match file.read()? {
+            Some(bytes) => derived.open_file(&bytes)?,
             None => {
-                let pepper = SecretKey::random();
-                let mut b = Batch::new();
-                b.put(Space::Meta, b"key_check".to_vec(), check.to_vec());
-                b.put(
-                    Space::Meta,
-                    b"pepper".to_vec(),
-                    kek.seal(pepper_aad.as_bytes(), pepper.expose()),
-                );
-                store.apply(b)?;
-                store.flush_blocking()?;
-                pepper
+                if store.get(Space::Meta, b"key_check")?.is_some() {
+                    return Err(KeyError::Legacy);
+                }
+                let mut e = BTreeMap::new();
+                e.insert("check".to_string(), derived.check.to_vec());
+                for name in SECRETS {
+                    let name = format!("secret/{name}");
+                    let wrapped = derived.wrap(&name, &SecretKey::random());
+                    e.insert(name, wrapped);
+                }
+                file.replace(&derived.seal_file(&e))?;
+                e
             }
         };
+        let secret = |name: &str| {
+            let name = format!("secret/{name}");
+            derived.unwrap(&name, entries.get(&name).ok_or(KeyError::Tampered)?)
+        };
         Ok(Self {
+            pepper: secret("pepper")?,
+            audit: secret("audit")?,
+            budget: secret("budget")?,
+            honeytoken: secret("honeytoken")?,
             store,
-            kek,
-            pepper,
-            audit: crypto::derive_key(&master.0, "audit"),
+            file,
+            master: derived,
+            entries: Mutex::new(entries),
             rotate_after,
             rotating: Mutex::new(()),
-            budget: crypto::derive_key(&master.0, "budget"),
-            honeytoken: crypto::derive_key(&master.0, "honeytoken"),
             tenants: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Applies `change` to the entries and writes the key store, durably,
+    /// before anything uses the change.
+    fn update(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, Vec<u8>>) -> Result<(), KeyError>,
+    ) -> Result<(), KeyError> {
+        let mut entries = self.entries.lock();
+        let mut next = entries.clone();
+        change(&mut next)?;
+        self.file.replace(&self.master.seal_file(&next))?;
+        *entries = next;
+        Ok(())
     }
 
     /// The Argon2id pepper (a server-side secret mixed into every hash).
@@ -338,7 +443,9 @@ impl Keyring {
         &self.pepper
     }
 
-    /// The key that MACs the audit chain.
+    /// The key that MACs the audit chain. Random and wrapped, not derived
+    /// from the master key, so that the chain continues, verifiably, across
+    /// a master-key rotation.
     pub fn audit_key(&self) -> &SecretKey {
         &self.audit
     }
@@ -353,27 +460,24 @@ impl Keyring {
         &self.honeytoken
     }
 
-    /// Adds a new tenant's wrapped keys (data key v1, index key) to `batch`.
-    pub fn add_new_tenant(&self, tenant: &str, batch: &mut Batch) {
-        let data = SecretKey::random();
-        let index = SecretKey::random();
-        batch.put(
-            Space::Keys,
-            tenant_key_id(tenant, "data", 1),
-            self.kek
-                .seal(wrap_context(tenant, "data", 1).as_bytes(), data.expose()),
-        );
-        batch.put(
-            Space::Keys,
-            tenant_key_id(tenant, "index", 0),
-            self.kek
-                .seal(wrap_context(tenant, "index", 0).as_bytes(), index.expose()),
-        );
-        batch.put(
-            Space::Keys,
-            tenant_key_id(tenant, "active", 0),
-            1u32.to_be_bytes().to_vec(),
-        );
+    /// Makes a new tenant's keys (data key version 1, index key), durably.
+    /// Keys left by an earlier attempt that crashed before the tenant was
+    /// stored are replaced: nothing uses them.
+    pub fn create_tenant_keys(&self, tenant: &str) -> Result<(), KeyError> {
+        self.tenants.write().remove(tenant);
+        self.update(|e| {
+            let prefix = tenant_entry(tenant, "");
+            e.retain(|k, _| !k.starts_with(&prefix));
+            let data = tenant_entry(tenant, "data/1");
+            let index = tenant_entry(tenant, "index");
+            let wrapped_data = self.master.wrap(&data, &SecretKey::random());
+            let wrapped_index = self.master.wrap(&index, &SecretKey::random());
+            e.insert(data, wrapped_data);
+            e.insert(index, wrapped_index);
+            e.insert(tenant_entry(tenant, "active"), 1u32.to_be_bytes().to_vec());
+            e.insert(tenant_entry(tenant, "next"), 2u32.to_be_bytes().to_vec());
+            Ok(())
+        })
     }
 
     /// The tenant's unwrapped keys, or `None` if it has none.
@@ -393,30 +497,32 @@ impl Keyring {
     }
 
     fn load_tenant(&self, tenant: &str) -> Result<Option<TenantKeys>, KeyError> {
-        let Some(active) = self
-            .store
-            .get(Space::Keys, &tenant_key_id(tenant, "active", 0))?
-        else {
+        let entries = self.entries.lock().clone();
+        let Some(active) = entries.get(&tenant_entry(tenant, "active")) else {
             return Ok(None);
         };
-        let active = u32::from_be_bytes(active.try_into().map_err(|_| KeyError::Tampered)?);
-        let index = self.unwrap_stored(tenant, "index", 0)?;
+        let active = u32::from_be_bytes(
+            active
+                .as_slice()
+                .try_into()
+                .map_err(|_| KeyError::Tampered)?,
+        );
+        let index_name = tenant_entry(tenant, "index");
+        let index = self.master.unwrap(
+            &index_name,
+            entries.get(&index_name).ok_or(KeyError::Tampered)?,
+        )?;
+        let data_prefix = tenant_entry(tenant, "data/");
         let mut data = HashMap::new();
-        let data_prefix = {
-            let mut p = tenant_prefix(tenant);
-            p.extend_from_slice(b"data\0");
-            p
-        };
-        for (k, wrapped) in self.store.scan_prefix(Space::Keys, &data_prefix, 1 << 20)? {
-            let version = u32::from_be_bytes(
-                k[data_prefix.len()..]
-                    .try_into()
-                    .map_err(|_| KeyError::Tampered)?,
-            );
-            let key = self.unwrap(tenant, "data", version, &wrapped)?;
+        for (name, wrapped) in entries.range(data_prefix.clone()..) {
+            let Some(v) = name.strip_prefix(&data_prefix) else {
+                break;
+            };
+            let version: u32 = v.parse().map_err(|_| KeyError::Tampered)?;
+            let key = self.master.unwrap(name, wrapped)?;
             let reserved = self
                 .store
-                .get(Space::Counters, &tenant_key_id(tenant, "data", version))?
+                .get(Space::Counters, &counter_id(tenant, version))?
                 .map(|v| v.try_into().map(u64::from_be_bytes))
                 .transpose()
                 .map_err(|_| KeyError::Tampered)?
@@ -432,28 +538,6 @@ impl Keyring {
             index,
             writes: RwLock::new(()),
         }))
-    }
-
-    fn unwrap_stored(&self, tenant: &str, kind: &str, version: u32) -> Result<SecretKey, KeyError> {
-        let wrapped = self
-            .store
-            .get(Space::Keys, &tenant_key_id(tenant, kind, version))?
-            .ok_or(KeyError::Tampered)?;
-        self.unwrap(tenant, kind, version, &wrapped)
-    }
-
-    fn unwrap(
-        &self,
-        tenant: &str,
-        kind: &str,
-        version: u32,
-        wrapped: &[u8],
-    ) -> Result<SecretKey, KeyError> {
-        let raw = self
-            .kek
-            .open(wrap_context(tenant, kind, version).as_bytes(), wrapped)
-            .map_err(|_| KeyError::Tampered)?;
-        SecretKey::from_slice(&raw).ok_or(KeyError::Tampered)
     }
 
     /// Counts `n` encryptions under the tenant's active version and returns
@@ -497,7 +581,7 @@ impl Keyring {
                 let mut b = Batch::new();
                 b.put(
                     Space::Counters,
-                    tenant_key_id(&keys.tenant, "data", version),
+                    counter_id(&keys.tenant, version),
                     next.to_be_bytes().to_vec(),
                 );
                 self.store.apply(b)?;
@@ -516,43 +600,41 @@ impl Keyring {
 
     fn rotate_now(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
         let tenant = &keys.tenant;
-        // Never reuse a number, even of a retired version.
-        let next = self
-            .store
-            .get(Space::Keys, &tenant_key_id(tenant, "next", 0))?
-            .map(|v| v.try_into().map(u32::from_be_bytes))
-            .transpose()
-            .map_err(|_| KeyError::Tampered)?
-            .unwrap_or(0)
-            .max(keys.versions.read().data.keys().max().copied().unwrap_or(0) + 1);
         let data = SecretKey::random();
+        let mut version = 0;
+        // Never reuse a number, even of a retired version.
+        self.update(|e| {
+            let next_name = tenant_entry(tenant, "next");
+            let stored = e
+                .get(&next_name)
+                .map(|v| v.as_slice().try_into().map(u32::from_be_bytes))
+                .transpose()
+                .map_err(|_| KeyError::Tampered)?
+                .unwrap_or(0);
+            let live_max = keys.versions.read().data.keys().max().copied().unwrap_or(0);
+            version = stored.max(live_max + 1);
+            let name = tenant_entry(tenant, &format!("data/{version}"));
+            let wrapped = self.master.wrap(&name, &data);
+            e.insert(name, wrapped);
+            e.insert(
+                tenant_entry(tenant, "active"),
+                version.to_be_bytes().to_vec(),
+            );
+            e.insert(next_name, (version + 1).to_be_bytes().to_vec());
+            Ok(())
+        })?;
         let mut b = Batch::new();
         b.put(
-            Space::Keys,
-            tenant_key_id(tenant, "data", next),
-            self.kek
-                .seal(wrap_context(tenant, "data", next).as_bytes(), data.expose()),
-        );
-        b.put(
-            Space::Keys,
-            tenant_key_id(tenant, "active", 0),
-            next.to_be_bytes().to_vec(),
-        );
-        b.put(
-            Space::Keys,
-            tenant_key_id(tenant, "next", 0),
-            (next + 1).to_be_bytes().to_vec(),
-        );
-        b.put(
             Space::Counters,
-            tenant_key_id(tenant, "data", next),
+            counter_id(tenant, version),
             0u64.to_be_bytes().to_vec(),
         );
         self.store.apply(b)?;
         let mut v = keys.versions.write();
-        v.data.insert(next, Arc::new(DataKey::new(data.aead(), 0)));
-        v.active = next;
-        Ok(next)
+        v.data
+            .insert(version, Arc::new(DataKey::new(data.aead(), 0)));
+        v.active = version;
+        Ok(version)
     }
 }
 
@@ -583,14 +665,17 @@ impl Keyring {
             return Err(RetireError::InUse(n).into());
         }
         let tenant = &keys.tenant;
+        self.update(|e| {
+            e.remove(&tenant_entry(tenant, &format!("data/{version}")));
+            e.insert(
+                tenant_entry(tenant, &format!("retired/{version}")),
+                Vec::new(),
+            );
+            Ok(())
+        })
+        .map_err(RetireError::Key)?;
         let mut b = Batch::new();
-        b.delete(Space::Keys, tenant_key_id(tenant, "data", version));
-        b.delete(Space::Counters, tenant_key_id(tenant, "data", version));
-        b.put(
-            Space::Keys,
-            tenant_key_id(tenant, "retired", version),
-            Vec::new(),
-        );
+        b.delete(Space::Counters, counter_id(tenant, version));
         self.store
             .apply(b)
             .map_err(|e| RetireError::Key(KeyError::Storage(e)))?;
@@ -598,19 +683,23 @@ impl Keyring {
         Ok(())
     }
 
+    /// The stored (wrapped) bytes of a tenant's data key version: what a
+    /// copy of the data directory holds of it. For tests of destruction.
+    pub fn wrapped_data_key(&self, tenant: &str, version: u32) -> Option<Vec<u8>> {
+        self.entries
+            .lock()
+            .get(&tenant_entry(tenant, &format!("data/{version}")))
+            .cloned()
+    }
+
     /// The versions of a tenant that were retired.
     pub fn retired_versions(&self, keys: &TenantKeys) -> Result<Vec<u32>, KeyError> {
-        let mut p = tenant_prefix(&keys.tenant);
-        p.extend_from_slice(b"retired\0");
-        self.store
-            .scan_prefix(Space::Keys, &p, usize::MAX)?
-            .into_iter()
-            .map(|(k, _)| {
-                k[p.len()..]
-                    .try_into()
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| KeyError::Tampered)
-            })
+        let prefix = tenant_entry(&keys.tenant, "retired/");
+        self.entries
+            .lock()
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(|v| v.parse().map_err(|_| KeyError::Tampered))
             .collect()
     }
 }
@@ -649,12 +738,20 @@ mod tests {
 
     fn store(dir: &Path) -> Storage {
         Storage::open_sled(
-            dir,
+            &dir.join("db"),
             &SledOptions {
                 cache_capacity_bytes: 1 << 20,
             },
         )
         .unwrap()
+    }
+
+    fn master() -> (MasterKey, MasterKey) {
+        let k = SecretKey::random();
+        (
+            MasterKey(SecretKey::from_slice(k.expose()).unwrap()),
+            MasterKey(k),
+        )
     }
 
     #[test]
@@ -672,23 +769,36 @@ mod tests {
     }
 
     #[test]
-    fn wrong_master_key_is_refused() {
+    fn wrong_master_key_and_a_modified_store_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        Keyring::open(s.clone(), &MasterKey(SecretKey::random()), BOUND).unwrap();
-        let err = Keyring::open(s, &MasterKey(SecretKey::random()), BOUND).unwrap_err();
+        let (m, m2) = master();
+        Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        let err = Keyring::open(
+            s.clone(),
+            dir.path(),
+            &MasterKey(SecretKey::random()),
+            BOUND,
+        )
+        .unwrap_err();
         assert!(matches!(err, KeyError::WrongKey));
+        let path = dir.path().join(KEYRING_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 40] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
+        assert!(matches!(err, KeyError::Tampered), "{err}");
     }
 
     #[test]
-    fn tenant_keys_are_stored_wrapped_and_bound_to_their_tenant() {
+    fn tenant_keys_are_stored_wrapped_and_bound_to_their_name() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        let ring = Keyring::open(s.clone(), &MasterKey(SecretKey::random()), BOUND).unwrap();
-        let mut b = Batch::new();
-        ring.add_new_tenant("a", &mut b);
-        ring.add_new_tenant("b", &mut b);
-        s.apply(b).unwrap();
+        let (m, m2) = master();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        ring.create_tenant_keys("a").unwrap();
+        ring.create_tenant_keys("b").unwrap();
         let a = ring.tenant("a").unwrap().unwrap();
         let b = ring.tenant("b").unwrap().unwrap();
         let (active, _) = ring.reserve_encryptions(&a, 1).unwrap();
@@ -699,14 +809,15 @@ mod tests {
         );
         assert!(b.decrypt_field("r1", "nir", &sealed).is_err());
         assert!(ring.tenant("nope").unwrap().is_none());
-        // Swapping the wrapped keys of two tenants is detected.
-        let ka = s
-            .get(Space::Keys, &tenant_key_id("a", "data", 1))
-            .unwrap()
-            .unwrap();
-        let mut swap = Batch::new();
-        swap.put(Space::Keys, tenant_key_id("b", "data", 1), ka);
-        s.apply(swap).unwrap();
+        // Swapping the wrapped keys of two tenants (with a valid file MAC,
+        // as an attacker with the master key's MAC key could not) is still
+        // caught by the wrapping's AAD.
+        let mut e = ring.entries.lock().clone();
+        let ka = e["tenant/a/data/1"].clone();
+        e.insert("tenant/b/data/1".into(), ka);
+        ring.file.replace(&ring.master.seal_file(&e)).unwrap();
+        drop(ring);
+        let ring = Keyring::open(s, dir.path(), &m2, BOUND).unwrap();
         assert!(matches!(ring.load_tenant("b"), Err(KeyError::Tampered)));
     }
 
@@ -714,16 +825,13 @@ mod tests {
     fn encryption_count_is_reserved_durably() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        let master = SecretKey::random();
-        let m = MasterKey(SecretKey::from_slice(master.expose()).unwrap());
-        let ring = Keyring::open(s.clone(), &m, BOUND).unwrap();
-        let mut b = Batch::new();
-        ring.add_new_tenant("t", &mut b);
-        s.apply(b).unwrap();
+        let (m, m2) = master();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        ring.create_tenant_keys("t").unwrap();
         let k = ring.tenant("t").unwrap().unwrap();
         let _ = ring.reserve_encryptions(&k, 10).unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
-        let ring2 = Keyring::open(s, &m, BOUND).unwrap();
+        let ring2 = Keyring::open(s, dir.path(), &m2, BOUND).unwrap();
         let k2 = ring2.tenant("t").unwrap().unwrap();
         let after_restart = k2.encryption_counts()[0].1;
         assert!(after_restart >= 10, "a restart never under-counts");
@@ -733,12 +841,9 @@ mod tests {
     fn rotation_at_the_bound_is_exact_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        let master = SecretKey::random();
-        let m = MasterKey(SecretKey::from_slice(master.expose()).unwrap());
-        let ring = Keyring::open(s.clone(), &m, 10).unwrap();
-        let mut b = Batch::new();
-        ring.add_new_tenant("t", &mut b);
-        s.apply(b).unwrap();
+        let (m, _) = master();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).unwrap();
+        ring.create_tenant_keys("t").unwrap();
         let k = ring.tenant("t").unwrap().unwrap();
         let (a, rotated) = ring.reserve_encryptions(&k, 4).unwrap();
         assert_eq!((a.version(), rotated), (1, None));
@@ -747,7 +852,7 @@ mod tests {
         assert_eq!(rotated, None, "exactly at the bound: still version 1");
         drop(ring);
         // Reopened: the count resumed exactly, so one more rotates.
-        let ring = Keyring::open(s.clone(), &m, 10).unwrap();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).unwrap();
         let k = ring.tenant("t").unwrap().unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
         let (a, rotated) = ring.reserve_encryptions(&k, 1).unwrap();
@@ -755,7 +860,7 @@ mod tests {
         assert_eq!(k.encryption_counts(), vec![(1, 10), (2, 1)]);
         assert_eq!(&k.decrypt_field("r", "f", &old).unwrap()[..], b"v1");
         assert_eq!(ring.rotate(&k).unwrap(), 3);
-        let ring = Keyring::open(s, &m, 10).unwrap();
+        let ring = Keyring::open(s, dir.path(), &m, 10).unwrap();
         assert_eq!(ring.tenant("t").unwrap().unwrap().active_version(), 3);
     }
 }

@@ -62,9 +62,10 @@ impl Tenants {
             indexed_fields: indexed.iter().map(|f| f.to_string()).collect(),
             created_ms: now_ms(),
         };
+        // Keys first, durably: a tenant never exists without its keys.
+        self.keys.create_tenant_keys(name.as_str())?;
         let mut b = Batch::new();
         b.put(Space::Tenants, name.as_str().as_bytes(), t.encode_to_vec());
-        self.keys.add_new_tenant(name.as_str(), &mut b);
         Ok(self.store.commit(b).await?)
     }
 

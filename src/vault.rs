@@ -106,6 +106,7 @@ impl Vault {
         let store = Storage::new(wrap(Arc::new(sled)));
         let keys = Arc::new(Keyring::open(
             store.clone(),
+            &config.data_dir,
             &master,
             config.keys.rotate_after_encryptions,
         )?);

@@ -407,7 +407,7 @@ async fn every_rpc_allowed_or_refused_makes_exactly_one_event() {
         (
             "Admin/RotateTenantKey",
             "system/admin",
-            "unimplemented",
+            "ok",
             vec![],
             Box::pin({
                 let ch = ch.clone();
