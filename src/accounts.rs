@@ -760,6 +760,20 @@ impl Accounts {
         Ok(!was_locked)
     }
 
+    /// Revokes every session of a tenant's principals (a shredded tenant).
+    pub fn forget_tenant(&self, tenant: &TenantName) -> Result<()> {
+        let mut b = Batch::new();
+        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+            if StoredSession::decode(&v[..])?.tenant == tenant.as_str() {
+                if let Ok(h) = <[u8; 32]>::try_from(&k[..]) {
+                    self.sessions.write().remove(&h);
+                }
+                b.delete(Space::Sessions, k);
+            }
+        }
+        Ok(self.store.apply_each(b)?)
+    }
+
     /// Drops expired sessions from memory and storage.
     pub fn sweep_expired(&self) -> Result<usize> {
         let now = now_ms();

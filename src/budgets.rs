@@ -750,6 +750,13 @@ impl Budgets {
         Ok(())
     }
 
+    /// Drops the in-memory budgets of a tenant's principals (shredded; the
+    /// stored ones are deleted with the tenant's data).
+    pub fn forget_tenant(&self, tenant: &TenantName) {
+        let prefix = format!("{tenant}/");
+        self.states.lock().retain(|k, _| !k.starts_with(&prefix));
+    }
+
     fn tag(&self, id: &RecordId) -> RecordTag {
         let mac = crypto::hmac_sha256(&self.tag_key, id.as_str().as_bytes());
         mac[..16].try_into().expect("16 of 32 bytes")

@@ -136,6 +136,16 @@ enum KeysCmd {
         #[arg(long)]
         tenant: String,
     },
+    /// Re-wrap every key of the data directory under a new master key
+    /// (made by `coffre keygen`). Offline: stop the server first. Crash-safe
+    /// and rerunnable; afterwards only the new key file opens the vault.
+    RotateMaster {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The new master key file.
+        #[arg(long)]
+        new_key: PathBuf,
+    },
     /// Destroy a version that seals no field any more.
     Retire {
         #[arg(long)]
@@ -428,6 +438,10 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Principal(cmd) => principal(&g, cmd).await,
         Command::Record(cmd) => record(&g, cmd).await,
         Command::Bench(args) => bench(&g, args).await,
+        // Offline: no server to connect to.
+        Command::Keys(KeysCmd::RotateMaster { config, new_key }) => {
+            rotate_master(&g, config.as_deref(), &new_key)
+        }
         Command::Keys(cmd) => keys(&g, cmd).await,
         Command::Audit(cmd) => audit(&g, cmd).await,
     }
@@ -752,6 +766,7 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
                 }
             }
         }
+        KeysCmd::RotateMaster { config, new_key } => rotate_master(g, config.as_deref(), &new_key)?,
         KeysCmd::Retire { tenant, version } => {
             c.retire_key_version(authed(
                 g,
@@ -769,6 +784,50 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
     }
+    Ok(())
+}
+
+fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<(), CliError> {
+    let config = crate::config::Config::load(config).map_err(err)?;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if same(new_key, &config.master_key_file) {
+        return Err(err(
+            "--new-key is the current master key file: make a new one with `coffre keygen`",
+        ));
+    }
+    let old = crate::keys::load_key_file(&config.master_key_file).map_err(err)?;
+    let new = crate::keys::load_key_file(new_key).map_err(err)?;
+    // Holding sled's lock proves no server is running on this directory.
+    let _held = crate::storage::Storage::open_sled(
+        &config.data_dir,
+        &crate::storage::SledOptions {
+            cache_capacity_bytes: 1 << 20,
+        },
+    )
+    .map_err(|e| {
+        err(format!(
+            "data_dir {}: {e} (stop the server first)",
+            config.data_dir.display()
+        ))
+    })?;
+    let outcome = crate::keys::rotate_master(&config.data_dir, &old, &new, None).map_err(err)?;
+    let (human, keys) = match outcome {
+        crate::keys::MasterRotation::Rotated { keys } => (format!("re-wrapped {keys} keys"), keys),
+        crate::keys::MasterRotation::AlreadyDone => ("already under the new key".to_string(), 0),
+    };
+    say(
+        g,
+        &format!(
+            "{human}: now set master_key_file = {} (or move it over {}), start the server, \
+             and destroy the old key file and every copy of it",
+            new_key.display(),
+            config.master_key_file.display()
+        ),
+        json!({"rewrapped": keys, "new_key": new_key, "old_key": config.master_key_file}),
+    );
     Ok(())
 }
 

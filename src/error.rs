@@ -36,8 +36,6 @@ pub enum Error {
     /// Storage cannot write (or read): fail closed.
     #[error("storage unavailable")]
     Unavailable(#[source] StorageError),
-    #[error("not implemented yet")]
-    Unimplemented,
     #[error("internal error")]
     Internal(String),
 }
@@ -64,6 +62,7 @@ impl From<KeyError> for Error {
         match e {
             KeyError::Storage(s) => s.into(),
             KeyError::Tampered => Error::DataLoss,
+            KeyError::Shredded => Error::FailedPrecondition(e.to_string()),
             other => Error::Internal(other.to_string()),
         }
     }

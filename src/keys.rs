@@ -54,6 +54,8 @@ pub enum KeyError {
     WrongKey,
     #[error("a stored key failed authentication: the key store was modified or damaged")]
     Tampered,
+    #[error("this tenant name was shredded and cannot be used again")]
+    Shredded,
     #[error(
         "this data directory comes from a development version that kept keys in sled; create a new one"
     )]
@@ -464,6 +466,9 @@ impl Keyring {
     /// Keys left by an earlier attempt that crashed before the tenant was
     /// stored are replaced: nothing uses them.
     pub fn create_tenant_keys(&self, tenant: &str) -> Result<(), KeyError> {
+        if self.is_shredded(tenant) {
+            return Err(KeyError::Shredded);
+        }
         self.tenants.write().remove(tenant);
         self.update(|e| {
             let prefix = tenant_entry(tenant, "");
@@ -683,6 +688,28 @@ impl Keyring {
         Ok(())
     }
 
+    /// Destroys every key of `tenant` (crypto-shredding): the key store is
+    /// rewritten without them, with a tombstone that keeps the name from
+    /// being reused, and the unwrapped keys are dropped from the cache
+    /// (they zeroize when the last user lets go).
+    pub fn shred_tenant(&self, tenant: &str) -> Result<(), KeyError> {
+        self.update(|e| {
+            let prefix = tenant_entry(tenant, "");
+            e.retain(|k, _| !k.starts_with(&prefix));
+            e.insert(format!("shredded/{tenant}"), Vec::new());
+            Ok(())
+        })?;
+        self.tenants.write().remove(tenant);
+        Ok(())
+    }
+
+    /// Whether `tenant`'s keys were shredded.
+    pub fn is_shredded(&self, tenant: &str) -> bool {
+        self.entries
+            .lock()
+            .contains_key(&format!("shredded/{tenant}"))
+    }
+
     /// The stored (wrapped) bytes of a tenant's data key version: what a
     /// copy of the data directory holds of it. For tests of destruction.
     pub fn wrapped_data_key(&self, tenant: &str, version: u32) -> Option<Vec<u8>> {
@@ -702,6 +729,63 @@ impl Keyring {
             .map(|v| v.parse().map_err(|_| KeyError::Tampered))
             .collect()
     }
+}
+
+/// What [`rotate_master`] found or did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MasterRotation {
+    /// Every wrapped key re-wrapped under the new master key.
+    Rotated { keys: usize },
+    /// The key store already opens with the new key (a rerun).
+    AlreadyDone,
+}
+
+/// Whether an entry of the key store is a key wrapped under the master.
+fn is_wrapped(name: &str) -> bool {
+    name.starts_with("secret/") || name.contains("/data/") || name.ends_with("/index")
+}
+
+/// Re-wraps the key store of `data_dir` from the `old` master key to the
+/// `new` one: every tenant key, index key and secret (pepper, audit key,
+/// budget and honeytoken keys) is unwrapped and wrapped again, and the key
+/// check and the store's MAC are recomputed, all in one atomic replace of
+/// the file. Killed at any step ([`AtomicFile::replace_steps`];
+/// `stop_before` simulates it), the store opens with the old key or the
+/// new one; run again, it finishes. Nothing is derived from the master key
+/// but the wrapping, check and MAC keys, so the audit chain (its key is a
+/// wrapped secret) continues and verifies across the change.
+///
+/// The caller must hold the data directory (the server stopped).
+pub fn rotate_master(
+    data_dir: &Path,
+    old: &MasterKey,
+    new: &MasterKey,
+    stop_before: Option<u32>,
+) -> Result<MasterRotation, KeyError> {
+    let file = AtomicFile::new(data_dir.join(KEYRING_FILE));
+    let bytes = file.read()?.ok_or(KeyError::Tampered)?;
+    let (from, to) = (MasterDerived::of(old), MasterDerived::of(new));
+    match to.open_file(&bytes) {
+        Ok(_) => return Ok(MasterRotation::AlreadyDone),
+        Err(KeyError::WrongKey) => {}
+        Err(e) => return Err(e),
+    }
+    let entries = from.open_file(&bytes)?;
+    let mut next = BTreeMap::new();
+    let mut keys = 0;
+    for (name, value) in entries {
+        let value = if name == "check" {
+            to.check.to_vec()
+        } else if is_wrapped(&name) {
+            keys += 1;
+            to.wrap(&name, &from.unwrap(&name, &value)?)
+        } else {
+            value
+        };
+        next.insert(name, value);
+    }
+    file.replace_steps(&to.seal_file(&next), stop_before)?;
+    Ok(MasterRotation::Rotated { keys })
 }
 
 /// Why a key version cannot be retired.

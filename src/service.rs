@@ -182,7 +182,6 @@ fn status_code(e: &Error) -> tonic::Code {
         Error::OverBudget { .. } => Code::ResourceExhausted,
         Error::DataLoss => Code::DataLoss,
         Error::Unavailable(_) => Code::Unavailable,
-        Error::Unimplemented => Code::Unimplemented,
         Error::Internal(_) => Code::Internal,
     }
 }
@@ -870,13 +869,18 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
+        let v = self.gate.vault.clone();
         envelope!(
             self,
             req,
             "Admin/ShredTenant",
             Need::Admin,
-            async |_c: Option<Caller>, _m: pb::ShredTenantRequest, _n: &mut Note| {
-                Err::<pb::ShredTenantResponse, _>(Error::Unimplemented)
+            async |_c: Option<Caller>, m: pb::ShredTenantRequest, n: &mut Note| {
+                let name = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(name.to_string());
+                let records = v.shred_tenant(&name, &m.confirm).await?;
+                n.fields = vec![format!("records_deleted={records}")];
+                Ok(pb::ShredTenantResponse {})
             }
         )
     }

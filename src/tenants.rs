@@ -77,7 +77,15 @@ impl Tenants {
                 .is_some())
     }
 
-    /// The tenant with its keys, or NOT_FOUND.
+    /// Deletes the tenant's entry (after its keys were shredded).
+    pub async fn delete(&self, name: &TenantName) -> Result<()> {
+        self.cache.write().remove(name);
+        let mut b = Batch::new();
+        b.delete(Space::Tenants, name.as_str().as_bytes());
+        Ok(self.store.commit(b).await?)
+    }
+
+    /// The tenant with its keys, or NOT_FOUND (also once shredded).
     pub fn get(&self, name: &TenantName) -> Result<Arc<Tenant>> {
         if let Some(t) = self.cache.read().get(name) {
             return Ok(t.clone());
@@ -92,7 +100,12 @@ impl Tenants {
             .iter()
             .map(|f| FieldName::parse(f).map_err(|_| Error::DataLoss))
             .collect::<Result<_>>()?;
-        let keys = self.keys.tenant(name.as_str())?.ok_or(Error::DataLoss)?;
+        let keys = match self.keys.tenant(name.as_str())? {
+            Some(k) => k,
+            // Shredded, the entry not yet deleted (a crash mid-shred).
+            None if self.keys.is_shredded(name.as_str()) => return Err(Error::NotFound),
+            None => return Err(Error::DataLoss),
+        };
         let t = Arc::new(Tenant {
             name: name.clone(),
             indexed,

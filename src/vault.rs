@@ -272,6 +272,69 @@ impl Vault {
         Ok((done, total))
     }
 
+    /// Crypto-shreds a tenant: its keys are destroyed first (durably: from
+    /// then on nothing of it can be decrypted, whatever copies of the data
+    /// remain), then its entry, records, index, secrets, principals,
+    /// sessions and budgets are deleted. Its audit events stay (they hold
+    /// no values, and the chain must verify). Runs again to finish after a
+    /// crash. Returns the number of records deleted.
+    pub async fn shred_tenant(&self, name: &TenantName, confirm: &str) -> Result<u64, Error> {
+        if name.is_system() {
+            return Err(Error::InvalidArgument(
+                "tenant system cannot be shredded".into(),
+            ));
+        }
+        if confirm != name.as_str() {
+            return Err(Error::InvalidArgument(
+                "confirm must equal the tenant's name".into(),
+            ));
+        }
+        if !self.tenants.exists(name)? && !self.keys.is_shredded(name.as_str()) {
+            return Err(Error::NotFound);
+        }
+        self.keys.shred_tenant(name.as_str())?;
+        self.tenants.delete(name).await?;
+        let mut prefix = name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut records = 0;
+        for space in [
+            Space::Records,
+            Space::Index,
+            Space::Secrets,
+            Space::Counters,
+            Space::Principals,
+            Space::Budgets,
+        ] {
+            loop {
+                let keys = self.store.scan_prefix(space, &prefix, 1024)?;
+                if keys.is_empty() {
+                    break;
+                }
+                if space == Space::Records {
+                    records += keys.len() as u64;
+                }
+                let mut b = Batch::new();
+                for (k, _) in keys {
+                    b.delete(space, k);
+                }
+                self.store.apply_each(b)?;
+            }
+        }
+        self.accounts.forget_tenant(name)?;
+        self.budgets.forget_tenant(name);
+        self.store.sync().await?;
+        self.audit
+            .alert(
+                crate::audit::Severity::Warning,
+                "tenant_shredded",
+                name.as_str(),
+                "",
+                format!("tenant keys destroyed; {records} records deleted"),
+            )
+            .await?;
+        Ok(records)
+    }
+
     /// Records an automatic rotation (SPEC §2's nonce bound) in the trail.
     pub async fn key_rotated(&self, tenant: &Tenant, to: Option<u32>) -> Result<(), Error> {
         let Some(version) = to else { return Ok(()) };

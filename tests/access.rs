@@ -471,7 +471,7 @@ async fn health_and_reflection_are_served() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
-    // RPCs of later issues answer UNIMPLEMENTED, not a crash.
+    // Tenant system (administrators, auditors) can never be shredded.
     let admin = s.admin_token().await;
     let e = s
         .admin()
@@ -485,5 +485,5 @@ async fn health_and_reflection_are_served() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::InvalidArgument);
 }

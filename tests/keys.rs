@@ -457,3 +457,243 @@ async fn a_rewrap_killed_mid_way_resumes() {
     }
     assert_eq!(read, N);
 }
+
+/// Copies a directory tree (a stopped server's data directory).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Opens the vault in `data_dir` with the master key in `key`: Ok with
+/// record `p1`'s NIR and whether the audit chain verifies, or the error.
+async fn open_with(
+    config: &coffre::config::Config,
+    data_dir: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(String, bool), String> {
+    let mut c = config.clone();
+    c.data_dir = data_dir.to_path_buf();
+    c.master_key_file = key.to_path_buf();
+    // sled frees its lock when the previous opener's threads end.
+    let mut tries = 0;
+    let vault = loop {
+        match coffre::vault::Vault::open(&c, None).await {
+            Ok((v, _)) => break v,
+            Err(e) if e.to_string().contains("acquire lock") && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let tenant = vault
+        .tenants
+        .get(&coffre::model::TenantName::parse("clinic").unwrap())
+        .map_err(|e| e.to_string())?;
+    let rec = vault
+        .records
+        .get(&tenant, &coffre::model::RecordId::parse("p1").unwrap(), &[])
+        .map_err(|e| e.to_string())?;
+    let verified = vault.audit.verify(None).unwrap().ok;
+    Ok((rec.fields["nir"].to_string(), verified))
+}
+
+/// Issue 5, point 3: master-key rotation stopped at every step opens with
+/// one of the two key files; rerun, it completes, and then only the new key
+/// works, with the audit chain still verifying.
+#[tokio::test]
+async fn master_rotation_is_crash_safe_at_every_step() {
+    let mut s = TestServer::start().await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    r.put_record(authed(&token, put_req("p1", 1)))
+        .await
+        .unwrap();
+    r.get_record(authed(&token, get("p1"))).await.unwrap();
+    s.stop().await;
+    let want = coffre::bench::sample_fields(1)["nir"].clone();
+    let old_key = s.config.master_key_file.clone();
+    let new_key = s.root.path().join("keys").join("new.key");
+    coffre::keys::generate_key_file(&new_key).unwrap();
+    let old = coffre::keys::load_key_file(&old_key).unwrap();
+    let new = coffre::keys::load_key_file(&new_key).unwrap();
+    for step in 1..=5u32 {
+        let dir = s.root.path().join(format!("copy{step}"));
+        copy_dir(&s.data_dir(), &dir);
+        coffre::keys::rotate_master(&dir, &old, &new, Some(step)).unwrap();
+        let with_old = open_with(&s.config, &dir, &old_key).await;
+        let with_new = open_with(&s.config, &dir, &new_key).await;
+        println!(
+            "rotate-master stopped before step {step}: old key {}, new key {}",
+            if with_old.is_ok() { "opens" } else { "refused" },
+            if with_new.is_ok() { "opens" } else { "refused" }
+        );
+        assert!(
+            with_old.is_ok() != with_new.is_ok(),
+            "step {step}: exactly one key opens: {with_old:?} / {with_new:?}"
+        );
+        let opened = with_old.or(with_new).unwrap();
+        assert_eq!(opened, (want.clone(), true), "step {step}");
+        // Run again to the end: only the new key works.
+        coffre::keys::rotate_master(&dir, &old, &new, None).unwrap();
+        let e = open_with(&s.config, &dir, &old_key).await.unwrap_err();
+        assert!(e.contains("does not match"), "{e}");
+        assert_eq!(
+            open_with(&s.config, &dir, &new_key).await.unwrap(),
+            (want.clone(), true)
+        );
+    }
+    // 4 secrets (pepper, audit, budget, honeytoken keys) and a data and an
+    // index key for each of the tenants system and clinic.
+    assert_eq!(
+        coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap(),
+        coffre::keys::MasterRotation::Rotated { keys: 8 }
+    );
+    assert_eq!(
+        coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap(),
+        coffre::keys::MasterRotation::AlreadyDone
+    );
+    // The server on the new key: the clinician logs in (the pepper moved
+    // with the keys) and reads.
+    s.config.master_key_file = new_key;
+    s.restart().await;
+    let token = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
+    let rec = s
+        .records()
+        .await
+        .get_record(authed(&token, get("p1")))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(rec.fields["nir"], want);
+}
+
+/// Issue 5, point 5: a shredded tenant's records answer an error forever,
+/// its keys leave no byte behind, an older backup stays unreadable once the
+/// master key has been rotated, and other tenants are untouched.
+#[tokio::test]
+async fn shredding_a_tenant_destroys_it_and_spares_the_others() {
+    let mut s = TestServer::start().await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let other = s.tenant_with("other", "dr_b", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    for i in 0..20u64 {
+        r.put_record(authed(&token, put_req(&format!("p{i}"), i)))
+            .await
+            .unwrap();
+        r.put_record(authed(&other, put_req(&format!("p{i}"), i + 100)))
+            .await
+            .unwrap();
+    }
+    let wrapped = s
+        .vault
+        .as_ref()
+        .unwrap()
+        .keys
+        .wrapped_data_key("clinic", 1)
+        .unwrap();
+    s.stop().await;
+    let backup = s.root.path().join("backup");
+    copy_dir(&s.data_dir(), &backup);
+    s.restart().await;
+
+    let admin = s.admin_token().await;
+    let mut a = s.admin().await;
+    let shred = |confirm: &str| pb::ShredTenantRequest {
+        tenant: "clinic".into(),
+        confirm: confirm.into(),
+    };
+    let e = a
+        .shred_tenant(authed(&admin, shred("clinc")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    a.shred_tenant(authed(&admin, shred("clinic")))
+        .await
+        .unwrap();
+
+    let mut r = s.records().await;
+    let e = r.get_record(authed(&token, get("p1"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "its sessions went with it");
+    let e = s
+        .login("clinic", "dr_a", CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = a
+        .key_status(authed(
+            &admin,
+            pb::KeyStatusRequest {
+                tenant: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = a
+        .create_tenant(authed(
+            &admin,
+            pb::CreateTenantRequest {
+                name: "clinic".into(),
+                indexed_fields: vec![],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let rec = r
+        .get_record(authed(&other, get("p3")))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(rec.fields["nir"], coffre::bench::sample_fields(103)["nir"]);
+
+    // Forever: after a restart too; and no byte of its keys remains.
+    s.restart().await;
+    let e = s
+        .login("clinic", "dr_a", CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    s.stop().await;
+    let left = all_files(&s.data_dir())
+        .into_iter()
+        .filter(|(_, b)| contains(b, &wrapped))
+        .count();
+    assert_eq!(
+        left, 0,
+        "the tenant's wrapped key is gone from the data directory"
+    );
+
+    // The backup still holds the keys, wrapped under the old master key:
+    // once the master key is rotated and the old one destroyed, the backup
+    // cannot be opened with the key that remains.
+    let new_key = s.root.path().join("keys").join("new.key");
+    coffre::keys::generate_key_file(&new_key).unwrap();
+    let old = coffre::keys::load_key_file(&s.config.master_key_file).unwrap();
+    let new = coffre::keys::load_key_file(&new_key).unwrap();
+    coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap();
+    std::fs::remove_file(&s.config.master_key_file).unwrap();
+    let e = open_with(&s.config, &backup, &new_key).await.unwrap_err();
+    assert!(e.contains("does not match"), "{e}");
+    s.config.master_key_file = new_key;
+    s.restart().await;
+    let other = s.login("other", "dr_b", CLINICIAN_PASSWORD).await.unwrap();
+    s.records()
+        .await
+        .get_record(authed(&other, get("p3")))
+        .await
+        .unwrap();
+}
