@@ -49,7 +49,7 @@ fn main() {
         let during = b
             .get_load_while(READERS, RECORDS, move || flag.load(Ordering::Relaxed))
             .await;
-        let ((fields, _), took) = rewrap.await.unwrap();
+        let (fields, took) = rewrap.await.unwrap();
         println!(
             "rewrap: {fields} fields in {:.2} s = {:.0} fields/s while serving reads",
             took.as_secs_f64(),

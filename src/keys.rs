@@ -124,11 +124,19 @@ impl MasterKey {
 pub struct TenantKeys {
     tenant: String,
     versions: RwLock<Versions>,
-    index: SecretKey,
+    index: RwLock<Index>,
     /// Held shared by every write from the choice of its key version until
     /// its ciphertexts are applied, and exclusively by a retirement, so no
     /// write can use a version as it is retired.
     writes: RwLock<()>,
+}
+
+/// The blind-index key, and during a rotation of it the next one: writes
+/// index under the next key, searches look under both, and a rebuild moves
+/// every record's entries to the next key before it replaces the current.
+struct Index {
+    current: Arc<SecretKey>,
+    next: Option<Arc<SecretKey>>,
 }
 
 struct Versions {
@@ -210,13 +218,31 @@ impl TenantKeys {
             .open_field(&mut field_aad(&self.tenant, record_id, field), sealed)
     }
 
-    /// The blind-index token of an already normalised value of `field`.
+    /// The blind-index token a write stores for an already normalised
+    /// value of `field` (under the next index key while one is rotating in).
     pub fn index_token(&self, field: &str, normalized: &str) -> [u8; 32] {
-        let ctx = Context::new("coffre/index/v1")
-            .with(self.tenant.as_bytes())
-            .with(field.as_bytes())
-            .with(normalized.as_bytes());
-        crypto::hmac_sha256(&self.index, ctx.as_bytes())
+        let i = self.index.read();
+        token(
+            i.next.as_ref().unwrap_or(&i.current),
+            &self.tenant,
+            field,
+            normalized,
+        )
+    }
+
+    /// The tokens a search looks for: one, or two while the index key
+    /// rotates (records not yet rebuilt are under the current key).
+    pub fn search_tokens(&self, field: &str, normalized: &str) -> Vec<[u8; 32]> {
+        let i = self.index.read();
+        std::iter::once(&i.current)
+            .chain(i.next.as_ref())
+            .map(|k| token(k, &self.tenant, field, normalized))
+            .collect()
+    }
+
+    /// Whether a rotation of the index key is under way.
+    pub fn index_rotating(&self) -> bool {
+        self.index.read().next.is_some()
     }
 
     /// Held by a write while it encrypts and applies (see `writes`).
@@ -236,6 +262,14 @@ impl TenantKeys {
         v.sort_unstable();
         v
     }
+}
+
+fn token(key: &SecretKey, tenant: &str, field: &str, normalized: &str) -> [u8; 32] {
+    let ctx = Context::new("coffre/index/v1")
+        .with(tenant.as_bytes())
+        .with(field.as_bytes())
+        .with(normalized.as_bytes());
+    crypto::hmac_sha256(key, ctx.as_bytes())
 }
 
 fn field_aad(tenant: &str, record_id: &str, field: &str) -> FieldAad {
@@ -517,6 +551,11 @@ impl Keyring {
             &index_name,
             entries.get(&index_name).ok_or(KeyError::Tampered)?,
         )?;
+        let next_name = tenant_entry(tenant, "index-next/index");
+        let next = entries
+            .get(&next_name)
+            .map(|w| self.master.unwrap(&next_name, w).map(Arc::new))
+            .transpose()?;
         let data_prefix = tenant_entry(tenant, "data/");
         let mut data = HashMap::new();
         for (name, wrapped) in entries.range(data_prefix.clone()..) {
@@ -540,7 +579,10 @@ impl Keyring {
         Ok(Some(TenantKeys {
             tenant: tenant.to_string(),
             versions: RwLock::new(Versions { active, data }),
-            index,
+            index: RwLock::new(Index {
+                current: Arc::new(index),
+                next,
+            }),
             writes: RwLock::new(()),
         }))
     }
@@ -685,6 +727,45 @@ impl Keyring {
             .apply(b)
             .map_err(|e| RetireError::Key(KeyError::Storage(e)))?;
         keys.versions.write().data.remove(&version);
+        Ok(())
+    }
+
+    /// Starts (or, after a crash, continues) a rotation of the tenant's
+    /// blind-index key: the next key is made and stored, durably, if there
+    /// is none yet; writes index under it from now on.
+    pub fn begin_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
+        let _serial = self.rotating.lock();
+        if keys.index_rotating() {
+            return Ok(());
+        }
+        let next = SecretKey::random();
+        let name = tenant_entry(&keys.tenant, "index-next/index");
+        self.update(|e| {
+            e.insert(name.clone(), self.master.wrap(&name, &next));
+            Ok(())
+        })?;
+        keys.index.write().next = Some(Arc::new(next));
+        Ok(())
+    }
+
+    /// Ends a rotation of the index key once every record is indexed under
+    /// the next key: it becomes the current one, and the old key is
+    /// destroyed (the key store is rewritten without it).
+    pub fn finish_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
+        let _serial = self.rotating.lock();
+        let Some(next) = keys.index.read().next.clone() else {
+            return Ok(());
+        };
+        let current = tenant_entry(&keys.tenant, "index");
+        let next_name = tenant_entry(&keys.tenant, "index-next/index");
+        self.update(|e| {
+            e.insert(current.clone(), self.master.wrap(&current, &next));
+            e.remove(&next_name);
+            Ok(())
+        })?;
+        let mut i = keys.index.write();
+        i.current = next;
+        i.next = None;
         Ok(())
     }
 

@@ -335,6 +335,79 @@ impl Records {
         Ok(step)
     }
 
+    /// Moves the index entries of up to `max` records after `cursor` to
+    /// the index key that is rotating in: each record's indexed fields are
+    /// decrypted, their tokens computed under the next key, and the record
+    /// and its entries rewritten together, under the record's lock from a
+    /// fresh read. Returns the records done and where to go on (`None`:
+    /// finished).
+    pub fn reindex_step(
+        &self,
+        tenant: &Tenant,
+        cursor: &[u8],
+        max: usize,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let start = if cursor.is_empty() {
+            prefix.clone()
+        } else {
+            [cursor, &[0]].concat()
+        };
+        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
+        let next = (entries.len() == max).then(|| entries.last().map(|(k, _)| k.clone()));
+        let mut done = 0;
+        for (key, _) in &entries {
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
+            let rid = RecordId::parse(id).map_err(|_| Error::DataLoss)?;
+            let _writing = tenant.keys.write_guard();
+            let _g = self.stripe(tenant, id).lock();
+            let Some(mut rec) = self.load(tenant, id)? else {
+                continue;
+            };
+            let mut b = Batch::new();
+            for (f, token) in &rec.index {
+                b.delete(Space::Index, index_key(tenant, f, token, &rid));
+            }
+            let mut index = HashMap::new();
+            for (f, old) in &rec.index {
+                let sealed = rec.fields.get(f).ok_or(Error::DataLoss)?;
+                let plain = tenant.keys.decrypt_field(id, f, sealed)?;
+                let text = std::str::from_utf8(&plain).map_err(|_| Error::DataLoss)?;
+                let norm = normalize(text);
+                // A token that matches the value under neither key is a
+                // honeytoken's decoy: it stays random.
+                let genuine = tenant
+                    .keys
+                    .search_tokens(f, &norm)
+                    .iter()
+                    .any(|t| crate::crypto::ct_eq(t, old));
+                let token = if genuine {
+                    tenant.keys.index_token(f, &norm).to_vec()
+                } else {
+                    crate::crypto::random_array::<32>().to_vec()
+                };
+                b.put(Space::Index, index_key(tenant, f, &token, &rid), Vec::new());
+                index.insert(f.clone(), token);
+            }
+            rec.index = index;
+            b.put(Space::Records, key.clone(), rec.encode_to_vec());
+            self.store.apply(b)?;
+            done += 1;
+        }
+        Ok((done, next.flatten()))
+    }
+
+    /// How many records the tenant has (a scan of keys and values).
+    pub fn count(&self, tenant: &Tenant) -> Result<u64> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        Ok(self
+            .store
+            .scan_prefix(Space::Records, &prefix, usize::MAX)?
+            .len() as u64)
+    }
+
     /// How many stored fields of the tenant each key version seals (a scan
     /// of the tenant's records; nothing is decrypted).
     pub fn key_usage(&self, tenant: &Tenant) -> Result<BTreeMap<u32, u64>> {
@@ -430,18 +503,23 @@ impl Records {
         if value.len() > MAX_VALUE_BYTES {
             return Err(Error::InvalidArgument("values are at most 64 KiB".into()));
         }
-        let token = tenant.keys.index_token(field.as_str(), &normalize(value));
-        let prefix = index_prefix(tenant, field.as_str(), &token);
-        self.store
-            .scan_prefix(Space::Index, &prefix, MAX_FIND_RESULTS)?
-            .into_iter()
-            .map(|(k, _)| {
-                std::str::from_utf8(&k[prefix.len()..])
+        let mut ids = BTreeSet::new();
+        // Two tokens while the index key rotates: records not yet rebuilt
+        // are under the current key, newer ones under the next.
+        for token in tenant.keys.search_tokens(field.as_str(), &normalize(value)) {
+            let prefix = index_prefix(tenant, field.as_str(), &token);
+            for (k, _) in self
+                .store
+                .scan_prefix(Space::Index, &prefix, MAX_FIND_RESULTS)?
+            {
+                let id = std::str::from_utf8(&k[prefix.len()..])
                     .ok()
                     .and_then(|s| RecordId::parse(s).ok())
-                    .ok_or(Error::DataLoss)
-            })
-            .collect()
+                    .ok_or(Error::DataLoss)?;
+                ids.insert(id);
+            }
+        }
+        Ok(ids.into_iter().take(MAX_FIND_RESULTS).collect())
     }
 
     /// Stores an Argon2id hash of `secret` on an existing record.

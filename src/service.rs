@@ -222,6 +222,36 @@ fn must(caller: Option<Caller>) -> Result<Caller, Error> {
     caller.ok_or(Error::Unauthenticated("missing bearer token"))
 }
 
+/// Where a long key job reports its progress.
+#[derive(Clone)]
+struct Progress(mpsc::Sender<Result<pb::RewrapProgress, Status>>);
+
+impl Progress {
+    /// Drops a report the client is too slow for: the last one counts.
+    fn report(&self, done: u64, total: u64) {
+        let _ = self.0.try_send(Ok(pb::RewrapProgress { done, total }));
+    }
+}
+
+/// Runs a tenant-wide key job in its own task and streams its progress; the
+/// last message is `{total, total}` or the error. The job goes on if the
+/// client leaves: it is resumable, and half done is worth keeping.
+fn progress_stream<F>(job: impl FnOnce(Progress) -> F) -> BoxStream<pb::RewrapProgress>
+where
+    F: std::future::Future<Output = Result<u64, Error>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let run = job(Progress(tx.clone()));
+    tokio::spawn(async move {
+        let end = match run.await {
+            Ok(total) => Ok(pb::RewrapProgress { done: total, total }),
+            Err(e) => Err(to_status(e)),
+        };
+        let _ = tx.send(end).await;
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
 const GET_RECORD: &str = "coffre.v1.Records/GetRecord";
 const FIND_RECORDS: &str = "coffre.v1.Records/FindRecords";
 const BULK_READ: &str = "coffre.v1.Records/BulkRead";
@@ -782,21 +812,10 @@ impl admin_server::Admin for AdminService {
             async |_c: Option<Caller>, m: pb::RewrapTenantRequest, n: &mut Note| {
                 let tenant = admin_target(&v, &m.tenant, n)?;
                 n.fields = vec![format!("to_version={}", tenant.keys.active_version())];
-                let (tx, rx) = mpsc::channel(16);
                 let vault = v.clone();
-                // The run goes on if the client leaves: it is resumable, and
-                // half a rewrap is worth keeping.
-                tokio::spawn(async move {
-                    let report = |done, total| {
-                        let _ = tx.try_send(Ok(pb::RewrapProgress { done, total }));
-                    };
-                    let end = match vault.rewrap(&tenant, report).await {
-                        Ok((_, total)) => Ok(pb::RewrapProgress { done: total, total }),
-                        Err(e) => Err(to_status(e)),
-                    };
-                    let _ = tx.send(end).await;
-                });
-                Ok(Box::pin(ReceiverStream::new(rx)) as Self::RewrapTenantStream)
+                Ok(progress_stream(async move |p: Progress| {
+                    vault.rewrap(&tenant, |d, t| p.report(d, t)).await
+                }))
             }
         )
     }
@@ -861,6 +880,28 @@ impl admin_server::Admin for AdminService {
                 })?;
                 v.store.sync().await?;
                 Ok(pb::RetireKeyVersionResponse {})
+            }
+        )
+    }
+
+    type RotateIndexKeyStream = BoxStream<pb::RewrapProgress>;
+
+    async fn rotate_index_key(
+        &self,
+        req: Request<pb::RotateIndexKeyRequest>,
+    ) -> Result<Response<Self::RotateIndexKeyStream>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/RotateIndexKey",
+            Need::Admin,
+            async |_c: Option<Caller>, m: pb::RotateIndexKeyRequest, n: &mut Note| {
+                let tenant = admin_target(&v, &m.tenant, n)?;
+                let vault = v.clone();
+                Ok(progress_stream(async move |p: Progress| {
+                    vault.rotate_index(&tenant, |d, t| p.report(d, t)).await
+                }))
             }
         )
     }

@@ -62,8 +62,23 @@ pub struct Vault {
     pub records: Records,
     pub budgets: Budgets,
     pub honeytokens: Honeytokens,
-    /// Tenants being rewrapped now (one rewrap per tenant at a time).
+    /// Tenants with a key job (rewrap, reindex) running: one at a time.
     rewraps: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+}
+
+/// Records (rewrap, reindex) per durable step of a tenant-wide key job.
+const JOB_STEP: usize = 64;
+
+/// Frees a tenant's job slot when the job ends, however it ends.
+struct JobSlot<'a>(
+    &'a parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+    TenantName,
+);
+
+impl Drop for JobSlot<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
 }
 
 /// Name of the first administrator made on an empty data directory.
@@ -197,64 +212,115 @@ impl Vault {
     }
 
     /// Re-encrypts every field of `tenant` still under an older key version
-    /// with the active one, online, reporting `(done, total)` fields on
-    /// `progress` after each durable step (the last report is `(total,
-    /// total)`; the result counts the fields rewrapped here). Progress is stored, so a run cut
-    /// short (crash, `kill -9`) resumes where it stopped when run again. It
-    /// works half the time and sleeps the other half, so that reads keep
-    /// their latency.
-    pub async fn rewrap(
-        &self,
-        tenant: &Tenant,
-        progress: impl Fn(u64, u64),
-    ) -> Result<(u64, u64), Error> {
-        if !self.rewraps.lock().insert(tenant.name.clone()) {
-            return Err(Error::FailedPrecondition(
-                "a rewrap of this tenant is already running".into(),
-            ));
-        }
-        let out = self.rewrap_inner(tenant, progress).await;
-        self.rewraps.lock().remove(&tenant.name);
-        out
+    /// with the active one, online, reporting `(done, total)` fields after
+    /// each durable step (the last report is `(total, total)`: every field
+    /// counted at the start is then under the active version, rewrapped
+    /// here or replaced meanwhile by a write). Resumable: a run cut short
+    /// (crash, `kill -9`) goes on where it stopped when run again.
+    pub async fn rewrap(&self, tenant: &Tenant, progress: impl Fn(u64, u64)) -> Result<u64, Error> {
+        let target = tenant.keys.active_version();
+        let mut rotated = None;
+        let total = self
+            .resumable_job(
+                tenant,
+                "rewrap",
+                // A stored run toward another version starts over.
+                &target.to_be_bytes(),
+                |done| {
+                    let left: u64 = self
+                        .records
+                        .key_usage(tenant)?
+                        .iter()
+                        .filter(|(v, _)| **v != target)
+                        .map(|(_, n)| n)
+                        .sum();
+                    Ok(done + left)
+                },
+                |cursor| {
+                    let step = self.records.rewrap_step(tenant, cursor, JOB_STEP)?;
+                    rotated = step.rotated_to.or(rotated);
+                    Ok((step.fields, step.cursor))
+                },
+                progress,
+            )
+            .await?;
+        self.key_rotated(tenant, rotated).await?;
+        Ok(total)
     }
 
-    async fn rewrap_inner(
+    /// Rotates the tenant's blind-index key and moves every record's index
+    /// entries to the new key, online (searches look under both keys until
+    /// the end), in steps like [`Vault::rewrap`]; then the old key is
+    /// destroyed. Reports `(done, total)` records.
+    pub async fn rotate_index(
         &self,
         tenant: &Tenant,
         progress: impl Fn(u64, u64),
-    ) -> Result<(u64, u64), Error> {
-        const STEP: usize = 64;
-        let key = [b"rewrap\0".as_slice(), tenant.name.as_str().as_bytes()].concat();
-        let target = tenant.keys.active_version();
-        // A stored run toward the same version resumes; any other restarts.
+    ) -> Result<u64, Error> {
+        self.keys.begin_index_rotation(&tenant.keys)?;
+        let total = self
+            .resumable_job(
+                tenant,
+                "reindex",
+                b"",
+                |done| Ok(self.records.count(tenant)?.max(done)),
+                |cursor| self.records.reindex_step(tenant, cursor, JOB_STEP),
+                progress,
+            )
+            .await?;
+        // Every record's entries are durable under the next key (the job
+        // committed its last step) before the current one is destroyed.
+        self.keys.finish_index_rotation(&tenant.keys)?;
+        Ok(total)
+    }
+
+    /// Runs a tenant-wide key job, one per tenant at a time: `step` from the
+    /// stored cursor on until it returns no cursor, each step made durable
+    /// with the job's progress under `Meta` `<name>\0<tenant>` (a stored run
+    /// with another `tag` starts over), then a sleep as long as the step
+    /// took, so that the job takes at most half of a core and reads keep
+    /// their latency. `total` gets the done count stored by an earlier run
+    /// and answers the whole job's size.
+    async fn resumable_job(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        tag: &[u8],
+        total: impl FnOnce(u64) -> Result<u64, Error>,
+        mut step: impl FnMut(&[u8]) -> Result<(u64, Option<Vec<u8>>), Error>,
+        progress: impl Fn(u64, u64),
+    ) -> Result<u64, Error> {
+        if !self.rewraps.lock().insert(tenant.name.clone()) {
+            return Err(Error::FailedPrecondition(
+                "a rewrap or index rebuild of this tenant is already running".into(),
+            ));
+        }
+        let _running = JobSlot(&self.rewraps, tenant.name.clone());
+        let key = [name.as_bytes(), b"\0", tenant.name.as_str().as_bytes()].concat();
+        let head = [&[tag.len() as u8][..], tag].concat();
         let (mut done, mut cursor) = match self.store.get(Space::Meta, &key)? {
-            Some(v) if v.len() >= 12 && v[..4] == target.to_be_bytes() => (
-                u64::from_be_bytes(v[4..12].try_into().expect("8 bytes")),
-                v[12..].to_vec(),
-            ),
+            Some(v) if v.len() >= head.len() + 8 && v.starts_with(&head) => {
+                let at = head.len();
+                (
+                    u64::from_be_bytes(v[at..at + 8].try_into().expect("8 bytes")),
+                    v[at + 8..].to_vec(),
+                )
+            }
             _ => (0, Vec::new()),
         };
-        let remaining: u64 = self
-            .records
-            .key_usage(tenant)?
-            .iter()
-            .filter(|(v, _)| **v != target)
-            .map(|(_, n)| n)
-            .sum();
-        let total = done + remaining;
+        let total = total(done)?;
         progress(done, total);
         loop {
             let started = std::time::Instant::now();
-            let step = self.records.rewrap_step(tenant, &cursor, STEP)?;
-            self.key_rotated(tenant, step.rotated_to).await?;
-            done += step.fields;
-            let Some(next) = step.cursor else { break };
+            let (n, next) = step(&cursor)?;
+            done += n;
+            let Some(next) = next else { break };
             cursor = next;
             let mut b = Batch::new();
             b.put(
                 Space::Meta,
                 key.clone(),
-                [&target.to_be_bytes()[..], &done.to_be_bytes(), &cursor].concat(),
+                [&head[..], &done.to_be_bytes(), &cursor].concat(),
             );
             self.store.commit(b).await?;
             progress(done.min(total), total);
@@ -263,13 +329,9 @@ impl Vault {
         let mut b = Batch::new();
         b.delete(Space::Meta, key);
         self.store.commit(b).await?;
-        // Done: every field counted at the start is now under the active
-        // version, rewrapped here or replaced meanwhile by a write (which
-        // used the active version). Returns the fields rewrapped, and the
-        // total.
         let total = total.max(done);
         progress(total, total);
-        Ok((done, total))
+        Ok(total)
     }
 
     /// Crypto-shreds a tenant: its keys are destroyed first (durably: from
