@@ -131,6 +131,12 @@ enum KeysCmd {
         #[arg(long)]
         tenant: String,
     },
+    /// Rotate the tenant's blind-index key and rebuild its index online
+    /// (FindRecords keeps working; resumable).
+    RotateIndex {
+        #[arg(long)]
+        tenant: String,
+    },
     /// Key versions: fields sealed, encryptions performed, retired or not.
     Status {
         #[arg(long)]
@@ -689,7 +695,7 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
         KeysCmd::Rewrap { tenant } => {
-            let mut st = c
+            let st = c
                 .rewrap_tenant(authed(
                     g,
                     pb::RewrapTenantRequest {
@@ -699,25 +705,33 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            let bar = std::io::stderr().is_terminal() && !g.json;
-            let started = std::time::Instant::now();
-            let mut last = pb::RewrapProgress::default();
-            while let Some(p) = st.message().await.map_err(status_err)? {
-                last = p;
-                if bar {
-                    eprint!("\r{}", progress_line(p.done, p.total, started.elapsed()));
-                }
-            }
-            if bar {
-                eprintln!();
-            }
+            let (last, took) = follow(g, st, "fields").await?;
             say(
                 g,
                 &format!(
-                    "tenant {tenant}: {} of {} fields under the active key ({:.1} s)",
-                    last.done,
-                    last.total,
-                    started.elapsed().as_secs_f64()
+                    "tenant {tenant}: {} of {} fields under the active key ({took:.1} s)",
+                    last.done, last.total
+                ),
+                json!({"tenant": tenant, "done": last.done, "total": last.total}),
+            );
+        }
+        KeysCmd::RotateIndex { tenant } => {
+            let st = c
+                .rotate_index_key(authed(
+                    g,
+                    pb::RotateIndexKeyRequest {
+                        tenant: tenant.clone(),
+                    },
+                )?)
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let (last, took) = follow(g, st, "records").await?;
+            say(
+                g,
+                &format!(
+                    "tenant {tenant}: index rebuilt under a new key, {} records ({took:.1} s); the old key is destroyed",
+                    last.total
                 ),
                 json!({"tenant": tenant, "done": last.done, "total": last.total}),
             );
@@ -831,8 +845,33 @@ fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<()
     Ok(())
 }
 
+/// Follows a key job's progress stream, with a progress bar on a terminal;
+/// returns the last report and the seconds taken.
+async fn follow(
+    g: &Global,
+    mut st: tonic::Streaming<pb::RewrapProgress>,
+    unit: &str,
+) -> Result<(pb::RewrapProgress, f64), CliError> {
+    let bar = std::io::stderr().is_terminal() && !g.json;
+    let started = std::time::Instant::now();
+    let mut last = pb::RewrapProgress::default();
+    while let Some(p) = st.message().await.map_err(status_err)? {
+        last = p;
+        if bar {
+            eprint!(
+                "\r{}",
+                progress_line(p.done, p.total, unit, started.elapsed())
+            );
+        }
+    }
+    if bar {
+        eprintln!();
+    }
+    Ok((last, started.elapsed().as_secs_f64()))
+}
+
 /// `[#####.....] 40 %  12000/30000 fields  8 500/s  ETA 2 s`
-fn progress_line(done: u64, total: u64, elapsed: std::time::Duration) -> String {
+fn progress_line(done: u64, total: u64, unit: &str, elapsed: std::time::Duration) -> String {
     let frac = if total == 0 {
         1.0
     } else {
@@ -846,7 +885,7 @@ fn progress_line(done: u64, total: u64, elapsed: std::time::Duration) -> String 
         "?".into()
     };
     format!(
-        "[{}{}] {:>3.0} %  {done}/{total} fields  {rate:.0}/s  ETA {eta}   ",
+        "[{}{}] {:>3.0} %  {done}/{total} {unit}  {rate:.0}/s  ETA {eta}   ",
         "#".repeat(filled.min(30)),
         ".".repeat(30 - filled.min(30)),
         frac * 100.0

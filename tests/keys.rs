@@ -697,3 +697,154 @@ async fn shredding_a_tenant_destroys_it_and_spares_the_others() {
         .await
         .unwrap();
 }
+
+/// Blind-index key rotation: the index is rebuilt online; FindRecords finds
+/// every record before, during and after (old records and ones written
+/// meanwhile), a honeytoken's entry moves too (a find on it still trips),
+/// and the rotation survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_key_rotates_online_and_finds_keep_working() {
+    let mut s = TestServer::start().await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let admin = s.admin_token().await;
+    let mut a = s.admin().await;
+    let mut r = s.records().await;
+    const N: u64 = 1500;
+    for i in 0..N {
+        r.put_record(authed(&token, put_req(&format!("p{i:04}"), i)))
+            .await
+            .unwrap();
+    }
+    let canary = a
+        .create_honeytoken(authed(
+            &admin,
+            pb::CreateHoneytokenRequest {
+                tenant: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let canary_nir = {
+        let v = s.vault.clone().unwrap();
+        let t = v
+            .tenants
+            .get(&coffre::model::TenantName::parse("clinic").unwrap())
+            .unwrap();
+        let id = coffre::model::RecordId::parse(&canary).unwrap();
+        v.records.get(&t, &id, &[]).unwrap().fields["nir"].to_string()
+    };
+    let find = |nir: String| pb::FindRecordsRequest {
+        field: "nir".into(),
+        value: nir,
+        purpose: "care".into(),
+    };
+    let nir = |i: u64| coffre::bench::sample_fields(i)["nir"].clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (found, missed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for c in 0..4u64 {
+        let (ch, token, stop) = (s.channel().await, token.clone(), stop.clone());
+        let (found, missed) = (found.clone(), missed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = pb::records_client::RecordsClient::new(ch);
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let ids = r
+                    .find_records(authed(&token, find(nir(i % N))))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .ids;
+                if ids == [format!("p{:04}", i % N)] {
+                    found.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    missed.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 97;
+            }
+        }));
+    }
+    // Written during the rebuild, under the next key.
+    let writer = {
+        let (ch, token, stop) = (s.channel().await, token.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut r = pb::records_client::RecordsClient::new(ch);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                r.put_record(authed(&token, put_req(&format!("q{n}"), 10_000 + n)))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut st = a
+        .rotate_index_key(authed(
+            &admin,
+            pb::RotateIndexKeyRequest {
+                tenant: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = pb::RewrapProgress::default();
+    while let Some(p) = st.message().await.unwrap() {
+        last = p;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let written = writer.await.unwrap();
+    println!(
+        "rotate-index: {} of {} records; {} finds during it, {} missed; {written} records written meanwhile",
+        last.done,
+        last.total,
+        found.load(Ordering::Relaxed),
+        missed.load(Ordering::Relaxed)
+    );
+    assert_eq!(last.done, last.total);
+    assert!(last.total >= N);
+    assert_eq!(
+        missed.load(Ordering::Relaxed),
+        0,
+        "no find missed its record"
+    );
+    assert!(found.load(Ordering::Relaxed) > 0);
+    let vault = s.vault.clone().unwrap();
+    let clinic = coffre::model::TenantName::parse("clinic").unwrap();
+    assert!(!vault.tenants.get(&clinic).unwrap().keys.index_rotating());
+    drop(vault);
+    // The canary's entry moved to the new key too: a find on its NIR trips.
+    s.principal("clinic", "dr_z", pb::Role::Clinician, CLINICIAN_PASSWORD)
+        .await;
+    let z = s.login("clinic", "dr_z", CLINICIAN_PASSWORD).await.unwrap();
+    let e = r
+        .find_records(authed(&z, find(canary_nir)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    s.restart().await;
+    let token = s.login("clinic", "dr_a", CLINICIAN_PASSWORD).await.unwrap();
+    let mut r = s.records().await;
+    for (value, id) in [
+        (nir(0), "p0000".to_string()),
+        (nir(N - 1), format!("p{:04}", N - 1)),
+    ]
+    .into_iter()
+    .chain((0..written).map(|n| (nir(10_000 + n), format!("q{n}"))))
+    {
+        let ids = r
+            .find_records(authed(&token, find(value)))
+            .await
+            .unwrap()
+            .into_inner()
+            .ids;
+        assert_eq!(ids, [id]);
+    }
+}
