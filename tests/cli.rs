@@ -220,6 +220,8 @@ async fn readme_walkthrough() {
         &[&["keys", "retire", "--version", "1"][..], &t].concat(),
         "",
     ));
+    let rebuilt = ok(&run(&[&["keys", "rotate-index"][..], &t].concat(), ""));
+    assert!(rebuilt.contains("old key is destroyed"), "{rebuilt}");
     let table = ok(&run(&[&["keys", "status"][..], &t].concat(), ""));
     assert!(
         table
