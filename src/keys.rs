@@ -2,12 +2,20 @@
 //!
 //! ```text
 //! master key (key file, outside data_dir)
-//!  ├─ HKDF "kek"        → wraps every stored key (AES-256-GCM, AAD names what it wraps)
-//!  │    ├─ pepper        (random, for Argon2id; wrapped so a master rotation keeps it)
-//!  │    └─ per tenant:   data key v1, v2, … (fields)  and  index key (blind index HMAC)
-//!  ├─ HKDF "key-check"  → a stored MAC that tells a wrong master key at start-up
-//!  └─ HKDF "audit"      → MACs the audit chain
+//!  ├─ HKDF "kek"          → wraps every key below (AES-256-GCM, AAD = the entry's name)
+//!  │    ├─ secrets          pepper (Argon2id), audit chain key, budget and honeytoken keys
+//!  │    └─ per tenant       data keys v1, v2, … (fields), index key (blind index HMAC),
+//!  │                        and the next index key while it rotates
+//!  ├─ HKDF "key-check"    → tells a wrong master key at start-up
+//!  └─ HKDF "keyring-mac"  → authenticates the key store file as a whole
 //! ```
+//!
+//! The wrapped keys live in `data_dir/keyring`, one file rewritten whole and
+//! atomically on each change (never in sled, which keeps deleted values in
+//! its log): a retired version or a shredded tenant leaves no bytes behind,
+//! and a master-key rotation is a single atomic replace. Every secret is
+//! random and wrapped, none derived from the master key, so a master
+//! rotation changes nothing but the wrapping (the audit chain continues).
 //!
 //! Unwrapped keys live only in memory, in types that zeroize on drop and
 //! print as `[redacted]`; a tenant's keys are unwrapped once and cached.

@@ -8,8 +8,9 @@
 //!
 //! - [`crypto`]: primitives — keys that zeroize and never print, AES-256-GCM
 //!   sealing with bound context, the field ciphertext format, HMAC, HKDF.
-//! - [`keys`]: the key hierarchy — master key file, wrapped tenant keys,
-//!   key-check value, pepper, encryption counts.
+//! - [`keys`]: the key hierarchy — master key file, the key store file of
+//!   wrapped keys, tenant key versions and their encryption counts,
+//!   rotation, retirement, shredding, master-key rotation.
 //! - [`storage`]: the only module that knows sled; key spaces, atomic
 //!   batches, group commit.
 //! - [`model`]: parsed input — names, ids, purposes, records within the
