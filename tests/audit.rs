@@ -673,33 +673,14 @@ async fn binary_with_mirror(root: &std::path::Path) -> (Proc, String, String) {
         ],
     )
     .unwrap();
-    let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
-    let mut a = pb::admin_client::AdminClient::new(chan(&p.addr).await);
-    a.create_tenant(authed(
-        &admin,
-        pb::CreateTenantRequest {
-            name: "clinic".into(),
-            indexed_fields: vec!["nir".into()],
-        },
-    ))
-    .await
-    .unwrap();
-    for (tenant, user, pw, role) in [
-        ("clinic", "dr_a", CLINICIAN_PASSWORD, pb::Role::Clinician),
-        ("system", "auditor", AUDITOR_PASSWORD, pb::Role::Auditor),
-    ] {
-        a.create_principal(authed(
-            &admin,
-            pb::CreatePrincipalRequest {
-                tenant: tenant.into(),
-                username: user.into(),
-                password: pw.into(),
-                role: role as i32,
-            },
-        ))
-        .await
-        .unwrap();
-    }
+    bin_setup(
+        &p.addr,
+        &[
+            ("clinic", "dr_a", CLINICIAN_PASSWORD, pb::Role::Clinician),
+            ("system", "auditor", AUDITOR_PASSWORD, pb::Role::Auditor),
+        ],
+    )
+    .await;
     let clin = bin_login(&p.addr, "clinic", "dr_a", CLINICIAN_PASSWORD).await;
     let aud = bin_login(&p.addr, "system", "auditor", AUDITOR_PASSWORD).await;
     (p, clin, aud)

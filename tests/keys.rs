@@ -333,28 +333,13 @@ async fn a_rewrap_killed_mid_way_resumes() {
     let root = tempfile::tempdir().unwrap();
     let cfg = write_config(root.path(), "");
     let mut p = spawn_server(&cfg, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]).unwrap();
+    bin_setup(
+        &p.addr,
+        &[("clinic", "loader", CLINICIAN_PASSWORD, pb::Role::Service)],
+    )
+    .await;
     let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
     let mut a = pb::admin_client::AdminClient::new(chan(&p.addr).await);
-    a.create_tenant(authed(
-        &admin,
-        pb::CreateTenantRequest {
-            name: "clinic".into(),
-            indexed_fields: vec!["nir".into()],
-        },
-    ))
-    .await
-    .unwrap();
-    a.create_principal(authed(
-        &admin,
-        pb::CreatePrincipalRequest {
-            tenant: "clinic".into(),
-            username: "loader".into(),
-            password: CLINICIAN_PASSWORD.into(),
-            role: pb::Role::Service as i32,
-        },
-    ))
-    .await
-    .unwrap();
     let token = bin_login(&p.addr, "clinic", "loader", CLINICIAN_PASSWORD).await;
     const N: u64 = 3000;
     let mut writers = Vec::new();

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::pb::{self, admin_client::AdminClient, records_client::RecordsClient};
+use coffre::pb::{self, records_client::RecordsClient};
 use common::*;
 use rand::Rng;
 
@@ -157,28 +157,11 @@ async fn kill_9_never_loses_an_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let cfg = write_config(root.path(), "");
     let mut p = spawn_server(&cfg, &boot_env()).unwrap();
-    let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
-    let mut a = AdminClient::new(chan(&p.addr).await);
-    a.create_tenant(authed(
-        &admin,
-        pb::CreateTenantRequest {
-            name: "clinic".into(),
-            indexed_fields: vec!["nir".into()],
-        },
-    ))
-    .await
-    .unwrap();
-    a.create_principal(authed(
-        &admin,
-        pb::CreatePrincipalRequest {
-            tenant: "clinic".into(),
-            username: "writer".into(),
-            password: CLINICIAN_PASSWORD.into(),
-            role: pb::Role::Service as i32,
-        },
-    ))
-    .await
-    .unwrap();
+    bin_setup(
+        &p.addr,
+        &[("clinic", "writer", CLINICIAN_PASSWORD, pb::Role::Service)],
+    )
+    .await;
 
     // (id, version, nir) of every acknowledged write, over all cycles.
     let mut all_acked: Vec<(String, u64, String)> = Vec::new();

@@ -424,3 +424,33 @@ pub fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Through the server at `addr`, as the bootstrap admin: creates tenant
+/// `clinic` (indexed on `nir`) and `principals` (tenant, user, password,
+/// role).
+pub async fn bin_setup(addr: &str, principals: &[(&str, &str, &str, pb::Role)]) {
+    let admin = bin_login(addr, "system", "admin", ADMIN_PASSWORD).await;
+    let mut a = AdminClient::new(chan(addr).await);
+    a.create_tenant(authed(
+        &admin,
+        pb::CreateTenantRequest {
+            name: "clinic".into(),
+            indexed_fields: vec!["nir".into()],
+        },
+    ))
+    .await
+    .unwrap();
+    for (tenant, user, password, role) in principals {
+        a.create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: tenant.to_string(),
+                username: user.to_string(),
+                password: password.to_string(),
+                role: *role as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    }
+}
