@@ -292,20 +292,7 @@ async fn honeytokens_lock_their_reader_through_restarts() {
     let mut s = server("read_burst = 1000\nreads_per_second = 1000.0\n").await;
     let writer = clinician(&s, "writer").await;
     let ids = seed(&s, &writer, 20).await;
-    let admin = s.admin_token().await;
-    let canary = s
-        .admin()
-        .await
-        .create_honeytoken(authed(
-            &admin,
-            pb::CreateHoneytokenRequest {
-                tenant: "clinic".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let canary = s.honeytoken("clinic").await;
     // Same id form as the server's own ids; same field names as the
     // tenant's records.
     assert!(uuid_like(&canary), "{canary}");

@@ -700,17 +700,7 @@ async fn index_key_rotates_online_and_finds_keep_working() {
             .await
             .unwrap();
     }
-    let canary = a
-        .create_honeytoken(authed(
-            &admin,
-            pb::CreateHoneytokenRequest {
-                tenant: "clinic".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let canary = s.honeytoken("clinic").await;
     let canary_nir = {
         let v = s.vault.clone().unwrap();
         let t = v

@@ -210,6 +210,23 @@ impl TestServer {
             .unwrap();
     }
 
+    /// Plants a honeytoken in `tenant` (as the bootstrap admin); its id.
+    pub async fn honeytoken(&self, tenant: &str) -> String {
+        let admin = self.admin_token().await;
+        self.admin()
+            .await
+            .create_honeytoken(authed(
+                &admin,
+                pb::CreateHoneytokenRequest {
+                    tenant: tenant.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
     /// Every alert the auditor behind `token` may see.
     pub async fn alerts(&self, token: &str) -> Vec<pb::Alert> {
         let mut st = pb::audit_client::AuditClient::new(self.channel().await)
