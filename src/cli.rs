@@ -446,7 +446,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Bench(args) => bench(&g, args).await,
         // Offline: no server to connect to.
         Command::Keys(KeysCmd::RotateMaster { config, new_key }) => {
-            rotate_master(&g, config.as_deref(), &new_key)
+            rotate_master(&g, config.as_deref(), &new_key).await
         }
         Command::Keys(cmd) => keys(&g, cmd).await,
         Command::Audit(cmd) => audit(&g, cmd).await,
@@ -780,7 +780,9 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
                 }
             }
         }
-        KeysCmd::RotateMaster { config, new_key } => rotate_master(g, config.as_deref(), &new_key)?,
+        KeysCmd::RotateMaster { config, new_key } => {
+            rotate_master(g, config.as_deref(), &new_key).await?
+        }
         KeysCmd::Retire { tenant, version } => {
             c.retire_key_version(authed(
                 g,
@@ -801,7 +803,7 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<(), CliError> {
+async fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<(), CliError> {
     let config = crate::config::Config::load(config).map_err(err)?;
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -815,7 +817,7 @@ fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<()
     let old = crate::keys::load_key_file(&config.master_key_file).map_err(err)?;
     let new = crate::keys::load_key_file(new_key).map_err(err)?;
     // Holding sled's lock proves no server is running on this directory.
-    let _held = crate::storage::Storage::open_sled(
+    let held = crate::storage::Storage::open_sled(
         &config.data_dir,
         &crate::storage::SledOptions {
             cache_capacity_bytes: 1 << 20,
@@ -832,6 +834,32 @@ fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Result<()
         crate::keys::MasterRotation::Rotated { keys } => (format!("re-wrapped {keys} keys"), keys),
         crate::keys::MasterRotation::AlreadyDone => ("already under the new key".to_string(), 0),
     };
+    // In the trail like every key operation: opened with the new key, the
+    // audit key is the same as before, so the chain simply goes on.
+    let ring =
+        crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX).map_err(err)?;
+    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
+        .expect("audit key is KEY_LEN bytes");
+    let audit = crate::audit::Audit::open(
+        held.clone(),
+        audit_key,
+        config.audit.mirror_file.as_deref(),
+        config.alert_file.as_deref(),
+    )
+    .map_err(err)?;
+    let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    audit
+        .record(pb::AuditEvent {
+            tenant: "system".into(),
+            principal: format!("system/cli:{operator}"),
+            role: "admin".into(),
+            action: "keys/rotate_master".into(),
+            purpose: format!("{keys} keys re-wrapped under a new master key"),
+            outcome: "ok".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(err)?;
     say(
         g,
         &format!(
