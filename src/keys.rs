@@ -62,6 +62,8 @@ pub enum KeyError {
     WrongKey,
     #[error("a stored key failed authentication: the key store was modified or damaged")]
     Tampered,
+    #[error("{0} is missing but the data directory holds data: restore it from a backup")]
+    MissingStore(String),
     #[error("this tenant name was shredded and cannot be used again")]
     Shredded,
     #[error(
@@ -437,6 +439,11 @@ impl Keyring {
             None => {
                 if store.get(Space::Meta, b"key_check")?.is_some() {
                     return Err(KeyError::Legacy);
+                }
+                // Data without its key store: making new keys would leave
+                // every record unreadable and every password unverifiable.
+                if !store.scan_prefix(Space::Tenants, b"", 1)?.is_empty() {
+                    return Err(KeyError::MissingStore(file.path().display().to_string()));
                 }
                 let mut e = BTreeMap::new();
                 e.insert("check".to_string(), derived.check.to_vec());
@@ -962,6 +969,21 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
         assert!(matches!(err, KeyError::Tampered), "{err}");
+    }
+
+    #[test]
+    fn data_without_its_key_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let (m, m2) = master();
+        Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        let mut b = Batch::new();
+        b.put(Space::Tenants, b"clinic".to_vec(), Vec::new());
+        s.apply(b).unwrap();
+        fs::remove_file(dir.path().join(KEYRING_FILE)).unwrap();
+        let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
+        assert!(matches!(err, KeyError::MissingStore(_)), "{err}");
+        assert!(err.to_string().contains("restore it"));
     }
 
     #[test]

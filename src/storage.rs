@@ -30,6 +30,8 @@ pub enum StorageError {
 pub enum Space {
     Meta = 1,
     Tenants = 2,
+    /// Unused since keys moved to the key store file (`keys`); the number
+    /// stays reserved.
     Keys = 3,
     Principals = 4,
     Sessions = 5,
