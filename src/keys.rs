@@ -618,7 +618,9 @@ impl Keyring {
         let limit = self.rotate_after.max(n);
         let (version, key) = {
             let v = keys.versions.read();
-            (v.active, v.data[&v.active].clone())
+            // No active key: the tenant was shredded under this write.
+            let key = v.data.get(&v.active).cloned().ok_or(KeyError::Shredded)?;
+            (v.active, key)
         };
         let after = key.counter.count.fetch_add(n, Ordering::Relaxed) + n;
         if after > limit {
@@ -749,6 +751,11 @@ impl Keyring {
     /// blind-index key: the next key is made and stored, durably, if there
     /// is none yet; writes index under it from now on.
     pub fn begin_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
+        // No write may straddle the switch: one that computed its tokens
+        // under the current key and applied them after the rebuild passed
+        // its record would be lost to searches once the key is destroyed.
+        // (Lock order everywhere: writes, then rotating.)
+        let _no_writes = keys.writes.write();
         let _serial = self.rotating.lock();
         if keys.index_rotating() {
             return Ok(());
@@ -789,6 +796,9 @@ impl Keyring {
     /// being reused, and the unwrapped keys are dropped from the cache
     /// (they zeroize when the last user lets go).
     pub fn shred_tenant(&self, tenant: &str) -> Result<(), KeyError> {
+        let cached = self.tenants.read().get(tenant).cloned();
+        // Writes in flight finish first; later ones find no key.
+        let _no_writes = cached.as_ref().map(|k| k.writes.write());
         self.update(|e| {
             let prefix = tenant_entry(tenant, "");
             e.retain(|k, _| !k.starts_with(&prefix));
@@ -796,6 +806,15 @@ impl Keyring {
             Ok(())
         })?;
         self.tenants.write().remove(tenant);
+        if let Some(k) = &cached {
+            // Whoever still holds these keys holds nothing now: the data
+            // keys drop (and zeroize) here, the index key is replaced.
+            k.versions.write().data.clear();
+            *k.index.write() = Index {
+                current: Arc::new(SecretKey::random()),
+                next: None,
+            };
+        }
         Ok(())
     }
 
@@ -969,6 +988,32 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
         assert!(matches!(err, KeyError::Tampered), "{err}");
+    }
+
+    #[test]
+    fn shredded_keys_are_gone_even_for_whoever_still_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let (m, _) = master();
+        let ring = Keyring::open(s, dir.path(), &m, BOUND).unwrap();
+        ring.create_tenant_keys("t").unwrap();
+        let held = ring.tenant("t").unwrap().unwrap();
+        let (a, _) = ring.reserve_encryptions(&held, 1).unwrap();
+        let sealed = held.encrypt_field(&a, "r", "f", b"v");
+        let token = held.index_token("f", "v");
+        drop(a);
+        ring.shred_tenant("t").unwrap();
+        assert!(matches!(
+            ring.reserve_encryptions(&held, 1),
+            Err(KeyError::Shredded)
+        ));
+        assert!(held.decrypt_field("r", "f", &sealed).is_err());
+        assert_ne!(held.index_token("f", "v"), token);
+        assert!(ring.tenant("t").unwrap().is_none());
+        assert!(matches!(
+            ring.create_tenant_keys("t"),
+            Err(KeyError::Shredded)
+        ));
     }
 
     #[test]
