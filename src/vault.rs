@@ -63,7 +63,7 @@ pub struct Vault {
     pub budgets: Budgets,
     pub honeytokens: Honeytokens,
     /// Tenants with a key job (rewrap, reindex) running: one at a time.
-    rewraps: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+    key_jobs: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
 }
 
 /// Records (rewrap, reindex) per durable step of a tenant-wide key job.
@@ -163,7 +163,7 @@ impl Vault {
             records: Records::new(store.clone(), keys.clone(), hasher),
             keys,
             store,
-            rewraps: Default::default(),
+            key_jobs: Default::default(),
         });
         vault.bootstrap(bootstrap_password, &mut report).await?;
         Ok((vault, report))
@@ -290,12 +290,12 @@ impl Vault {
         mut step: impl FnMut(&[u8]) -> Result<(u64, Option<Vec<u8>>), Error>,
         progress: impl Fn(u64, u64),
     ) -> Result<u64, Error> {
-        if !self.rewraps.lock().insert(tenant.name.clone()) {
+        if !self.key_jobs.lock().insert(tenant.name.clone()) {
             return Err(Error::FailedPrecondition(
                 "a rewrap or index rebuild of this tenant is already running".into(),
             ));
         }
-        let _running = JobSlot(&self.rewraps, tenant.name.clone());
+        let _running = JobSlot(&self.key_jobs, tenant.name.clone());
         let key = [name.as_bytes(), b"\0", tenant.name.as_str().as_bytes()].concat();
         let head = [&[tag.len() as u8][..], tag].concat();
         let (mut done, mut cursor) = match self.store.get(Space::Meta, &key)? {
