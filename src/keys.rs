@@ -729,11 +729,19 @@ impl Keyring {
             return Err(RetireError::InUse(n).into());
         }
         let tenant = &keys.tenant;
+        // The tombstone keeps the version's count of encryptions, for
+        // KeyStatus; the count in sled goes.
+        let count = keys
+            .versions
+            .read()
+            .data
+            .get(&version)
+            .map_or(0, |k| k.counter.count.load(Ordering::Relaxed));
         self.update(|e| {
             e.remove(&tenant_entry(tenant, &format!("data/{version}")));
             e.insert(
                 tenant_entry(tenant, &format!("retired/{version}")),
-                Vec::new(),
+                count.to_be_bytes().to_vec(),
             );
             Ok(())
         })
@@ -834,14 +842,21 @@ impl Keyring {
             .cloned()
     }
 
-    /// The versions of a tenant that were retired.
-    pub fn retired_versions(&self, keys: &TenantKeys) -> Result<Vec<u32>, KeyError> {
+    /// The versions of a tenant that were retired, with the encryptions
+    /// each performed.
+    pub fn retired_versions(&self, keys: &TenantKeys) -> Result<Vec<(u32, u64)>, KeyError> {
         let prefix = tenant_entry(&keys.tenant, "retired/");
         self.entries
             .lock()
-            .keys()
-            .filter_map(|k| k.strip_prefix(&prefix))
-            .map(|v| v.parse().map_err(|_| KeyError::Tampered))
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|ver| (ver, v)))
+            .map(|(ver, count)| {
+                let version = ver.parse().map_err(|_| KeyError::Tampered)?;
+                let count = <[u8; 8]>::try_from(count.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| KeyError::Tampered)?;
+                Ok((version, count))
+            })
             .collect()
     }
 }

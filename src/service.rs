@@ -844,12 +844,12 @@ impl admin_server::Admin for AdminService {
                         encryptions,
                     })
                     .collect();
-                for version in v.keys.retired_versions(&tenant.keys)? {
+                for (version, encryptions) in v.keys.retired_versions(&tenant.keys)? {
                     versions.push(pb::KeyVersionStatus {
                         version,
                         fields: 0,
                         retired: true,
-                        encryptions: 0,
+                        encryptions,
                     });
                 }
                 versions.sort_by_key(|k| k.version);
