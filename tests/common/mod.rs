@@ -312,6 +312,15 @@ pub struct Proc {
     pub stderr_path: PathBuf,
 }
 
+// A test that fails or forgets must not leave a server running behind it
+// (CI machines run many test binaries in a row).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_coffre")
 }
