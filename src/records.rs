@@ -75,6 +75,48 @@ pub struct Written {
     pub rotated_to: Option<u32>,
 }
 
+/// A stored record not yet decrypted ([`Records::fetch`]).
+pub struct Sealed {
+    id: RecordId,
+    rec: StoredRecord,
+}
+
+impl Sealed {
+    /// Decrypts the fields asked for (all of them if `projection` is empty).
+    /// `tenant` must be the one the record was fetched from: the fields'
+    /// associated data names it, so any other fails as DATA_LOSS.
+    pub fn open(self, tenant: &Tenant, projection: &[FieldName]) -> Result<PlainRecord> {
+        let mut fields = BTreeMap::new();
+        let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
+            let mut plain = tenant.keys.decrypt_field(self.id.as_str(), name, sealed)?;
+            // Moves the bytes (no copy left behind); on failure `plain`
+            // still holds them and zeroizes.
+            let text = String::from_utf8(std::mem::take(&mut *plain)).map_err(|e| {
+                *plain = e.into_bytes();
+                Error::DataLoss
+            })?;
+            fields.insert(name.to_string(), Zeroizing::new(text));
+            Ok(())
+        };
+        if projection.is_empty() {
+            for (name, sealed) in &self.rec.fields {
+                open(name, sealed)?;
+            }
+        } else {
+            for name in projection {
+                if let Some(sealed) = self.rec.fields.get(name.as_str()) {
+                    open(name.as_str(), sealed)?;
+                }
+            }
+        }
+        Ok(PlainRecord {
+            id: self.id,
+            version: self.rec.version,
+            fields,
+        })
+    }
+}
+
 /// A decrypted record. Values zeroize on drop; `Debug` shows names only.
 pub struct PlainRecord {
     pub id: RecordId,
@@ -427,12 +469,14 @@ impl Records {
         Ok(usage)
     }
 
-    /// Whether a record exists (without decrypting it).
-    pub fn exists(&self, tenant: &Tenant, id: &RecordId) -> Result<bool> {
-        Ok(self
-            .store
-            .get(Space::Records, &record_key(tenant, id.as_str()))?
-            .is_some())
+    /// A record as stored, still sealed: a reader can learn that it exists
+    /// (and spend budget on it) before anything is decrypted, with one
+    /// lookup for both.
+    pub fn fetch(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<Sealed>> {
+        Ok(self.load(tenant, id.as_str())?.map(|rec| Sealed {
+            id: id.clone(),
+            rec,
+        }))
     }
 
     /// Decrypts the fields asked for (all of them if `projection` is empty).
@@ -442,37 +486,10 @@ impl Records {
         id: &RecordId,
         projection: &[FieldName],
     ) -> Result<PlainRecord> {
-        let rec = self.load(tenant, id.as_str())?.ok_or(Error::NotFound)?;
-        let mut fields = BTreeMap::new();
-        let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
-            let mut plain = tenant.keys.decrypt_field(id.as_str(), name, sealed)?;
-            // Moves the bytes (no copy left behind); on failure `plain`
-            // still holds them and zeroizes.
-            let text = String::from_utf8(std::mem::take(&mut *plain)).map_err(|e| {
-                *plain = e.into_bytes();
-                Error::DataLoss
-            })?;
-            fields.insert(name.to_string(), Zeroizing::new(text));
-            Ok(())
-        };
-        if projection.is_empty() {
-            for (name, sealed) in &rec.fields {
-                open(name, sealed)?;
-            }
-        } else {
-            for name in projection {
-                if let Some(sealed) = rec.fields.get(name.as_str()) {
-                    open(name.as_str(), sealed)?;
-                }
-            }
-        }
-        Ok(PlainRecord {
-            id: id.clone(),
-            version: rec.version,
-            fields,
-        })
+        self.fetch(tenant, id)?
+            .ok_or(Error::NotFound)?
+            .open(tenant, projection)
     }
-
     /// Deletes a record with its index entries and secrets.
     pub async fn delete(&self, tenant: &Tenant, id: &RecordId) -> Result<()> {
         {

@@ -183,19 +183,15 @@ impl Vault {
         if self.honeytokens.is_canary(&tenant.name, id) {
             return Err(self.honeytoken_tripped(caller, action).await);
         }
-        let found = self.records.exists(tenant, id)?;
-        let read = if found {
-            Read::Record(id)
-        } else {
-            Read::Missing
+        let sealed = self.records.fetch(tenant, id)?;
+        let read = match sealed {
+            Some(_) => Read::Record(id),
+            None => Read::Missing,
         };
         if let Err(refused) = self.budgets.spend_read(caller, read)? {
             return Err(self.budgets.throttled(caller, action, refused).await);
         }
-        if !found {
-            return Err(Error::NotFound);
-        }
-        self.records.get(tenant, id, projection)
+        sealed.ok_or(Error::NotFound)?.open(tenant, projection)
     }
 
     /// Stores a record; if the write took the tenant's data key to its
