@@ -76,6 +76,7 @@ pub struct Written {
 }
 
 /// A stored record not yet decrypted ([`Records::fetch`]).
+#[derive(PartialEq)]
 pub struct Sealed {
     id: RecordId,
     rec: StoredRecord,
@@ -85,7 +86,7 @@ impl Sealed {
     /// Decrypts the fields asked for (all of them if `projection` is empty).
     /// `tenant` must be the one the record was fetched from: the fields'
     /// associated data names it, so any other fails as DATA_LOSS.
-    pub fn open(self, tenant: &Tenant, projection: &[FieldName]) -> Result<PlainRecord> {
+    pub fn open(&self, tenant: &Tenant, projection: &[FieldName]) -> Result<PlainRecord> {
         let mut fields = BTreeMap::new();
         let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
             let mut plain = tenant.keys.decrypt_field(self.id.as_str(), name, sealed)?;
@@ -110,7 +111,7 @@ impl Sealed {
             }
         }
         Ok(PlainRecord {
-            id: self.id,
+            id: self.id.clone(),
             version: self.rec.version,
             fields,
         })

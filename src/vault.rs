@@ -191,7 +191,18 @@ impl Vault {
         if let Err(refused) = self.budgets.spend_read(caller, read)? {
             return Err(self.budgets.throttled(caller, action, refused).await);
         }
-        sealed.ok_or(Error::NotFound)?.open(tenant, projection)
+        let sealed = sealed.ok_or(Error::NotFound)?;
+        match sealed.open(tenant, projection) {
+            // Between the fetch and the decryption a rewrap may have moved
+            // the record to the active key and a retirement destroyed the
+            // version it was sealed under: the record as it is now is the
+            // one to read. Bytes that did not change failed on their own.
+            Err(Error::DataLoss) => match self.records.fetch(tenant, id)? {
+                Some(now) if now != sealed => now.open(tenant, projection),
+                _ => Err(Error::DataLoss),
+            },
+            opened => opened,
+        }
     }
 
     /// Stores a record; if the write took the tenant's data key to its
