@@ -116,6 +116,15 @@ enum TenantCmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Crypto-shred a tenant: destroy its keys, then its data. Its records
+    /// can never be read again, from this server or from any backup taken
+    /// before (once the master key has been rotated). Cannot be undone.
+    Shred {
+        name: String,
+        /// The tenant's name again, to confirm.
+        #[arg(long)]
+        confirm: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -438,6 +447,24 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 &g,
                 &format!("{count} honeytoken(s) planted in {name}: {}", ids.join(" ")),
                 json!({"tenant": name, "ids": ids}),
+            );
+            Ok(())
+        }
+        Command::Tenant(TenantCmd::Shred { name, confirm }) => {
+            let mut c = AdminClient::new(connect(&g).await?);
+            c.shred_tenant(authed(
+                &g,
+                pb::ShredTenantRequest {
+                    tenant: name.clone(),
+                    confirm,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(
+                &g,
+                &format!("tenant {name} shredded: its keys are destroyed, its records unreadable"),
+                json!({"tenant": name, "shredded": true}),
             );
             Ok(())
         }

@@ -237,6 +237,37 @@ async fn readme_walkthrough() {
         "{table}"
     );
 
+    // Crypto-shredding: refused without the name typed again, then final.
+    let e = fails(&run(
+        &["tenant", "shred", "clinique-nord", "--confirm", "clinique"],
+        "",
+    ));
+    assert!(
+        e.contains("InvalidArgument") && e.contains("confirm"),
+        "{e}"
+    );
+    ok(&run(&[&["keys", "status"][..], &t].concat(), ""));
+    let gone = ok(&run(
+        &[
+            "--json",
+            "tenant",
+            "shred",
+            "clinique-nord",
+            "--confirm",
+            "clinique-nord",
+        ],
+        "",
+    ));
+    let v: serde_json::Value = serde_json::from_str(&gone).unwrap();
+    assert_eq!(v["shredded"], true, "{v}");
+    let e = fails(&run(&[&["keys", "status"][..], &t].concat(), ""));
+    assert!(e.contains("NotFound"), "no keys left to report on: {e}");
+    let e = fails(&run(&["tenant", "create", "clinique-nord"], ""));
+    assert!(
+        e.contains("shredded"),
+        "a shredded name is never reused: {e}"
+    );
+
     // Password change through stdin: old, then new.
     let new_pw = "saffron glacier 6602 pebble lark";
     ok(&run(&["passwd"], &format!("{ADMIN_PASSWORD}\n{new_pw}\n")));
