@@ -67,7 +67,10 @@ pub struct Vault {
 }
 
 /// Records (rewrap, reindex) per durable step of a tenant-wide key job.
-const JOB_STEP: usize = 64;
+/// A step's crypto holds its runtime worker: 16 records (~1 ms) keep the
+/// p99 of concurrent reads within 1.2–1.3× of idle, where 64 (~3.5 ms) gave
+/// up to 2.4× (BENCHMARKS.md, "Rewrap").
+const JOB_STEP: usize = 16;
 
 /// Frees a tenant's job slot when the job ends, however it ends.
 struct JobSlot<'a>(
