@@ -39,17 +39,20 @@ fn versions(s: &pb::KeyStatusResponse) -> Vec<(u32, u64, bool, u64)> {
         .collect()
 }
 
+async fn rewrap_stream(a: &mut Admin, admin: &str) -> tonic::Streaming<pb::RewrapProgress> {
+    a.rewrap_tenant(authed(
+        admin,
+        pb::RewrapTenantRequest {
+            tenant: "clinic".into(),
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn rewrap(a: &mut Admin, admin: &str) -> Vec<pb::RewrapProgress> {
-    let mut st = a
-        .rewrap_tenant(authed(
-            admin,
-            pb::RewrapTenantRequest {
-                tenant: "clinic".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = rewrap_stream(a, admin).await;
     let mut out = Vec::new();
     while let Some(p) = st.message().await.unwrap() {
         out.push(p);
@@ -372,16 +375,7 @@ async fn a_rewrap_killed_mid_way_resumes() {
     ))
     .await
     .unwrap();
-    let mut st = a
-        .rewrap_tenant(authed(
-            &admin,
-            pb::RewrapTenantRequest {
-                tenant: "clinic".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = rewrap_stream(&mut a, &admin).await;
     // Kill once a few steps are durable.
     let mut seen = 0;
     while let Some(m) = st.message().await.unwrap() {
@@ -397,21 +391,8 @@ async fn a_rewrap_killed_mid_way_resumes() {
     let p = spawn_server(&cfg, &[]).unwrap();
     let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
     let mut a = pb::admin_client::AdminClient::new(chan(&p.addr).await);
-    let mut st = a
-        .rewrap_tenant(authed(
-            &admin,
-            pb::RewrapTenantRequest {
-                tenant: "clinic".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = st.message().await.unwrap().unwrap();
-    let mut last = first;
-    while let Some(m) = st.message().await.unwrap() {
-        last = m;
-    }
+    let progress = rewrap(&mut a, &admin).await;
+    let (first, last) = (progress[0], *progress.last().unwrap());
     println!(
         "kill -9 mid-rewrap at {seen} of {} fields; the rerun started at {} and ended at {} of {}",
         N * 10,
