@@ -40,8 +40,16 @@ const MAX_UNKNOWN_TRACKED: usize = 100_000;
 /// How stale a session's stored last-use time may get before it is rewritten.
 const LAST_USE_PERSIST_MS: i64 = 60_000;
 
-const BAD_CREDENTIALS: &str = "invalid tenant, username or password";
+/// How long a revoked or expired session is kept (as a hash, with its
+/// principal's name) so that calls still made with it are attributed in
+/// the trail: a thief who keeps trying after a lock is seen.
+const REVOKED_KEPT_MS: i64 = 24 * 3600 * 1000;
+
+/// The one answer to a failed login: a wrong password, an unknown user and
+/// a locked account look the same (T6).
+pub const BAD_CREDENTIALS: &str = "invalid tenant, username or password";
 const LOCKED: &str = "account locked";
+const NO_SESSION: &str = "missing, expired or revoked token";
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -293,6 +301,54 @@ struct StoredSession {
     expires_ms: i64,
     #[prost(int64, tag = "5")]
     last_used_ms: i64,
+    /// Revoked or expired: kept only to attribute later calls.
+    #[prost(bool, tag = "6")]
+    revoked: bool,
+}
+
+/// A token that was refused, and whose it was when the token was once
+/// valid (revoked by a lock or a password change, expired): the trail
+/// names the principal without the token becoming valid again.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: Error,
+    /// `(tenant, username, role)` of the token's principal, when known.
+    pub who: Option<(TenantName, Username, Option<Role>)>,
+}
+
+impl Refused {
+    fn anonymous(error: Error) -> Self {
+        Self { error, who: None }
+    }
+}
+
+impl From<Error> for Refused {
+    fn from(error: Error) -> Self {
+        Self::anonymous(error)
+    }
+}
+
+impl From<crate::storage::StorageError> for Refused {
+    fn from(e: crate::storage::StorageError) -> Self {
+        Self::anonymous(e.into())
+    }
+}
+
+impl From<prost::DecodeError> for Refused {
+    fn from(e: prost::DecodeError) -> Self {
+        Self::anonymous(e.into())
+    }
+}
+
+/// What an administrator or auditor sees of a principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalInfo {
+    pub username: String,
+    pub role: String,
+    pub locked: bool,
+    pub lock_reason: String,
+    pub locked_until_ms: i64,
+    pub failed_logins: u32,
 }
 
 /// Who is calling, established from a valid token.
@@ -344,6 +400,30 @@ pub struct Accounts {
     session: SessionConfig,
     sessions: RwLock<HashMap<[u8; 32], Arc<CachedSession>>>,
     unknown_failures: Mutex<HashMap<[u8; 32], (u32, i64)>>,
+    /// One login at a time per (tenant, username), known or not: parallel
+    /// guesses queue, so the fifth failure locks before a sixth is tried.
+    login_turns: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    /// Every read-modify-write of a stored principal holds this: a login's
+    /// write-back re-reads, so it can neither lose a failure nor undo a
+    /// lock raised meanwhile (a budget, a honeytoken, an administrator).
+    principal_writes: tokio::sync::Mutex<()>,
+}
+
+/// A login's turn on its name; gives the slot back when no one else waits.
+struct LoginTurn<'a> {
+    accounts: &'a Accounts,
+    key: [u8; 32],
+    slot: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for LoginTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = self.accounts.login_turns.lock();
+        // Ours and the map's: nobody else holds or waits for this slot.
+        if Arc::strong_count(&self.slot) == 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 fn principal_key(tenant: &TenantName, username: &Username) -> Vec<u8> {
@@ -380,7 +460,51 @@ impl Accounts {
             session,
             sessions: RwLock::new(HashMap::new()),
             unknown_failures: Mutex::new(HashMap::new()),
+            login_turns: Mutex::new(HashMap::new()),
+            principal_writes: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Re-reads a principal and applies `f` to it under the write lock;
+    /// `f` returns whether to store the result. `None` when it is gone.
+    async fn update<R>(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        f: impl FnOnce(&mut StoredPrincipal) -> (bool, R),
+    ) -> Result<Option<R>> {
+        let _w = self.principal_writes.lock().await;
+        let Some(mut p) = self.load(tenant, username)? else {
+            return Ok(None);
+        };
+        let (write, r) = f(&mut p);
+        if write {
+            self.save(tenant, username, &p).await?;
+        }
+        Ok(Some(r))
+    }
+
+    async fn login_turn(
+        &self,
+        tenant: &str,
+        username: &str,
+    ) -> (LoginTurn<'_>, tokio::sync::OwnedMutexGuard<()>) {
+        let key = crypto::sha256(
+            crypto::Context::new("coffre/login-turn/v1")
+                .with(tenant.as_bytes())
+                .with(username.as_bytes())
+                .as_bytes(),
+        );
+        let slot = self.login_turns.lock().entry(key).or_default().clone();
+        let guard = slot.clone().lock_owned().await;
+        (
+            LoginTurn {
+                accounts: self,
+                key,
+                slot,
+            },
+            guard,
+        )
     }
 
     fn load(&self, tenant: &TenantName, username: &Username) -> Result<Option<StoredPrincipal>> {
@@ -438,11 +562,15 @@ impl Accounts {
         self.save(tenant, username, &p).await
     }
 
-    /// Checks credentials and opens a session. Every failure before the
-    /// lock answers the same, after the same work.
+    /// Checks credentials and opens a session. Every failure answers the
+    /// same, after the same work: a wrong password, an unknown user, a
+    /// locked account. Logins to one name take turns, so parallel guesses
+    /// count exactly as sequential ones.
     pub async fn login(&self, tenant: &str, username: &str, password: &str) -> Result<Login> {
         let password = Password::candidate(password.to_string())
             .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
+        // The guard drops after the turn, which gives the slot back.
+        let (_turn, _guard) = self.login_turn(tenant, username).await;
         let names = TenantName::parse(tenant)
             .and_then(|t| Username::parse(username).map(|u| (t, u)))
             .ok();
@@ -451,35 +579,46 @@ impl Accounts {
             Some((t, u)) => self.load(t, u)?,
             None => None,
         };
-        let Some(((t, u), mut p)) = names.clone().zip(stored) else {
+        let Some(((t, u), p)) = names.clone().zip(stored) else {
             return self.fail_unknown(tenant, username, &password, now).await;
         };
+        let ctx = password_context(&t, &u);
+        let ok = self.hasher.verify(Some(&p.phc), &password, &ctx).await?;
         if p.locked_at(now) {
-            return Err(Error::PermissionDenied(LOCKED));
-        }
-        let ok = self
-            .hasher
-            .verify(Some(&p.phc), &password, &password_context(&t, &u))
-            .await?;
-        if !ok {
-            p.failed_logins = p.failed_logins.saturating_add(1);
-            let locked = p.failed_logins >= LOCK_AFTER_FAILURES;
-            if locked {
-                p.locked_until_ms = now + lock_secs(p.failed_logins) * 1000;
-            }
-            self.save(&t, &u, &p).await?;
-            if locked {
-                self.lock_alert(t.as_str(), &format!("{t}/{u}"), p.failed_logins)
-                    .await?;
-            }
+            // The same work and answer as a wrong password; a guess at a
+            // locked account is not counted (the back-off is already on).
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
-        if p.failed_logins != 0 {
-            p.failed_logins = 0;
-            p.locked_until_ms = 0;
-            self.save(&t, &u, &p).await?;
+        let outcome = self
+            .update(&t, &u, |p| {
+                let now = now_ms();
+                if !ok {
+                    p.failed_logins = p.failed_logins.saturating_add(1);
+                    let locked = p.failed_logins >= LOCK_AFTER_FAILURES;
+                    if locked {
+                        p.locked_until_ms = now + lock_secs(p.failed_logins) * 1000;
+                    }
+                    return (true, Err(locked.then_some(p.failed_logins)));
+                }
+                if p.locked_at(now) {
+                    // Locked while the hash ran: a lock is never undone here.
+                    return (false, Err(None));
+                }
+                let write = p.failed_logins != 0;
+                p.failed_logins = 0;
+                p.locked_until_ms = 0;
+                (write, Ok(()))
+            })
+            .await?;
+        match outcome {
+            Some(Ok(())) => self.open_session(t, u, now).await,
+            Some(Err(Some(failures))) => {
+                self.lock_alert(t.as_str(), &format!("{t}/{u}"), failures)
+                    .await?;
+                Err(Error::Unauthenticated(BAD_CREDENTIALS))
+            }
+            Some(Err(None)) | None => Err(Error::Unauthenticated(BAD_CREDENTIALS)),
         }
-        self.open_session(t, u, now).await
     }
 
     async fn fail_unknown(
@@ -496,12 +635,12 @@ impl Accounts {
                 .with(username.as_bytes())
                 .as_bytes(),
         );
+        self.hasher.verify(None, password, b"coffre/dummy").await?;
         if let Some((_, until)) = self.unknown_failures.lock().get(&key)
             && *until > now
         {
-            return Err(Error::PermissionDenied(LOCKED));
+            return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
-        self.hasher.verify(None, password, b"coffre/dummy").await?;
         let failures = {
             let mut map = self.unknown_failures.lock();
             if map.len() >= MAX_UNKNOWN_TRACKED {
@@ -547,6 +686,7 @@ impl Accounts {
             created_ms: now,
             expires_ms,
             last_used_ms: now,
+            revoked: false,
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), s.encode_to_vec());
@@ -569,9 +709,9 @@ impl Accounts {
     }
 
     /// The caller behind a bearer token, if the token is valid and its
-    /// principal is neither locked nor deleted.
-    pub fn authenticate(&self, token: &str) -> Result<Caller> {
-        const NO_SESSION: &str = "missing, expired or revoked token";
+    /// principal is neither locked nor deleted. A refused token that was
+    /// once valid still names its principal, for the trail.
+    pub fn authenticate(&self, token: &str) -> Result<Caller, Refused> {
         let hash = crypto::sha256(token.as_bytes());
         let now = now_ms();
         let cached = self.sessions.read().get(&hash).cloned();
@@ -579,38 +719,55 @@ impl Accounts {
             Some(s) => s,
             None => {
                 let Some(bytes) = self.store.get(Space::Sessions, &hash)? else {
-                    return Err(Error::Unauthenticated(NO_SESSION));
+                    return Err(Refused::anonymous(Error::Unauthenticated(NO_SESSION)));
                 };
                 let st = StoredSession::decode(&bytes[..])?;
+                let tenant = TenantName::parse(&st.tenant).map_err(|_| Error::DataLoss)?;
+                let username = Username::parse(&st.username).map_err(|_| Error::DataLoss)?;
                 let s = Arc::new(CachedSession {
-                    tenant: TenantName::parse(&st.tenant).map_err(|_| Error::DataLoss)?,
-                    username: Username::parse(&st.username).map_err(|_| Error::DataLoss)?,
+                    tenant,
+                    username,
                     created_ms: st.created_ms,
                     expires_ms: st.expires_ms,
                     last_used_ms: AtomicI64::new(st.last_used_ms),
                     persisted_ms: AtomicI64::new(st.last_used_ms),
                 });
+                if st.revoked {
+                    let role = self
+                        .load(&s.tenant, &s.username)?
+                        .and_then(|p| Role::parse(&p.role).ok());
+                    return Err(Refused {
+                        error: Error::Unauthenticated(NO_SESSION),
+                        who: Some((s.tenant.clone(), s.username.clone(), role)),
+                    });
+                }
                 self.sessions.write().insert(hash, s.clone());
                 s
             }
         };
+        let refused = |error: Error, role: Option<Role>| Refused {
+            error,
+            who: Some((s.tenant.clone(), s.username.clone(), role)),
+        };
+        let p = self.load(&s.tenant, &s.username)?;
+        let role = p.as_ref().and_then(|p| Role::parse(&p.role).ok());
         let idle_ms = (self.session.idle_secs as i64) * 1000;
         if now >= s.expires_ms || now - s.last_used_ms.load(Ordering::Relaxed) > idle_ms {
-            self.forget_session(&hash);
-            return Err(Error::Unauthenticated(NO_SESSION));
+            self.revoke_session(&hash, &s);
+            return Err(refused(Error::Unauthenticated(NO_SESSION), role));
         }
-        let Some(p) = self.load(&s.tenant, &s.username)? else {
+        let Some(p) = p else {
             self.forget_session(&hash);
-            return Err(Error::Unauthenticated(NO_SESSION));
+            return Err(Refused::anonymous(Error::Unauthenticated(NO_SESSION)));
         };
         if p.locked_at(now) {
-            return Err(Error::PermissionDenied(LOCKED));
+            return Err(refused(Error::PermissionDenied(LOCKED), role));
         }
         if s.created_ms < p.sessions_from_ms {
-            self.forget_session(&hash);
-            return Err(Error::Unauthenticated(NO_SESSION));
+            self.revoke_session(&hash, &s);
+            return Err(refused(Error::Unauthenticated(NO_SESSION), role));
         }
-        let role = Role::parse(&p.role).map_err(|_| Error::DataLoss)?;
+        let role = role.ok_or(Error::DataLoss)?;
         s.last_used_ms.store(now, Ordering::Relaxed);
         if now - s.persisted_ms.load(Ordering::Relaxed) > LAST_USE_PERSIST_MS {
             s.persisted_ms.store(now, Ordering::Relaxed);
@@ -620,6 +777,7 @@ impl Accounts {
                 created_ms: s.created_ms,
                 expires_ms: s.expires_ms,
                 last_used_ms: now,
+                revoked: false,
             };
             let mut b = Batch::new();
             b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
@@ -632,6 +790,24 @@ impl Accounts {
             role,
             token_hash: hash,
         })
+    }
+
+    /// Marks a session revoked: it never authenticates again, but stays
+    /// stored (as a hash) for [`REVOKED_KEPT_MS`] so that later calls with
+    /// it are attributed to its principal.
+    fn revoke_session(&self, hash: &[u8; 32], s: &CachedSession) {
+        self.sessions.write().remove(hash);
+        let st = StoredSession {
+            tenant: s.tenant.to_string(),
+            username: s.username.to_string(),
+            created_ms: s.created_ms,
+            expires_ms: s.expires_ms,
+            last_used_ms: s.last_used_ms.load(Ordering::Relaxed),
+            revoked: true,
+        };
+        let mut b = Batch::new();
+        b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
+        let _ = self.store.apply(b);
     }
 
     fn forget_session(&self, hash: &[u8; 32]) {
@@ -655,26 +831,29 @@ impl Accounts {
             .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
         let new = Password::new_checked(new, &[caller.username.as_str(), caller.tenant.as_str()])?;
         let ctx = password_context(&caller.tenant, &caller.username);
-        let mut p = self
+        let p = self
             .load(&caller.tenant, &caller.username)?
             .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
         if !self.hasher.verify(Some(&p.phc), &old, &ctx).await? {
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
-        p.phc = self.hasher.hash(&new, &ctx).await?;
-        let mut b = Batch::new();
-        b.put(
-            Space::Principals,
-            principal_key(&caller.tenant, &caller.username),
-            p.encode_to_vec(),
-        );
+        let phc = self.hasher.hash(&new, &ctx).await?;
+        self.update(&caller.tenant, &caller.username, |p| {
+            p.phc = phc;
+            (true, ())
+        })
+        .await?
+        .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
         for hash in self.session_hashes_of(&caller.tenant, &caller.username)? {
             if hash != caller.token_hash {
-                b.delete(Space::Sessions, hash.to_vec());
-                self.sessions.write().remove(&hash);
+                let cached = self.sessions.read().get(&hash).cloned();
+                match cached {
+                    Some(s) => self.revoke_session(&hash, &s),
+                    None => self.forget_session(&hash),
+                }
             }
         }
-        Ok(self.store.commit(b).await?)
+        Ok(self.store.sync().await?)
     }
 
     fn session_hashes_of(&self, tenant: &TenantName, username: &Username) -> Result<Vec<[u8; 32]>> {
@@ -713,17 +892,20 @@ impl Accounts {
         username: &Username,
         locked: bool,
     ) -> Result<()> {
-        let mut p = self.load(tenant, username)?.ok_or(Error::NotFound)?;
-        p.admin_locked = locked;
-        if locked {
-            p.lock_reason = "locked by an administrator".into();
-            p.sessions_from_ms = now_ms() + 1;
-        } else {
-            p.failed_logins = 0;
-            p.locked_until_ms = 0;
-            p.lock_reason.clear();
-        }
-        self.save(tenant, username, &p).await?;
+        self.update(tenant, username, |p| {
+            p.admin_locked = locked;
+            if locked {
+                p.lock_reason = "locked by an administrator".into();
+                p.sessions_from_ms = now_ms() + 1;
+            } else {
+                p.failed_logins = 0;
+                p.locked_until_ms = 0;
+                p.lock_reason.clear();
+            }
+            (true, ())
+        })
+        .await?
+        .ok_or(Error::NotFound)?;
         if !locked {
             // Unlocking undoes a defence: reviewers should see each one.
             self.audit
@@ -749,15 +931,50 @@ impl Accounts {
         username: &Username,
         reason: &str,
     ) -> Result<bool> {
-        let mut p = self.load(tenant, username)?.ok_or(Error::NotFound)?;
-        let was_locked = p.admin_locked;
-        p.admin_locked = true;
-        if !was_locked {
-            p.lock_reason = reason.into();
+        self.update(tenant, username, |p| {
+            let was_locked = p.admin_locked;
+            p.admin_locked = true;
+            if !was_locked {
+                p.lock_reason = reason.into();
+            }
+            p.sessions_from_ms = now_ms() + 1;
+            (true, !was_locked)
+        })
+        .await?
+        .ok_or(Error::NotFound)
+    }
+
+    /// The principals of `tenant`, in name order, with their locks.
+    pub fn list(&self, tenant: &TenantName) -> Result<Vec<PrincipalInfo>> {
+        let now = now_ms();
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Principals, &prefix, usize::MAX)?
+        {
+            let p = StoredPrincipal::decode(&v[..])?;
+            let username =
+                String::from_utf8(k[prefix.len()..].to_vec()).map_err(|_| Error::DataLoss)?;
+            let backoff = !p.admin_locked && p.locked_until_ms > now;
+            let lock_reason = if p.admin_locked {
+                p.lock_reason.clone()
+            } else if backoff {
+                format!("{} consecutive failed logins (back-off)", p.failed_logins)
+            } else {
+                String::new()
+            };
+            out.push(PrincipalInfo {
+                username,
+                role: p.role.clone(),
+                locked: p.locked_at(now),
+                lock_reason,
+                locked_until_ms: if backoff { p.locked_until_ms } else { 0 },
+                failed_logins: p.failed_logins,
+            });
         }
-        p.sessions_from_ms = now_ms() + 1;
-        self.save(tenant, username, &p).await?;
-        Ok(!was_locked)
+        Ok(out)
     }
 
     /// Revokes every session of a tenant's principals (a shredded tenant).
@@ -786,10 +1003,13 @@ impl Accounts {
                 .and_then(|h| self.sessions.read().get(&h).cloned())
                 .map(|c| c.last_used_ms.load(Ordering::Relaxed))
                 .unwrap_or(s.last_used_ms);
-            if now >= s.expires_ms || now - cached_last > idle_ms {
-                if let Ok(h) = <[u8; 32]>::try_from(&k[..]) {
-                    self.sessions.write().remove(&h);
-                }
+            let ended = s.revoked || now >= s.expires_ms || now - cached_last > idle_ms;
+            if ended && let Ok(h) = <[u8; 32]>::try_from(&k[..]) {
+                self.sessions.write().remove(&h);
+            }
+            // Kept a while longer (revoked) to attribute calls made with it.
+            let ended_at = s.expires_ms.min(cached_last + idle_ms);
+            if ended && now - ended_at > REVOKED_KEPT_MS {
                 b.delete(Space::Sessions, k);
             }
         }

@@ -35,6 +35,55 @@ pub struct Note {
     pub purpose: String,
 }
 
+/// Appended to whatever the trail cut short.
+pub const CUT_MARK: &str = "…[cut]";
+
+/// `s` cut to at most `max` bytes (on a character boundary) and marked.
+fn cut(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(CUT_MARK);
+}
+
+/// A list cut to at most `max` items of at most `item` bytes; the last
+/// item kept says how many were left out.
+fn cut_list(v: &mut Vec<String>, max: usize, item: usize) {
+    if v.len() > max {
+        let left = v.len() - max;
+        v.truncate(max);
+        v.push(format!("{CUT_MARK} {left} more"));
+    }
+    for s in v.iter_mut() {
+        cut(s, item);
+    }
+}
+
+impl Note {
+    /// Bounds what the trail keeps of a request (the input limits: ids of
+    /// 128 bytes, 1000 of them, 256 field names, a purpose of 256 bytes),
+    /// so that a rejected oversize request costs the trail no more than a
+    /// valid one. Anything cut ends with [`CUT_MARK`].
+    pub fn bound(&mut self) {
+        use crate::model::{MAX_BULK_IDS, MAX_FIELDS, MAX_ID_BYTES, MAX_PURPOSE_BYTES};
+        cut(&mut self.purpose, MAX_PURPOSE_BYTES);
+        cut_list(&mut self.record_ids, MAX_BULK_IDS, MAX_ID_BYTES);
+        // Field names are 64 bytes; account calls name `username=<name>`.
+        cut_list(&mut self.fields, MAX_FIELDS, 128);
+        for s in [&mut self.tenant, &mut self.principal]
+            .into_iter()
+            .flatten()
+        {
+            cut(s, 256);
+        }
+    }
+}
+
 /// The result of checking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {

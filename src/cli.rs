@@ -182,17 +182,29 @@ enum PrincipalCmd {
         #[arg(long)]
         role: String,
     },
+    /// Lock a principal: its tokens stop at once, login is refused.
     Lock {
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         username: String,
     },
+    /// Unlock principals (audited, alerted): one or more `--username`, or
+    /// `--all-locked` after a guessing storm. Clears failed logins.
     Unlock {
         #[arg(long)]
         tenant: String,
+        /// Repeatable.
+        #[arg(long, required_unless_present = "all_locked")]
+        username: Vec<String>,
+        /// Every locked principal of the tenant.
+        #[arg(long, conflicts_with = "username")]
+        all_locked: bool,
+    },
+    /// Names, roles and locks of a tenant's principals (admins; auditors).
+    List {
         #[arg(long)]
-        username: String,
+        tenant: String,
     },
 }
 
@@ -471,10 +483,6 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Principal(cmd) => principal(&g, cmd).await,
         Command::Record(cmd) => record(&g, cmd).await,
         Command::Bench(args) => bench(&g, args).await,
-        // Offline: no server to connect to.
-        Command::Keys(KeysCmd::RotateMaster { config, new_key }) => {
-            rotate_master(&g, config.as_deref(), &new_key).await
-        }
         Command::Keys(cmd) => keys(&g, cmd).await,
         Command::Audit(cmd) => audit(&g, cmd).await,
     }
@@ -666,7 +674,18 @@ async fn login(g: &Global, tenant: &str, username: &str, print: bool) -> Result<
             password: password.to_string(),
         })
         .await
-        .map_err(status_err)?
+        .map_err(|s| {
+            if s.code() == tonic::Code::Unauthenticated {
+                // A locked account answers like a wrong password (so a
+                // guesser learns nothing): say what a person can do.
+                CliError(format!(
+                    "{}; if it persists, the account may be locked: ask an administrator (coffre principal list)",
+                    status_err(s)
+                ))
+            } else {
+                status_err(s)
+            }
+        })?
         .into_inner();
     let token = Zeroizing::new(resp.token);
     let path = token_path(g);
@@ -699,10 +718,12 @@ async fn login(g: &Global, tenant: &str, username: &str, print: bool) -> Result<
 }
 
 async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
-    let mut c = AdminClient::new(connect(g).await?);
+    // Every command but the offline rotate-master talks to the server.
+    let admin = || async { Ok::<_, CliError>(AdminClient::new(connect(g).await?)) };
     match cmd {
         KeysCmd::Rotate { tenant } => {
-            let r = c
+            let r = admin()
+                .await?
                 .rotate_tenant_key(authed(
                     g,
                     pb::RotateTenantKeyRequest {
@@ -722,7 +743,8 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
         KeysCmd::Rewrap { tenant } => {
-            let st = c
+            let st = admin()
+                .await?
                 .rewrap_tenant(authed(
                     g,
                     pb::RewrapTenantRequest {
@@ -743,7 +765,8 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
         KeysCmd::RotateIndex { tenant } => {
-            let st = c
+            let st = admin()
+                .await?
                 .rotate_index_key(authed(
                     g,
                     pb::RotateIndexKeyRequest {
@@ -764,7 +787,8 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
         KeysCmd::Status { tenant } => {
-            let r = c
+            let r = admin()
+                .await?
                 .key_status(authed(
                     g,
                     pb::KeyStatusRequest {
@@ -811,15 +835,17 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
             rotate_master(g, config.as_deref(), &new_key).await?
         }
         KeysCmd::Retire { tenant, version } => {
-            c.retire_key_version(authed(
-                g,
-                pb::RetireKeyVersionRequest {
-                    tenant: tenant.clone(),
-                    version,
-                },
-            )?)
-            .await
-            .map_err(status_err)?;
+            admin()
+                .await?
+                .retire_key_version(authed(
+                    g,
+                    pb::RetireKeyVersionRequest {
+                        tenant: tenant.clone(),
+                        version,
+                    },
+                )?)
+                .await
+                .map_err(status_err)?;
             say(
                 g,
                 &format!("tenant {tenant}: key version {version} retired and destroyed"),
@@ -850,11 +876,12 @@ async fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Res
             cache_capacity_bytes: 1 << 20,
         },
     )
-    .map_err(|e| {
-        err(format!(
+    .map_err(|e| match e {
+        crate::storage::StorageError::Locked(_) => err(format!("{e}: stop the server first")),
+        e => err(format!(
             "data_dir {}: {e} (stop the server first)",
             config.data_dir.display()
-        ))
+        )),
     })?;
     let outcome = crate::keys::rotate_master(&config.data_dir, &old, &new, None).map_err(err)?;
     let (human, keys) = match outcome {
@@ -983,11 +1010,77 @@ async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
         PrincipalCmd::Lock { tenant, username } => {
             set_locked(g, &mut c, tenant, username, true).await?
         }
-        PrincipalCmd::Unlock { tenant, username } => {
-            set_locked(g, &mut c, tenant, username, false).await?
+        PrincipalCmd::Unlock {
+            tenant,
+            username,
+            all_locked,
+        } => {
+            let names = if all_locked {
+                list_principals(g, &mut c, &tenant)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.locked)
+                    .map(|p| p.username)
+                    .collect()
+            } else {
+                username
+            };
+            if names.is_empty() {
+                say(g, "no locked principal", json!({"unlocked": []}));
+            }
+            for username in names {
+                set_locked(g, &mut c, tenant.clone(), username, false).await?;
+            }
+        }
+        PrincipalCmd::List { tenant } => {
+            let list = list_principals(g, &mut c, &tenant).await?;
+            if g.json {
+                for p in &list {
+                    println!(
+                        "{}",
+                        json!({
+                            "tenant": tenant,
+                            "username": p.username,
+                            "role": p.role,
+                            "locked": p.locked,
+                            "lock_reason": p.lock_reason,
+                            "locked_until_unix_ms": p.locked_until_unix_ms,
+                            "failed_logins": p.failed_logins,
+                        })
+                    );
+                }
+            } else {
+                println!("{:<32} {:<10} {:<7} REASON", "USERNAME", "ROLE", "LOCKED");
+                for p in &list {
+                    println!(
+                        "{:<32} {:<10} {:<7} {}",
+                        p.username,
+                        p.role,
+                        if p.locked { "yes" } else { "no" },
+                        p.lock_reason
+                    );
+                }
+            }
         }
     }
     Ok(())
+}
+
+async fn list_principals(
+    g: &Global,
+    c: &mut AdminClient<Channel>,
+    tenant: &str,
+) -> Result<Vec<pb::PrincipalInfo>, CliError> {
+    Ok(c.list_principals(authed(
+        g,
+        pb::ListPrincipalsRequest {
+            tenant: tenant.to_string(),
+        },
+    )?)
+    .await
+    .map_err(status_err)?
+    .into_inner()
+    .principals)
 }
 
 async fn set_locked(

@@ -36,6 +36,8 @@ pub struct Config {
     pub alert_file: Option<PathBuf>,
     pub audit: AuditConfig,
     pub keys: KeysConfig,
+    /// What one connection, one account and one peer may hold or send.
+    pub connections: ConnectionsConfig,
     /// `text` or `json`.
     pub log_format: String,
     /// Read budgets per role (`[limits.<role>]`, role `clinician` or
@@ -151,6 +153,55 @@ impl Default for KeysConfig {
     }
 }
 
+/// Bounds on what a slow, idle, silent or refused client may hold: memory,
+/// file descriptors, streams, audit events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// HTTP/2 keepalive ping interval; a peer that does not answer within
+    /// `keepalive_timeout_secs` is disconnected.
+    pub keepalive_secs: u64,
+    pub keepalive_timeout_secs: u64,
+    /// A connection that has not sent its first request (TLS handshake,
+    /// HTTP/2 preface, headers) within this many seconds is closed.
+    pub handshake_secs: u64,
+    /// A connection with no call in progress for this long is closed.
+    pub idle_secs: u64,
+    /// Concurrent calls (HTTP/2 streams) on one connection.
+    pub max_streams_per_connection: u32,
+    /// Concurrent calls of one principal across all its connections; past
+    /// it a call answers RESOURCE_EXHAUSTED (not a budget throttle).
+    pub max_streams_per_principal: u32,
+    /// A streamed response whose reader takes longer than this to accept
+    /// the next message is dropped (and the drop is audited).
+    pub stream_send_timeout_secs: u64,
+    /// Calls refused before reaching the vault (bad or missing token,
+    /// undecodable request, failed login) each peer address may make per
+    /// second, with `refused_burst` at once, before they are refused
+    /// without an event each: one summary event per peer and
+    /// `refused_summary_secs` stands for them.
+    pub refused_per_second: f64,
+    pub refused_burst: u32,
+    pub refused_summary_secs: u64,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_secs: 30,
+            keepalive_timeout_secs: 10,
+            handshake_secs: 10,
+            idle_secs: 300,
+            max_streams_per_connection: 64,
+            max_streams_per_principal: 64,
+            stream_send_timeout_secs: 30,
+            refused_per_second: 5.0,
+            refused_burst: 50,
+            refused_summary_secs: 10,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -165,6 +216,7 @@ impl Default for Config {
             alert_file: None,
             audit: AuditConfig::default(),
             keys: KeysConfig::default(),
+            connections: ConnectionsConfig::default(),
             log_format: "text".into(),
             limits: BTreeMap::new(),
             tenants: BTreeMap::new(),
@@ -200,6 +252,16 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("audit.mirror_file", Kind::Str),
     ("audit.retention_days", Kind::Int),
     ("keys.rotate_after_encryptions", Kind::Int),
+    ("connections.keepalive_secs", Kind::Int),
+    ("connections.keepalive_timeout_secs", Kind::Int),
+    ("connections.handshake_secs", Kind::Int),
+    ("connections.idle_secs", Kind::Int),
+    ("connections.max_streams_per_connection", Kind::Int),
+    ("connections.max_streams_per_principal", Kind::Int),
+    ("connections.stream_send_timeout_secs", Kind::Int),
+    ("connections.refused_per_second", Kind::Float),
+    ("connections.refused_burst", Kind::Int),
+    ("connections.refused_summary_secs", Kind::Int),
     ("log_format", Kind::Str),
     ("limits.clinician.reads_per_second", Kind::Float),
     ("limits.clinician.read_burst", Kind::Int),
@@ -302,6 +364,35 @@ impl Config {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(
                 "log_format must be text or json".into(),
+            ));
+        }
+        let c = &self.connections;
+        for (key, v) in [
+            ("keepalive_secs", c.keepalive_secs),
+            ("keepalive_timeout_secs", c.keepalive_timeout_secs),
+            ("handshake_secs", c.handshake_secs),
+            ("idle_secs", c.idle_secs),
+            (
+                "max_streams_per_connection",
+                u64::from(c.max_streams_per_connection),
+            ),
+            (
+                "max_streams_per_principal",
+                u64::from(c.max_streams_per_principal),
+            ),
+            ("stream_send_timeout_secs", c.stream_send_timeout_secs),
+            ("refused_burst", u64::from(c.refused_burst)),
+            ("refused_summary_secs", c.refused_summary_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "connections.{key} must be at least 1"
+                )));
+            }
+        }
+        if !(c.refused_per_second.is_finite() && c.refused_per_second > 0.0) {
+            return Err(ConfigError::Invalid(
+                "connections.refused_per_second must be a positive number".into(),
             ));
         }
         for (role, l) in &self.limits {

@@ -50,7 +50,10 @@ impl SecretKey {
 
     /// Takes the bytes, wiping the caller's copy.
     pub fn from_bytes(bytes: &mut [u8; KEY_LEN]) -> Self {
-        let key = Self(SecretBox::new(Box::new(*bytes)));
+        // Built in place on the heap: no copy of the key on the stack.
+        let key = Self(SecretBox::init_with_mut(|k: &mut [u8; KEY_LEN]| {
+            k.copy_from_slice(bytes)
+        }));
         zeroize::Zeroize::zeroize(bytes);
         key
     }

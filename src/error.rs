@@ -30,6 +30,14 @@ pub enum Error {
         limit: &'static str,
         retry_after_ms: u64,
     },
+    /// The principal has `connections.max_streams_per_principal` calls in
+    /// progress already. Not a budget throttle: it never locks.
+    #[error("too many concurrent calls for this account; retry when one ends")]
+    TooManyCalls,
+    /// The peer made too many refused calls (bad tokens, malformed
+    /// requests, failed logins) in too short a time.
+    #[error("too many refused calls from this address; slow down")]
+    TooManyRefused,
     /// Stored ciphertext or a stored key failed authentication.
     #[error("stored data failed authentication")]
     DataLoss,

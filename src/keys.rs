@@ -135,6 +135,10 @@ pub struct TenantKeys {
     tenant: String,
     versions: RwLock<Versions>,
     index: RwLock<Index>,
+    /// MACs each stored record as a whole (its version, write id and the
+    /// names and tags of all its fields). `None` only for a tenant of a
+    /// data directory not yet migrated.
+    record: Option<Arc<SecretKey>>,
     /// Held shared by every write from the choice of its key version until
     /// its ciphertexts are applied, and exclusively by a retirement, so no
     /// write can use a version as it is retired.
@@ -248,6 +252,13 @@ impl TenantKeys {
             .chain(i.next.as_ref())
             .map(|k| token(k, &self.tenant, field, normalized))
             .collect()
+    }
+
+    /// The MAC that seals a record as a whole; `data` is its canonical
+    /// form (`records::record_mac_input`).
+    pub fn record_mac(&self, data: &[u8]) -> Result<[u8; 32], CryptoError> {
+        let key = self.record.as_ref().ok_or(CryptoError::Authentication)?;
+        Ok(crypto::hmac_sha256(key, data))
     }
 
     /// Whether a rotation of the index key is under way.
@@ -526,8 +537,11 @@ impl Keyring {
             let index = tenant_entry(tenant, "index");
             let wrapped_data = self.master.wrap(&data, &SecretKey::random());
             let wrapped_index = self.master.wrap(&index, &SecretKey::random());
+            let record = tenant_entry(tenant, "record");
+            let wrapped_record = self.master.wrap(&record, &SecretKey::random());
             e.insert(data, wrapped_data);
             e.insert(index, wrapped_index);
+            e.insert(record, wrapped_record);
             e.insert(tenant_entry(tenant, "active"), 1u32.to_be_bytes().to_vec());
             e.insert(tenant_entry(tenant, "next"), 2u32.to_be_bytes().to_vec());
             Ok(())
@@ -566,6 +580,11 @@ impl Keyring {
             &index_name,
             entries.get(&index_name).ok_or(KeyError::Tampered)?,
         )?;
+        let record_name = tenant_entry(tenant, "record");
+        let record = entries
+            .get(&record_name)
+            .map(|w| self.master.unwrap(&record_name, w).map(Arc::new))
+            .transpose()?;
         let next_name = tenant_entry(tenant, "index-next/index");
         let next = entries
             .get(&next_name)
@@ -598,8 +617,44 @@ impl Keyring {
                 current: Arc::new(index),
                 next,
             }),
+            record,
             writes: RwLock::new(()),
         }))
+    }
+
+    /// The record format this data directory's records are in: 1 before
+    /// records were sealed as a whole, [`RECORD_FORMAT`] since.
+    pub fn record_format(&self) -> u32 {
+        self.entries
+            .lock()
+            .get(RECORD_FORMAT_ENTRY)
+            .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(1)
+    }
+
+    /// Gives every tenant in `tenants` that has none a record key (data
+    /// directories made before records were sealed as a whole).
+    pub fn ensure_record_keys(&self, tenants: &[String]) -> Result<(), KeyError> {
+        self.update(|e| {
+            for t in tenants {
+                let name = tenant_entry(t, "record");
+                if e.contains_key(&tenant_entry(t, "active")) && !e.contains_key(&name) {
+                    let wrapped = self.master.wrap(&name, &SecretKey::random());
+                    e.insert(name, wrapped);
+                }
+            }
+            Ok(())
+        })?;
+        self.tenants.write().clear();
+        Ok(())
+    }
+
+    /// Records that every record is now sealed as a whole.
+    pub fn set_record_format(&self, format: u32) -> Result<(), KeyError> {
+        self.update(|e| {
+            e.insert(RECORD_FORMAT_ENTRY.into(), format.to_be_bytes().to_vec());
+            Ok(())
+        })
     }
 
     /// Counts `n` encryptions under the tenant's active version and returns
@@ -872,8 +927,17 @@ pub enum MasterRotation {
 
 /// Whether an entry of the key store is a key wrapped under the master.
 fn is_wrapped(name: &str) -> bool {
-    name.starts_with("secret/") || name.contains("/data/") || name.ends_with("/index")
+    name.starts_with("secret/")
+        || name.contains("/data/")
+        || name.ends_with("/index")
+        || name.ends_with("/record")
 }
+
+/// The key-store entry naming the record format of the data directory:
+/// kept in the authenticated key store, so that no one with write access
+/// to the data directory alone can make the vault take records for an
+/// older format (and re-seal tampered ones while migrating them).
+const RECORD_FORMAT_ENTRY: &str = "format/records";
 
 /// Re-wraps the key store of `data_dir` from the `old` master key to the
 /// `new` one: every tenant key, index key and secret (pepper, audit key,

@@ -27,6 +27,9 @@
 //!   joins records, budgets and honeytokens on the read path.
 //! - [`service`]: the gRPC services, thin; the one error→status mapping.
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
+//! - [`connections`]: what a slow, idle or silent client may hold: idle and
+//!   handshake timeouts per connection, the front layer that decodes each
+//!   request before the gate audits it.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.
 //! - [`report`]: the auditors' period report, computed from audit events.
 //! - [`cli`]: the `coffre` command line (the binary only parses and calls).
@@ -40,6 +43,7 @@ pub mod bench;
 pub mod budgets;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod crypto;
 pub mod error;
 pub mod honeytokens;

@@ -28,6 +28,11 @@ use crate::{
     tenants::Tenant,
 };
 
+/// The record format written now: a record is sealed as a whole (see
+/// [`record_mac_input`]). Format 1 (fields sealed one by one only) is
+/// migrated in place when the vault opens.
+pub const RECORD_FORMAT: u32 = 2;
+
 /// Ids returned by one FindRecords call at most.
 pub const MAX_FIND_RESULTS: usize = 1000;
 const STRIPES: usize = 256;
@@ -42,6 +47,73 @@ struct StoredRecord {
     /// Indexed field name → blind-index token, to drop old entries on replace.
     #[prost(map = "string, bytes", tag = "3")]
     index: HashMap<String, Vec<u8>>,
+    /// [`RECORD_FORMAT`]; 0 in records written before formats.
+    #[prost(uint32, tag = "4")]
+    format: u32,
+    /// Random per write and kept by rewraps: names this write of the
+    /// record in its audit event, so that `scrub` can tell an older copy
+    /// put back from the latest write, even one with the same version.
+    #[prost(bytes = "vec", tag = "5")]
+    write_id: Vec<u8>,
+    /// The tenant's record key's MAC over [`record_mac_input`].
+    #[prost(bytes = "vec", tag = "6")]
+    mac: Vec<u8>,
+}
+
+/// What of a sealed field the record MAC covers: its header (format and key
+/// version), nonce and tag, which commit to the ciphertext under its key.
+fn field_commitment(sealed: &[u8]) -> Vec<u8> {
+    const HEAD: usize = 5 + 12;
+    const TAG: usize = 16;
+    if sealed.len() < HEAD + TAG {
+        return sealed.to_vec();
+    }
+    [&sealed[..HEAD], &sealed[sealed.len() - TAG..]].concat()
+}
+
+/// The bytes a record's MAC covers: tenant, id, version, format, write id,
+/// and the names and commitments of all its fields in name order. A field
+/// dropped or added, a version edited, a write id swapped: another MAC.
+fn record_mac_input(tenant: &str, id: &str, rec: &StoredRecord) -> Vec<u8> {
+    let mut c = Context::new("coffre/record/v2");
+    c.push(tenant.as_bytes())
+        .push(id.as_bytes())
+        .push(&rec.version.to_be_bytes())
+        .push(&rec.format.to_be_bytes())
+        .push(&rec.write_id)
+        .push(&(rec.fields.len() as u64).to_be_bytes());
+    let mut names: Vec<&String> = rec.fields.keys().collect();
+    names.sort();
+    for name in names {
+        c.push(name.as_bytes())
+            .push(&field_commitment(&rec.fields[name]));
+    }
+    c.as_bytes().to_vec()
+}
+
+/// Seals `rec` as a whole, in the current format.
+fn seal_record(tenant: &Tenant, id: &str, rec: &mut StoredRecord) -> Result<()> {
+    rec.format = RECORD_FORMAT;
+    let mac = tenant
+        .keys
+        .record_mac(&record_mac_input(tenant.name.as_str(), id, rec))?;
+    rec.mac = mac.to_vec();
+    Ok(())
+}
+
+/// Checks that `rec` is the record as last sealed: DATA_LOSS otherwise,
+/// before any field is decrypted or rewritten.
+fn check_record(tenant: &Tenant, id: &str, rec: &StoredRecord) -> Result<()> {
+    if rec.format != RECORD_FORMAT {
+        return Err(Error::DataLoss);
+    }
+    let mac = tenant
+        .keys
+        .record_mac(&record_mac_input(tenant.name.as_str(), id, rec))?;
+    if !crate::crypto::ct_eq(&mac, &rec.mac) {
+        return Err(Error::DataLoss);
+    }
+    Ok(())
 }
 
 /// What one [`Records::rewrap_step`] did (applied, not yet durable).
@@ -70,6 +142,8 @@ fn stale_fields(rec: &StoredRecord, active: u32) -> Result<bool> {
 pub struct Written {
     pub id: RecordId,
     pub version: u64,
+    /// Names this write (see `StoredRecord::write_id`), for its audit event.
+    pub write_id: [u8; 16],
     /// The write took the tenant's data key to its encryption bound, and
     /// this version became active first.
     pub rotated_to: Option<u32>,
@@ -87,6 +161,7 @@ impl Sealed {
     /// `tenant` must be the one the record was fetched from: the fields'
     /// associated data names it, so any other fails as DATA_LOSS.
     pub fn open(&self, tenant: &Tenant, projection: &[FieldName]) -> Result<PlainRecord> {
+        check_record(tenant, self.id.as_str(), &self.rec)?;
         let mut fields = BTreeMap::new();
         let mut open = |name: &str, sealed: &[u8]| -> Result<()> {
             let mut plain = tenant.keys.decrypt_field(self.id.as_str(), name, sealed)?;
@@ -234,6 +309,7 @@ impl Records {
         let id = id.unwrap_or_else(RecordId::generate);
         // Lock order, here and in rewrap: the tenant's write guard, then
         // the stripe.
+        let write_id = crate::crypto::random_array::<16>();
         let (version, rotated) = {
             let _writing = tenant.keys.write_guard();
             let (active, rotated) = self
@@ -243,6 +319,9 @@ impl Records {
                 version: 0,
                 fields: HashMap::with_capacity(fields.0.len()),
                 index: HashMap::new(),
+                format: RECORD_FORMAT,
+                write_id: write_id.to_vec(),
+                mac: Vec::new(),
             };
             for (name, value) in &fields.0 {
                 rec.fields.insert(
@@ -277,6 +356,7 @@ impl Records {
                     b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
                 }
                 rec.version = old.map_or(1, |o| o.version + 1);
+                seal_record(tenant, id.as_str(), &mut rec)?;
                 b.put(Space::Records, key, rec.encode_to_vec());
                 self.store.apply(b)?;
                 rec.version
@@ -287,6 +367,7 @@ impl Records {
         Ok(Written {
             id,
             version,
+            write_id,
             rotated_to: rotated,
         })
     }
@@ -351,6 +432,8 @@ impl Records {
             let Some(mut rec) = self.load(tenant, id)? else {
                 continue;
             };
+            // Never re-seal a record that was tampered with.
+            check_record(tenant, id, &rec)?;
             let mut stale = Vec::new();
             for (name, sealed) in &rec.fields {
                 if crate::crypto::field_key_version(sealed)? != active {
@@ -370,6 +453,7 @@ impl Records {
                 let again = tenant.keys.encrypt_field(&key_now, id, name, &plain);
                 rec.fields.insert(name.clone(), again);
             }
+            seal_record(tenant, id, &mut rec)?;
             let mut b = Batch::new();
             b.put(Space::Records, key.clone(), rec.encode_to_vec());
             self.store.apply(b)?;
@@ -390,15 +474,7 @@ impl Records {
         cursor: &[u8],
         max: usize,
     ) -> Result<(u64, Option<Vec<u8>>)> {
-        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        let start = if cursor.is_empty() {
-            prefix.clone()
-        } else {
-            [cursor, &[0]].concat()
-        };
-        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
-        let next = (entries.len() == max).then(|| entries.last().map(|(k, _)| k.clone()));
+        let (prefix, entries, next) = self.step_of(tenant, cursor, max)?;
         let mut done = 0;
         for (key, _) in &entries {
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
@@ -408,6 +484,7 @@ impl Records {
             let Some(mut rec) = self.load(tenant, id)? else {
                 continue;
             };
+            check_record(tenant, id, &rec)?;
             let mut b = Batch::new();
             for (f, token) in &rec.index {
                 b.delete(Space::Index, index_key(tenant, f, token, &rid));
@@ -438,7 +515,79 @@ impl Records {
             self.store.apply(b)?;
             done += 1;
         }
-        Ok((done, next.flatten()))
+        Ok((done, next))
+    }
+
+    /// The tenant's key prefix, the stored records of one step of a
+    /// tenant-wide job (up to `max` after the record key `cursor`; empty:
+    /// from the start), and where the next step starts (`None`: the end).
+    #[allow(clippy::type_complexity)]
+    fn step_of(
+        &self,
+        tenant: &Tenant,
+        cursor: &[u8],
+        max: usize,
+    ) -> Result<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>)> {
+        let mut prefix = tenant.name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let start = if cursor.is_empty() {
+            prefix.clone()
+        } else {
+            [cursor, &[0]].concat()
+        };
+        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
+        let next = (entries.len() == max)
+            .then(|| entries.last().map(|(k, _)| k.clone()))
+            .flatten();
+        Ok((prefix, entries, next))
+    }
+
+    /// Seals as a whole, in the current format, up to `max` records after
+    /// `cursor` that are still in format 1 (a data directory from before
+    /// records were sealed whole). Each record is rewritten atomically under
+    /// its lock, so a step killed half-way leaves records of both formats,
+    /// and the next run goes on. Returns the records sealed and where to go
+    /// on (`None`: finished).
+    pub fn migrate_step(
+        &self,
+        tenant: &Tenant,
+        cursor: &[u8],
+        max: usize,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let (prefix, entries, next) = self.step_of(tenant, cursor, max)?;
+        let mut done = 0;
+        for (key, _) in &entries {
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
+            let _g = self.stripe(tenant, id).lock();
+            let Some(mut rec) = self.load(tenant, id)? else {
+                continue;
+            };
+            if rec.format == RECORD_FORMAT {
+                continue;
+            }
+            rec.write_id = crate::crypto::random_array::<16>().to_vec();
+            seal_record(tenant, id, &mut rec)?;
+            let mut b = Batch::new();
+            b.put(Space::Records, key.clone(), rec.encode_to_vec());
+            self.store.apply(b)?;
+            done += 1;
+        }
+        Ok((done, next))
+    }
+
+    /// A stored record's version and write id, after checking it is sealed
+    /// as a whole (what `scrub` compares with the trail's last write).
+    pub fn stamp(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<(u64, [u8; 16])>> {
+        let Some(rec) = self.load(tenant, id.as_str())? else {
+            return Ok(None);
+        };
+        check_record(tenant, id.as_str(), &rec)?;
+        let w: [u8; 16] = rec
+            .write_id
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::DataLoss)?;
+        Ok(Some((rec.version, w)))
     }
 
     /// How many records the tenant has (a scan of keys and values).

@@ -12,6 +12,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     config::Config,
+    connections::{ConnLimits, FrontLayer, TrackedConn},
     pb::{
         admin_server::AdminServer, audit_server::AuditServer, auth_server::AuthServer,
         records_server::RecordsServer,
@@ -49,17 +50,29 @@ pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError
     Ok(Some(tls))
 }
 
-/// Accepted connections with Nagle off: tonic's own `tcp_nodelay` applies
+/// Accepted connections with Nagle off (tonic's own `tcp_nodelay` applies
 /// only to listeners it binds, and without it a response split in two
-/// segments waits for the client's delayed ACK (about 40 ms).
+/// segments waits for the client's delayed ACK, about 40 ms), each closing
+/// itself when silent or idle too long.
 fn incoming(
     listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    limits: ConnLimits,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TrackedConn>> {
     use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
+    TcpListenerStream::new(listener).filter_map(move |conn| {
+        // A failed accept (a reset before we saw it, out of descriptors)
+        // ends that connection, not the server.
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                return None;
+            }
+        };
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "nodelay");
+        }
+        Some(Ok(TrackedConn::new(conn, limits)))
     })
 }
 
@@ -84,12 +97,35 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
-    let mut builder = Server::builder().timeout(Duration::from_secs(60));
+    let c = vault.connections.clone();
+    let mut builder = Server::builder()
+        .timeout(Duration::from_secs(60))
+        .http2_keepalive_interval(Some(Duration::from_secs(c.keepalive_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs)))
+        .max_concurrent_streams(c.max_streams_per_connection)
+        .tcp_keepalive(Some(Duration::from_secs(c.keepalive_secs)));
     if let Some(tls) = tls {
         builder = builder
-            .tls_config(tls)
+            .tls_config(tls.timeout(Duration::from_secs(c.handshake_secs)))
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
+    let front = FrontLayer::new(gate.clone());
+
+    // Refused calls past a peer's allowance are summed up, one event per
+    // peer and period.
+    let summaries = {
+        let gate = gate.clone();
+        let every = Duration::from_secs(c.refused_summary_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = gate.flush_refusal_summaries().await {
+                    tracing::error!(error = %e, "refused-call summary not stored");
+                }
+            }
+        })
+    };
 
     let sweeper = {
         let vault = vault.clone();
@@ -117,6 +153,7 @@ pub async fn run(
     };
 
     let result = builder
+        .layer(front)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -132,11 +169,15 @@ pub async fn run(
             AdminServer::new(AdminService::new(gate.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AuditServer::new(AuditService::new(gate)))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .add_service(AuditServer::new(AuditService::new(gate.clone())))
+        .serve_with_incoming_shutdown(incoming(listener, ConnLimits::from(&c)), shutdown)
         .await
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();
+    summaries.abort();
+    if let Err(e) = gate.flush_refusal_summaries().await {
+        tracing::error!(error = %e, "refused-call summary not stored");
+    }
     if let Err(e) = vault.store.flush_blocking() {
         tracing::error!(error = %e, "final flush failed");
     }

@@ -21,6 +21,9 @@ pub enum StorageError {
     Closed,
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    /// The directory is held by another process (a running server).
+    #[error("another coffre process is using {0}")]
+    Locked(String),
 }
 
 /// The key spaces of the vault. The byte is part of the stored key, so the
@@ -121,7 +124,13 @@ impl SledBackend {
             // one only bounds how much unacknowledged work a crash loses.
             .flush_every_ms(Some(1000))
             .open()
-            .map_err(io)?;
+            .map_err(|e| match e {
+                // sled's own message is a Debug dump of the OS error.
+                sled::Error::Io(ref ioe) if ioe.to_string().contains("could not acquire lock") => {
+                    StorageError::Locked(dir.display().to_string())
+                }
+                other => io(other),
+            })?;
         Ok(Self { db })
     }
 }

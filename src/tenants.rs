@@ -77,6 +77,20 @@ impl Tenants {
                 .is_some())
     }
 
+    /// The names of every stored tenant.
+    pub fn names(&self) -> Result<Vec<TenantName>> {
+        self.store
+            .scan_prefix(Space::Tenants, b"", usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| {
+                std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|n| TenantName::parse(n).ok())
+                    .ok_or(Error::DataLoss)
+            })
+            .collect()
+    }
+
     /// Deletes the tenant's entry (after its keys were shredded).
     pub async fn delete(&self, name: &TenantName) -> Result<()> {
         self.cache.write().remove(name);

@@ -30,10 +30,18 @@ pub enum StartError {
     Key(#[from] KeyError),
     #[error("data_dir {0}: {1}")]
     DataDir(String, String),
-    #[error("storage: {0}")]
+    #[error("{}", storage_message(.0))]
     Storage(#[from] StorageError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+}
+
+fn storage_message(e: &StorageError) -> String {
+    match e {
+        // Already one plain sentence naming the directory.
+        StorageError::Locked(_) => e.to_string(),
+        other => format!("storage: {other}"),
+    }
 }
 
 impl From<Error> for StartError {
@@ -42,9 +50,24 @@ impl From<Error> for StartError {
     }
 }
 
+/// A stored record against the trail's last write of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailCheck {
+    /// The record is the one last written (or, deleted, is absent).
+    Matches,
+    /// An older copy (or a deleted record) was put back.
+    RolledBack,
+    /// The trail's last write stored it; it is gone.
+    Missing,
+    /// The trail holds no write of it (pruned, or a honeytoken).
+    NoWriteInTrail,
+}
+
 /// What opening the vault did that the operator must hear about once.
 #[derive(Default)]
 pub struct OpenReport {
+    /// Records migrated to the current format at this start.
+    pub migrated_records: u64,
     /// Dev mode made a new master key file here.
     pub generated_key: Option<std::path::PathBuf>,
     /// The bootstrap admin's generated password, to print once.
@@ -62,6 +85,8 @@ pub struct Vault {
     pub records: Records,
     pub budgets: Budgets,
     pub honeytokens: Honeytokens,
+    /// Bounds on connections, streams and refused calls (`connections.*`).
+    pub connections: crate::config::ConnectionsConfig,
     /// Tenants with a key job (rewrap, reindex) running: one at a time.
     key_jobs: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
 }
@@ -166,10 +191,94 @@ impl Vault {
             records: Records::new(store.clone(), keys.clone(), hasher),
             keys,
             store,
+            connections: config.connections.clone(),
             key_jobs: Default::default(),
         });
+        report.migrated_records = vault.migrate_records()?;
         vault.bootstrap(bootstrap_password, &mut report).await?;
         Ok((vault, report))
+    }
+
+    /// Brings the records of a data directory written before records were
+    /// sealed as a whole to the current format, in place: each record is
+    /// rewritten atomically, the format is recorded in the authenticated
+    /// key store last, so a migration killed half-way finishes at the next
+    /// start. Returns how many records were sealed.
+    fn migrate_records(&self) -> Result<u64, StartError> {
+        if self.keys.record_format() >= crate::records::RECORD_FORMAT {
+            return Ok(0);
+        }
+        let names = self.tenants.names()?;
+        let plain: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.keys.ensure_record_keys(&plain)?;
+        let mut total = 0;
+        for name in &names {
+            let tenant = match self.tenants.get(name) {
+                Ok(t) => t,
+                // Shredded: nothing of it can be read or needs sealing.
+                Err(Error::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut cursor = Vec::new();
+            loop {
+                let (done, next) = self.records.migrate_step(&tenant, &cursor, 256)?;
+                total += done;
+                match next {
+                    Some(c) => cursor = c,
+                    None => break,
+                }
+            }
+        }
+        self.store.flush_blocking()?;
+        self.keys.set_record_format(crate::records::RECORD_FORMAT)?;
+        if total > 0 {
+            tracing::info!(records = total, "records sealed as a whole (format 2)");
+        }
+        Ok(total)
+    }
+
+    /// Compares a stored record with the last write of it the audit trail
+    /// holds (its version and write id, from the PutRecord event; or its
+    /// deletion): a record put back from an older copy of the data
+    /// directory seals correctly but is not the latest write. What `scrub`
+    /// runs on every record.
+    pub fn check_against_trail(&self, tenant: &Tenant, id: &RecordId) -> Result<TrailCheck, Error> {
+        let stamp = self.records.stamp(tenant, id)?;
+        let events = self.audit.query(&crate::audit::Query {
+            tenant: tenant.name.to_string(),
+            record_id: id.to_string(),
+            outcome: "ok".into(),
+            newest_first: true,
+            ..Default::default()
+        })?;
+        let last = events.iter().find(|e| {
+            e.action == "coffre.v1.Records/PutRecord"
+                || e.action == "coffre.v1.Records/DeleteRecord"
+        });
+        let Some(last) = last else {
+            return Ok(TrailCheck::NoWriteInTrail);
+        };
+        if last.action.ends_with("/DeleteRecord") {
+            return Ok(match stamp {
+                None => TrailCheck::Matches,
+                Some(_) => TrailCheck::RolledBack,
+            });
+        }
+        let Some((version, write_id)) = stamp else {
+            return Ok(TrailCheck::Missing);
+        };
+        let noted = |key: &str| {
+            last.fields
+                .iter()
+                .find_map(|f| f.strip_prefix(key).map(str::to_string))
+        };
+        let version_ok = noted("version=").is_none_or(|v| v == version.to_string());
+        let write_ok = noted("write=").is_none_or(|w| w == hex::encode(write_id));
+        Ok(if version_ok && write_ok {
+            TrailCheck::Matches
+        } else {
+            TrailCheck::RolledBack
+        })
     }
 
     /// Reads one record for `caller` under its read budget (SPEC §5): a

@@ -248,7 +248,11 @@ async fn logout_revokes_and_lock_stops_tokens() {
         .login("clinic", "dr_a", CLINICIAN_PASSWORD)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "a locked account answers like bad credentials"
+    );
     s.admin()
         .await
         .set_principal_locked(authed(&admin, lock(false)))
@@ -317,7 +321,11 @@ async fn five_failures_lock_and_unknown_users_look_the_same() {
         .login("clinic", "nobody", CLINICIAN_PASSWORD)
         .await
         .unwrap_err();
-    assert_eq!(real.code(), Code::PermissionDenied);
+    assert_eq!(
+        (real.code(), real.message()),
+        (bad.code(), bad.message()),
+        "a locked account answers exactly like bad credentials"
+    );
     assert_eq!(
         (ghost.code(), ghost.message()),
         (real.code(), real.message()),

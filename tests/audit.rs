@@ -24,19 +24,6 @@ async fn system_auditor(s: &TestServer) -> String {
         .unwrap()
 }
 
-async fn events(s: &TestServer, auditor: &str, q: pb::QueryAuditRequest) -> Vec<pb::AuditEvent> {
-    let mut st = AuditClient::new(s.channel().await)
-        .query_audit(authed(auditor, q))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = st.message().await.unwrap() {
-        out.push(e);
-    }
-    out
-}
-
 /// RPC events after `after`, leaving out the auditor's own queries and
 /// alerts (events of their own kind, `alert/...`).
 async fn new_events(s: &TestServer, auditor: &str, after: u64) -> Vec<pb::AuditEvent> {

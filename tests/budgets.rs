@@ -253,7 +253,8 @@ async fn scripted_exfiltration_is_capped_locked_and_reported() {
         .login("clinic", "dr_x", CLINICIAN_PASSWORD)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    // A locked account answers like bad credentials at login.
+    assert_eq!(e.code(), Code::Unauthenticated);
 
     let alerts = alerts(&s).await;
     let lock = alerts
@@ -396,7 +397,8 @@ async fn honeytokens_lock_their_reader_through_restarts() {
         .login("clinic", "dr_x", CLINICIAN_PASSWORD)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    // A locked account answers like bad credentials at login.
+    assert_eq!(e.code(), Code::Unauthenticated);
     s.login("clinic", "dr_h", CLINICIAN_PASSWORD).await.unwrap();
 
     let admin = s.admin_token().await;

@@ -460,7 +460,7 @@ async fn open_with(
     let vault = loop {
         match coffre::vault::Vault::open(&c, None).await {
             Ok((v, _)) => break v,
-            Err(e) if e.to_string().contains("acquire lock") && tries < 100 => {
+            Err(e) if e.to_string().contains("another coffre process") && tries < 100 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -524,11 +524,11 @@ async fn master_rotation_is_crash_safe_at_every_step() {
             (want.clone(), true)
         );
     }
-    // 4 secrets (pepper, audit, budget, honeytoken keys) and a data and an
-    // index key for each of the tenants system and clinic.
+    // 4 secrets (pepper, audit, budget, honeytoken keys) and a data, an
+    // index and a record key for each of the tenants system and clinic.
     assert_eq!(
         coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap(),
-        coffre::keys::MasterRotation::Rotated { keys: 8 }
+        coffre::keys::MasterRotation::Rotated { keys: 10 }
     );
     assert_eq!(
         coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap(),

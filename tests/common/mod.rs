@@ -46,7 +46,12 @@ pub fn test_config_with(root: &Path, extra: &str) -> Config {
     );
     let path = root.join("coffre.toml");
     std::fs::write(&path, text).unwrap();
-    Config::load_with_env(Some(&path), |_| None).unwrap()
+    let mut config = Config::load_with_env(Some(&path), |_| None).unwrap();
+    // Tests make many refused calls from one address on purpose; the
+    // per-peer limit of refused calls is tested with its own settings.
+    config.connections.refused_burst = 1_000_000;
+    config.connections.refused_per_second = 1_000_000.0;
+    config
 }
 
 pub struct TestServer {
@@ -275,6 +280,20 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// The events of a QueryAudit call made with `token` (an auditor's).
+pub async fn events(s: &TestServer, token: &str, q: pb::QueryAuditRequest) -> Vec<pb::AuditEvent> {
+    let mut st = pb::audit_client::AuditClient::new(s.channel().await)
+        .query_audit(authed(token, q))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = st.message().await.unwrap() {
+        out.push(e);
+    }
+    out
 }
 
 pub fn authed<T>(token: &str, msg: T) -> Request<T> {
