@@ -306,7 +306,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         ("allergy", "penicillin"),
         ("blood_group", "O+"),
     ];
-    for id in ["p1", "p2", "p3"] {
+    for id in ["p1", "p2", "p3", "p5"] {
         r.put_record(authed(&a, put(id, &fields))).await.unwrap();
     }
     // p3 at version 1, kept by the attacker; then written again.
@@ -355,7 +355,17 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
             rkey("clinic_a", "p2"),
             prost::Message::encode_to_vec(&p2),
         );
-        // 3. p3 put back as it was at version 1.
+        // 3. p5 passed off as a record of the format before whole-record
+        // seals (no MAC to check).
+        let mut p5 = load("p5");
+        p5.format = 1;
+        p5.mac.clear();
+        batch.put(
+            Space::Records,
+            rkey("clinic_a", "p5"),
+            prost::Message::encode_to_vec(&p5),
+        );
+        // 4. p3 put back as it was at version 1.
         batch.put(Space::Records, rkey("clinic_a", "p3"), old_p3);
         store.apply(batch).unwrap();
         store.flush_blocking().unwrap();
@@ -366,7 +376,11 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         .await
         .unwrap();
     let mut r = s.records().await;
-    for (id, what) in [("p1", "a field dropped"), ("p2", "the version edited")] {
+    for (id, what) in [
+        ("p1", "a field dropped"),
+        ("p2", "the version edited"),
+        ("p5", "the format downgraded"),
+    ] {
         let e = r.get_record(authed(&a, get(id))).await.unwrap_err();
         assert_eq!(e.code(), Code::DataLoss, "{what}");
         // Even a projection that leaves out the changed part.
