@@ -141,13 +141,25 @@ impl Severity {
     }
 }
 
+/// Opens a JSON-lines file for appending, created 0600: it names who read
+/// which record, which is no one else's business on the host. An existing
+/// file readable by group or others is narrowed to 0600.
 fn append_line(path: &Path) -> Result<Mutex<File>> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", path.display()));
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
-        .map(Mutex::new)
-        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
+        .map_err(io)?;
+    let mode = f.metadata().map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "narrowing permissions to 0600");
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
+    Ok(Mutex::new(f))
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {

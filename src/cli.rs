@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use crate::{
     config::Config,
     pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
-    vault::{BOOTSTRAP_PASSWORD_ENV, Vault},
+    vault::{BOOTSTRAP_PASSWORD_ENV, Bootstrap, Vault},
 };
 
 #[derive(Parser)]
@@ -507,7 +507,13 @@ async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
     let config = Config::load(config_path).map_err(err)?;
     init_tracing(&config);
     disable_core_dumps()?;
-    let bootstrap = std::env::var(BOOTSTRAP_PASSWORD_ENV).ok();
+    // A generated password goes to the operator's terminal only, never to
+    // a log or a file: without a terminal, the operator must give one.
+    let bootstrap = match std::env::var(BOOTSTRAP_PASSWORD_ENV) {
+        Ok(p) => Bootstrap::Password(p),
+        Err(_) if std::io::stderr().is_terminal() => Bootstrap::Random,
+        Err(_) => Bootstrap::Refuse,
+    };
     let (vault, report) = Vault::open(&config, bootstrap).await.map_err(err)?;
     if let Some(p) = &report.generated_key {
         eprintln!(
@@ -587,6 +593,7 @@ fn init_tracing(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sled=warn,h2=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if config.log_format == "json" {
         let _ = b.json().try_init();
@@ -1453,13 +1460,17 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                 Some(path) => Some(check_mirror(g, path).await?),
                 None => None,
             };
-            let mirror_ok = mirror_report.as_ref().is_none_or(|r| r.is_none());
+            let mirror_ok = mirror_report.as_ref().is_none_or(|r| r.problem.is_none());
             if g.json {
+                let m = mirror_report.as_ref().map(|r| {
+                    json!({"ok": r.problem.is_none(), "problem": r.problem, "starts_at_seq": r.starts_at,
+                           "events_before_mirror": r.before, "tenant": r.tenant})
+                });
                 println!(
                     "{}",
                     json!({"ok": v.ok && mirror_ok, "checked": v.checked, "first_bad_seq": v.first_bad_seq,
                            "reason": v.reason, "head_seq": v.head_seq, "head_hash": hex::encode(&v.head_hash),
-                           "mirror": mirror_report.as_ref().map(|r| r.clone().unwrap_or_else(|| "ok".into()))})
+                           "mirror": m})
                 );
             } else if v.ok {
                 println!(
@@ -1475,11 +1486,22 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                     v.first_bad_seq, v.reason, v.checked
                 )));
             }
-            if let Some(Some(problem)) = mirror_report {
-                return Err(err(format!("mirror differs from the store: {problem}")));
-            }
-            if mirror.is_some() && !g.json {
-                println!("mirror matches the store");
+            if let Some(r) = &mirror_report {
+                if let Some(problem) = &r.problem {
+                    return Err(err(format!("mirror differs from the store: {problem}")));
+                }
+                if !g.json {
+                    if let Some(t) = &r.tenant {
+                        println!("mirror compared on tenant {t}'s events (what this auditor sees)");
+                    }
+                    if let Some(seq) = r.starts_at {
+                        println!(
+                            "mirror starts at seq {seq}: the {} earlier events were written before it (mirror enabled later, or its head removed)",
+                            r.before
+                        );
+                    }
+                    println!("mirror matches the store");
+                }
             }
         }
     }
@@ -1504,11 +1526,34 @@ async fn verify_call(
     .into_inner())
 }
 
-/// `None` when every stored event is in the mirror with the same hash (and
-/// the mirror has nothing the store lacks); otherwise the first difference.
-async fn check_mirror(g: &Global, path: &Path) -> Result<Option<String>, CliError> {
+/// What `audit verify --mirror` found.
+#[derive(Clone, Default)]
+struct MirrorCheck {
+    /// The first difference, if any.
+    problem: Option<String>,
+    /// The mirror's first event in scope, when it starts after the trail
+    /// (the mirror was enabled later, or its head was cut).
+    starts_at: Option<u64>,
+    /// Stored events before `starts_at`: not expected in the mirror.
+    before: u64,
+    /// Only this tenant's events are compared (a tenant's auditor).
+    tenant: Option<String>,
+}
+
+/// Compares the mirror with the events the caller may see: every stored
+/// event from the mirror's first one on must be in it with the same hash,
+/// and the mirror must hold nothing in scope that the store lacks. A
+/// tenant's auditor sees its tenant's events only, so only those lines of
+/// the mirror are compared.
+async fn check_mirror(g: &Global, path: &Path) -> Result<MirrorCheck, CliError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let stored = fetch_events(g, &AuditFilter::default()).await?;
+    // The last event is this query's own: it names the caller's tenant.
+    let tenant = stored
+        .last()
+        .map(|e| e.tenant.clone())
+        .filter(|t| !t.is_empty() && t != crate::model::SYSTEM_TENANT);
     let mut mirror = std::collections::BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line)
@@ -1516,17 +1561,38 @@ async fn check_mirror(g: &Global, path: &Path) -> Result<Option<String>, CliErro
         let seq = v["seq"]
             .as_u64()
             .ok_or_else(|| err(format!("line {}: no seq", n + 1)))?;
+        if tenant
+            .as_deref()
+            .is_some_and(|t| v["tenant"].as_str() != Some(t))
+        {
+            continue;
+        }
         mirror.insert(seq, v["hash"].as_str().unwrap_or_default().to_string());
     }
-    let stored = fetch_events(g, &AuditFilter::default()).await?;
+    let mut check = MirrorCheck {
+        tenant,
+        ..Default::default()
+    };
+    let Some(first) = mirror.keys().next().copied() else {
+        check.problem = Some("the mirror holds no event this auditor may see".into());
+        return Ok(check);
+    };
+    if stored.first().is_some_and(|e| e.seq < first) {
+        check.starts_at = Some(first);
+    }
     for e in &stored {
+        if e.seq < first {
+            check.before += 1;
+            continue;
+        }
         match mirror.remove(&e.seq) {
-            None => return Ok(Some(format!("seq {} is missing from the mirror", e.seq))),
+            None => {
+                check.problem = Some(format!("seq {} is missing from the mirror", e.seq));
+                return Ok(check);
+            }
             Some(h) if h != hex::encode(&e.hash) => {
-                return Ok(Some(format!(
-                    "seq {} has another hash in the mirror",
-                    e.seq
-                )));
+                check.problem = Some(format!("seq {} has another hash in the mirror", e.seq));
+                return Ok(check);
             }
             Some(_) => {}
         }
@@ -1534,11 +1600,9 @@ async fn check_mirror(g: &Global, path: &Path) -> Result<Option<String>, CliErro
     // The mirror may run ahead by the events of this very check.
     let last = stored.last().map_or(0, |e| e.seq);
     if let Some((seq, _)) = mirror.iter().find(|(s, _)| **s <= last) {
-        return Ok(Some(format!(
-            "seq {seq} is in the mirror but not in the store"
-        )));
+        check.problem = Some(format!("seq {seq} is in the mirror but not in the store"));
     }
-    Ok(None)
+    Ok(check)
 }
 
 async fn bench(g: &Global, args: BenchArgs) -> Result<(), CliError> {

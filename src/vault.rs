@@ -63,6 +63,25 @@ pub enum TrailCheck {
     NoWriteInTrail,
 }
 
+/// Where the first administrator's password comes from, on an empty data
+/// directory.
+#[derive(Clone)]
+pub enum Bootstrap {
+    /// Given by the operator (env `COFFRE_BOOTSTRAP_ADMIN_PASSWORD`).
+    Password(String),
+    /// Generated, and reported once in [`OpenReport`] (for a terminal).
+    Random,
+    /// Neither: an empty data directory is refused (no terminal to show a
+    /// generated password on, and a log must never carry it).
+    Refuse,
+}
+
+impl From<Option<String>> for Bootstrap {
+    fn from(p: Option<String>) -> Self {
+        p.map_or(Bootstrap::Random, Bootstrap::Password)
+    }
+}
+
 /// What opening the vault did that the operator must hear about once.
 #[derive(Default)]
 pub struct OpenReport {
@@ -117,16 +136,16 @@ impl Vault {
     /// Opens (or initialises) the vault described by `config`.
     pub async fn open(
         config: &Config,
-        bootstrap_password: Option<String>,
+        bootstrap: impl Into<Bootstrap>,
     ) -> Result<(Arc<Self>, OpenReport), StartError> {
-        Self::open_with(config, bootstrap_password, |b| b).await
+        Self::open_with(config, bootstrap, |b| b).await
     }
 
     /// Like [`Vault::open`], with the storage backend passed through `wrap`
     /// first (fault injection in tests).
     pub async fn open_with(
         config: &Config,
-        bootstrap_password: Option<String>,
+        bootstrap: impl Into<Bootstrap>,
         wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
     ) -> Result<(Arc<Self>, OpenReport), StartError> {
         let mut report = OpenReport::default();
@@ -195,7 +214,7 @@ impl Vault {
             key_jobs: Default::default(),
         });
         report.migrated_records = vault.migrate_records()?;
-        vault.bootstrap(bootstrap_password, &mut report).await?;
+        vault.bootstrap(bootstrap.into(), &mut report).await?;
         Ok((vault, report))
     }
 
@@ -567,7 +586,7 @@ impl Vault {
 
     async fn bootstrap(
         &self,
-        password: Option<String>,
+        password: Bootstrap,
         report: &mut OpenReport,
     ) -> Result<(), StartError> {
         let system = TenantName::system();
@@ -576,9 +595,14 @@ impl Vault {
         }
         let admin = Username::parse(BOOTSTRAP_ADMIN)?;
         let password = match password {
-            Some(p) => Password::new_checked(p, &[BOOTSTRAP_ADMIN])
+            Bootstrap::Password(p) => Password::new_checked(p, &[BOOTSTRAP_ADMIN])
                 .map_err(|e| StartError::Bootstrap(format!("{BOOTSTRAP_PASSWORD_ENV}: {e}")))?,
-            None => {
+            Bootstrap::Refuse => {
+                return Err(StartError::Bootstrap(format!(
+                    "an empty data directory needs the first administrator's password: set {BOOTSTRAP_PASSWORD_ENV} (a generated one is shown only on a terminal)"
+                )));
+            }
+            Bootstrap::Random => {
                 let raw = Zeroizing::new(crate::crypto::random_array::<18>());
                 let text = base64::Engine::encode(
                     &base64::engine::general_purpose::URL_SAFE_NO_PAD,

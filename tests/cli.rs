@@ -391,6 +391,50 @@ async fn auditor_cli_query_patient_checkpoint_verify_export() {
     ));
     assert!(csv.starts_with("seq,time_unix_ms"));
     assert!(csv.contains("\"consultation, \"\"urgent\"\"\""), "{csv}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&mirror).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the mirror is private");
+    }
+    // A mirror enabled after the first events: said plainly, not a failure.
+    // (The server appends to the file it opened, O_APPEND, so cutting its
+    // head in place leaves a live mirror that starts later.)
+    let full = std::fs::read_to_string(&mirror).unwrap();
+    let tail: Vec<&str> = full.lines().skip(5).collect();
+    std::fs::write(&mirror, tail.join("\n") + "\n").unwrap();
+    let out = ok(&run(&["audit", "verify", "--mirror", m], ""));
+    assert!(
+        out.contains("mirror starts at seq 6") && out.contains("mirror matches"),
+        "{out}"
+    );
+    // A tenant's auditor checks the mirror on its own tenant's events.
+    ok(&run(&["login"], &format!("{ADMIN_PASSWORD}\n")));
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "clinic",
+            "--username",
+            "aud2",
+            "--role",
+            "auditor",
+        ],
+        aud_pw,
+    ));
+    ok(&run(
+        &["login", "--tenant", "clinic", "--username", "aud2"],
+        aud_pw,
+    ));
+    let out = ok(&run(&["audit", "verify", "--mirror", m], ""));
+    assert!(
+        out.contains("tenant clinic") && out.contains("mirror matches"),
+        "{out}"
+    );
+    ok(&run(
+        &["login", "--tenant", "system", "--username", "aud"],
+        aud_pw,
+    ));
     // A forged mirror line is reported.
     let mut text = std::fs::read_to_string(&mirror).unwrap();
     text = text.replacen("\"hash\":\"", "\"hash\":\"00", 1);

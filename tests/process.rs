@@ -5,8 +5,9 @@
 mod common;
 
 use std::{
+    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
-    process::Command,
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -128,20 +129,61 @@ async fn refused_starts_exit_non_zero_with_one_line() {
 }
 
 #[tokio::test]
-async fn random_bootstrap_password_is_printed_once() {
+async fn a_generated_bootstrap_password_goes_to_a_terminal_only() {
     let root = tempfile::tempdir().unwrap();
     let cfg = write_config(root.path(), "");
-    let mut p = spawn_server(&cfg, &[]).unwrap();
-    let err = std::fs::read_to_string(&p.stderr_path).unwrap();
-    let pw = err
-        .lines()
-        .find_map(|l| l.split("with password: ").nth(1))
-        .expect("password printed")
-        .trim()
-        .to_string();
-    bin_login(&p.addr, "system", "admin", &pw).await;
-    sigterm(&mut p).await;
-    let mut p = spawn_server(&cfg, &[]).unwrap();
+    // No terminal, no COFFRE_BOOTSTRAP_ADMIN_PASSWORD: refused, one line,
+    // and nothing made.
+    let err = refused(&cfg, &[]);
+    let msg = err.trim().splitn(2, ": ").nth(1).unwrap_or(&err);
+    assert_eq!(msg.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("COFFRE_BOOTSTRAP_ADMIN_PASSWORD"), "{err}");
+
+    // On a terminal (`script` gives it one) it is shown there, once.
+    let mut child = Command::new("script")
+        .args(["-qfec"])
+        .arg(format!("{} serve --config {}", bin(), cfg.display()))
+        .arg("/dev/null")
+        .env_remove("COFFRE_BOOTSTRAP_ADMIN_PASSWORD")
+        .env("COFFRE_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (mut addr, mut pw) = (None, None);
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.split("listening on ").nth(1) {
+            addr = Some(a.trim().to_string());
+        }
+        if let Some(p) = line.split("with password: ").nth(1) {
+            pw = Some(p.trim().to_string());
+        }
+        if addr.is_some() && pw.is_some() {
+            break;
+        }
+    }
+    let (addr, pw) = (addr.expect("listening"), pw.expect("password shown"));
+    bin_login(&addr, "system", "admin", &pw).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // Never inside the data directory (T1), never again on a restart.
+    for (name, bytes) in all_files(&root.path().join("data")) {
+        assert!(
+            !contains(&bytes, pw.as_bytes()),
+            "{name} holds the password"
+        );
+    }
+    let mut p = loop {
+        match spawn_server(&cfg, &[]) {
+            Ok(p) => break p,
+            Err(e) if e.contains("another coffre process") => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let err = std::fs::read_to_string(&p.stderr_path).unwrap();
     assert!(!err.contains(&pw), "not printed again");
     let _ = p.child.kill();
