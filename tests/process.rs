@@ -135,7 +135,7 @@ async fn a_generated_bootstrap_password_goes_to_a_terminal_only() {
     // No terminal, no COFFRE_BOOTSTRAP_ADMIN_PASSWORD: refused, one line,
     // and nothing made.
     let err = refused(&cfg, &[]);
-    let msg = err.trim().splitn(2, ": ").nth(1).unwrap_or(&err);
+    let msg = err.trim().split_once(": ").map_or(err.as_str(), |x| x.1);
     assert_eq!(msg.trim().lines().count(), 1, "{err}");
     assert!(err.contains("COFFRE_BOOTSTRAP_ADMIN_PASSWORD"), "{err}");
 
