@@ -345,7 +345,20 @@ fn err(e: impl std::fmt::Display) -> CliError {
     )
 }
 
+/// The server address of this run, for hints on transport failures.
+static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn status_err(s: tonic::Status) -> CliError {
+    // A transport failure surfaces as a status made on this side, with a
+    // cause (a status from the server never carries one).
+    if let Some(src) = std::error::Error::source(&s) {
+        let chain = format!("{}: {}", s.message(), error_chain(src));
+        let addr = ADDR.get().map_or("", String::as_str);
+        if let Some(hint) = transport_hint(&chain, addr) {
+            return CliError(format!("cannot reach {addr}: {hint}"));
+        }
+        return CliError(format!("cannot reach {addr}: {chain}"));
+    }
     let code = format!("{:?}", s.code());
     if s.message().is_empty() {
         CliError(code)
@@ -378,6 +391,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<(), CliError> {
     let g = cli.global;
+    let _ = ADDR.set(g.addr.clone());
     match cli.command {
         Command::Serve { config } => serve(config.as_deref()).await,
         Command::Keygen { out } => {
@@ -608,6 +622,11 @@ async fn connect(g: &Global) -> Result<Channel, CliError> {
 }
 
 pub(crate) async fn connect_to(addr: &str, ca: Option<&Path>) -> Result<Channel, CliError> {
+    if !addr.contains("://") {
+        return Err(err(format!(
+            "--addr {addr} needs a scheme: http://{addr} in dev mode, https://{addr} with TLS"
+        )));
+    }
     let mut ep = Endpoint::from_shared(addr.to_string())
         .map_err(|_| err(format!("--addr {addr} is not a URL")))?
         .connect_timeout(Duration::from_secs(5));
@@ -618,9 +637,70 @@ pub(crate) async fn connect_to(addr: &str, ca: Option<&Path>) -> Result<Channel,
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
             .map_err(err)?;
     }
-    ep.connect()
-        .await
-        .map_err(|e| err(format!("cannot reach {addr}: {e}")))
+    ep.connect().await.map_err(|e| {
+        let chain = error_chain(&e);
+        match transport_hint(&chain, addr) {
+            Some(hint) => err(format!("cannot reach {addr}: {hint}")),
+            None => err(format!("cannot reach {addr}: {chain}")),
+        }
+    })
+}
+
+/// An error and its causes, on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+/// What a person can do about a transport failure, from its causes.
+fn transport_hint(chain: &str, addr: &str) -> Option<String> {
+    let plain = addr.starts_with("http://");
+    let hint = if chain.contains("UnknownIssuer")
+        || chain.contains("unknown issuer")
+        || chain.contains("BadSignature")
+    {
+        "the server's certificate is not signed by the CA given: pass the CA that signed it with --ca FILE (or COFFRE_CA)".to_string()
+    } else if chain.contains("NotValidForName") || chain.contains("not valid for name") {
+        "the server's certificate does not name this host: use a host name its certificate carries in --addr".to_string()
+    } else if chain.contains("Expired") || chain.contains("expired") {
+        "the server's certificate has expired (or this machine's clock is wrong): renew it"
+            .to_string()
+    } else if chain.contains("InvalidContentType")
+        || chain.contains("corrupt message")
+        || chain.contains("WrongVersion")
+    {
+        format!(
+            "the server does not speak TLS: in dev mode use {}",
+            addr.replacen("https://", "http://", 1)
+        )
+    } else if plain
+        && (chain.contains("connection closed")
+            || chain.contains("frame")
+            || chain.contains("h2 protocol")
+            || chain.contains("broken pipe")
+            || chain.contains("reset"))
+    {
+        format!(
+            "the server expects TLS: use {} with --ca FILE",
+            addr.replacen("http://", "https://", 1)
+        )
+    } else if chain.contains("Connection refused") || chain.contains("connection refused") {
+        "nothing listens there: is `coffre serve` running, and is --addr (COFFRE_ADDR) right?"
+            .to_string()
+    } else if chain.contains("timed out") {
+        "no answer within 5 s: check the host, the port and any firewall".to_string()
+    } else {
+        return None;
+    };
+    Some(hint)
 }
 
 fn token_path(g: &Global) -> PathBuf {

@@ -119,3 +119,67 @@ async fn mtls_requires_a_client_certificate() {
     };
     assert!(without, "no client certificate, no service");
 }
+
+/// `coffre login` through the real CLI; its stderr and whether it worked.
+fn cli_login(addr: &str, ca: Option<&std::path::Path>, dir: &std::path::Path) -> (bool, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["--addr", addr, "login"])
+        .env("COFFRE_TOKEN_FILE", dir.join("token"))
+        .env_remove("COFFRE_CA")
+        .env_remove("COFFRE_ADDR")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(ca) = ca {
+        cmd.args(["--ca", ca.to_str().unwrap()]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{ADMIN_PASSWORD}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success() || err.trim().lines().count() == 1,
+        "{err}"
+    );
+    (out.status.success(), err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_name_their_cause_and_the_fix() {
+    let (s, p) = tls_server(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &p.ca).unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, pki().ca).unwrap();
+    let port = s.addr.rsplit(':').next().unwrap().to_string();
+    let by_name = format!("https://localhost:{port}");
+    let (ok, err) = cli_login(&by_name, Some(&ca), dir.path());
+    assert!(ok, "{err}");
+    let d = dir.path();
+    let cases = [
+        (by_name.clone(), Some(other.as_path()), "--ca"),
+        (
+            format!("https://127.0.0.1:{port}"),
+            Some(ca.as_path()),
+            "does not name this host",
+        ),
+        (format!("http://localhost:{port}"), None, "expects TLS"),
+        (format!("127.0.0.1:{port}"), None, "needs a scheme"),
+    ];
+    for (addr, ca, want) in cases {
+        let (ok, err) = cli_login(&addr, ca, d);
+        assert!(!ok && err.contains(want), "{addr}: {err}");
+    }
+    // A plaintext (dev) server reached over https.
+    let dev = TestServer::start().await;
+    let tls_to_plain = dev.addr.replace("http://", "https://");
+    let (ok, err) = cli_login(&tls_to_plain, Some(&ca), d);
+    assert!(!ok && err.contains("does not speak TLS"), "{err}");
+}
