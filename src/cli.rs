@@ -85,14 +85,19 @@ enum Command {
     /// Change the logged-in principal's password (read from the prompt or
     /// two lines of stdin: old, then new); other sessions are revoked.
     Passwd,
+    /// Tenants: create, plant honeytokens, crypto-shred (admins).
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// Principals: create, lock, unlock, list (admins; list also auditors).
     #[command(subcommand)]
     Principal(PrincipalCmd),
+    /// Records: put, get, find, delete (clinicians and services).
     #[command(subcommand)]
     Record(RecordCmd),
+    /// Tenant keys: rotate, rewrap, status, retire; master key rotation.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The audit trail: query, verify, alerts, report, export (auditors).
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Load generator: N concurrent clients against a running server.
@@ -178,9 +183,8 @@ enum PrincipalCmd {
         tenant: String,
         #[arg(long)]
         username: String,
-        /// admin, clinician, service or auditor.
-        #[arg(long)]
-        role: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
     },
     /// Lock a principal: its tokens stop at once, login is refused.
     Lock {
@@ -208,6 +212,28 @@ enum PrincipalCmd {
     },
 }
 
+/// A principal's role.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// Manages tenants, principals and keys (tenant `system` only).
+    Admin,
+    /// Reads and writes records, under a read budget.
+    Clinician,
+    /// An application: reads and writes records, under a read budget.
+    Service,
+    /// Reads the audit trail (of its tenant, or all from `system`).
+    Auditor,
+}
+
+/// The format of `audit export`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values with a header line.
+    Csv,
+}
+
 #[derive(Subcommand)]
 enum RecordCmd {
     /// Store a record read as JSON from stdin: {"id": "...", "fields": {...}}.
@@ -227,6 +253,7 @@ enum RecordCmd {
         #[arg(long, default_value = "")]
         purpose: String,
     },
+    /// Delete a record, its index entries and its secrets.
     Delete {
         id: String,
         #[arg(long, default_value = "")]
@@ -294,17 +321,20 @@ enum AuditCmd {
         since: String,
         #[arg(long)]
         until: Option<String>,
-        /// Office hours (UTC) as START-END; reads outside are listed.
+        /// Office hours as START-END in local hours; reads outside are listed.
         #[arg(long, default_value = "7-20")]
         office_hours: String,
+        /// The time zone of the office hours (IANA name).
+        #[arg(long, default_value = "Europe/Paris")]
+        time_zone: String,
         /// Flag principals reading more than this many times their role's median.
         #[arg(long, default_value_t = 3.0)]
         outlier_factor: f64,
     },
     /// Export events as JSON lines or CSV.
     Export {
-        #[arg(long, default_value = "jsonl")]
-        format: String,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
         #[command(flatten)]
         filter: AuditFilter,
     },
@@ -896,7 +926,8 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
                     .collect();
                 println!(
                     "{}",
-                    json!({"tenant": tenant, "active_version": r.active_version, "versions": versions})
+                    json!({"tenant": tenant, "active_version": r.active_version, "versions": versions,
+                           "encryptions_are_upper_bounds": true})
                 );
             } else {
                 println!(
@@ -916,6 +947,12 @@ async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
                         v.version, v.fields, v.encryptions
                     );
                 }
+                // Counts are made durable in blocks, ahead of use, so that a
+                // crash never under-counts: after a restart they jump.
+                println!(
+                    "encryptions are upper bounds (counted durably in blocks of {} ahead of use; exact near the rotation bound)",
+                    crate::keys::COUNTER_BLOCK
+                );
             }
         }
         KeysCmd::RotateMaster { config, new_key } => {
@@ -1069,12 +1106,11 @@ async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
             username,
             role,
         } => {
-            let role = crate::model::Role::parse(&role).map_err(err)?;
-            let pb_role = match role {
-                crate::model::Role::Admin => pb::Role::Admin,
-                crate::model::Role::Clinician => pb::Role::Clinician,
-                crate::model::Role::Service => pb::Role::Service,
-                crate::model::Role::Auditor => pb::Role::Auditor,
+            let (role, pb_role) = match role {
+                RoleArg::Admin => (crate::model::Role::Admin, pb::Role::Admin),
+                RoleArg::Clinician => (crate::model::Role::Clinician, pb::Role::Clinician),
+                RoleArg::Service => (crate::model::Role::Service, pb::Role::Service),
+                RoleArg::Auditor => (crate::model::Role::Auditor, pb::Role::Auditor),
             };
             let password = read_secret("new password: ", true)?;
             c.create_principal(authed(
@@ -1414,13 +1450,13 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
         }
         AuditCmd::Export { format, filter } => {
             let events = fetch_events(g, &filter).await?;
-            match format.as_str() {
-                "jsonl" => {
+            match format {
+                ExportFormat::Jsonl => {
                     for e in &events {
                         println!("{}", crate::audit::to_json(e));
                     }
                 }
-                "csv" => {
+                ExportFormat::Csv => {
                     println!(
                         "seq,time_unix_ms,time,tenant,principal,role,action,record_ids,fields,purpose,outcome,peer,hash"
                     );
@@ -1444,7 +1480,6 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                         println!("{}", row.join(","));
                     }
                 }
-                other => return Err(err(format!("--format {other}: use jsonl or csv"))),
             }
         }
         AuditCmd::Report {
@@ -1452,6 +1487,7 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
             since,
             until,
             office_hours,
+            time_zone,
             outlier_factor,
         } => {
             let f = AuditFilter {
@@ -1466,7 +1502,17 @@ async fn audit(g: &Global, cmd: AuditCmd) -> Result<(), CliError> {
                 .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)))
                 .filter(|(a, b)| a < b && *b <= 24)
                 .ok_or_else(|| err("--office-hours is START-END in hours, such as 7-20"))?;
-            let report = crate::report::build(&events, (start, end), outlier_factor);
+            let tz: chrono_tz::Tz = time_zone.parse().map_err(|_| {
+                err(format!(
+                    "--time-zone {time_zone}: not an IANA time zone (such as Europe/Paris)"
+                ))
+            })?;
+            let hours = crate::report::OfficeHours {
+                start: start as u32,
+                end: end as u32,
+                tz,
+            };
+            let report = crate::report::build(&events, hours, outlier_factor);
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&report).map_err(err)?);
             } else {

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -18,7 +18,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on, `host:port`.
@@ -50,7 +50,7 @@ pub struct Config {
 
 /// Read-budget settings of one role; an absent key keeps the value below it
 /// (tenant over `[limits]` over the built-in default).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub reads_per_second: Option<f64>,
@@ -61,13 +61,13 @@ pub struct LimitsConfig {
     pub lock_after_throttles: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantConfig {
     pub limits: BTreeMap<String, LimitsConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: Option<PathBuf>,
@@ -76,7 +76,7 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Argon2Config {
     pub m_kib: u32,
@@ -99,7 +99,7 @@ impl Default for Argon2Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
     pub idle_secs: u64,
@@ -115,7 +115,7 @@ impl Default for SessionConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// sled's page cache; bounds the server's memory whatever the data size.
@@ -130,14 +130,14 @@ impl Default for StorageConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     pub mirror_file: Option<PathBuf>,
     pub retention_days: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeysConfig {
     pub rotate_after_encryptions: u64,
@@ -155,7 +155,7 @@ impl Default for KeysConfig {
 
 /// Bounds on what a slow, idle, silent or refused client may hold: memory,
 /// file descriptors, streams, audit events.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionsConfig {
     /// HTTP/2 keepalive ping interval; a peer that does not answer within
@@ -514,6 +514,45 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every scalar path under `v` (`argon2.m_kib`), maps of roles and
+    /// tenants left out.
+    fn paths(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) if !(at == "limits" || at == "tenants") => {
+                for (k, v) in m {
+                    let p = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    paths(v, &p, out);
+                }
+            }
+            serde_json::Value::Object(_) => {}
+            _ => out.push(at.to_string()),
+        }
+    }
+
+    /// ENV_KEYS is written by hand: it must name every scalar key of the
+    /// config, and nothing else.
+    #[test]
+    fn every_config_key_has_its_environment_variable() {
+        let mut keys = Vec::new();
+        paths(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut keys,
+        );
+        for role in ["clinician", "service"] {
+            let l = serde_json::to_value(LimitsConfig::default()).unwrap();
+            paths(&l, &format!("limits.{role}"), &mut keys);
+        }
+        keys.sort();
+        let mut env: Vec<String> = ENV_KEYS.iter().map(|(k, _)| k.to_string()).collect();
+        env.sort();
+        assert_eq!(env, keys);
+    }
 
     #[test]
     fn env_overrides_file_and_types_are_checked() {

@@ -44,7 +44,7 @@ const KEY_FILE_PREFIX: &str = "coffre-master-key-v1:";
 const KEY_CHECK_LABEL: &[u8] = b"coffre key check v1";
 /// Encryptions reserved per durable counter write. After a crash the count
 /// resumes at the reservation, so it can only over-count, never under-count.
-const COUNTER_BLOCK: u64 = 4096;
+pub const COUNTER_BLOCK: u64 = 4096;
 
 /// Why the master key or the key store could not be used. Messages name
 /// paths and modes, never key bytes.

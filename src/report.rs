@@ -36,7 +36,29 @@ fn is_read(action: &str) -> bool {
     action.ends_with("/GetRecord") || action.ends_with("/BulkRead")
 }
 
-pub fn build(events: &[AuditEvent], office_hours: (i64, i64), factor: f64) -> Report {
+/// Office hours: `[start, end)` in whole hours of local time in `tz`.
+#[derive(Debug, Clone, Copy)]
+pub struct OfficeHours {
+    pub start: u32,
+    pub end: u32,
+    pub tz: chrono_tz::Tz,
+}
+
+impl OfficeHours {
+    /// Whether `unix_ms` falls outside office hours in their time zone
+    /// (daylight saving included).
+    pub fn outside(&self, unix_ms: i64) -> bool {
+        use chrono::{TimeZone, Timelike};
+        let hour = match self.tz.timestamp_millis_opt(unix_ms) {
+            chrono::LocalResult::Single(t) => t.hour(),
+            chrono::LocalResult::Ambiguous(t, _) => t.hour(),
+            chrono::LocalResult::None => return false,
+        };
+        hour < self.start || hour >= self.end
+    }
+}
+
+pub fn build(events: &[AuditEvent], office_hours: OfficeHours, factor: f64) -> Report {
     let mut reads: BTreeMap<&str, (String, u64, BTreeSet<&str>)> = BTreeMap::new();
     let mut refused = BTreeMap::new();
     let mut throttled = BTreeMap::new();
@@ -61,8 +83,7 @@ pub fn build(events: &[AuditEvent], office_hours: (i64, i64), factor: f64) -> Re
                 .or_insert_with(|| (e.role.clone(), 0, BTreeSet::new()));
             r.1 += e.record_ids.len() as u64;
             r.2.extend(e.record_ids.iter().map(String::as_str));
-            let hour = e.time_unix_ms.div_euclid(3_600_000).rem_euclid(24);
-            if hour < office_hours.0 || hour >= office_hours.1 {
+            if office_hours.outside(e.time_unix_ms) {
                 *off_hours.entry(e.principal.clone()).or_insert(0u64) += 1;
             }
         }
@@ -176,6 +197,22 @@ mod tests {
     }
 
     #[test]
+    fn office_hours_are_local_time() {
+        let paris = OfficeHours {
+            start: 7,
+            end: 20,
+            tz: chrono_tz::Europe::Paris,
+        };
+        // 2026-07-01 05:30 UTC is 07:30 in Paris (summer time): inside.
+        let summer = 1_782_883_800_000;
+        assert!(!paris.outside(summer));
+        // 2026-01-15 06:30 UTC is 07:30 in Paris (winter time): inside;
+        // 19:30 UTC is 20:30 there: outside.
+        assert!(!paris.outside(1_768_458_600_000));
+        assert!(paris.outside(1_768_505_400_000));
+    }
+
+    #[test]
     fn ranks_reads_and_flags_outliers_and_off_hours() {
         let mut ev = vec![
             read("t/a", &["1"], 10),
@@ -191,7 +228,12 @@ mod tests {
             outcome: "permission_denied".into(),
             ..Default::default()
         });
-        let r = build(&ev, (7, 20), 3.0);
+        let utc = OfficeHours {
+            start: 7,
+            end: 20,
+            tz: chrono_tz::UTC,
+        };
+        let r = build(&ev, utc, 3.0);
         assert_eq!(r.reads[0].principal, "t/x");
         assert_eq!(r.reads[0].distinct_records, 50);
         assert_eq!(r.outliers, vec!["t/x"]);
