@@ -120,12 +120,17 @@ impl Default for SessionConfig {
 pub struct StorageConfig {
     /// sled's page cache; bounds the server's memory whatever the data size.
     pub cache_capacity_mib: u64,
+    /// Writes are refused (UNAVAILABLE, health NOT_SERVING) while the
+    /// filesystem of `data_dir` has less free space than this: sled never
+    /// meets a full disk, after which it would need a restart.
+    pub min_free_mib: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             cache_capacity_mib: 32,
+            min_free_mib: 256,
         }
     }
 }
@@ -248,6 +253,7 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("session.idle_secs", Kind::Int),
     ("session.absolute_secs", Kind::Int),
     ("storage.cache_capacity_mib", Kind::Int),
+    ("storage.min_free_mib", Kind::Int),
     ("alert_file", Kind::Str),
     ("audit.mirror_file", Kind::Str),
     ("audit.retention_days", Kind::Int),

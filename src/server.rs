@@ -76,6 +76,72 @@ fn incoming(
     })
 }
 
+/// Every Coffre service and the server as a whole ("") SERVING or not.
+async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    h.set_service_status("", status).await;
+    h.set_service_status("coffre.v1.Auth", status).await;
+    h.set_service_status("coffre.v1.Records", status).await;
+    h.set_service_status("coffre.v1.Admin", status).await;
+    h.set_service_status("coffre.v1.Audit", status).await;
+}
+
+/// Health follows storage: NOT_SERVING from the first failed write or
+/// flush (or a nearly full disk), then, once a second, an attempt to write
+/// one audit event saying storage is writable again; the first that
+/// succeeds makes the server SERVING again, without a restart.
+async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = vault.store.failures();
+    let mut healthy = true;
+    let mut failed_probes = 0u32;
+    loop {
+        tick.tick().await;
+        let failures = vault.store.failures();
+        let space = vault.store.space_ok();
+        if healthy && (failures != seen || space.is_err()) {
+            healthy = false;
+            match &space {
+                Err(e) => tracing::error!(error = %e, "storage not writable: NOT_SERVING"),
+                Ok(()) => tracing::error!("a storage write failed: NOT_SERVING until one succeeds"),
+            }
+            set_health(&health, false).await;
+        }
+        if healthy {
+            continue;
+        }
+        if space.is_err() {
+            continue;
+        }
+        let probe = vault.audit.alert(
+            crate::audit::Severity::Warning,
+            "storage_writable",
+            "",
+            "",
+            "storage writable again after a failure: serving".into(),
+        );
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+            healthy = true;
+            failed_probes = 0;
+            seen = vault.store.failures();
+            set_health(&health, true).await;
+            tracing::warn!("storage writable again: SERVING");
+        } else {
+            failed_probes += 1;
+            if failed_probes % 60 == 30 {
+                tracing::error!(
+                    "storage still not writable; if the disk has space again, the storage engine may be stuck after a failed write: restart coffre"
+                );
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight calls and
 /// flushes storage.
 pub async fn run(
@@ -87,10 +153,8 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let gate = Gate::new(vault.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AuthServer<AuthService>>().await;
-    health.set_serving::<RecordsServer<RecordsService>>().await;
-    health.set_serving::<AdminServer<AdminService>>().await;
-    health.set_serving::<AuditServer<AuditService>>().await;
+    set_health(&health, true).await;
+    let watch = tokio::spawn(watch_storage(vault.clone(), health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -175,6 +239,7 @@ pub async fn run(
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();
     summaries.abort();
+    watch.abort();
     if let Err(e) = gate.flush_refusal_summaries().await {
         tracing::error!(error = %e, "refused-call summary not stored");
     }

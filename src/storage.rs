@@ -21,6 +21,9 @@ pub enum StorageError {
     Closed,
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    /// The filesystem is (nearly) full: writes wait for space.
+    #[error("disk nearly full: {free_mib} MiB free for {dir}, below storage.min_free_mib")]
+    Full { dir: String, free_mib: u64 },
     /// The directory is held by another process (a running server).
     #[error("another coffre process is using {0}")]
     Locked(String),
@@ -373,11 +376,62 @@ impl AtomicFile {
     }
 }
 
+/// How long a flush may take before the write waiting on it fails
+/// (UNAVAILABLE): a storage engine stuck after an I/O error must not hang
+/// its callers.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuses writes while the data directory's filesystem is nearly full, so
+/// that the engine never meets ENOSPC (sled 0.34 does not recover from a
+/// failed write without a restart). Free space is looked up at most every
+/// 100 ms.
+pub struct SpaceGuard {
+    dir: std::path::PathBuf,
+    min_free: u64,
+    checked: parking_lot::Mutex<(std::time::Instant, Option<u64>)>,
+}
+
+impl SpaceGuard {
+    pub fn new(dir: &Path, min_free_mib: u64) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            min_free: min_free_mib * 1024 * 1024,
+            checked: parking_lot::Mutex::new((std::time::Instant::now(), None)),
+        }
+    }
+
+    /// Free bytes for an unprivileged writer, if the filesystem says.
+    fn free(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    pub fn check(&self) -> Result<(), StorageError> {
+        let free = {
+            let mut c = self.checked.lock();
+            if c.1.is_none() || c.0.elapsed() > std::time::Duration::from_millis(100) {
+                *c = (std::time::Instant::now(), self.free());
+            }
+            c.1
+        };
+        match free {
+            Some(f) if f < self.min_free => Err(StorageError::Full {
+                dir: self.dir.display().to_string(),
+                free_mib: f / (1024 * 1024),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The handle the rest of the vault uses: a backend plus group commit.
 #[derive(Clone)]
 pub struct Storage {
     backend: Arc<dyn Backend>,
     flusher: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    space: Option<Arc<SpaceGuard>>,
+    /// Failed writes and flushes so far: health watches it.
+    failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Storage {
@@ -391,7 +445,33 @@ impl Storage {
         Self {
             backend,
             flusher: tx,
+            space: None,
+            failures: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// Refuses writes while `guard` says the disk is nearly full.
+    pub fn with_space_guard(mut self, guard: SpaceGuard) -> Self {
+        self.space = Some(Arc::new(guard));
+        self
+    }
+
+    /// How many writes or flushes have failed since the start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether writes may go ahead as far as free space goes.
+    pub fn space_ok(&self) -> Result<(), StorageError> {
+        self.space.as_ref().map_or(Ok(()), |g| g.check())
+    }
+
+    fn counted<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+        if r.is_err() {
+            self.failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     pub fn open_sled(dir: &Path, opts: &SledOptions) -> Result<Self, StorageError> {
@@ -428,7 +508,9 @@ impl Storage {
     /// Applies a batch without waiting for durability (for state whose loss
     /// in a crash is harmless, such as a session's last-use time).
     pub fn apply(&self, batch: Batch) -> Result<(), StorageError> {
-        self.backend.apply(batch)
+        self.space_ok()?;
+        let r = self.backend.apply(batch);
+        self.counted(r)
     }
 
     /// Applies the ops one at a time: not atomic, but never through the
@@ -436,7 +518,7 @@ impl Storage {
     /// reader). Only for state where every prefix of the ops is safe.
     pub fn apply_each(&self, batch: Batch) -> Result<(), StorageError> {
         for op in batch.0 {
-            self.backend.apply(Batch(vec![op]))?;
+            self.apply(Batch(vec![op]))?;
         }
         Ok(())
     }
@@ -445,7 +527,7 @@ impl Storage {
     /// share flushes.
     pub async fn commit(&self, batch: Batch) -> Result<(), StorageError> {
         if !batch.is_empty() {
-            self.backend.apply(batch)?;
+            self.apply(batch)?;
         }
         self.sync().await
     }
@@ -454,16 +536,37 @@ impl Storage {
     pub async fn sync(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
         self.flusher.send(tx).map_err(|_| StorageError::Closed)?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StorageError::Io(e)),
-            Err(_) => Err(StorageError::Closed),
-        }
+        let r = match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(StorageError::Io(e)),
+            Ok(Err(_)) => Err(StorageError::Closed),
+            Err(_) => Err(StorageError::Io(format!(
+                "flush did not finish within {} s",
+                FLUSH_TIMEOUT.as_secs()
+            ))),
+        };
+        self.counted(r)
     }
 
     /// Flushes from a synchronous context (start-up, shutdown).
+    /// Bounded by [`FLUSH_TIMEOUT`]: an engine stuck after an I/O error must
+    /// not hold the process at shutdown.
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
-        self.backend.flush()
+        let (tx, rx) = mpsc::channel();
+        let backend = self.backend.clone();
+        thread::Builder::new()
+            .name("coffre-final-flush".into())
+            .spawn(move || {
+                let _ = tx.send(backend.flush());
+            })
+            .map_err(|e| StorageError::Io(e.to_string()))?;
+        let r = rx.recv_timeout(FLUSH_TIMEOUT).unwrap_or_else(|_| {
+            Err(StorageError::Io(format!(
+                "flush did not finish within {} s",
+                FLUSH_TIMEOUT.as_secs()
+            )))
+        });
+        self.counted(r)
     }
 }
 

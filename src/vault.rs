@@ -34,6 +34,9 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    /// The data directory's format is not one this release reads.
+    #[error("{0}")]
+    Format(String),
 }
 
 fn storage_message(e: &StorageError) -> String {
@@ -165,7 +168,9 @@ impl Vault {
                 cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
             },
         )?;
-        let store = Storage::new(wrap(Arc::new(sled)));
+        let store = Storage::new(wrap(Arc::new(sled))).with_space_guard(
+            crate::storage::SpaceGuard::new(&config.data_dir, config.storage.min_free_mib),
+        );
         let keys = Arc::new(Keyring::open(
             store.clone(),
             &config.data_dir,
@@ -224,7 +229,14 @@ impl Vault {
     /// key store last, so a migration killed half-way finishes at the next
     /// start. Returns how many records were sealed.
     fn migrate_records(&self) -> Result<u64, StartError> {
-        if self.keys.record_format() >= crate::records::RECORD_FORMAT {
+        let format = self.keys.record_format();
+        if format > crate::records::RECORD_FORMAT {
+            return Err(StartError::Format(format!(
+                "data directory record format {format} is newer than this coffre reads ({}): run a newer coffre",
+                crate::records::RECORD_FORMAT
+            )));
+        }
+        if format == crate::records::RECORD_FORMAT {
             return Ok(0);
         }
         let names = self.tenants.names()?;

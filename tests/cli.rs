@@ -283,6 +283,8 @@ async fn readme_walkthrough() {
     ));
     assert!(e.contains("cannot reach"), "{e}");
     let e = fails(&coffre("not a url", &tok, &["logout"], ""));
+    assert!(e.contains("needs a scheme"), "{e}");
+    let e = fails(&coffre("http://not a url", &tok, &["logout"], ""));
     assert!(e.contains("not a URL"), "{e}");
 }
 

@@ -40,7 +40,7 @@ pub fn test_config(root: &Path) -> Config {
 pub fn test_config_with(root: &Path, extra: &str) -> Config {
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\n{extra}\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\nmin_free_mib = 1\n{extra}\n",
         root.join("data"),
         root.join("keys").join("master.key"),
     );
@@ -401,7 +401,7 @@ pub fn write_config(root: &Path, extra: &str) -> PathBuf {
     };
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n{extra}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n{limits}",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nmin_free_mib = 1\n{limits}",
         root.join("data"),
         root.join("keys").join("master.key"),
     );
