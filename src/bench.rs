@@ -216,7 +216,7 @@ pub async fn run(
     if get.errors > 0 {
         eprintln!(
             "bench: {} GetRecord calls failed: the server's read budgets throttle one \
-             principal reading this fast (SPEC §5); serve with roomy [limits.clinician], \
+             principal reading this fast (read budgets); serve with roomy [limits.clinician], \
              as deploy/coffre.bench.toml has",
             get.errors
         );

@@ -1,4 +1,4 @@
-//! Read budgets (SPEC §5): what stops a stolen account from copying a
+//! Read budgets: what stops a stolen account from copying a
 //! tenant. Per principal:
 //!
 //! - a token bucket (`reads_per_second`, `read_burst`): every record

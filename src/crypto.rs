@@ -187,7 +187,7 @@ pub fn field_key_version(sealed: &[u8]) -> Result<u32, CryptoError> {
 }
 
 /// The plaintext length of a sealed field (what a copy of the data
-/// directory shows anyway: sizes are not secret, SPEC §1 T1).
+/// directory shows anyway: sizes are not secret: docs/threat-model.md, T1).
 pub fn field_plaintext_len(sealed: &[u8]) -> Option<usize> {
     sealed
         .len()

@@ -659,8 +659,8 @@ impl Keyring {
 
     /// Counts `n` encryptions under the tenant's active version and returns
     /// that version for the caller to encrypt with. If they would take the
-    /// version past `keys.rotate_after_encryptions` (the nonce bound of SPEC
-    /// §2), the tenant key rotates first and the count goes to the new
+    /// version past `keys.rotate_after_encryptions` (the nonce bound of
+    /// AES-GCM with random nonces), the tenant key rotates first and the count goes to the new
     /// version; the second value then names it. Reservations are applied to
     /// the store before the encryptions happen, so the caller's commit makes
     /// them durable with the ciphertexts; near the bound they are exact, so

@@ -2,7 +2,8 @@
 //!
 //! Every field is sealed on its own under per-tenant keys, every password is
 //! an Argon2id hash, and no role but `clinician` and `service` reads a
-//! record. The contract is `SPEC.md`; `README.md` says how to run it.
+//! record. `README.md` says how to run it; `docs/` holds the threat model,
+//! the API and status codes, and how to operate it.
 //!
 //! # Layout
 //!

@@ -1,5 +1,5 @@
 //! Parsed input: names, ids, purposes and records that already satisfy the
-//! limits of SPEC §9, so the core never sees unchecked strings. A failed
+//! limits of input (docs/api.md), so the core never sees unchecked strings. A failed
 //! parse says which rule was broken, never the rejected value.
 
 use std::collections::BTreeMap;

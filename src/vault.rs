@@ -312,7 +312,7 @@ impl Vault {
         })
     }
 
-    /// Reads one record for `caller` under its read budget (SPEC §5): a
+    /// Reads one record for `caller` under its read budget: a
     /// honeytoken locks the caller, a spent budget refuses, and only then is
     /// anything decrypted. A missing id spends budget like a present one.
     pub async fn read_record(
@@ -547,7 +547,7 @@ impl Vault {
         Ok(records)
     }
 
-    /// Records an automatic rotation (SPEC §2's nonce bound) in the trail.
+    /// Records an automatic rotation (the nonce bound of AES-GCM) in the trail.
     pub async fn key_rotated(&self, tenant: &Tenant, to: Option<u32>) -> Result<(), Error> {
         let Some(version) = to else { return Ok(()) };
         self.audit

@@ -1,4 +1,4 @@
-//! Read budgets (SPEC §5) against the real server: a stolen account that
+//! Read budgets against the real server: a stolen account that
 //! starts copying a tenant is slowed, stopped, locked and reported, while
 //! honest users keep working; honeytokens lock their reader; budgets survive
 //! a restart and hold under concurrency.

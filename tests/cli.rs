@@ -161,7 +161,23 @@ async fn readme_walkthrough() {
         ],
         &clin_pw,
     ));
-    assert!(e.contains("locked"), "{e}");
+    assert!(e.contains("locked") && e.contains("administrator"), "{e}");
+    ok(&run(&["login"], &admin_pw));
+    let listed = ok(&run(
+        &["principal", "list", "--tenant", "clinique-nord"],
+        "",
+    ));
+    let line = listed.lines().find(|l| l.contains("dr.martin")).unwrap();
+    assert!(
+        line.contains("clinician") && line.contains("yes"),
+        "{listed}"
+    );
+    // A second server on the same data directory: one plain line.
+    let second = spawn_server(&cfg, &[]).err().expect("refused");
+    assert!(
+        second.contains("another coffre process is using"),
+        "{second}"
+    );
     ok(&run(
         &[
             "principal",
