@@ -178,17 +178,23 @@ async fn readme_walkthrough() {
         second.contains("another coffre process is using"),
         "{second}"
     );
-    ok(&run(
+    // After a guessing storm: every locked principal of the tenant at once.
+    let unlocked = ok(&run(
         &[
             "principal",
             "unlock",
             "--tenant",
             "clinique-nord",
-            "--username",
-            "dr.martin",
+            "--all-locked",
         ],
         "",
     ));
+    assert!(unlocked.contains("dr.martin"), "{unlocked}");
+    let listed = ok(&run(
+        &["principal", "list", "--tenant", "clinique-nord"],
+        "",
+    ));
+    assert!(!listed.contains("yes"), "{listed}");
 
     // A honeytoken planted by the admin locks the clinician who reads it.
     let planted = ok(&run(

@@ -77,7 +77,12 @@ async fn parallel_logins(s: &TestServer, n: usize, password: &str) -> Vec<Code> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_guesses_lock_the_account_like_sequential_ones() {
-    let s = TestServer::start().await;
+    // The production Argon2id cost: a cheap hash leaves the race (read the
+    // failure count, hash, write it back) too short a window to show.
+    let root = tempfile::tempdir().unwrap();
+    let mut config = test_config(root.path());
+    config.argon2 = Default::default();
+    let s = TestServer::start_with(root, config).await;
     s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     for round in 0..2 {
         let codes = parallel_logins(&s, 30, "wrong password guess").await;
