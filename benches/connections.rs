@@ -14,11 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::pb::{self, admin_client::AdminClient, auth_client::AuthClient};
-use tokio::io::AsyncWriteExt;
-use tonic::{Request, transport::Channel};
+mod support;
 
-const ADMIN: &str = "violet anchor 8812 meadow crane";
+use coffre::pb::{self, admin_client::AdminClient, auth_client::AuthClient};
+use support::{PW as ADMIN, ROOMY_LIMITS, authed, connect as chan};
+use tokio::io::AsyncWriteExt;
+
 const CLIN: &str = "harbor lantern 5521 cobalt fern";
 
 struct Server {
@@ -36,10 +37,7 @@ impl Drop for Server {
 fn start(bin: &str, root: &Path, connections: bool) -> Option<Server> {
     let mut text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n\
-         [limits.clinician]\nreads_per_second = 1000000.0\nread_burst = 1000000\n\
-         distinct_records_per_hour = 1000000\ndistinct_records_per_day = 1000000\n\
-         finds_per_minute = 1000000\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n{ROOMY_LIMITS}",
         root.join("data"),
         root.join("master.key"),
     );
@@ -80,21 +78,6 @@ fn rss_mib(pid: u32) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|k| k.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn authed<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
-
-async fn chan(addr: &str) -> Channel {
-    Channel::from_shared(addr.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 async fn login(addr: &str, t: &str, u: &str, pw: &str) -> String {
@@ -378,11 +361,10 @@ fn main() {
     let bin = std::env::var("COFFRE_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/coffre").to_string()
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // `cargo test --benches` runs this without `--bench`: measure nothing.
+    let Some(rt) = support::runtime_if_measuring() else {
+        return;
+    };
     rt.block_on(async {
         let root = tempfile::tempdir().unwrap();
         // An older release refuses the [connections] table.

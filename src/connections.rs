@@ -7,12 +7,10 @@
 //! `connections.idle_secs`. Keepalive pings (which a live client answers)
 //! do not count as calls, so an idle connection closes however healthy.
 //!
-//! [`FrontLayer`] sits before tonic's router. It counts the calls in
-//! progress on each connection (until the last byte of the response body),
-//! and reads each Coffre request whole, within the message limit, and checks
-//! that it decodes: a request that does not is answered INVALID_ARGUMENT
-//! and audited by the gate after authentication and authorization, instead
-//! of tonic's unaudited INTERNAL or OUT_OF_RANGE.
+//! The gate's front layer (`service::FrontLayer`) counts the calls in
+//! progress on each connection with [`ConnState::begin`], holds the count
+//! until the response is sent ([`hold_until_sent`]), and learns through
+//! [`Reached`] whether a call got past tonic's decoding to its handler.
 
 use std::{
     future::Future,
@@ -28,7 +26,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -36,7 +33,7 @@ use tokio::{
 };
 use tonic::{body::Body, transport::server::Connected};
 
-use crate::{config::ConnectionsConfig, server::MAX_MESSAGE_BYTES, service::Gate};
+use crate::config::ConnectionsConfig;
 
 /// What a connection is doing, shared by its IO and its requests.
 #[derive(Debug)]
@@ -226,154 +223,30 @@ impl AsyncWrite for TrackedConn {
     }
 }
 
-/// The layer in front of the router (see the module header).
-#[derive(Clone)]
-pub struct FrontLayer {
-    gate: Gate,
-}
+/// Put in a Coffre request's extensions by the front layer, marked by the
+/// handler's envelope: a call answered with an error while unmarked never
+/// reached its handler, so tonic refused it while decoding.
+#[derive(Debug, Clone, Default)]
+pub struct Reached(Arc<AtomicBool>);
 
-impl FrontLayer {
-    pub fn new(gate: Gate) -> Self {
-        Self { gate }
+impl Reached {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
-impl<S> tower::Layer<S> for FrontLayer {
-    type Service = Front<S>;
-    fn layer(&self, inner: S) -> Front<S> {
-        Front {
-            inner,
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Front<S> {
-    inner: S,
-    gate: Gate,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// Why a request was not decoded; no byte of it is kept.
-fn undecodable(why: &'static str) -> tonic::Status {
-    tonic::Status::invalid_argument(format!("malformed request: {why}"))
-}
-
-/// The one gRPC message of a unary request body, if it is one, within the
-/// size limit, uncompressed, and decodes as the method's request type.
-fn single_message(body: &[u8], decodes: fn(&[u8]) -> bool) -> Result<(), &'static str> {
-    let Some((head, msg)) = body.split_at_checked(5) else {
-        return Err("no message");
-    };
-    if head[0] != 0 {
-        return Err("compressed messages are not accepted");
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_MESSAGE_BYTES {
-        return Err("message too large");
-    }
-    if len != msg.len() {
-        return Err("not exactly one message");
-    }
-    if !decodes(msg) {
-        return Err("not a valid message of this method");
-    }
-    Ok(())
-}
-
-impl<S> tower::Service<http::Request<Body>> for Front<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // The ready service is the one to call; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let gate = self.gate.clone();
-        Box::pin(async move {
-            let info = conn_info(req.extensions()).cloned();
-            let call = info.as_ref().map(|i| i.state.begin());
-            let route = crate::service::route(req.uri().path());
-            let req = match route {
-                None => req,
-                Some(route) => {
-                    let (parts, body) = req.into_parts();
-                    // A frame header and the largest message, plus one byte
-                    // to tell "too large" from "exactly the limit".
-                    let limit = MAX_MESSAGE_BYTES + 6;
-                    let collected = http_body_util::Limited::new(body, limit)
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes());
-                    let checked = collected
-                        .map_err(|_| "message too large or body unreadable")
-                        .and_then(|bytes| single_message(&bytes, route.decodes).map(|()| bytes));
-                    match checked {
-                        Ok(bytes) => http::Request::from_parts(parts, Body::new(Full(Some(bytes)))),
-                        Err(why) => {
-                            let peer = info.as_ref().and_then(|i| i.remote);
-                            let meta =
-                                tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
-                            let status = gate
-                                .refuse_undecodable(route, &meta, peer, undecodable(why))
-                                .await;
-                            drop(call);
-                            return Ok(status.into_http());
-                        }
-                    }
-                }
-            };
-            let resp = inner.call(req).await?;
-            Ok(match call {
-                Some(call) => resp.map(|b| {
-                    Body::new(Guarded {
-                        inner: b,
-                        _call: call,
-                    })
-                }),
-                None => resp,
-            })
+/// `resp` with `call` counted until its body is sent or dropped.
+pub fn hold_until_sent(resp: http::Response<Body>, call: CallGuard) -> http::Response<Body> {
+    resp.map(|b| {
+        Body::new(Guarded {
+            inner: b,
+            _call: call,
         })
-    }
-}
-
-/// A body of one buffered message.
-struct Full(Option<Bytes>);
-
-impl http_body::Body for Full {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(
-            self.get_mut()
-                .0
-                .take()
-                .map(|b| Ok(http_body::Frame::data(b))),
-        )
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_none()
-    }
+    })
 }
 
 /// A response body that keeps its call counted until it is sent or dropped.
@@ -399,35 +272,5 @@ impl http_body::Body for Guarded {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(msg: &[u8]) -> Vec<u8> {
-        let mut b = vec![0];
-        b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-        b.extend_from_slice(msg);
-        b
-    }
-
-    #[test]
-    fn only_one_plain_decodable_message_passes() {
-        let ok = |_: &[u8]| true;
-        let bad = |_: &[u8]| false;
-        assert!(single_message(&frame(b"abc"), ok).is_ok());
-        assert!(single_message(&frame(b"abc"), bad).is_err());
-        assert!(single_message(b"", ok).is_err());
-        let mut two = frame(b"a");
-        two.extend(frame(b"b"));
-        assert!(single_message(&two, ok).is_err());
-        let mut compressed = frame(b"abc");
-        compressed[0] = 1;
-        assert!(single_message(&compressed, ok).is_err());
-        let mut huge = frame(b"");
-        huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(single_message(&huge, ok).is_err());
     }
 }

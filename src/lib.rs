@@ -26,11 +26,12 @@
 //! - [`audit`]: the HMAC-chained, fail-closed audit trail and its mirror.
 //! - [`vault`]: opens everything, bootstraps an empty data directory, and
 //!   joins records, budgets and honeytokens on the read path.
-//! - [`service`]: the gRPC services, thin; the one error→status mapping.
+//! - [`service`]: the gRPC services, thin; the gate (authorization, audit,
+//!   stream caps, refused-call limits, the front layer that audits requests
+//!   tonic cannot decode); the one error→status mapping.
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
 //! - [`connections`]: what a slow, idle or silent client may hold: idle and
-//!   handshake timeouts per connection, the front layer that decodes each
-//!   request before the gate audits it.
+//!   handshake timeouts per connection, calls counted per connection.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.
 //! - [`report`]: the auditors' period report, computed from audit events.
 //! - [`cli`]: the `coffre` command line (the binary only parses and calls).

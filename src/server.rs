@@ -12,12 +12,12 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     config::Config,
-    connections::{ConnLimits, FrontLayer, TrackedConn},
+    connections::{ConnLimits, TrackedConn},
     pb::{
         admin_server::AdminServer, audit_server::AuditServer, auth_server::AuthServer,
         records_server::RecordsServer,
     },
-    service::{AdminService, AuditService, AuthService, Gate, RecordsService},
+    service::{AdminService, AuditService, AuthService, FrontLayer, Gate, RecordsService},
     vault::Vault,
 };
 

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use crate::{
     accounts::Caller,
     audit::Note,
+    connections::{Reached, conn_info, hold_until_sent},
     error::Error,
     model::{
         Fields, MAX_BULK_IDS, Password, Purpose, RecordId, Role, TenantName, Username,
@@ -64,49 +65,47 @@ pub enum Need {
 }
 
 /// A Coffre RPC as the front layer sees it before decoding: its audit
-/// action, who it admits, and whether a body decodes as its request.
+/// action and who it admits.
 #[derive(Clone, Copy)]
 pub struct Route {
     pub action: &'static str,
     pub need: Need,
-    pub decodes: fn(&[u8]) -> bool,
 }
 
 macro_rules! routes {
-    ($($action:literal => $need:ident, $req:ty;)*) => {
+    ($($action:literal => $need:ident;)*) => {
         const ROUTES: &[Route] = &[$(Route {
             action: concat!("coffre.v1.", $action),
             need: Need::$need,
-            decodes: |b| <$req as prost::Message>::decode(b).is_ok(),
         }),*];
     };
 }
 
 routes! {
-    "Auth/Login" => Nobody, pb::LoginRequest;
-    "Auth/Logout" => Anyone, pb::LogoutRequest;
-    "Auth/ChangePassword" => Anyone, pb::ChangePasswordRequest;
-    "Records/PutRecord" => RecordReader, pb::PutRecordRequest;
-    "Records/GetRecord" => RecordReader, pb::GetRecordRequest;
-    "Records/DeleteRecord" => RecordReader, pb::DeleteRecordRequest;
-    "Records/FindRecords" => RecordReader, pb::FindRecordsRequest;
-    "Records/BulkRead" => RecordReader, pb::BulkReadRequest;
-    "Records/SetSecret" => RecordReader, pb::SetSecretRequest;
-    "Records/VerifySecret" => RecordReader, pb::VerifySecretRequest;
-    "Admin/CreateTenant" => Admin, pb::CreateTenantRequest;
-    "Admin/CreatePrincipal" => Admin, pb::CreatePrincipalRequest;
-    "Admin/SetPrincipalLocked" => Admin, pb::SetPrincipalLockedRequest;
-    "Admin/CreateHoneytoken" => Admin, pb::CreateHoneytokenRequest;
-    "Admin/RotateTenantKey" => Admin, pb::RotateTenantKeyRequest;
-    "Admin/RewrapTenant" => Admin, pb::RewrapTenantRequest;
-    "Admin/KeyStatus" => Admin, pb::KeyStatusRequest;
-    "Admin/RetireKeyVersion" => Admin, pb::RetireKeyVersionRequest;
-    "Admin/ShredTenant" => Admin, pb::ShredTenantRequest;
-    "Admin/RotateIndexKey" => Admin, pb::RotateIndexKeyRequest;
-    "Admin/ListPrincipals" => AdminOrAuditor, pb::ListPrincipalsRequest;
-    "Audit/QueryAudit" => Auditor, pb::QueryAuditRequest;
-    "Audit/VerifyAudit" => Auditor, pb::VerifyAuditRequest;
-    "Audit/ListAlerts" => Auditor, pb::ListAlertsRequest;
+    "Auth/Login" => Nobody;
+    "Auth/Logout" => Anyone;
+    "Auth/ChangePassword" => Anyone;
+    "Records/PutRecord" => RecordReader;
+    "Records/GetRecord" => RecordReader;
+    "Records/DeleteRecord" => RecordReader;
+    "Records/FindRecords" => RecordReader;
+    "Records/BulkRead" => RecordReader;
+    "Records/SetSecret" => RecordReader;
+    "Records/VerifySecret" => RecordReader;
+    "Admin/CreateTenant" => Admin;
+    "Admin/CreatePrincipal" => Admin;
+    "Admin/SetPrincipalLocked" => Admin;
+    "Admin/CreateHoneytoken" => Admin;
+    "Admin/RotateTenantKey" => Admin;
+    "Admin/RewrapTenant" => Admin;
+    "Admin/KeyStatus" => Admin;
+    "Admin/RetireKeyVersion" => Admin;
+    "Admin/ShredTenant" => Admin;
+    "Admin/RotateIndexKey" => Admin;
+    "Admin/ListPrincipals" => AdminOrAuditor;
+    "Audit/QueryAudit" => Auditor;
+    "Audit/VerifyAudit" => Auditor;
+    "Audit/ListAlerts" => Auditor;
 }
 
 /// The route of a request path (`/coffre.v1.Records/GetRecord`).
@@ -124,8 +123,114 @@ fn route_of(action: &str) -> Route {
         .unwrap_or(Route {
             action: "unknown",
             need: Need::Admin,
-            decodes: |_| false,
         })
+}
+
+/// The gate's layer before tonic's router. It counts each call on its
+/// connection until the response is sent, and makes sure that a Coffre
+/// request tonic refuses while decoding it (bad protobuf, invalid UTF-8,
+/// over the size limit, compressed, missing) is audited and answered
+/// INVALID_ARGUMENT like any other malformed request, after authentication
+/// and authorization — instead of tonic's unaudited INTERNAL or
+/// OUT_OF_RANGE. Requests are decoded once, by tonic.
+#[derive(Clone)]
+pub struct FrontLayer {
+    gate: Gate,
+}
+
+impl FrontLayer {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
+
+impl<S> tower::Layer<S> for FrontLayer {
+    type Service = Front<S>;
+    fn layer(&self, inner: S) -> Front<S> {
+        Front {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Front<S> {
+    inner: S,
+    gate: Gate,
+}
+
+/// The status of a trailers-only response (an error before any message).
+fn early_status(resp: &http::Response<tonic::body::Body>) -> Option<tonic::Code> {
+    let code = resp
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(code))
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Front<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        // The ready service is the one to call; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            let info = conn_info(req.extensions()).cloned();
+            let call = info.as_ref().map(|i| i.state.begin());
+            let route = route(req.uri().path());
+            let reached = Reached::default();
+            // What the gate needs if tonic refuses the request: its token.
+            let auth = route.and_then(|_| req.headers().get("authorization").cloned());
+            if route.is_some() {
+                req.extensions_mut().insert(reached.clone());
+            }
+            let mut resp = inner.call(req).await?;
+            if let Some(route) = route
+                && !reached.get()
+                && let Some(code) = early_status(&resp)
+                // A timeout is not the request's fault.
+                && !matches!(code, tonic::Code::Ok | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+            {
+                let mut meta = MetadataMap::new();
+                if let Some(v) = auth.and_then(|v| v.to_str().ok()?.parse().ok()) {
+                    meta.insert("authorization", v);
+                }
+                let peer = info.as_ref().and_then(|i| i.remote);
+                let status = gate.refuse_undecodable(route, &meta, peer, code).await;
+                resp = status.into_http();
+            }
+            Ok(match call {
+                Some(call) => hold_until_sent(resp, call),
+                None => resp,
+            })
+        })
+    }
 }
 
 /// Shared by the services: the vault, plus the per-RPC envelope.
@@ -198,8 +303,10 @@ struct Summary {
 const MAX_PEERS_TRACKED: usize = 100_000;
 
 impl RefusedCalls {
-    /// Whether `peer` still has allowance for one more refused call.
-    fn allowed(&self, peer: IpAddr) -> bool {
+    /// Applies `f` to `peer`'s allowance of refused calls, refilled to now,
+    /// under the one lock: a check and its spend cannot be split by a
+    /// parallel call.
+    fn with_allowance<R>(&self, peer: IpAddr, f: impl FnOnce(&mut f64) -> R) -> R {
         let mut m = self.buckets.lock();
         let now = Instant::now();
         if m.len() >= MAX_PEERS_TRACKED && !m.contains_key(&peer) {
@@ -211,14 +318,29 @@ impl RefusedCalls {
         *tokens =
             (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
         *at = now;
-        *tokens >= 1.0
+        f(tokens)
     }
 
-    /// Spends one refused call of `peer`'s allowance.
+    /// Whether `peer` may make one more refused call.
+    fn allowed(&self, peer: IpAddr) -> bool {
+        self.with_allowance(peer, |t| *t >= 1.0)
+    }
+
+    /// Takes one refused call of the allowance if there is one.
+    fn take(&self, peer: IpAddr) -> bool {
+        self.with_allowance(peer, |t| {
+            let has = *t >= 1.0;
+            if has {
+                *t -= 1.0;
+            }
+            has
+        })
+    }
+
+    /// Takes one refused call even past the allowance (a failed login,
+    /// known to be refused only after its Argon2id work).
     fn spend(&self, peer: IpAddr) {
-        if let Some((tokens, _)) = self.buckets.lock().get_mut(&peer) {
-            *tokens -= 1.0;
-        }
+        self.with_allowance(peer, |t| *t -= 1.0)
     }
 
     fn summarize(&self, peer: IpAddr, action: &str, outcome: &str) {
@@ -229,7 +351,7 @@ impl RefusedCalls {
         *s.outcomes.entry(outcome.to_string()).or_default() += 1;
     }
 
-    fn take(&self) -> HashMap<IpAddr, Summary> {
+    fn take_summaries(&self) -> HashMap<IpAddr, Summary> {
         std::mem::take(&mut *self.summaries.lock())
     }
 }
@@ -325,8 +447,7 @@ impl Gate {
         let Some(ip) = peer.map(|p| p.ip()) else {
             return false;
         };
-        if self.refused.allowed(ip) {
-            self.refused.spend(ip);
+        if self.refused.take(ip) {
             return false;
         }
         self.refused.summarize(ip, action, outcome);
@@ -337,7 +458,7 @@ impl Gate {
     /// since the last summary: how many, of which actions, with which
     /// outcomes. Called every `connections.refused_summary_secs`.
     pub async fn flush_refusal_summaries(&self) -> Result<usize, Error> {
-        let summaries = self.refused.take();
+        let summaries = self.refused.take_summaries();
         let n = summaries.len();
         for (ip, s) in summaries {
             let list = |m: &BTreeMap<String, u64>| {
@@ -364,22 +485,28 @@ impl Gate {
         Ok(n)
     }
 
-    /// Answers a request that did not decode: authenticated and authorized
-    /// first, then audited with the first failure as its outcome.
-    pub async fn refuse_undecodable(
+    /// Answers a request that tonic could not decode (`code` is what tonic
+    /// said): authenticated and authorized first, then audited with the
+    /// first failure as its outcome.
+    async fn refuse_undecodable(
         &self,
         route: Route,
         meta: &MetadataMap,
         peer: Option<SocketAddr>,
-        status: Status,
+        code: tonic::Code,
     ) -> Status {
-        let message = status.message().to_string();
+        let why = match code {
+            tonic::Code::OutOfRange => "message too large",
+            _ => "not one valid, uncompressed message of this method",
+        };
         let result: Result<Response<()>, Status> = self
             .run(route.action, meta, peer, async move |_c, _n| {
-                Err(Error::InvalidArgument(message))
+                Err(Error::InvalidArgument(format!("malformed request: {why}")))
             })
             .await;
-        result.err().unwrap_or(status)
+        result
+            .err()
+            .unwrap_or_else(|| Status::invalid_argument("malformed request"))
     }
 
     /// Runs one RPC: authorize, call `f`, then record the audit event
@@ -456,12 +583,17 @@ impl Gate {
             outcome = %event.outcome,
             "rpc"
         );
-        let what = StreamOf {
-            action,
-            tenant: event.tenant.clone(),
-            principal: event.principal.clone(),
-            role: event.role.clone(),
-            peer: event.peer.clone(),
+        // Only a stream needs to name its caller again (if it is dropped).
+        let what = if T::STREAM {
+            StreamOf {
+                action,
+                tenant: event.tenant.clone(),
+                principal: event.principal.clone(),
+                role: event.role.clone(),
+                peer: event.peer.clone(),
+            }
+        } else {
+            StreamOf::default()
         };
         if let Err(e) = self.vault.audit.record(event).await {
             tracing::error!(action, error = %e, "audit event not stored: failing the call");
@@ -527,6 +659,8 @@ impl Gate {
 /// gives it back at once, a stream keeps it to its end (and is guarded
 /// against a stalled reader).
 trait Reply: Sized {
+    /// A streamed response (it keeps the permit and names its caller).
+    const STREAM: bool = false;
     fn hold(self, gate: &Gate, permit: Option<StreamPermit>, what: StreamOf) -> Self;
 }
 
@@ -564,6 +698,7 @@ unary_replies!(
 );
 
 impl<X: Send + 'static> Reply for BoxStream<X> {
+    const STREAM: bool = true;
     fn hold(self, gate: &Gate, permit: Option<StreamPermit>, what: StreamOf) -> Self {
         gate.guard_stream(self, what, permit)
     }
@@ -724,10 +859,13 @@ fn to_pb(r: PlainRecord) -> pb::Record {
 
 macro_rules! envelope {
     ($self:ident, $req:ident, $action:literal, $body:expr) => {{
-        let peer = crate::connections::conn_info($req.extensions())
+        let peer = conn_info($req.extensions())
             .and_then(|i| i.remote)
             .or_else(|| $req.remote_addr());
-        let (meta, _, msg) = $req.into_parts();
+        let (meta, ext, msg) = $req.into_parts();
+        if let Some(r) = ext.get::<Reached>() {
+            r.mark();
+        }
         $self
             .gate
             .run(

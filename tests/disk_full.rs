@@ -86,34 +86,40 @@ fn big_put(i: usize) -> Request<pb::PutRecordRequest> {
     r
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_closed_promptly_and_recovers_without_restart() {
+/// A server whose data directory is a 6 MiB tmpfs (`None` where no tmpfs
+/// can be mounted), with `min_free_mib`; then 60 KiB puts by a clinician
+/// until one fails: which, with what code, after how long.
+async fn full_disk(
+    min_free_mib: u64,
+) -> Option<(Tmpfs, TestServer, Channel, (usize, Code, Duration))> {
     let root = tempfile::tempdir().unwrap();
-    let data = root.path().join("data");
-    let Some(fs) = Tmpfs::mount(&data, "6m") else {
-        println!(
-            "skipped: cannot mount a tmpfs here (not root?); the faulty-backend test covers the logic"
-        );
-        return;
-    };
+    let fs = Tmpfs::mount(&root.path().join("data"), "6m")?;
     let mut config = test_config(root.path());
-    config.storage.min_free_mib = 2;
+    config.storage.min_free_mib = min_free_mib;
     let s = TestServer::start_with(root, config).await;
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let ch = s.channel().await;
     let mut r = pb::records_client::RecordsClient::new(ch.clone());
-    let mut failure = None;
     for i in 0..400 {
         let mut req = big_put(i);
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         let t = Instant::now();
         if let Err(e) = r.put_record(req).await {
-            failure = Some((i, e.code(), t.elapsed()));
-            break;
+            return Some((fs, s, ch, (i, e.code(), t.elapsed())));
         }
     }
-    let (n, code, took) = failure.expect("the disk fills up");
+    panic!("the disk never filled up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_closed_promptly_and_recovers_without_restart() {
+    let Some((fs, s, ch, (n, code, took))) = full_disk(2).await else {
+        println!(
+            "skipped: cannot mount a tmpfs here (not root?); the faulty-backend test covers the logic"
+        );
+        return;
+    };
     println!("write {n} failed with {code:?} after {took:?}");
     assert_eq!(code, Code::Unavailable, "fails closed, not a hang");
     let down = wait_health(&ch, ServingStatus::NotServing, Duration::from_secs(10)).await;
@@ -162,32 +168,10 @@ async fn failing_storage_says_not_serving_and_heals_by_itself() {
 /// rather than hanging to the client's deadline, and health says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_margin_a_write_still_answers_promptly() {
-    let root = tempfile::tempdir().unwrap();
-    let data = root.path().join("data");
-    let Some(_fs) = Tmpfs::mount(&data, "6m") else {
+    let Some((_fs, _s, ch, (_, code, _))) = full_disk(0).await else {
         println!("skipped: cannot mount a tmpfs here (not root?)");
         return;
     };
-    let mut config = test_config(root.path());
-    config.storage.min_free_mib = 0;
-    let s = TestServer::start_with(root, config).await;
-    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
-    let ch = s.channel().await;
-    let mut r = pb::records_client::RecordsClient::new(ch.clone());
-    let mut failure = None;
-    for i in 0..400 {
-        let mut req = big_put(i);
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        if let Err(e) = r.put_record(req).await {
-            failure = Some(e.code());
-            break;
-        }
-    }
-    assert_eq!(
-        failure,
-        Some(Code::Unavailable),
-        "not the client's deadline"
-    );
+    assert_eq!(code, Code::Unavailable, "not the client's deadline");
     wait_health(&ch, ServingStatus::NotServing, Duration::from_secs(10)).await;
 }

@@ -622,16 +622,28 @@ async fn concurrent_calls_per_principal_are_capped_without_locking() {
     let s = TestServer::start_with(root, config).await;
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let ids = seed_big(&s, &token, 64).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut r = pb::records_client::RecordsClient::new(narrow_channel(&s).await);
-        held.push(
-            r.bulk_read(authed(&token, bulk(&ids)))
+    // Eight streams asked for at once: exactly the cap get through.
+    let chans = futures::future::join_all((0..8).map(|_| narrow_channel(&s))).await;
+    let tries = chans.into_iter().map(|ch| {
+        let (token, ids) = (token.clone(), ids.clone());
+        tokio::spawn(async move {
+            pb::records_client::RecordsClient::new(ch)
+                .bulk_read(authed(&token, bulk(&ids)))
                 .await
-                .unwrap()
-                .into_inner(),
-        );
+        })
+    });
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for t in futures::future::join_all(tries).await {
+        match t.unwrap() {
+            Ok(st) => held.push(st.into_inner()),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                refused += 1;
+            }
+        }
     }
+    assert_eq!((held.len(), refused), (2, 6));
     let mut r = s.records().await;
     for _ in 0..10 {
         let e = r
