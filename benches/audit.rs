@@ -81,7 +81,14 @@ async fn record_only(durable: bool) -> f64 {
     };
     let store = coffre::storage::Storage::new(backend);
     let audit = Arc::new(
-        coffre::audit::Audit::open(store, coffre::crypto::SecretKey::random(), None, None).unwrap(),
+        coffre::audit::Audit::open(
+            store,
+            coffre::crypto::SecretKey::random(),
+            dir.path(),
+            None,
+            None,
+        )
+        .unwrap(),
     );
     let start = Instant::now();
     let mut tasks = Vec::new();

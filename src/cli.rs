@@ -285,6 +285,10 @@ struct AuditFilter {
     limit: u32,
     #[arg(long)]
     newest_first: bool,
+    /// Only events with a smaller seq: the next page after the last seq
+    /// shown (with `--newest-first`).
+    #[arg(long, default_value_t = 0)]
+    before_seq: u64,
 }
 
 #[derive(Subcommand)]
@@ -1021,6 +1025,7 @@ async fn rotate_master(g: &Global, config: Option<&Path>, new_key: &Path) -> Res
     let audit = crate::audit::Audit::open(
         held.clone(),
         audit_key,
+        &config.data_dir,
         config.audit.mirror_file.as_deref(),
         config.alert_file.as_deref(),
     )
@@ -1385,6 +1390,7 @@ async fn fetch_events(g: &Global, f: &AuditFilter) -> Result<Vec<pb::AuditEvent>
         until_unix_ms: parse_when(&f.until)?,
         limit: f.limit,
         newest_first: f.newest_first,
+        before_seq: f.before_seq,
     };
     let mut st = c
         .query_audit(authed(g, req)?)

@@ -111,6 +111,10 @@ async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthRe
                 Ok(()) => tracing::error!("a storage write failed: NOT_SERVING until one succeeds"),
             }
             set_health(&health, false).await;
+            // Probe from the next tick: a write that fails for want of
+            // space may leave room for a small probe at once, and a probe
+            // that succeeded in the same instant would hide the failure.
+            continue;
         }
         if healthy {
             continue;
@@ -118,13 +122,31 @@ async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthRe
         if space.is_err() {
             continue;
         }
-        let probe = vault.audit.alert(
-            crate::audit::Severity::Warning,
-            "storage_writable",
-            "",
-            "",
-            "storage writable again after a failure: serving".into(),
-        );
+        // Both stores must take a write: the key-value store and the
+        // trail's files can fail apart.
+        let probe = async {
+            let mut b = crate::storage::Batch::new();
+            b.put(
+                crate::storage::Space::Meta,
+                b"health_probe".to_vec(),
+                crate::accounts::now_ms().to_be_bytes().to_vec(),
+            );
+            vault
+                .store
+                .commit(b)
+                .await
+                .map_err(crate::error::Error::from)?;
+            vault
+                .audit
+                .alert(
+                    crate::audit::Severity::Warning,
+                    "storage_writable",
+                    "",
+                    "",
+                    "storage writable again after a failure: serving".into(),
+                )
+                .await
+        };
         if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), probe).await {
             healthy = true;
             failed_probes = 0;

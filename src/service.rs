@@ -558,6 +558,10 @@ impl Gate {
         };
         let outcome = outcome_of(&result);
         note.bound();
+        if let Err(Error::Unavailable(_)) = &result {
+            // Whatever path failed to write, health hears of it.
+            self.vault.store.note_failure();
+        }
         if let (Need::Nobody, Err(e)) = (need, &result)
             && is_refusal(e)
             && let Some(ip) = peer.map(|p| p.ip())
@@ -967,6 +971,23 @@ impl RecordsService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A stream fed by `produce` on a blocking thread through a small channel:
+/// the producer waits while the client is slow, so memory stays constant
+/// whatever the answer's length, and stops once the client is gone. An
+/// error ends the stream as its last item.
+fn stream_blocking<T: Send + 'static>(
+    produce: impl FnOnce(&mut dyn FnMut(T) -> bool) -> Result<(), Error> + Send + 'static,
+) -> BoxStream<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::task::spawn_blocking(move || {
+        let mut emit = |item: T| tx.blocking_send(Ok(item)).is_ok();
+        if let Err(e) = produce(&mut emit) {
+            let _ = tx.blocking_send(Err(to_status(e)));
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl records_server::Records for RecordsService {
@@ -1569,10 +1590,10 @@ impl audit_server::Audit for AuditService {
                     until_unix_ms: m.until_unix_ms,
                     limit: m.limit as usize,
                     newest_first: m.newest_first,
+                    before_seq: m.before_seq,
+                    alerts_only: false,
                 };
-                let events = v.audit.query(&q)?;
-                Ok(Box::pin(tokio_stream::iter(events.into_iter().map(Ok)))
-                    as Self::QueryAuditStream)
+                Ok(stream_blocking(move |emit| v.audit.query_each(&q, emit)))
             }
         )
     }
@@ -1595,7 +1616,9 @@ impl audit_server::Audit for AuditService {
                     })?;
                     Some((m.checkpoint_seq, hash))
                 };
-                let r = v.audit.verify(checkpoint)?;
+                let r = tokio::task::spawn_blocking(move || v.audit.verify(checkpoint))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
                 Ok(pb::VerifyAuditResponse {
                     ok: r.ok,
                     checked: r.checked,
@@ -1622,9 +1645,9 @@ impl audit_server::Audit for AuditService {
             async |c: Option<Caller>, m: pb::ListAlertsRequest, _n: &mut Note| {
                 let caller = must(c)?;
                 let scope = (!caller.tenant.is_system()).then(|| caller.tenant.to_string());
-                let alerts = v.audit.alerts(m.since_unix_ms, scope.as_deref())?;
-                Ok(Box::pin(tokio_stream::iter(alerts.into_iter().map(Ok)))
-                    as Self::ListAlertsStream)
+                Ok(stream_blocking(move |emit| {
+                    v.audit.alerts_each(m.since_unix_ms, scope.as_deref(), emit)
+                }))
             }
         )
     }

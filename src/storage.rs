@@ -48,6 +48,9 @@ pub enum Space {
     Audit = 10,
     Budgets = 11,
     Honeytokens = 12,
+    /// Each record's latest write, kept when pruning drops it from the
+    /// trail (the trail itself lives in its own files since format 2).
+    TrailRetained = 13,
 }
 
 /// A stored key (within its space) and value.
@@ -104,6 +107,11 @@ pub trait Backend: Send + Sync + 'static {
     fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
     /// Makes every applied batch durable.
     fn flush(&self) -> Result<(), StorageError>;
+    /// Asked before a write to state kept outside the backend (the audit
+    /// trail's files): fault injection answers here.
+    fn admit(&self, _space: Space) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// sled settings that operators tune.
@@ -295,6 +303,12 @@ impl Backend for FaultyBackend {
     fn flush(&self) -> Result<(), StorageError> {
         self.inner.flush()
     }
+    fn admit(&self, space: Space) -> Result<(), StorageError> {
+        if self.failing.lock().contains(&space) {
+            return Err(StorageError::Io("injected fault".into()));
+        }
+        self.inner.admit(space)
+    }
 }
 
 /// A small file rewritten whole and atomically (write a temporary file,
@@ -459,6 +473,19 @@ impl Storage {
     /// How many writes or flushes have failed since the start.
     pub fn failures(&self) -> u64 {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a failed write made outside the backend (the trail's files).
+    pub fn note_failure(&self) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a write to `space`, kept outside the backend, may go ahead:
+    /// free space and injected faults.
+    pub fn admit(&self, space: Space) -> Result<(), StorageError> {
+        self.space_ok()?;
+        self.backend.admit(space)
     }
 
     /// Whether writes may go ahead as far as free space goes.

@@ -186,6 +186,7 @@ impl Vault {
         let audit = Audit::open(
             store.clone(),
             audit_key,
+            &config.data_dir,
             config.audit.mirror_file.as_deref(),
             config.alert_file.as_deref(),
         )?;
@@ -275,21 +276,10 @@ impl Vault {
     /// runs on every record.
     pub fn check_against_trail(&self, tenant: &Tenant, id: &RecordId) -> Result<TrailCheck, Error> {
         let stamp = self.records.stamp(tenant, id)?;
-        let events = self.audit.query(&crate::audit::Query {
-            tenant: tenant.name.to_string(),
-            record_id: id.to_string(),
-            outcome: "ok".into(),
-            newest_first: true,
-            ..Default::default()
-        })?;
-        let last = events.iter().find(|e| {
-            e.action == "coffre.v1.Records/PutRecord"
-                || e.action == "coffre.v1.Records/DeleteRecord"
-        });
-        let Some(last) = last else {
+        let Some(last) = self.audit.latest_write(tenant.name.as_str(), id.as_str())? else {
             return Ok(TrailCheck::NoWriteInTrail);
         };
-        if last.action.ends_with("/DeleteRecord") {
+        if last.deleted {
             return Ok(match stamp {
                 None => TrailCheck::Matches,
                 Some(_) => TrailCheck::RolledBack,
@@ -298,13 +288,8 @@ impl Vault {
         let Some((version, write_id)) = stamp else {
             return Ok(TrailCheck::Missing);
         };
-        let noted = |key: &str| {
-            last.fields
-                .iter()
-                .find_map(|f| f.strip_prefix(key).map(str::to_string))
-        };
-        let version_ok = noted("version=").is_none_or(|v| v == version.to_string());
-        let write_ok = noted("write=").is_none_or(|w| w == hex::encode(write_id));
+        let version_ok = last.version.is_none_or(|v| v == version.to_string());
+        let write_ok = last.write_id.is_none_or(|w| w == hex::encode(write_id));
         Ok(if version_ok && write_ok {
             TrailCheck::Matches
         } else {

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use coffre::{
     pb::{self, audit_client::AuditClient, auth_client::AuthClient},
-    storage::{Batch, Space},
+    storage::Space,
 };
 use common::*;
-use prost::Message;
 use tonic::Code;
 
 const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
@@ -536,58 +535,31 @@ async fn five_tamper_classes_are_detected_and_located() {
         assert!(v.ok);
         let checkpoint = (v.head_seq, v.head_hash.clone());
         s.stop().await;
-        let target = 5u64;
-        {
-            let store = open_store(&s.data_dir()).await;
-            let key = |seq: u64| seq.to_be_bytes().to_vec();
-            let load = |seq: u64| {
-                pb::AuditEvent::decode(&store.get(Space::Audit, &key(seq)).unwrap().unwrap()[..])
-                    .unwrap()
-            };
-            let mut b = Batch::new();
+        // The frame holding event 5 (sequential calls: one event a frame).
+        let target = frame_of(&s.data_dir(), 5).1;
+        edit_frames(&s.data_dir(), |frames| {
+            let i = frames.iter().position(|f| f.0 == target).unwrap();
             match class {
                 "edit" => {
-                    let mut e = load(target);
-                    e.outcome = "ok".into();
-                    e.principal = "someone/else".into();
-                    b.put(Space::Audit, key(target), e.encode_to_vec());
+                    // A byte of the encrypted event.
+                    let f = &mut frames[i].1;
+                    let n = f.len();
+                    f[n - 20] ^= 1;
                 }
                 "insert" => {
-                    // A forged event slipped in at `target`, the rest shifted.
-                    let head = checkpoint.0;
-                    for seq in (target..=head).rev() {
-                        let mut e = load(seq);
-                        e.seq = seq + 1;
-                        b.put(Space::Audit, key(seq + 1), e.encode_to_vec());
-                    }
-                    let mut forged = load(target);
-                    forged.principal = "clinic/intruder".into();
-                    b.put(Space::Audit, key(target), forged.encode_to_vec());
+                    // An older frame copied in at `target`.
+                    let copy = frames[i - 2].clone();
+                    frames.insert(i, copy);
                 }
-                "delete" => b.delete(Space::Audit, key(target)),
-                "reorder" => {
-                    let (x, y) = (load(target), load(target + 1));
-                    b.put(Space::Audit, key(target), y.encode_to_vec());
-                    b.put(Space::Audit, key(target + 1), x.encode_to_vec());
+                "delete" => {
+                    frames.remove(i);
                 }
-                "truncate" => {
-                    // The tail and the head marker both rewound: only the
-                    // auditor's checkpoint can tell.
-                    for (k, _) in store.scan_prefix(Space::Audit, b"", usize::MAX).unwrap() {
-                        if k.as_slice() >= key(target).as_slice() {
-                            b.delete(Space::Audit, k);
-                        }
-                    }
-                    let prev = load(target - 1);
-                    let mut h = (target - 1).to_be_bytes().to_vec();
-                    h.extend_from_slice(&prev.hash);
-                    b.put(Space::Meta, b"audit_head".to_vec(), h);
-                }
+                "reorder" => frames.swap(i, i + 1),
+                // The tail cut off: only the auditor's checkpoint can tell.
+                "truncate" => frames.truncate(i),
                 _ => unreachable!(),
             }
-            store.apply(b).unwrap();
-            store.flush_blocking().unwrap();
-        }
+        });
         s.restart().await;
         let aud = s
             .login("system", "auditor", AUDITOR_PASSWORD)
@@ -893,6 +865,9 @@ async fn retention_pruning_keeps_the_rest_verifiable() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cutoff = coffre::accounts::now_ms();
+    // Retention drops whole segments: close the one holding "old" at the
+    // cutoff, as a segment filling up or an earlier pruning run would.
+    s.vault.as_ref().unwrap().audit.seal().unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     r.put_record(authed(&clin, put("new", &[("nir", "2")])))
         .await
@@ -914,13 +889,10 @@ async fn retention_pruning_keeps_the_rest_verifiable() {
     // Deleting the first kept event is still caught.
     let first = kept[0].seq;
     s.stop().await;
-    {
-        let store = open_store(&s.data_dir()).await;
-        let mut b = Batch::new();
-        b.delete(Space::Audit, first.to_be_bytes().to_vec());
-        store.apply(b).unwrap();
-        store.flush_blocking().unwrap();
-    }
+    edit_frames(&s.data_dir(), |frames| {
+        assert_eq!(frames[0].0, first);
+        frames.remove(0);
+    });
     s.restart().await;
     let aud = s
         .login("system", "auditor", AUDITOR_PASSWORD)

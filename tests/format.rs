@@ -67,6 +67,24 @@ async fn a_format_1_data_directory_is_migrated_in_place() {
 
     let (vault, migrated) = open(&config).await.unwrap();
     assert_eq!(migrated, 4, "three records and a honeytoken");
+    // The trail moved out of the key-value store into its own encrypted
+    // log (format 2), indexed: the old record writes are found by id.
+    // (The refused start above moved it already: the trail opens first.)
+    assert!(coffre::audit::trail_dir(&config.data_dir).is_dir());
+    assert!(vault.store.last(Space::Audit).unwrap().is_none());
+    let writes = vault
+        .audit
+        .query(&coffre::audit::Query {
+            record_id: "p-001".into(),
+            action: "PutRecord".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        writes.len(),
+        2,
+        "p-001 was written twice by the old release"
+    );
     drop(vault);
     let (vault, migrated) = open(&config).await.unwrap();
     assert_eq!(migrated, 0, "done once");

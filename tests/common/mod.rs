@@ -499,3 +499,38 @@ pub async fn bin_setup(addr: &str, principals: &[(&str, &str, &str, pb::Role)]) 
         .unwrap();
     }
 }
+
+/// The trail's frame holding `seq`: `(segment, first seq, count)`.
+pub fn frame_of(data_dir: &Path, seq: u64) -> (std::path::PathBuf, u64, u32) {
+    let map = coffre::audit::log::frame_map(&coffre::audit::trail_dir(data_dir)).unwrap();
+    let f = map
+        .into_iter()
+        .find(|f| (f.first_seq..f.first_seq + f.count as u64).contains(&seq))
+        .expect("a frame holds the seq");
+    (f.segment, f.first_seq, f.count)
+}
+
+/// Rewrites the last segment of a stopped server's trail as `edit` leaves
+/// its frames (`(first seq, bytes)`, in file order): how the tamper tests
+/// act as someone with write access to the data directory.
+pub fn edit_frames(data_dir: &Path, edit: impl FnOnce(&mut Vec<(u64, Vec<u8>)>)) {
+    let dir = coffre::audit::trail_dir(data_dir);
+    let map = coffre::audit::log::frame_map(&dir).unwrap();
+    let seg = map.last().expect("frames").segment.clone();
+    let bytes = std::fs::read(&seg).unwrap();
+    let head = coffre::audit::log::HEADER_LEN as usize;
+    let mut frames: Vec<(u64, Vec<u8>)> = map
+        .iter()
+        .filter(|f| f.segment == seg)
+        .map(|f| {
+            let at = f.offset as usize;
+            (f.first_seq, bytes[at..at + f.len as usize].to_vec())
+        })
+        .collect();
+    edit(&mut frames);
+    let mut out = bytes[..head].to_vec();
+    for (_, f) in frames {
+        out.extend_from_slice(&f);
+    }
+    std::fs::write(&seg, out).unwrap();
+}

@@ -1,0 +1,903 @@
+//! The audit trail: one event per RPC, chained by an HMAC so that an edited,
+//! inserted, deleted or reordered event is found, written durably before
+//! the response leaves (fail-closed), and mirrored as JSON lines.
+//!
+//! `hash_n = HMAC-SHA256(audit_key, hash_{n-1} ‖ canonical(event_n))`, with
+//! `hash_0` all zeroes. Events carry names, ids, purposes and outcomes:
+//! never a field value, password or token.
+
+use std::{fs::File, io::Write, path::Path, sync::Arc, time::Duration};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::oneshot;
+
+use crate::{
+    accounts::now_ms,
+    crypto::{self, Context, SecretKey},
+    error::{Error, Result},
+    pb::{Alert, AuditEvent},
+    storage::{Space, Storage, StorageError},
+};
+
+mod codec;
+pub mod log;
+mod migrate;
+mod retained;
+
+pub use log::TRAIL_FORMAT;
+
+const GENESIS: [u8; 32] = [0; 32];
+
+/// What a handler says about its call, for the event.
+#[derive(Debug, Default, Clone)]
+pub struct Note {
+    /// The tenant acted on, when no caller names it (Login, admin calls).
+    pub tenant: Option<String>,
+    /// The principal attempted, when there is no caller yet (Login).
+    pub principal: Option<String>,
+    pub record_ids: Vec<String>,
+    pub fields: Vec<String>,
+    pub purpose: String,
+}
+
+/// Appended to whatever the trail cut short.
+pub const CUT_MARK: &str = "…[cut]";
+
+/// `s` cut to at most `max` bytes (on a character boundary) and marked.
+fn cut(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(CUT_MARK);
+}
+
+/// A list cut to at most `max` items of at most `item` bytes; the last
+/// item kept says how many were left out.
+fn cut_list(v: &mut Vec<String>, max: usize, item: usize) {
+    if v.len() > max {
+        let left = v.len() - max;
+        v.truncate(max);
+        v.push(format!("{CUT_MARK} {left} more"));
+    }
+    for s in v.iter_mut() {
+        cut(s, item);
+    }
+}
+
+impl Note {
+    /// Bounds what the trail keeps of a request (the input limits: ids of
+    /// 128 bytes, 1000 of them, 256 field names, a purpose of 256 bytes),
+    /// so that a rejected oversize request costs the trail no more than a
+    /// valid one. Anything cut ends with [`CUT_MARK`].
+    pub fn bound(&mut self) {
+        use crate::model::{MAX_BULK_IDS, MAX_FIELDS, MAX_ID_BYTES, MAX_PURPOSE_BYTES};
+        cut(&mut self.purpose, MAX_PURPOSE_BYTES);
+        cut_list(&mut self.record_ids, MAX_BULK_IDS, MAX_ID_BYTES);
+        // Field names are 64 bytes; account calls name `username=<name>`.
+        cut_list(&mut self.fields, MAX_FIELDS, 128);
+        for s in [&mut self.tenant, &mut self.principal]
+            .into_iter()
+            .flatten()
+        {
+            cut(s, 256);
+        }
+    }
+}
+
+/// The result of checking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub ok: bool,
+    pub checked: u64,
+    /// The first sequence number that fails (0 when `ok`).
+    pub first_bad_seq: u64,
+    pub head_seq: u64,
+    pub head_hash: [u8; 32],
+    pub reason: Option<String>,
+}
+
+/// Filters of `QueryAudit`; empty strings and zeroes match everything.
+#[derive(Debug, Default, Clone)]
+pub struct Query {
+    /// Restricts to one tenant (an auditor's own), whatever `tenant` says.
+    pub scope: Option<String>,
+    pub tenant: String,
+    pub principal: String,
+    pub record_id: String,
+    pub action: String,
+    pub outcome: String,
+    pub since_unix_ms: i64,
+    pub until_unix_ms: i64,
+    pub limit: usize,
+    pub newest_first: bool,
+    /// Only events with a smaller seq (0: no bound): paging.
+    pub before_seq: u64,
+    /// Only alerts (`alert/<kind>` events).
+    pub alerts_only: bool,
+}
+
+impl Query {
+    /// Whether `e` passes every filter.
+    pub fn matches(&self, e: &AuditEvent) -> bool {
+        self.scope.as_deref().is_none_or(|s| e.tenant == s)
+            && (self.tenant.is_empty() || e.tenant == self.tenant)
+            && (self.principal.is_empty() || e.principal == self.principal)
+            && (self.record_id.is_empty() || e.record_ids.contains(&self.record_id))
+            && (self.action.is_empty()
+                || e.action == self.action
+                || e.action.ends_with(&format!("/{}", self.action)))
+            && (!self.alerts_only || e.action.starts_with("alert/"))
+            && (self.outcome.is_empty() || e.outcome == self.outcome)
+            && (self.since_unix_ms == 0 || e.time_unix_ms >= self.since_unix_ms)
+            && (self.until_unix_ms == 0 || e.time_unix_ms < self.until_unix_ms)
+            && (self.before_seq == 0 || e.seq < self.before_seq)
+    }
+}
+
+/// How long a caller waits for its event to be durable before the call
+/// fails (UNAVAILABLE): a disk stuck after an I/O error must not hang it.
+const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the writer lingers for more events once appends have shown
+/// concurrency: a few hundred microseconds turn many fsyncs into one.
+const COMMIT_DELAY: Duration = Duration::from_micros(300);
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// The chain's head and the events waiting for the writer, under one lock:
+/// a failed write takes back every event chained after the durable head.
+struct State {
+    /// The last event handed out (maybe not yet durable).
+    seq: u64,
+    hash: [u8; 32],
+    time: i64,
+    /// The last durable event.
+    durable: (u64, [u8; 32], i64),
+    pending: Vec<AuditEvent>,
+    waiters: Vec<Waiter>,
+    closed: bool,
+}
+
+struct Shared {
+    log: log::Log,
+    state: Mutex<State>,
+    wake: Condvar,
+    store: Storage,
+    mirror: Option<Mutex<File>>,
+}
+
+pub struct Audit {
+    shared: Arc<Shared>,
+    alert_file: Option<Mutex<File>>,
+    /// What opening found: migration, a torn tail cut off.
+    opened: Opened,
+}
+
+/// What opening the trail did.
+#[derive(Debug, Default, Clone)]
+pub struct Opened {
+    /// Events moved from the format-1 trail (events in the key-value store).
+    pub migrated: u64,
+    pub torn_bytes: u64,
+    pub reindexed: u32,
+}
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// Opens a JSON-lines file for appending, created 0600: it names who read
+/// which record, which is no one else's business on the host. An existing
+/// file readable by group or others is narrowed to 0600.
+fn append_line(path: &Path) -> Result<Mutex<File>> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let mode = f.metadata().map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "narrowing permissions to 0600");
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
+    Ok(Mutex::new(f))
+}
+
+/// The bytes the chain MACs for one event (everything but the hashes).
+pub fn canonical(e: &AuditEvent) -> Vec<u8> {
+    let mut c = Context::new("coffre/audit/v1");
+    c.push(&e.seq.to_be_bytes())
+        .push(&e.time_unix_ms.to_be_bytes())
+        .push(e.tenant.as_bytes())
+        .push(e.principal.as_bytes())
+        .push(e.role.as_bytes())
+        .push(e.action.as_bytes())
+        .push(&(e.record_ids.len() as u64).to_be_bytes());
+    for id in &e.record_ids {
+        c.push(id.as_bytes());
+    }
+    c.push(&(e.fields.len() as u64).to_be_bytes());
+    for f in &e.fields {
+        c.push(f.as_bytes());
+    }
+    c.push(e.purpose.as_bytes())
+        .push(e.outcome.as_bytes())
+        .push(e.peer.as_bytes());
+    c.as_bytes().to_vec()
+}
+
+/// The directory of the trail's files inside a data directory.
+pub fn trail_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("audit")
+}
+
+impl Audit {
+    /// Opens the trail of `data_dir` (migrating a format-1 trail from the
+    /// key-value store first) and starts its writer.
+    pub fn open(
+        store: Storage,
+        key: SecretKey,
+        data_dir: &Path,
+        mirror: Option<&Path>,
+        alert_file: Option<&Path>,
+    ) -> Result<Self> {
+        let dir = trail_dir(data_dir);
+        let keys = log::Keys::new(key);
+        let migrated = migrate::from_store(&store, &keys, &dir)?;
+        let (log, rec) = log::Log::open(&dir, keys, (1, GENESIS))?;
+        if rec.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = rec.torn_bytes,
+                "audit trail: cut a torn last frame (a write interrupted by a crash, never acknowledged)"
+            );
+        }
+        let head = (rec.head_seq, rec.head_hash, rec.head_time);
+        let shared = Arc::new(Shared {
+            log,
+            state: Mutex::new(State {
+                seq: head.0,
+                hash: head.1,
+                time: head.2,
+                durable: head,
+                pending: Vec::new(),
+                waiters: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            store,
+            mirror: mirror.map(append_line).transpose()?,
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("coffre-audit".into())
+            .spawn(move || s.writer())
+            .map_err(|e| Error::Internal(format!("audit writer: {e}")))?;
+        Ok(Self {
+            shared,
+            alert_file: alert_file.map(append_line).transpose()?,
+            opened: Opened {
+                migrated,
+                torn_bytes: rec.torn_bytes,
+                reindexed: rec.reindexed,
+            },
+        })
+    }
+
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// The head: the last durable event's seq and hash.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        let d = self.shared.state.lock().durable;
+        (d.0, d.1)
+    }
+
+    /// Bytes of the trail's files on disk (indexes included).
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.log.disk_bytes()
+    }
+
+    /// Chains one event and returns once it is durable. An error means the
+    /// event is not stored: the caller must fail the RPC.
+    pub async fn record(&self, mut e: AuditEvent) -> Result<AuditEvent> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.shared.state.lock();
+            if st.closed {
+                return Err(Error::Unavailable(StorageError::Closed));
+            }
+            e.seq = st.seq + 1;
+            // Time never goes backwards in the trail: a time range is a
+            // seq range.
+            e.time_unix_ms = now_ms().max(st.time);
+            e.prev_hash = st.hash.to_vec();
+            let hash = log::chain_hash(self.shared.log.keys().chain(), &st.hash, &e);
+            e.hash = hash.to_vec();
+            st.seq = e.seq;
+            st.hash = hash;
+            st.time = e.time_unix_ms;
+            st.pending.push(e.clone());
+            st.waiters.push(tx);
+        }
+        self.shared.wake.notify_one();
+        match tokio::time::timeout(DURABLE_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(e),
+            Ok(Ok(Err(msg))) => Err(Error::Unavailable(StorageError::Io(msg))),
+            Ok(Err(_)) => Err(Error::Unavailable(StorageError::Closed)),
+            Err(_) => {
+                self.shared.store.note_failure();
+                Err(Error::Unavailable(StorageError::Io(format!(
+                    "audit write did not finish within {} s",
+                    DURABLE_TIMEOUT.as_secs()
+                ))))
+            }
+        }
+    }
+
+    /// Raises an alert: an audit event (action `alert/<kind>`, outcome the
+    /// severity, `purpose` the detail) and a JSON line in `alert_file`.
+    /// `detail` must name no value: counts and durations only.
+    pub async fn alert(
+        &self,
+        severity: Severity,
+        kind: &str,
+        tenant: &str,
+        principal: &str,
+        detail: String,
+    ) -> Result<()> {
+        let e = self
+            .record(AuditEvent {
+                tenant: tenant.into(),
+                principal: principal.into(),
+                action: format!("alert/{kind}"),
+                outcome: severity.as_str().into(),
+                purpose: detail,
+                ..Default::default()
+            })
+            .await?;
+        let a = event_to_alert(&e);
+        tracing::warn!(kind, severity = severity.as_str(), principal, "alert");
+        if let Some(f) = &self.alert_file {
+            let line = format!("{}\n", alert_json(&a));
+            if let Err(err) = f.lock().write_all(line.as_bytes()) {
+                tracing::error!(error = %err, "alert file write failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Alerts since `since_unix_ms`, limited to `scope` when given, each
+    /// passed to `emit` (oldest first) until it returns false.
+    pub fn alerts_each(
+        &self,
+        since_unix_ms: i64,
+        scope: Option<&str>,
+        mut emit: impl FnMut(Alert) -> bool,
+    ) -> Result<()> {
+        let q = Query {
+            scope: scope.map(str::to_string),
+            since_unix_ms,
+            alerts_only: true,
+            ..Default::default()
+        };
+        self.query_each(&q, |e| emit(event_to_alert(&e)))
+    }
+
+    /// Alerts since `since_unix_ms` (collected: for tests and small calls).
+    pub fn alerts(&self, since_unix_ms: i64, scope: Option<&str>) -> Result<Vec<Alert>> {
+        let mut out = Vec::new();
+        self.alerts_each(since_unix_ms, scope, |a| {
+            out.push(a);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Recomputes the whole chain; names the first sequence number that
+    /// fails. `checkpoint` (seq, hash) is a head the auditor kept elsewhere:
+    /// the chain must still reach it.
+    pub fn verify(&self, checkpoint: Option<(u64, [u8; 32])>) -> Result<Verification> {
+        self.verify_with(checkpoint, |_| {})
+    }
+
+    /// [`Audit::verify`], calling `progress` with the events checked so far
+    /// every 65,536 events. Reads one frame at a time: constant memory.
+    pub fn verify_with(
+        &self,
+        checkpoint: Option<(u64, [u8; 32])>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Verification> {
+        let head = self.shared.state.lock().durable;
+        let log = &self.shared.log;
+        let keys = log.keys();
+        let metas = log.metas();
+        let (base_seq, base_prev) = (metas[0].first_seq, metas[0].prev_hash);
+        let mut prev = base_prev;
+        let mut expect = base_seq;
+        let mut checked = 0u64;
+        let bad = |seq: u64, why: &str, prev: [u8; 32], checked| {
+            Ok(Verification {
+                ok: false,
+                checked,
+                first_bad_seq: seq,
+                head_seq: head.0,
+                head_hash: prev,
+                reason: Some(why.to_string()),
+            })
+        };
+        // A checkpoint older than the retention window can no longer be
+        // checked; the authenticated base stands in for it.
+        let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
+        let mut next_report = 1u64 << 16;
+        'segments: for meta in &metas {
+            let view = log.view(meta)?;
+            match log::read_segment_header(keys, &view.file) {
+                Ok((first, p)) => {
+                    if first != expect {
+                        return bad(expect, "sequence gap or reordering", prev, checked);
+                    }
+                    if p != prev {
+                        return bad(expect, "previous hash does not match", prev, checked);
+                    }
+                }
+                Err(_) => return bad(expect, "segment header fails its MAC", prev, checked),
+            }
+            let mut offset = log::HEADER_LEN;
+            loop {
+                if expect > head.0 {
+                    // Events appended while we read are for the next run.
+                    break 'segments;
+                }
+                let frame = match log::read_frame(&view.file, offset, view.len) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(log::FrameError::Io(e)) => {
+                        return Err(Error::Unavailable(StorageError::Io(e.to_string())));
+                    }
+                    Err(_) => return bad(expect, "frame damaged", prev, checked),
+                };
+                if frame.first_seq != expect {
+                    return bad(expect, "sequence gap or reordering", prev, checked);
+                }
+                let Some(events) = frame.open(keys, prev) else {
+                    return bad(expect, "event was modified", prev, checked);
+                };
+                let end: [u8; 32] = events
+                    .last()
+                    .and_then(|e| e.hash.as_slice().try_into().ok())
+                    .unwrap_or(prev);
+                if !crypto::ct_eq(&end, &frame.end_hash) {
+                    return bad(expect, "event was modified", prev, checked);
+                }
+                if let Some((cs, ch)) = checkpoint
+                    && (frame.first_seq..=frame.last_seq()).contains(&cs)
+                {
+                    let e = &events[(cs - frame.first_seq) as usize];
+                    if !crypto::ct_eq(&ch, &e.hash) {
+                        return bad(cs, "checkpoint hash differs", prev, checked);
+                    }
+                    seen_checkpoint = true;
+                }
+                prev = end;
+                expect += frame.count as u64;
+                checked += frame.count as u64;
+                offset = frame.next;
+                if checked >= next_report {
+                    progress(checked);
+                    next_report += 1 << 16;
+                }
+            }
+        }
+        if expect <= head.0 {
+            return bad(expect, "events missing at the tail", prev, checked);
+        }
+        if !seen_checkpoint {
+            let cs = checkpoint.map_or(0, |c| c.0);
+            return bad(
+                cs,
+                "chain no longer reaches the checkpoint (truncated)",
+                prev,
+                checked,
+            );
+        }
+        progress(checked);
+        Ok(Verification {
+            ok: true,
+            checked,
+            first_bad_seq: 0,
+            head_seq: head.0,
+            head_hash: prev,
+            reason: None,
+        })
+    }
+
+    /// Closes the segment being written, so that retention can drop it
+    /// whole once all its events are past `retention_days`.
+    pub fn seal(&self) -> Result<()> {
+        Ok(self.shared.log.seal_now()?)
+    }
+
+    /// Drops the events older than `before_unix_ms`, whole segments at a
+    /// time (so up to one segment more is kept), and closes the segment
+    /// being written once it holds events that are due, so that the next
+    /// run can drop it. What scrub needs of the dropped events (each
+    /// record's latest write) is kept aside first. The kept chain verifies
+    /// from the first kept segment's authenticated header. Returns how many
+    /// events went.
+    pub async fn prune(&self, before_unix_ms: i64) -> Result<u64> {
+        let shared = self.shared.clone();
+        let n = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let store = shared.store.clone();
+            let n = shared.log.drop_before(before_unix_ms, |view| {
+                retained::keep_latest_writes(&store, shared.log.keys(), view)
+            })?;
+            let active = shared.log.active_view();
+            if !active.meta.is_empty() && active.meta.first_time < before_unix_ms {
+                shared.log.seal_now()?;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(n)
+    }
+
+    /// Events matching `q`, oldest first unless `q.newest_first`, each
+    /// passed to `emit` until it returns false. Looks events up by the most
+    /// selective filter it has (record id, principal, alerts, tenant: keyed
+    /// hashes in the segments' indexes) or reads the seq range a time range
+    /// covers: O(log n + results) per segment touched, one frame's events
+    /// in memory at a time.
+    pub fn query_each(&self, q: &Query, mut emit: impl FnMut(AuditEvent) -> bool) -> Result<()> {
+        let log = &self.shared.log;
+        let keys = log.keys();
+        let durable = self.shared.state.lock().durable.0;
+        let upper = match q.before_seq {
+            0 => durable,
+            b => durable.min(b - 1),
+        };
+        let tenant = if q.tenant.is_empty() {
+            q.scope.as_deref()
+        } else {
+            Some(q.tenant.as_str())
+        };
+        let key = if !q.record_id.is_empty() {
+            Some(keys.index(log::Key::Record(&q.record_id)))
+        } else if !q.principal.is_empty() {
+            Some(keys.index(log::Key::Principal(&q.principal)))
+        } else if q.alerts_only {
+            Some(keys.index(log::Key::Alert))
+        } else {
+            tenant.map(|t| keys.index(log::Key::Tenant(t)))
+        };
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut sent = 0usize;
+        let mut metas: Vec<_> = log
+            .metas()
+            .into_iter()
+            .filter(|m| {
+                !m.is_empty()
+                    && m.first_seq <= upper
+                    && (q.since_unix_ms == 0 || m.last_time >= q.since_unix_ms)
+                    && (q.until_unix_ms == 0 || m.first_time < q.until_unix_ms)
+            })
+            .collect();
+        if q.newest_first {
+            metas.reverse();
+        }
+        for meta in metas {
+            let view = log.view(&meta)?;
+            let wanted = match key {
+                Some(k) => {
+                    let mut s = view.lookup(k)?;
+                    s.retain(|&seq| seq <= upper);
+                    if s.is_empty() {
+                        continue;
+                    }
+                    Some(s)
+                }
+                None => None,
+            };
+            // Blocks between marks, in the order asked, skipping those
+            // outside the time range or holding no wanted seq.
+            let marks = view.marks();
+            let mut blocks: Vec<usize> = (0..marks.len()).collect();
+            if q.newest_first {
+                blocks.reverse();
+            }
+            for b in blocks {
+                let m = marks[b];
+                let end_seq = marks.get(b + 1).map_or(u64::MAX, |n| n.seq);
+                let end_time = marks.get(b + 1).map_or(i64::MAX, |n| n.time);
+                if m.seq > upper
+                    || (q.until_unix_ms != 0 && m.time >= q.until_unix_ms)
+                    || (q.since_unix_ms != 0 && end_time < q.since_unix_ms)
+                {
+                    continue;
+                }
+                let in_block = wanted.as_ref().map(|w| {
+                    let lo = w.partition_point(|&s| s < m.seq);
+                    let hi = w.partition_point(|&s| s < end_seq);
+                    &w[lo..hi]
+                });
+                if in_block.is_some_and(|s| s.is_empty()) {
+                    continue;
+                }
+                let last_wanted = in_block.map_or(end_seq.min(upper + 1) - 1, |s| s[s.len() - 1]);
+                let mut found = Vec::new();
+                let mut failed = false;
+                view.frames(m, |frame, prev| {
+                    if frame.first_seq > last_wanted {
+                        return false;
+                    }
+                    let touches = in_block.is_none_or(|s| {
+                        let lo = s.partition_point(|&x| x < frame.first_seq);
+                        s.get(lo).is_some_and(|&x| x <= frame.last_seq())
+                    });
+                    if !touches {
+                        return true;
+                    }
+                    match frame.open(keys, prev) {
+                        Some(events) => {
+                            found.extend(events.into_iter().filter(|e| {
+                                e.seq <= upper
+                                    && in_block.is_none_or(|s| s.binary_search(&e.seq).is_ok())
+                                    && q.matches(e)
+                            }));
+                            true
+                        }
+                        None => {
+                            failed = true;
+                            false
+                        }
+                    }
+                })?;
+                if failed {
+                    return Err(Error::DataLoss);
+                }
+                if q.newest_first {
+                    found.reverse();
+                }
+                for e in found {
+                    if !emit(e) {
+                        return Ok(());
+                    }
+                    sent += 1;
+                    if sent >= limit {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Events matching `q`, collected (for tests and small answers; the
+    /// services stream with [`Audit::query_each`]).
+    pub fn query(&self, q: &Query) -> Result<Vec<AuditEvent>> {
+        let mut out = Vec::new();
+        self.query_each(q, |e| {
+            out.push(e);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// The latest write (Put or Delete, outcome ok) of `tenant`'s record
+    /// `id` the trail holds: from the kept events, else from what pruning
+    /// kept aside.
+    pub fn latest_write(&self, tenant: &str, id: &str) -> Result<Option<LatestWrite>> {
+        let mut last = None;
+        self.query_each(
+            &Query {
+                tenant: tenant.into(),
+                record_id: id.into(),
+                outcome: "ok".into(),
+                newest_first: true,
+                ..Default::default()
+            },
+            |e| match LatestWrite::of(&e) {
+                Some(w) => {
+                    last = Some(w);
+                    false
+                }
+                None => true,
+            },
+        )?;
+        match last {
+            Some(w) => Ok(Some(w)),
+            None => retained::lookup(&self.shared.store, self.shared.log.keys(), tenant, id),
+        }
+    }
+}
+
+/// A record's last write as the trail tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestWrite {
+    pub seq: u64,
+    pub deleted: bool,
+    /// `version=N` of the PutRecord event, if noted.
+    pub version: Option<String>,
+    /// `write=<hex>` of the PutRecord event, if noted.
+    pub write_id: Option<String>,
+}
+
+impl LatestWrite {
+    /// The write `e` is, if it is one (a successful Put or Delete).
+    pub fn of(e: &AuditEvent) -> Option<Self> {
+        let deleted = match e.action.as_str() {
+            "coffre.v1.Records/PutRecord" => false,
+            "coffre.v1.Records/DeleteRecord" => true,
+            _ => return None,
+        };
+        if e.outcome != "ok" {
+            return None;
+        }
+        let noted = |key: &str| {
+            e.fields
+                .iter()
+                .find_map(|f| f.strip_prefix(key).map(str::to_string))
+        };
+        Some(Self {
+            seq: e.seq,
+            deleted,
+            version: noted("version="),
+            write_id: noted("write="),
+        })
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.shared.state.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Shared {
+    /// The writer: takes every pending event, writes them as one frame with
+    /// one fdatasync, then answers their callers. A failed write takes back
+    /// every event chained since the durable head, so the chain in memory
+    /// never runs ahead of the one on disk.
+    fn writer(&self) {
+        let mut concurrent = false;
+        loop {
+            let (events, waiters) = {
+                let mut st = self.state.lock();
+                while st.pending.is_empty() && !st.closed {
+                    self.wake.wait(&mut st);
+                }
+                if st.pending.is_empty() {
+                    return;
+                }
+                if concurrent && !st.closed {
+                    let until = std::time::Instant::now() + COMMIT_DELAY;
+                    while std::time::Instant::now() < until {
+                        if self.wake.wait_until(&mut st, until).timed_out() {
+                            break;
+                        }
+                    }
+                }
+                (
+                    std::mem::take(&mut st.pending),
+                    std::mem::take(&mut st.waiters),
+                )
+            };
+            concurrent = events.len() > 1;
+            let result = self
+                .store
+                .admit(Space::Audit)
+                .and_then(|()| self.log.append(&events));
+            match result {
+                Ok(()) => {
+                    let last = events.last().expect("not empty");
+                    {
+                        let mut st = self.state.lock();
+                        st.durable = (
+                            last.seq,
+                            last.hash.as_slice().try_into().unwrap_or([0; 32]),
+                            last.time_unix_ms,
+                        );
+                    }
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                    if let Some(m) = &self.mirror {
+                        let mut lines = String::new();
+                        for e in &events {
+                            lines.push_str(&to_json(e).to_string());
+                            lines.push('\n');
+                        }
+                        // The trail has the events already; a mirror failure is
+                        // logged, not fatal, and `verify --mirror` shows the gap.
+                        if let Err(err) = m.lock().write_all(lines.as_bytes()) {
+                            tracing::error!(error = %err, "audit mirror write failed");
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.store.note_failure();
+                    let msg = e.to_string();
+                    let later = {
+                        let mut st = self.state.lock();
+                        let (seq, hash, time) = st.durable;
+                        st.seq = seq;
+                        st.hash = hash;
+                        st.time = time;
+                        st.pending.clear();
+                        std::mem::take(&mut st.waiters)
+                    };
+                    for w in waiters.into_iter().chain(later) {
+                        let _ = w.send(Err(msg.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn event_to_alert(e: &AuditEvent) -> Alert {
+    Alert {
+        seq: e.seq,
+        time_unix_ms: e.time_unix_ms,
+        severity: e.outcome.clone(),
+        tenant: e.tenant.clone(),
+        principal: e.principal.clone(),
+        kind: e.action.trim_start_matches("alert/").to_string(),
+        detail: e.purpose.clone(),
+    }
+}
+
+/// One alert as a JSON object.
+pub fn alert_json(a: &Alert) -> serde_json::Value {
+    serde_json::json!({
+        "seq": a.seq,
+        "time_unix_ms": a.time_unix_ms,
+        "severity": a.severity,
+        "tenant": a.tenant,
+        "principal": a.principal,
+        "kind": a.kind,
+        "detail": a.detail,
+    })
+}
+
+/// One event as a JSON object (hashes in hex), for the mirror and exports.
+pub fn to_json(e: &AuditEvent) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq,
+        "time_unix_ms": e.time_unix_ms,
+        "tenant": e.tenant,
+        "principal": e.principal,
+        "role": e.role,
+        "action": e.action,
+        "record_ids": e.record_ids,
+        "fields": e.fields,
+        "purpose": e.purpose,
+        "outcome": e.outcome,
+        "peer": e.peer,
+        "prev_hash": hex::encode(&e.prev_hash),
+        "hash": hex::encode(&e.hash),
+    })
+}

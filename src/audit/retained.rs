@@ -1,0 +1,120 @@
+//! What pruning keeps of the events it drops: each record's latest write
+//! (Put or Delete), so that scrub can still tell a record rolled back to an
+//! older stored copy once the write that replaced it has left the trail.
+//!
+//! One entry per record, in the key-value store: the key a keyed hash of
+//! tenant and id, the value sealed under the trail's frame key with the key
+//! as associated data. Written only when pruning; a later write of the same
+//! record in the kept trail always wins over it.
+
+use prost::Message;
+
+use super::{LatestWrite, log};
+use crate::{
+    crypto::{self, Context},
+    error::{Error, Result},
+    storage::{Batch, Space, Storage, StorageError},
+};
+
+#[derive(Clone, PartialEq, Message)]
+struct Entry {
+    #[prost(uint64, tag = "1")]
+    seq: u64,
+    #[prost(bool, tag = "2")]
+    deleted: bool,
+    #[prost(string, optional, tag = "3")]
+    version: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    write_id: Option<String>,
+}
+
+fn key(keys: &log::Keys, tenant: &str, id: &str) -> Vec<u8> {
+    let c = Context::new("coffre/audit-retained/v2")
+        .with(tenant.as_bytes())
+        .with(id.as_bytes());
+    crypto::hmac_sha256(keys.chain(), c.as_bytes())[..16].to_vec()
+}
+
+/// Keeps the latest write of each record `view` holds, unless a later one
+/// is kept already.
+pub fn keep_latest_writes(
+    store: &Storage,
+    keys: &log::Keys,
+    view: &log::SegView,
+) -> Result<(), StorageError> {
+    let mut latest: std::collections::HashMap<Vec<u8>, Entry> = Default::default();
+    let mut failed = false;
+    let start = view.marks()[0];
+    view.frames(start, |frame, prev| {
+        let Some(events) = frame.open(keys, prev) else {
+            failed = true;
+            return false;
+        };
+        for e in events {
+            let Some(w) = LatestWrite::of(&e) else {
+                continue;
+            };
+            for id in &e.record_ids {
+                latest.insert(
+                    key(keys, &e.tenant, id),
+                    Entry {
+                        seq: w.seq,
+                        deleted: w.deleted,
+                        version: w.version.clone(),
+                        write_id: w.write_id.clone(),
+                    },
+                );
+            }
+        }
+        true
+    })?;
+    if failed {
+        return Err(StorageError::Corrupt(
+            "an audit frame due for pruning fails authentication",
+        ));
+    }
+    let mut batch = Batch::new();
+    for (k, e) in latest {
+        if let Some(old) = read(store, keys, &k)?
+            && old.seq > e.seq
+        {
+            continue;
+        }
+        let sealed = keys.aead().seal(&k, &e.encode_to_vec());
+        batch.put(Space::TrailRetained, k, sealed);
+        if batch.0.len() >= 512 {
+            store.apply(std::mem::take(&mut batch))?;
+        }
+    }
+    store.apply(batch)?;
+    store.flush_blocking()
+}
+
+fn read(store: &Storage, keys: &log::Keys, k: &[u8]) -> Result<Option<Entry>, StorageError> {
+    let Some(v) = store.get(Space::TrailRetained, k)? else {
+        return Ok(None);
+    };
+    let plain = keys
+        .aead()
+        .open(k, &v)
+        .map_err(|_| StorageError::Corrupt("a retained write fails authentication"))?;
+    Entry::decode(&plain[..])
+        .map(Some)
+        .map_err(|_| StorageError::Corrupt("a retained write does not decode"))
+}
+
+/// The latest write of `tenant`'s record `id` that pruning kept aside.
+pub fn lookup(
+    store: &Storage,
+    keys: &log::Keys,
+    tenant: &str,
+    id: &str,
+) -> Result<Option<LatestWrite>> {
+    let e = read(store, keys, &key(keys, tenant, id)).map_err(Error::from)?;
+    Ok(e.map(|e| LatestWrite {
+        seq: e.seq,
+        deleted: e.deleted,
+        version: e.version,
+        write_id: e.write_id,
+    }))
+}
