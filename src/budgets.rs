@@ -224,15 +224,19 @@ struct StoredBudget {
 
 type RecordTag = [u8; 16];
 
-/// One principal's budget, in memory, mirrored in `Space::Budgets` under
-/// `tenant\0user\0` and: `s` (the scalars), `r<tag>` (the last read time
-/// of each distinct record read within the day, `tag` a keyed MAC of its
-/// id), `m` (the last read of a missing id), `f` (the last find). One write
-/// per call, to one key.
+/// One principal's budget, in memory. A read writes nothing for it: what
+/// a restart needs comes back from the audit trail, whose event every read
+/// writes durably before its response leaves — the principal's Get, Bulk
+/// and Find events of the last day give the distinct records read (`tag`,
+/// a keyed MAC of the id) and the last spends. Only the rare scalars
+/// (throttle times, break-glass) are stored, in `Space::Budgets` under
+/// `tenant\0user\0s`. A crash can lose only spends whose event was not
+/// yet durable, that is reads whose response never left.
 ///
 /// The token buckets are not stored: after a restart each is taken as empty
 /// at the last spend on it and refilled at its rate since, so a restart
-/// never gives a burst that the bucket had not earned.
+/// never gives a burst that the bucket had not earned. A BulkRead counts,
+/// after a restart, as if every id it asked for was returned.
 struct State {
     prefix: Vec<u8>,
     b: StoredBudget,
@@ -262,17 +266,14 @@ impl State {
         k
     }
 
-    fn read_key(&self, tag: &RecordTag) -> Vec<u8> {
-        let mut k = self.prefix.clone();
-        k.push(b'r');
-        k.extend_from_slice(tag);
-        k
-    }
-
-    /// The stored state, or a new one (buckets full) with its scalars in
-    /// `batch`, so that a restart knows it is not new.
+    /// The state of `principal` from its stored scalars and its events of
+    /// the last day in the trail, or a new one (buckets full) with its
+    /// scalars in `batch`, so that a restart knows it is not new.
     fn load(
         store: &Storage,
+        trail: &Audit,
+        principal: &str,
+        tag_of: impl Fn(&str) -> RecordTag,
         prefix: Vec<u8>,
         limits: &Limits,
         now: i64,
@@ -281,25 +282,66 @@ impl State {
         let mut stored = None;
         let mut reads = Vec::new();
         let (mut last_read, mut last_find) = (i64::MIN, i64::MIN);
-        let time = |v: &[u8]| -> Result<i64> {
-            Ok(i64::from_be_bytes(
-                v.try_into().map_err(|_| Error::DataLoss)?,
-            ))
-        };
-        for (k, v) in store.scan_prefix(Space::Budgets, &prefix, usize::MAX)? {
+        for (k, _) in store.scan_prefix(Space::Budgets, &prefix, usize::MAX)? {
             match &k[prefix.len()..] {
-                [b's'] => stored = Some(StoredBudget::decode(&v[..])?),
-                [b'r', tag @ ..] => {
-                    let tag: RecordTag = tag.try_into().map_err(|_| Error::DataLoss)?;
-                    let t = time(&v)?;
-                    last_read = last_read.max(t);
-                    reads.push((t, tag));
-                }
-                [b'm'] => last_read = last_read.max(time(&v)?),
-                [b'f'] => last_find = time(&v)?,
-                _ => return Err(Error::DataLoss),
+                [b's'] => {}
+                // Per-read keys of the format before reads came from the
+                // trail: the trail has them too.
+                _ => batch.delete(Space::Budgets, k),
             }
         }
+        let mut skey = prefix.clone();
+        skey.push(b's');
+        if let Some(v) = store.get(Space::Budgets, &skey)? {
+            stored = Some(StoredBudget::decode(&v[..])?);
+        }
+        let (tenant, _) = principal.split_once('/').unwrap_or((principal, ""));
+        let q = crate::audit::Query {
+            tenant: tenant.to_string(),
+            principal: principal.to_string(),
+            since_unix_ms: now - DAY_MS,
+            ..Default::default()
+        };
+        trail.query_each(&q, |e| {
+            let t = e.time_unix_ms;
+            match (e.action.as_str(), e.outcome.as_str()) {
+                ("coffre.v1.Records/GetRecord" | "coffre.v1.Records/BulkRead", "ok") => {
+                    last_read = last_read.max(t);
+                    reads.extend(e.record_ids.iter().map(|id| (t, tag_of(id))));
+                }
+                ("coffre.v1.Records/GetRecord", "not_found") => last_read = last_read.max(t),
+                ("coffre.v1.Records/FindRecords", "ok") => last_find = last_find.max(t),
+                _ => {}
+            }
+            true
+        })?;
+        // Latest read of each record only.
+        reads.sort_unstable_by(|a, b| b.cmp(a));
+        let mut seen = std::collections::HashSet::new();
+        reads.retain(|(_, tag)| seen.insert(*tag));
+        Ok(Self::from_parts(
+            prefix,
+            stored,
+            reads,
+            (last_read, last_find),
+            limits,
+            now,
+            batch,
+        ))
+    }
+
+    /// A state from what a restart knows: the stored scalars (`None`: a new
+    /// principal), the distinct records read in the last day (one per
+    /// record) and the times of the last read and find.
+    fn from_parts(
+        prefix: Vec<u8>,
+        stored: Option<StoredBudget>,
+        mut reads: Vec<(i64, RecordTag)>,
+        (last_read, last_find): (i64, i64),
+        limits: &Limits,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Self {
         reads.sort_unstable();
         let known = stored.is_some();
         // Empty at the last spend we know of (full for a new principal).
@@ -338,12 +380,12 @@ impl State {
         if !known {
             s.save(batch);
         }
-        Ok(s)
+        s
     }
 
     /// Moves the windows to `now` (never backwards), dropping what left
-    /// them; deletions go to `batch`.
-    fn advance(&mut self, now: i64, batch: &mut Batch) -> i64 {
+    /// them.
+    fn advance(&mut self, now: i64) -> i64 {
         let now = now.max(self.now_ms);
         self.now_ms = now;
         while let Some((&seq, &(t, _))) = self.reads.range(self.hour_from..).next() {
@@ -359,7 +401,6 @@ impl State {
             }
             self.reads.remove(&seq);
             self.by_record.remove(&tag);
-            batch.delete(Space::Budgets, self.read_key(&tag));
         }
         while self.throttles.front().is_some_and(|&t| t <= now - HOUR_MS) {
             self.throttles.pop_front();
@@ -381,14 +422,9 @@ impl State {
         *at = now;
     }
 
-    /// Checks and spends one read; on success the spend is in `batch`.
-    fn spend_read(
-        &mut self,
-        l: &Limits,
-        tag: Option<RecordTag>,
-        now: i64,
-        batch: &mut Batch,
-    ) -> Result<(), Over> {
+    /// Checks and spends one read (in memory: the read's audit event is
+    /// its durable trace).
+    fn spend_read(&mut self, l: &Limits, tag: Option<RecordTag>, now: i64) -> Result<(), Over> {
         let rate = l.reads_per_second / 1000.0;
         Self::refill(
             &mut self.tokens,
@@ -425,7 +461,6 @@ impl State {
         }
         self.tokens -= 1.0;
         let Some(tag) = tag else {
-            batch.put(Space::Budgets, self.key(b'm'), now.to_be_bytes().to_vec());
             return Ok(());
         };
         if let Some(old) = known {
@@ -439,15 +474,10 @@ impl State {
         self.reads.insert(seq, (now, tag));
         self.by_record.insert(tag, seq);
         self.hour_count += 1;
-        batch.put(
-            Space::Budgets,
-            self.read_key(&tag),
-            now.to_be_bytes().to_vec(),
-        );
         Ok(())
     }
 
-    fn spend_find(&mut self, l: &Limits, now: i64, batch: &mut Batch) -> Result<(), Over> {
+    fn spend_find(&mut self, l: &Limits, now: i64) -> Result<(), Over> {
         let rate = f64::from(l.finds_per_minute) / 60_000.0;
         Self::refill(
             &mut self.find_tokens,
@@ -463,7 +493,6 @@ impl State {
             });
         }
         self.find_tokens -= 1.0;
-        batch.put(Space::Budgets, self.key(b'f'), now.to_be_bytes().to_vec());
         Ok(())
     }
 
@@ -551,18 +580,28 @@ impl Budgets {
         let now = self.clock.now_ms();
         let mut batch = Batch::new();
         if guard.is_none() {
-            let state = State::load(&self.store, Self::prefix(caller), &base, now, &mut batch)?;
+            let state = State::load(
+                &self.store,
+                &self.audit,
+                &caller.principal(),
+                |id| self.tag_str(id),
+                Self::prefix(caller),
+                &base,
+                now,
+                &mut batch,
+            )?;
             *guard = Some(state);
         }
         let state = guard.as_mut().expect("loaded just above");
-        let now = state.advance(now, &mut batch);
+        let now = state.advance(now);
         let limits = state.limits(base, now);
         let out = f(state, limits, now, &mut batch);
-        // Applied before the RPC's audit event is flushed, so durable when
-        // the response leaves. One op at a time: a crash between them loses
-        // at most the deletion of an expired read, which the next load
-        // expires again.
-        self.store.apply_each(batch)?;
+        // Only the rare scalars (a throttle, break-glass, a first load):
+        // applied before the RPC's audit event is flushed, so durable when
+        // the response leaves. A read adds nothing here.
+        if !batch.is_empty() {
+            self.store.apply_each(batch)?;
+        }
         Ok(Some(out))
     }
 
@@ -606,11 +645,11 @@ impl Budgets {
             Read::Missing => None,
         };
         Ok(self
-            .with_state(caller, |s, l, now, b| {
+            .with_state(caller, |s, l, now, _| {
                 if s.locked {
                     return Err(Refused::Locked);
                 }
-                s.spend_read(&l, tag, now, b).map_err(Refused::Over)
+                s.spend_read(&l, tag, now).map_err(Refused::Over)
             })?
             .unwrap_or(Ok(())))
     }
@@ -621,11 +660,11 @@ impl Budgets {
             return Ok(Ok(()));
         }
         Ok(self
-            .with_state(caller, |s, l, now, b| {
+            .with_state(caller, |s, l, now, _| {
                 if s.locked {
                     return Err(Refused::Locked);
                 }
-                s.spend_find(&l, now, b).map_err(Refused::Over)
+                s.spend_find(&l, now).map_err(Refused::Over)
             })?
             .unwrap_or(Ok(())))
     }
@@ -758,7 +797,11 @@ impl Budgets {
     }
 
     fn tag(&self, id: &RecordId) -> RecordTag {
-        let mac = crypto::hmac_sha256(&self.tag_key, id.as_str().as_bytes());
+        self.tag_str(id.as_str())
+    }
+
+    fn tag_str(&self, id: &str) -> RecordTag {
+        let mac = crypto::hmac_sha256(&self.tag_key, id.as_bytes());
         mac[..16].try_into().expect("16 of 32 bytes")
     }
 }
@@ -779,16 +822,16 @@ mod tests {
     }
 
     fn state() -> State {
-        // An empty store: the state starts full and lives in memory after.
-        let dir = tempfile::tempdir().unwrap();
-        let store = Storage::open_sled(
-            dir.path(),
-            &crate::storage::SledOptions {
-                cache_capacity_bytes: 1 << 20,
-            },
+        // A new principal: the state starts full and lives in memory after.
+        State::from_parts(
+            b"t\0u\0".to_vec(),
+            None,
+            Vec::new(),
+            (i64::MIN, i64::MIN),
+            &limits(),
+            0,
+            &mut Batch::new(),
         )
-        .unwrap();
-        State::load(&store, b"t\0u\0".to_vec(), &limits(), 0, &mut Batch::new()).unwrap()
     }
 
     fn tag(i: u8) -> Option<RecordTag> {
@@ -799,34 +842,33 @@ mod tests {
     fn rereads_count_once_per_window_and_windows_slide() {
         let mut s = state();
         let l = limits();
-        let mut b = Batch::new();
-        let mut now = s.advance(0, &mut b);
+        let mut now = s.advance(0);
         for i in 0..3 {
-            s.spend_read(&l, tag(i), now, &mut b).unwrap();
+            s.spend_read(&l, tag(i), now).unwrap();
         }
         // A fourth distinct record is over the hour; a re-read is not.
         assert_eq!(
-            s.spend_read(&l, tag(3), now, &mut b).unwrap_err().limit,
+            s.spend_read(&l, tag(3), now).unwrap_err().limit,
             "distinct_records_per_hour"
         );
-        s.spend_read(&l, tag(0), now, &mut b).unwrap();
-        now = s.advance(HOUR_MS + 1, &mut b);
+        s.spend_read(&l, tag(0), now).unwrap();
+        now = s.advance(HOUR_MS + 1);
         // Record 0 was re-read at 0, so all three left the hour together.
         assert_eq!(s.hour_count, 0);
-        s.spend_read(&l, tag(3), now, &mut b).unwrap();
-        s.spend_read(&l, tag(4), now, &mut b).unwrap();
+        s.spend_read(&l, tag(3), now).unwrap();
+        s.spend_read(&l, tag(4), now).unwrap();
         assert_eq!(
-            s.spend_read(&l, tag(5), now, &mut b).unwrap_err().limit,
+            s.spend_read(&l, tag(5), now).unwrap_err().limit,
             "distinct_records_per_day"
         );
         // A missing id is refused like a new record once the day is full.
         assert_eq!(
-            s.spend_read(&l, None, now, &mut b).unwrap_err().limit,
+            s.spend_read(&l, None, now).unwrap_err().limit,
             "distinct_records_per_day"
         );
-        now = s.advance(DAY_MS + 1, &mut b);
+        now = s.advance(DAY_MS + 1);
         assert_eq!(s.reads.len(), 2);
-        s.spend_read(&l, tag(5), now, &mut b).unwrap();
+        s.spend_read(&l, tag(5), now).unwrap();
     }
 
     #[test]
@@ -857,18 +899,17 @@ mod tests {
             distinct_records_per_day: 100,
             ..limits()
         };
-        let mut b = Batch::new();
         for i in 0..5 {
-            s.spend_read(&l, tag(i), 0, &mut b).unwrap();
+            s.spend_read(&l, tag(i), 0).unwrap();
         }
-        let over = s.spend_read(&l, tag(9), 0, &mut b).unwrap_err();
+        let over = s.spend_read(&l, tag(9), 0).unwrap_err();
         assert_eq!(over.limit, "reads_per_second");
         assert_eq!(over.retry_after_ms, 1000);
-        s.spend_read(&l, tag(9), 1000, &mut b).unwrap();
-        assert!(s.spend_find(&l, 1000, &mut b).is_ok());
-        assert!(s.spend_find(&l, 1000, &mut b).is_ok());
+        s.spend_read(&l, tag(9), 1000).unwrap();
+        assert!(s.spend_find(&l, 1000).is_ok());
+        assert!(s.spend_find(&l, 1000).is_ok());
         assert_eq!(
-            s.spend_find(&l, 1000, &mut b).unwrap_err().limit,
+            s.spend_find(&l, 1000).unwrap_err().limit,
             "finds_per_minute"
         );
     }

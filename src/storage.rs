@@ -246,6 +246,8 @@ impl Backend for SledBackend {
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     failing: parking_lot::Mutex<Vec<Space>>,
+    /// Ops applied so far, by space (what a call wrote, for tests).
+    writes: parking_lot::Mutex<std::collections::HashMap<u8, u64>>,
 }
 
 impl FaultyBackend {
@@ -253,6 +255,7 @@ impl FaultyBackend {
         Arc::new(Self {
             inner,
             failing: parking_lot::Mutex::new(Vec::new()),
+            writes: Default::default(),
         })
     }
 
@@ -263,6 +266,11 @@ impl FaultyBackend {
 
     pub fn heal(&self) {
         self.failing.lock().clear();
+    }
+
+    /// Ops applied to the backend so far, all spaces together.
+    pub fn writes(&self) -> u64 {
+        self.writes.lock().values().sum()
     }
 }
 
@@ -294,6 +302,13 @@ impl Backend for FaultyBackend {
         });
         if touches {
             return Err(StorageError::Io("injected fault".into()));
+        }
+        {
+            let mut w = self.writes.lock();
+            for op in &batch.0 {
+                let (Op::Put(s, _, _) | Op::Delete(s, _)) = op;
+                *w.entry(*s as u8).or_default() += 1;
+            }
         }
         self.inner.apply(batch)
     }

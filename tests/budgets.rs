@@ -645,3 +645,50 @@ async fn break_glass_doubles_for_an_hour_and_finds_are_rate_limited() {
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("finds_per_minute"), "{}", e.message());
 }
+
+/// A read's only durable write is its audit event: budget spends live in
+/// memory and come back from the trail after a restart (the test above),
+/// the session's last use is rewritten at most once a minute.
+#[tokio::test]
+async fn a_read_writes_nothing_but_its_audit_event() {
+    let s = TestServer::start_faulty().await;
+    let clin = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    for i in 0..30 {
+        r.put_record(authed(&clin, put(&format!("p{i}"), &[("nir", "1")])))
+            .await
+            .unwrap();
+    }
+    // The first read loads the principal's budget (and may store that it
+    // exists); from then on reads add nothing to the key-value store.
+    r.get_record(authed(&clin, get("p0"))).await.unwrap();
+    let faults = s.faults.clone().unwrap();
+    let audit = &s.vault.as_ref().unwrap().audit;
+    let (writes, head) = (faults.writes(), audit.head().0);
+    for i in 1..30 {
+        r.get_record(authed(&clin, get(&format!("p{i}"))))
+            .await
+            .unwrap();
+    }
+    let e = r.get_record(authed(&clin, get("nope"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut st = r
+        .bulk_read(authed(
+            &clin,
+            pb::BulkReadRequest {
+                ids: vec!["p1".into(), "p2".into()],
+                fields: vec![],
+                purpose: "care".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while st.message().await.unwrap().is_some() {}
+    assert_eq!(
+        faults.writes(),
+        writes,
+        "31 reads and a bulk read wrote to the key-value store"
+    );
+    assert_eq!(audit.head().0, head + 31, "one event each");
+}

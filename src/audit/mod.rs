@@ -321,7 +321,19 @@ impl Audit {
 
     /// Chains one event and returns once it is durable. An error means the
     /// event is not stored: the caller must fail the RPC.
-    pub async fn record(&self, mut e: AuditEvent) -> Result<AuditEvent> {
+    pub async fn record(&self, e: AuditEvent) -> Result<AuditEvent> {
+        self.append(e, None).await
+    }
+
+    /// [`Audit::record`] keeping the event's own `time_unix_ms` when it is
+    /// not before the head's: for generating a trail that spans days in a
+    /// benchmark, and for imports. No service calls it.
+    pub async fn record_dated(&self, e: AuditEvent) -> Result<AuditEvent> {
+        let t = e.time_unix_ms;
+        self.append(e, Some(t)).await
+    }
+
+    async fn append(&self, mut e: AuditEvent, at: Option<i64>) -> Result<AuditEvent> {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = self.shared.state.lock();
@@ -331,7 +343,7 @@ impl Audit {
             e.seq = st.seq + 1;
             // Time never goes backwards in the trail: a time range is a
             // seq range.
-            e.time_unix_ms = now_ms().max(st.time);
+            e.time_unix_ms = at.unwrap_or_else(now_ms).max(st.time);
             e.prev_hash = st.hash.to_vec();
             let hash = log::chain_hash(self.shared.log.keys().chain(), &st.hash, &e);
             e.hash = hash.to_vec();
