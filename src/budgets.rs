@@ -270,8 +270,7 @@ impl State {
     /// the last day in the trail, or a new one (buckets full) with its
     /// scalars in `batch`, so that a restart knows it is not new.
     fn load(
-        store: &Storage,
-        trail: &Audit,
+        (store, trail): (&Storage, &Audit),
         principal: &str,
         tag_of: impl Fn(&str) -> RecordTag,
         prefix: Vec<u8>,
@@ -581,8 +580,7 @@ impl Budgets {
         let mut batch = Batch::new();
         if guard.is_none() {
             let state = State::load(
-                &self.store,
-                &self.audit,
+                (&self.store, &self.audit),
                 &caller.principal(),
                 |id| self.tag_str(id),
                 Self::prefix(caller),
