@@ -140,7 +140,7 @@ async fn generate(audit: Arc<Audit>, n: u64, start_ms: i64) -> f64 {
                 }
                 let t = start_ms + (i as f64 * step) as i64;
                 audit.record_dated(event(i, t)).await.unwrap();
-                if i > 0 && i % 1_000_000 == 0 {
+                if i > 0 && i.is_multiple_of(1_000_000) {
                     eprintln!("  {i} events");
                 }
             }
