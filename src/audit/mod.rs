@@ -143,9 +143,9 @@ impl Query {
 /// fails (UNAVAILABLE): a disk stuck after an I/O error must not hang it.
 const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long the writer lingers for more events once appends have shown
-/// concurrency: a few hundred microseconds turn many fsyncs into one.
-const COMMIT_DELAY: Duration = Duration::from_micros(300);
+// The writer does not linger for more events: an fdatasync of an append
+// costs ~0.2 ms on the reference machine and events queue up while it runs;
+// a 300 µs linger only added latency (BENCHMARKS.md).
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
@@ -167,6 +167,8 @@ struct Shared {
     log: log::Log,
     state: Mutex<State>,
     wake: Condvar,
+    /// Held by whoever writes a frame: the writer thread or a caller.
+    committer: Mutex<()>,
     store: Storage,
     mirror: Option<Mutex<File>>,
 }
@@ -285,6 +287,7 @@ impl Audit {
                 closed: false,
             }),
             wake: Condvar::new(),
+            committer: Mutex::new(()),
             store,
             mirror: mirror.map(append_line).transpose()?,
         });
@@ -794,9 +797,8 @@ impl Shared {
     /// every event chained since the durable head, so the chain in memory
     /// never runs ahead of the one on disk.
     fn writer(&self) {
-        let mut concurrent = false;
         loop {
-            let (events, waiters) = {
+            {
                 let mut st = self.state.lock();
                 while st.pending.is_empty() && !st.closed {
                     self.wake.wait(&mut st);
@@ -804,69 +806,74 @@ impl Shared {
                 if st.pending.is_empty() {
                     return;
                 }
-                if concurrent && !st.closed {
-                    let until = std::time::Instant::now() + COMMIT_DELAY;
-                    while std::time::Instant::now() < until {
-                        if self.wake.wait_until(&mut st, until).timed_out() {
-                            break;
-                        }
-                    }
+            }
+            let _turn = self.committer.lock();
+            self.commit_pending();
+        }
+    }
+
+    /// Takes every pending event, writes them, answers their callers.
+    /// Returns false when nothing was pending. Call with `committer` held.
+    fn commit_pending(&self) -> bool {
+        let (events, waiters) = {
+            let mut st = self.state.lock();
+            if st.pending.is_empty() {
+                return false;
+            }
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.waiters),
+            )
+        };
+        let result = self
+            .store
+            .admit(Space::Audit)
+            .and_then(|()| self.log.append(&events));
+        match result {
+            Ok(()) => {
+                let last = events.last().expect("not empty");
+                {
+                    let mut st = self.state.lock();
+                    st.durable = (
+                        last.seq,
+                        last.hash.as_slice().try_into().unwrap_or([0; 32]),
+                        last.time_unix_ms,
+                    );
                 }
-                (
-                    std::mem::take(&mut st.pending),
-                    std::mem::take(&mut st.waiters),
-                )
-            };
-            concurrent = events.len() > 1;
-            let result = self
-                .store
-                .admit(Space::Audit)
-                .and_then(|()| self.log.append(&events));
-            match result {
-                Ok(()) => {
-                    let last = events.last().expect("not empty");
-                    {
-                        let mut st = self.state.lock();
-                        st.durable = (
-                            last.seq,
-                            last.hash.as_slice().try_into().unwrap_or([0; 32]),
-                            last.time_unix_ms,
-                        );
-                    }
-                    for w in waiters {
-                        let _ = w.send(Ok(()));
-                    }
-                    if let Some(m) = &self.mirror {
-                        let mut lines = String::new();
-                        for e in &events {
-                            lines.push_str(&to_json(e).to_string());
-                            lines.push('\n');
-                        }
-                        // The trail has the events already; a mirror failure is
-                        // logged, not fatal, and `verify --mirror` shows the gap.
-                        if let Err(err) = m.lock().write_all(lines.as_bytes()) {
-                            tracing::error!(error = %err, "audit mirror write failed");
-                        }
-                    }
+                for w in waiters {
+                    let _ = w.send(Ok(()));
                 }
-                Err(e) => {
-                    self.store.note_failure();
-                    let msg = e.to_string();
-                    let later = {
-                        let mut st = self.state.lock();
-                        let (seq, hash, time) = st.durable;
-                        st.seq = seq;
-                        st.hash = hash;
-                        st.time = time;
-                        st.pending.clear();
-                        std::mem::take(&mut st.waiters)
-                    };
-                    for w in waiters.into_iter().chain(later) {
-                        let _ = w.send(Err(msg.clone()));
+                if let Some(m) = &self.mirror {
+                    let mut lines = String::new();
+                    for e in &events {
+                        lines.push_str(&to_json(e).to_string());
+                        lines.push('\n');
+                    }
+                    // The trail has the events already; a mirror failure is
+                    // logged, not fatal, and `verify --mirror` shows the gap.
+                    if let Err(err) = m.lock().write_all(lines.as_bytes()) {
+                        tracing::error!(error = %err, "audit mirror write failed");
                     }
                 }
             }
+            Err(e) => {
+                self.store.note_failure();
+                let msg = e.to_string();
+                let later = {
+                    let mut st = self.state.lock();
+                    let (seq, hash, time) = st.durable;
+                    st.seq = seq;
+                    st.hash = hash;
+                    st.time = time;
+                    st.pending.clear();
+                    std::mem::take(&mut st.waiters)
+                };
+                for w in waiters.into_iter().chain(later) {
+                    let _ = w.send(Err(msg.clone()));
+                }
+            }
         }
+        true
     }
 }
 
