@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::{audit::Audit, pb, storage::Storage};
+use coffre::{audit::Audit, pb, store::Storage};
 
 const DAY_MS: i64 = 86_400_000;
 const TASKS: usize = 64;
@@ -40,9 +40,9 @@ fn rss_kib(field: &str) -> u64 {
 
 fn open(dir: &Path) -> Audit {
     let key = std::fs::read(dir.join("bench-audit-key")).unwrap();
-    let sled = coffre::storage::SledBackend::open(
+    let sled = coffre::store::SledBackend::open(
         &dir.join("kv"),
-        &coffre::storage::SledOptions {
+        &coffre::store::SledOptions {
             cache_capacity_bytes: 1 << 24,
         },
     )
@@ -225,7 +225,7 @@ fn main() {
     .unwrap();
     drop(rt.block_on(async { open(empty.path()) }));
 
-    let start_ms = coffre::accounts::now_ms() - 11 * DAY_MS;
+    let start_ms = coffre::clock::now_ms() - 11 * DAY_MS;
     let audit = Arc::new(rt.block_on(async { open(dir) }));
     eprintln!("generating {n} events over 10 days, {TASKS} tasks");
     let eps = rt.block_on(generate(audit.clone(), n, start_ms));

@@ -6,13 +6,13 @@ use std::{hint::black_box, sync::Arc};
 
 use coffre::{
     accounts::Hasher,
-    bench::sample_fields,
     config::Argon2Config,
     crypto::SecretKey,
     keys::{Keyring, MasterKey},
     model::{Fields, RecordId, TenantName},
     records::Records,
-    storage::{SledOptions, Storage},
+    sample::sample_fields,
+    store::{SledOptions, Storage},
     tenants::Tenants,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};

@@ -24,11 +24,12 @@ use zeroize::Zeroizing;
 
 use crate::{
     audit::{Audit, Severity},
+    clock::now_ms,
     config::{Argon2Config, SessionConfig},
     crypto::{self, SecretKey},
     error::{Error, Result},
     model::{Password, Role, TenantName, Username},
-    storage::{Batch, Space, Storage},
+    store::{Batch, Space, Storage},
 };
 
 /// Consecutive failed logins before an account locks.
@@ -50,13 +51,6 @@ const REVOKED_KEPT_MS: i64 = 24 * 3600 * 1000;
 pub const BAD_CREDENTIALS: &str = "invalid tenant, username or password";
 const LOCKED: &str = "account locked";
 const NO_SESSION: &str = "missing, expired or revoked token";
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Computes and checks Argon2id hashes off the async runtime.
 pub struct Hasher {
@@ -328,8 +322,8 @@ impl From<Error> for Refused {
     }
 }
 
-impl From<crate::storage::StorageError> for Refused {
-    fn from(e: crate::storage::StorageError) -> Self {
+impl From<crate::store::StorageError> for Refused {
+    fn from(e: crate::store::StorageError) -> Self {
         Self::anonymous(e.into())
     }
 }

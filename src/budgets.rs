@@ -32,14 +32,15 @@ use parking_lot::Mutex;
 use prost::Message;
 
 use crate::{
-    accounts::{Accounts, Caller, now_ms},
+    accounts::{Accounts, Caller},
     audit::{Audit, Severity},
+    clock::now_ms,
     config::{Config, LimitsConfig},
     crypto::{self, SecretKey},
     error::{Error, Result},
     model::{Purpose, RecordId, Role, TenantName},
     pb,
-    storage::{Batch, Space, Storage},
+    store::{Batch, Space, Storage},
 };
 
 const HOUR_MS: i64 = 3_600_000;

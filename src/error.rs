@@ -2,7 +2,7 @@
 //! `service` maps it to `tonic::Status` in one place. Messages are written
 //! for clients and never carry a field value, password, token or key.
 
-use crate::{crypto::CryptoError, keys::KeyError, storage::StorageError};
+use crate::{crypto::CryptoError, keys::KeyError, store::StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

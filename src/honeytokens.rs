@@ -25,7 +25,7 @@ use crate::{
     error::Result,
     model::{FieldName, Fields, RecordId, TenantName},
     records::{Records, Written},
-    storage::{Batch, Space, Storage},
+    store::{Batch, Space, Storage},
     tenants::Tenant,
 };
 
@@ -70,7 +70,7 @@ impl Honeytokens {
     /// Makes a canary record in `tenant` and returns its id.
     pub async fn create(&self, tenant: &Tenant, records: &Records) -> Result<Written> {
         let id = RecordId::generate();
-        let shape = records.sample_shape(tenant)?;
+        let shape = records.sample_shape(tenant)?.unwrap_or_else(default_shape);
         let mut fields = Vec::new();
         let mut decoys = BTreeSet::new();
         for (name, len) in shape {
@@ -226,7 +226,7 @@ fn nir(rng: &mut impl Rng) -> String {
 }
 
 /// Field names of a canary that has no record to imitate.
-pub fn default_shape() -> Vec<(FieldName, usize)> {
+fn default_shape() -> Vec<(FieldName, usize)> {
     DEFAULT_SHAPE
         .iter()
         .map(|n| (FieldName::parse(n).expect("valid names"), 12))

@@ -37,7 +37,7 @@ use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, Aead256, Context, CryptoError, FieldAad, SecretKey};
-use crate::storage::{AtomicFile, Batch, Space, Storage, StorageError};
+use crate::store::{AtomicFile, Batch, Space, Storage, StorageError};
 use prost::Message as _;
 
 const KEY_FILE_PREFIX: &str = "coffre-master-key-v1:";
@@ -1010,7 +1010,7 @@ impl DataKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::SledOptions;
+    use crate::store::SledOptions;
 
     const BOUND: u64 = 1 << 40;
 

@@ -41,9 +41,9 @@
 
 pub mod accounts;
 pub mod audit;
-pub mod bench;
 pub mod budgets;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod crypto;
@@ -53,9 +53,10 @@ pub mod keys;
 pub mod model;
 pub mod records;
 pub mod report;
+pub mod sample;
 pub mod server;
 pub mod service;
-pub mod storage;
+pub mod store;
 pub mod tenants;
 pub mod vault;
 

@@ -24,7 +24,7 @@ use crate::{
     error::{Error, Result},
     keys::Keyring,
     model::{FieldName, Fields, MAX_VALUE_BYTES, Password, RecordId},
-    storage::{Batch, Space, Storage},
+    store::{Batch, Space, Storage},
     tenants::Tenant,
 };
 
@@ -373,14 +373,14 @@ impl Records {
     }
 
     /// The field names of a record of the tenant, picked at random among
-    /// the first few, with their plaintext lengths; the usual patient
-    /// fields when the tenant has no record yet.
-    pub fn sample_shape(&self, tenant: &Tenant) -> Result<Vec<(FieldName, usize)>> {
+    /// the first few, with their plaintext lengths; `None` when the tenant
+    /// has no record yet.
+    pub fn sample_shape(&self, tenant: &Tenant) -> Result<Option<Vec<(FieldName, usize)>>> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
         let some = self.store.scan_prefix(Space::Records, &prefix, 64)?;
         let Some((_, bytes)) = some.choose(&mut rand::rng()) else {
-            return Ok(crate::honeytokens::default_shape());
+            return Ok(None);
         };
         let rec = StoredRecord::decode(&bytes[..])?;
         let mut shape = rec
@@ -394,7 +394,7 @@ impl Records {
             })
             .collect::<Result<Vec<_>>>()?;
         shape.sort();
-        Ok(shape)
+        Ok(Some(shape))
     }
 
     /// Re-encrypts, under the active data key, every field of up to `max`

@@ -125,11 +125,11 @@ async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthRe
         // Both stores must take a write: the key-value store and the
         // trail's files can fail apart.
         let probe = async {
-            let mut b = crate::storage::Batch::new();
+            let mut b = crate::store::Batch::new();
             b.put(
-                crate::storage::Space::Meta,
+                crate::store::Space::Meta,
                 b"health_probe".to_vec(),
-                crate::accounts::now_ms().to_be_bytes().to_vec(),
+                crate::clock::now_ms().to_be_bytes().to_vec(),
             );
             vault
                 .store
@@ -226,7 +226,7 @@ pub async fn run(
                 if let Some(days) = retention_days
                     && minutes.is_multiple_of(60)
                 {
-                    let before = crate::accounts::now_ms() - i64::from(days) * 86_400_000;
+                    let before = crate::clock::now_ms() - i64::from(days) * 86_400_000;
                     match vault.audit.prune(before).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(pruned = n, days, "audit retention"),

@@ -603,7 +603,7 @@ impl Gate {
             tracing::error!(action, error = %e, "audit event not stored: failing the call");
             return Err(to_status(match e {
                 Error::Unavailable(s) => Error::Unavailable(s),
-                _ => Error::Unavailable(crate::storage::StorageError::Io("audit".into())),
+                _ => Error::Unavailable(crate::store::StorageError::Io("audit".into())),
             }));
         }
         result
@@ -1590,7 +1590,12 @@ impl audit_server::Audit for AuditService {
                     until_unix_ms: m.until_unix_ms,
                     limit: m.limit as usize,
                     newest_first: m.newest_first,
-                    before_seq: m.before_seq,
+                    // What was durable when the call came: never its own
+                    // event, whose writing races with the stream.
+                    before_seq: match (m.before_seq, v.audit.head().0 + 1) {
+                        (0, head) => head,
+                        (b, head) => b.min(head),
+                    },
                     alerts_only: false,
                 };
                 Ok(stream_blocking(move |emit| v.audit.query_each(&q, emit)))

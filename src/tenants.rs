@@ -9,11 +9,11 @@ use parking_lot::RwLock;
 use prost::Message;
 
 use crate::{
-    accounts::now_ms,
+    clock::now_ms,
     error::{Error, Result},
     keys::{Keyring, TenantKeys},
     model::{FieldName, MAX_FIELDS, TenantName},
-    storage::{Batch, Space, Storage},
+    store::{Batch, Space, Storage},
 };
 
 #[derive(Clone, PartialEq, Message)]

@@ -16,7 +16,7 @@ use crate::{
     model::{FieldName, Fields, Password, RecordId, Role, TenantName, Username},
     records::Records,
     records::{PlainRecord, Written},
-    storage::{Backend, Batch, SledBackend, SledOptions, Space, Storage, StorageError},
+    store::{Backend, Batch, SledBackend, SledOptions, Space, Storage, StorageError},
     tenants::Tenant,
     tenants::Tenants,
 };
@@ -169,7 +169,7 @@ impl Vault {
             },
         )?;
         let store = Storage::new(wrap(Arc::new(sled))).with_space_guard(
-            crate::storage::SpaceGuard::new(&config.data_dir, config.storage.min_free_mib),
+            crate::store::SpaceGuard::new(&config.data_dir, config.storage.min_free_mib),
         );
         let keys = Arc::new(Keyring::open(
             store.clone(),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use base64::Engine;
 use coffre::{
     pb,
-    storage::{Batch, Space},
+    store::{Batch, Space},
 };
 use common::*;
 use tonic::Code;

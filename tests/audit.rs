@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use coffre::{
     pb::{self, audit_client::AuditClient, auth_client::AuthClient},
-    storage::Space,
+    store::Space,
 };
 use common::*;
 use tonic::Code;
@@ -864,7 +864,7 @@ async fn retention_pruning_keeps_the_rest_verifiable() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let cutoff = coffre::accounts::now_ms();
+    let cutoff = coffre::clock::now_ms();
     // Retention drops whole segments: close the one holding "old" at the
     // cutoff, as a segment filling up or an earlier pruning run would.
     s.vault.as_ref().unwrap().audit.seal().unwrap();

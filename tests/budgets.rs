@@ -55,7 +55,7 @@ async fn clinician(s: &TestServer, user: &str) -> String {
 }
 
 fn fields(i: u64) -> Vec<(String, String)> {
-    coffre::bench::sample_fields(i).into_iter().collect()
+    coffre::sample::sample_fields(i).into_iter().collect()
 }
 
 /// Writes `n` ten-field records (writes spend no read budget) with 16

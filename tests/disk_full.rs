@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use coffre::{pb, storage::Space};
+use coffre::{pb, store::Space};
 use common::*;
 use tonic::{Code, Request, transport::Channel};
 use tonic_health::pb::{

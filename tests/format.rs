@@ -9,7 +9,7 @@ use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use coffre::{
     pb,
-    storage::{Backend, FaultyBackend, Space},
+    store::{Backend, FaultyBackend, Space},
     vault::Vault,
 };
 use common::*;

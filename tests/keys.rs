@@ -61,7 +61,7 @@ async fn rewrap(a: &mut Admin, admin: &str) -> Vec<pb::RewrapProgress> {
 }
 
 fn fields_of(i: u64) -> Vec<(String, String)> {
-    coffre::bench::sample_fields(i).into_iter().collect()
+    coffre::sample::sample_fields(i).into_iter().collect()
 }
 
 fn put_req(id: &str, i: u64) -> pb::PutRecordRequest {
@@ -112,7 +112,7 @@ async fn rotate_rewrap_under_load_then_retire() {
         .into_inner()
         .record
         .unwrap();
-    assert_eq!(old.fields["nir"], coffre::bench::sample_fields(7)["nir"]);
+    assert_eq!(old.fields["nir"], coffre::sample::sample_fields(7)["nir"]);
     let retire = |version| pb::RetireKeyVersionRequest {
         tenant: "clinic".into(),
         version,
@@ -424,7 +424,7 @@ async fn a_rewrap_killed_mid_way_resumes() {
             .into_inner();
         while let Some(rec) = stream.message().await.unwrap() {
             let i: u64 = rec.id[1..].parse().unwrap();
-            assert_eq!(rec.fields["nir"], coffre::bench::sample_fields(i)["nir"]);
+            assert_eq!(rec.fields["nir"], coffre::sample::sample_fields(i)["nir"]);
             read += 1;
         }
     }
@@ -492,7 +492,7 @@ async fn master_rotation_is_crash_safe_at_every_step() {
         .unwrap();
     r.get_record(authed(&token, get("p1"))).await.unwrap();
     s.stop().await;
-    let want = coffre::bench::sample_fields(1)["nir"].clone();
+    let want = coffre::sample::sample_fields(1)["nir"].clone();
     let old_key = s.config.master_key_file.clone();
     let new_key = s.root.path().join("keys").join("new.key");
     coffre::keys::generate_key_file(&new_key).unwrap();
@@ -631,7 +631,7 @@ async fn shredding_a_tenant_destroys_it_and_spares_the_others() {
         .into_inner()
         .record
         .unwrap();
-    assert_eq!(rec.fields["nir"], coffre::bench::sample_fields(103)["nir"]);
+    assert_eq!(rec.fields["nir"], coffre::sample::sample_fields(103)["nir"]);
 
     // Forever: after a restart too; and no byte of its keys remains.
     s.restart().await;
@@ -703,7 +703,7 @@ async fn index_key_rotates_online_and_finds_keep_working() {
         value: nir,
         purpose: "care".into(),
     };
-    let nir = |i: u64| coffre::bench::sample_fields(i)["nir"].clone();
+    let nir = |i: u64| coffre::sample::sample_fields(i)["nir"].clone();
     let stop = Arc::new(AtomicBool::new(false));
     let (found, missed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();

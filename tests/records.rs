@@ -3,7 +3,7 @@
 
 mod common;
 
-use coffre::{bench::sample_fields, pb};
+use coffre::{pb, sample::sample_fields};
 use common::*;
 use tonic::Code;
 

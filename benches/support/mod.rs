@@ -12,7 +12,7 @@ use std::{
 use coffre::{
     config::Config,
     pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
-    storage::Backend,
+    store::Backend,
     vault::Vault,
 };
 use tonic::{Request, transport::Channel};
@@ -144,7 +144,7 @@ pub async fn start_with(
                     pb::PutRecordRequest {
                         record: Some(pb::Record {
                             id: format!("p{i}"),
-                            fields: coffre::bench::sample_fields(i),
+                            fields: coffre::sample::sample_fields(i),
                             version: 0,
                         }),
                     },

@@ -33,7 +33,7 @@ use super::codec::{self, FrameBody};
 use crate::{
     crypto::{self, Aead256, Context, SecretKey},
     pb::AuditEvent,
-    storage::StorageError,
+    store::StorageError,
 };
 
 /// The version of the trail's files.
@@ -834,7 +834,7 @@ fn encode_frame(
 }
 
 /// Writes a new segment file: its header, then `frames` (already encoded),
-/// durably, created 0600.
+/// durably and atomically, created 0600.
 fn write_segment_header(
     keys: &Keys,
     path: &Path,
@@ -850,17 +850,7 @@ fn write_segment_header(
     b.extend_from_slice(prev);
     b.extend_from_slice(&keys.segment_mac(first_seq, prev));
     b.extend_from_slice(frames);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    std::io::Write::write_all(&mut f, &b).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::store::AtomicFile::new(path).replace(&b)
 }
 
 /// A segment's header: its first seq and the hash before it, if the MAC
@@ -1015,7 +1005,7 @@ fn write_index(scan: &Scan) -> Result<(), StorageError> {
         b.extend_from_slice(&k.to_be_bytes());
         b.extend_from_slice(&d.to_be_bytes());
     }
-    crate::storage::AtomicFile::new(m.idx_path()).replace(&b)
+    crate::store::AtomicFile::new(m.idx_path()).replace(&b)
 }
 
 /// A closed segment's metadata from its index file, if the index is whole

@@ -16,7 +16,7 @@ use crate::{
     crypto::{self, Context},
     error::{Error, Result},
     pb::AuditEvent,
-    storage::{Batch, Space, Storage, StorageError},
+    store::{Batch, Space, Storage, StorageError},
 };
 
 /// Format 1's base after pruning: `seq ‖ prev_hash ‖ MAC`.

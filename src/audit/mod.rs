@@ -12,11 +12,11 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use crate::{
-    accounts::now_ms,
+    clock::now_ms,
     crypto::{self, Context, SecretKey},
     error::{Error, Result},
     pb::{Alert, AuditEvent},
-    storage::{Space, Storage, StorageError},
+    store::{Space, Storage, StorageError},
 };
 
 mod codec;
@@ -831,18 +831,8 @@ impl Shared {
             .and_then(|()| self.log.append(&events));
         match result {
             Ok(()) => {
-                let last = events.last().expect("not empty");
-                {
-                    let mut st = self.state.lock();
-                    st.durable = (
-                        last.seq,
-                        last.hash.as_slice().try_into().unwrap_or([0; 32]),
-                        last.time_unix_ms,
-                    );
-                }
-                for w in waiters {
-                    let _ = w.send(Ok(()));
-                }
+                // The mirror line before the answer: a caller that reads the
+                // mirror after its call finds its event there.
                 if let Some(m) = &self.mirror {
                     let mut lines = String::new();
                     for e in &events {
@@ -854,6 +844,20 @@ impl Shared {
                     if let Err(err) = m.lock().write_all(lines.as_bytes()) {
                         tracing::error!(error = %err, "audit mirror write failed");
                     }
+                }
+                // Visible to queries only now: whatever a query returns is in
+                // the mirror already.
+                let last = events.last().expect("not empty");
+                {
+                    let mut st = self.state.lock();
+                    st.durable = (
+                        last.seq,
+                        last.hash.as_slice().try_into().unwrap_or([0; 32]),
+                        last.time_unix_ms,
+                    );
+                }
+                for w in waiters {
+                    let _ = w.send(Ok(()));
                 }
             }
             Err(e) => {

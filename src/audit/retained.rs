@@ -13,7 +13,7 @@ use super::{LatestWrite, log};
 use crate::{
     crypto::{self, Context},
     error::{Error, Result},
-    storage::{Batch, Space, Storage, StorageError},
+    store::{Batch, Space, Storage, StorageError},
 };
 
 #[derive(Clone, PartialEq, Message)]

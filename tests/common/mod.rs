@@ -60,7 +60,7 @@ pub struct TestServer {
     pub addr: String,
     pub vault: Option<Arc<Vault>>,
     /// With `start_faulty`, the switch that makes storage writes fail.
-    pub faults: Option<Arc<coffre::storage::FaultyBackend>>,
+    pub faults: Option<Arc<coffre::store::FaultyBackend>>,
     want_faults: bool,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -106,7 +106,7 @@ impl TestServer {
             let mut faulty = None;
             let opened = Vault::open_with(&self.config, Some(ADMIN_PASSWORD.into()), |b| {
                 if want {
-                    let f = coffre::storage::FaultyBackend::new(b);
+                    let f = coffre::store::FaultyBackend::new(b);
                     faulty = Some(f.clone());
                     f
                 } else {
@@ -412,11 +412,11 @@ pub fn write_config(root: &Path, extra: &str) -> PathBuf {
 
 /// Opens a stopped server's store directly, as an attacker with write
 /// access to the data directory would (sled frees its lock asynchronously).
-pub async fn open_store(dir: &Path) -> coffre::storage::Storage {
+pub async fn open_store(dir: &Path) -> coffre::store::Storage {
     for _ in 0..200 {
-        if let Ok(s) = coffre::storage::Storage::open_sled(
+        if let Ok(s) = coffre::store::Storage::open_sled(
             dir,
-            &coffre::storage::SledOptions {
+            &coffre::store::SledOptions {
                 cache_capacity_bytes: 1 << 20,
             },
         ) {

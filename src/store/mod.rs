@@ -1,16 +1,47 @@
-//! Storage: the only module that knows sled, and the one that writes the
-//! few files the vault rewrites whole ([`AtomicFile`]).
+//! Storage: the interface every backend implements, and the handle the
+//! rest of the vault uses.
 //!
 //! Everything above sees a [`Backend`] of named key spaces with atomic
 //! batches and an explicit durability point, and a [`Storage`] handle that
 //! adds group commit: concurrent writers share one flush, and a write is
-//! acknowledged only once a flush that began after it has finished. Another
-//! backend (PostgreSQL, for several stateless nodes) implements [`Backend`]
-//! without touching the services.
+//! acknowledged only once a flush that began after it has finished.
+//!
+//! Layout: `sled.rs` the embedded default (the only file that knows sled),
+//! `faulty.rs` the fault-injecting wrapper of the fail-closed tests,
+//! `file.rs` the few files rewritten whole ([`AtomicFile`]). The audit trail
+//! keeps its own files (`crate::audit::log`), asking [`Storage::admit`]
+//! before each write.
+//!
+//! # State kept in this process, and what several nodes will need
+//!
+//! A second backend (PostgreSQL, for several stateless nodes behind a load
+//! balancer) implements [`Backend`]; what each node keeps in memory today
+//! must then become shared or checked against the database:
+//!
+//! | state | today, one node | with several nodes |
+//! |---|---|---|
+//! | read budgets (`budgets`) | in memory; rebuilt from the principal's events of the last day in the trail; scalars (throttles, break-glass) in `Space::Budgets` | one budget across nodes: spends serialised in the database (a row per principal, updated in the read's transaction with its audit event) |
+//! | sessions (`accounts`) | stored hashed in `Space::Sessions`, cached per node; last use rewritten at most once a minute | the cache must check revocation in the database on every call (a logout on node A refuses the next call on node B) |
+//! | principals, locks (`accounts`) | `Space::Principals`, read on every call | same rows for every node: a lock is seen at once |
+//! | audit head (`audit`) | in memory, from the trail's files at open | one chain serialised by the database (or per-node chains anchored together); a head that moves backwards is refused |
+//! | honeytoken tags (`honeytokens`) | loaded at open, kept in memory | reloaded when another node creates one (a version counter in the database) |
+//! | key jobs (rewrap, reindex) | in-process task, resumable from a cursor in the store | a lease row: one node runs a job, another resumes it when the lease expires |
+//! | tenant keys (`keys`) | the key store file beside the data | a table of wrapped keys, re-read when its version changes |
+//!
+//! The consistent cut a backup needs is [`Storage::cut`]: a brief write
+//! barrier across records, key store and trail.
 
 use std::{path::Path, sync::Arc, sync::mpsc, thread};
 
 use tokio::sync::oneshot;
+
+mod faulty;
+mod file;
+mod sled;
+
+pub use faulty::FaultyBackend;
+pub use file::AtomicFile;
+pub use sled::{SledBackend, SledOptions};
 
 /// A storage failure. Carries no key or value bytes.
 #[derive(Debug, thiserror::Error)]
@@ -111,297 +142,6 @@ pub trait Backend: Send + Sync + 'static {
     /// trail's files): fault injection answers here.
     fn admit(&self, _space: Space) -> Result<(), StorageError> {
         Ok(())
-    }
-}
-
-/// sled settings that operators tune.
-#[derive(Debug, Clone)]
-pub struct SledOptions {
-    pub cache_capacity_bytes: u64,
-}
-
-/// The embedded default: sled 0.34, one tree, keys prefixed by their space
-/// so that one batch is atomic across spaces.
-pub struct SledBackend {
-    db: sled::Db,
-}
-
-impl SledBackend {
-    pub fn open(dir: &Path, opts: &SledOptions) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(opts.cache_capacity_bytes)
-            // Our acknowledgements wait for an explicit flush; the periodic
-            // one only bounds how much unacknowledged work a crash loses.
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| match e {
-                // sled's own message is a Debug dump of the OS error.
-                sled::Error::Io(ref ioe) if ioe.to_string().contains("could not acquire lock") => {
-                    StorageError::Locked(dir.display().to_string())
-                }
-                other => io(other),
-            })?;
-        Ok(Self { db })
-    }
-}
-
-fn io(e: sled::Error) -> StorageError {
-    match e {
-        sled::Error::Corruption { .. } => StorageError::Corrupt("sled reported corruption"),
-        // sled's I/O errors name paths, never keys or values.
-        other => StorageError::Io(other.to_string()),
-    }
-}
-
-fn spaced(space: Space, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(space as u8);
-    k.extend_from_slice(key);
-    k
-}
-
-impl Backend for SledBackend {
-    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self
-            .db
-            .get(spaced(space, key))
-            .map_err(io)?
-            .map(|v| v.to_vec()))
-    }
-
-    fn scan_prefix(
-        &self,
-        space: Space,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
-        let mut out = Vec::new();
-        for kv in self.db.scan_prefix(spaced(space, prefix)).take(limit) {
-            let (k, v) = kv.map_err(io)?;
-            out.push((k[1..].to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    fn scan_from(
-        &self,
-        space: Space,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
-        let p = spaced(space, prefix);
-        let from = spaced(space, start.max(prefix));
-        let mut out = Vec::new();
-        for kv in self.db.range(from..).take(limit) {
-            let (k, v) = kv.map_err(io)?;
-            if !k.starts_with(&p) {
-                break;
-            }
-            out.push((k[1..].to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
-        // A lone write is atomic by itself; sled's batches take a global
-        // lock that stalls every concurrent reader, so skip it when we can.
-        if batch.0.len() == 1 {
-            return match batch.0.pop().expect("one op") {
-                Op::Put(s, k, v) => self.db.insert(spaced(s, &k), v).map(|_| ()),
-                Op::Delete(s, k) => self.db.remove(spaced(s, &k)).map(|_| ()),
-            }
-            .map_err(io);
-        }
-        let mut b = sled::Batch::default();
-        for op in batch.0 {
-            match op {
-                Op::Put(s, k, v) => b.insert(spaced(s, &k), v),
-                Op::Delete(s, k) => b.remove(spaced(s, &k)),
-            }
-        }
-        self.db.apply_batch(b).map_err(io)
-    }
-
-    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
-        let lo = [space as u8];
-        let hi = [space as u8 + 1];
-        match self.db.range(&lo[..]..&hi[..]).next_back() {
-            Some(kv) => {
-                let (k, v) = kv.map_err(io)?;
-                Ok(Some((k[1..].to_vec(), v.to_vec())))
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map(|_| ()).map_err(io)
-    }
-}
-
-/// A backend that fails writes to chosen spaces on demand: the fault
-/// injection of the fail-closed tests, usable against any backend.
-pub struct FaultyBackend {
-    inner: Arc<dyn Backend>,
-    failing: parking_lot::Mutex<Vec<Space>>,
-    /// Ops applied so far, by space (what a call wrote, for tests).
-    writes: parking_lot::Mutex<std::collections::HashMap<u8, u64>>,
-}
-
-impl FaultyBackend {
-    pub fn new(inner: Arc<dyn Backend>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            failing: parking_lot::Mutex::new(Vec::new()),
-            writes: Default::default(),
-        })
-    }
-
-    /// From now on, batches touching `space` fail.
-    pub fn fail(&self, space: Space) {
-        self.failing.lock().push(space);
-    }
-
-    pub fn heal(&self) {
-        self.failing.lock().clear();
-    }
-
-    /// Ops applied to the backend so far, all spaces together.
-    pub fn writes(&self) -> u64 {
-        self.writes.lock().values().sum()
-    }
-}
-
-impl Backend for FaultyBackend {
-    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get(space, key)
-    }
-    fn scan_prefix(
-        &self,
-        space: Space,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
-        self.inner.scan_prefix(space, prefix, limit)
-    }
-    fn scan_from(
-        &self,
-        space: Space,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
-        self.inner.scan_from(space, prefix, start, limit)
-    }
-    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
-        let failing = self.failing.lock().clone();
-        let touches = batch.0.iter().any(|op| match op {
-            Op::Put(s, _, _) | Op::Delete(s, _) => failing.contains(s),
-        });
-        if touches {
-            return Err(StorageError::Io("injected fault".into()));
-        }
-        {
-            let mut w = self.writes.lock();
-            for op in &batch.0 {
-                let (Op::Put(s, _, _) | Op::Delete(s, _)) = op;
-                *w.entry(*s as u8).or_default() += 1;
-            }
-        }
-        self.inner.apply(batch)
-    }
-    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
-        self.inner.last(space)
-    }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.inner.flush()
-    }
-    fn admit(&self, space: Space) -> Result<(), StorageError> {
-        if self.failing.lock().contains(&space) {
-            return Err(StorageError::Io("injected fault".into()));
-        }
-        self.inner.admit(space)
-    }
-}
-
-/// A small file rewritten whole and atomically (write a temporary file,
-/// fsync, rename over, fsync the directory): after a crash it holds the old
-/// contents or the new, never a mix. Unlike a log-structured store, a
-/// replace leaves no trace of the old bytes in the directory, which is what
-/// destroying a key needs. Created 0600.
-#[derive(Debug, Clone)]
-pub struct AtomicFile {
-    path: std::path::PathBuf,
-}
-
-impl AtomicFile {
-    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
-        Self { path: path.into() }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The contents, or `None` if the file does not exist.
-    pub fn read(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        match std::fs::read(&self.path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageError::Io(format!("{}: {e}", self.path.display()))),
-        }
-    }
-
-    /// Replaces the contents, durably, in the steps a crash test counts:
-    /// 1 write the temporary file, 2 fsync it, 3 rename it over, 4 fsync the
-    /// directory. `stop_before` ends early after the steps before it (a
-    /// simulated kill, for tests).
-    pub fn replace_steps(
-        &self,
-        bytes: &[u8],
-        stop_before: Option<u32>,
-    ) -> Result<(), StorageError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let err = |e: std::io::Error| StorageError::Io(format!("{}: {e}", self.path.display()));
-        let stop = |step: u32| stop_before.is_some_and(|s| s <= step);
-        let tmp = self.path.with_extension("tmp");
-        if stop(1) {
-            return Ok(());
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        std::io::Write::write_all(&mut f, bytes).map_err(err)?;
-        if stop(2) {
-            return Ok(());
-        }
-        f.sync_all().map_err(err)?;
-        drop(f);
-        if stop(3) {
-            return Ok(());
-        }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if stop(4) {
-            return Ok(());
-        }
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)
-    }
-
-    pub fn replace(&self, bytes: &[u8]) -> Result<(), StorageError> {
-        self.replace_steps(bytes, None)
     }
 }
 

@@ -4,60 +4,27 @@
 //! `grpc.health.v1.Health/Check` (the gRPC stack's own baseline),
 //! `GetRecord` and `PutRecord` of ten-field records — and prints req/s and
 //! latency percentiles, with each ratio to the baseline.
+//!
+//! Private to the CLI: the load generator is not part of the library's API.
+
+use super::*;
 
 use std::{
-    collections::HashMap,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use serde_json::json;
-use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-use zeroize::Zeroizing;
 
 use crate::{
-    cli::{BenchArgs, connect_to, with_token},
-    pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
+    pb::{admin_client::AdminClient, records_client::RecordsClient},
+    sample::sample_fields,
 };
 
-/// A plausible ten-field patient record, distinct for each `i`.
-pub fn sample_fields(i: u64) -> HashMap<String, String> {
-    const FAMILY: [&str; 8] = [
-        "Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand",
-    ];
-    const GIVEN: [&str; 8] = [
-        "Camille", "Louis", "Léa", "Gabriel", "Chloé", "Jules", "Manon", "Hugo",
-    ];
-    let f = |k: &str, v: String| (k.to_string(), v);
-    HashMap::from([
-        f("family_name", FAMILY[(i % 8) as usize].to_string()),
-        f("given_name", GIVEN[(i / 8 % 8) as usize].to_string()),
-        f(
-            "birth_date",
-            format!("19{:02}-{:02}-{:02}", 30 + i % 70, 1 + i % 12, 1 + i % 28),
-        ),
-        f(
-            "sex",
-            if i.is_multiple_of(2) { "F" } else { "M" }.to_string(),
-        ),
-        f(
-            "address",
-            format!("{} rue de la République, 69002 Lyon", 1 + i % 200),
-        ),
-        f("phone", format!("+33 6 {:08}", i % 100_000_000)),
-        f("email", format!("patient{i}@example.org")),
-        f("nir", format!("{}{:012}", 1 + i % 2, i)),
-        f(
-            "blood_group",
-            ["A+", "A-", "B+", "O+", "O-", "AB+"][(i % 6) as usize].to_string(),
-        ),
-        f(
-            "treating_physician",
-            format!("Dr {}", FAMILY[(i / 3 % 8) as usize]),
-        ),
-    ])
+pub(super) async fn bench(g: &Global, args: BenchArgs) -> Result<(), CliError> {
+    run(g.addr.clone(), g.ca.clone(), token(g)?, args, g.json)
+        .await
+        .map_err(err)
 }
 
 struct Phase {
@@ -80,7 +47,7 @@ impl Phase {
     }
 }
 
-pub async fn run(
+pub(super) async fn run(
     addr: String,
     ca: Option<PathBuf>,
     admin_token: Zeroizing<String>,

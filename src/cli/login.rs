@@ -1,0 +1,90 @@
+//! `coffre login`: a password prompt, a token saved 0600.
+
+use super::*;
+
+pub(super) async fn login(
+    g: &Global,
+    tenant: &str,
+    username: &str,
+    print: bool,
+) -> Result<(), CliError> {
+    let password = read_secret("password: ", false)?;
+    let mut c = AuthClient::new(connect(g).await?);
+    let resp = c
+        .login(pb::LoginRequest {
+            tenant: tenant.into(),
+            username: username.into(),
+            password: password.to_string(),
+        })
+        .await
+        .map_err(|s| {
+            if s.code() == tonic::Code::Unauthenticated {
+                // A locked account answers like a wrong password (so a
+                // guesser learns nothing): say what a person can do.
+                CliError(format!(
+                    "{}; if it persists, the account may be locked: ask an administrator (coffre principal list)",
+                    status_err(s)
+                ))
+            } else {
+                status_err(s)
+            }
+        })?
+        .into_inner();
+    let token = Zeroizing::new(resp.token);
+    let path = token_path(g);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    f.write_all(token.as_bytes()).map_err(err)?;
+    if g.json {
+        let mut v = json!({"tenant": tenant, "username": username, "expires_at_unix": resp.expires_at_unix});
+        if print {
+            v["token"] = json!(&*token);
+        }
+        println!("{v}");
+    } else if print {
+        println!("{}", &*token);
+    } else {
+        println!(
+            "logged in as {tenant}/{username}; token saved to {}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `coffre logout`: revokes the token and forgets it.
+pub(super) async fn logout(g: &Global) -> Result<(), CliError> {
+    let mut c = AuthClient::new(connect(g).await?);
+    c.logout(authed(g, pb::LogoutRequest {})?)
+        .await
+        .map_err(status_err)?;
+    let _ = std::fs::remove_file(token_path(g));
+    say(g, "logged out", json!({"ok": true}));
+    Ok(())
+}
+
+/// `coffre passwd`: changes the caller's password (prompted twice).
+pub(super) async fn passwd(g: &Global) -> Result<(), CliError> {
+    let old = read_secret("current password: ", false)?;
+    let new = read_secret("new password: ", true)?;
+    let mut c = AuthClient::new(connect(g).await?);
+    c.change_password(authed(
+        g,
+        pb::ChangePasswordRequest {
+            old_password: old.to_string(),
+            new_password: new.to_string(),
+        },
+    )?)
+    .await
+    .map_err(status_err)?;
+    say(g, "password changed", json!({"ok": true}));
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! The `coffre` command line: the server (`serve`, `keygen`) and a gRPC
+//! client for administrators and applications. Passwords come from a prompt
+//! or stdin, never argv. Errors are one line and a non-zero exit.
+
+use std::{
+    io::{BufRead, IsTerminal, Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use serde_json::json;
+
+use tonic::{
+    Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use zeroize::Zeroizing;
+
+use crate::{
+    config::Config,
+    pb::{self, admin_client::AdminClient, auth_client::AuthClient, records_client::RecordsClient},
+    vault::{BOOTSTRAP_PASSWORD_ENV, Bootstrap, Vault},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "coffre",
+    version,
+    about = "Encrypted vault for patient records"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// Server URL: http://host:port in dev mode, https://host:port with TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    addr: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "COFFRE_CA")]
+    ca: Option<PathBuf>,
+    /// Where `coffre login` keeps the token (0600); COFFRE_TOKEN wins over it.
+    #[arg(long, global = true, env = "COFFRE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a new master key file (0600, never over an existing file).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Log in; the password is read from a prompt or stdin.
+    Login {
+        #[arg(long, default_value = "system")]
+        tenant: String,
+        #[arg(long, default_value = "admin")]
+        username: String,
+        /// Also print the token (for `export COFFRE_TOKEN=...`).
+        #[arg(long)]
+        print_token: bool,
+    },
+    /// Revoke the current token.
+    Logout,
+    /// Change the logged-in principal's password (read from the prompt or
+    /// two lines of stdin: old, then new); other sessions are revoked.
+    Passwd,
+    /// Tenants: create, plant honeytokens, crypto-shred (admins).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Principals: create, lock, unlock, list (admins; list also auditors).
+    #[command(subcommand)]
+    Principal(PrincipalCmd),
+    /// Records: put, get, find, delete (clinicians and services).
+    #[command(subcommand)]
+    Record(RecordCmd),
+    /// Tenant keys: rotate, rewrap, status, retire; master key rotation.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// The audit trail: query, verify, alerts, report, export (auditors).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Load generator: N concurrent clients against a running server.
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant.
+    Create {
+        name: String,
+        /// A field FindRecords can search (repeatable).
+        #[arg(long = "index")]
+        indexed_fields: Vec<String>,
+    },
+    /// Plant honeytokens: canary records that look like the tenant's own;
+    /// reading one locks the reader. Keep the printed ids to yourself.
+    Honeytoken {
+        name: String,
+        /// How many canaries to plant.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Crypto-shred a tenant: destroy its keys, then its data. Its records
+    /// can never be read again, from this server or from any backup taken
+    /// before (once the master key has been rotated). Cannot be undone.
+    Shred {
+        name: String,
+        /// The tenant's name again, to confirm.
+        #[arg(long)]
+        confirm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a new data key version active for the tenant's writes.
+    Rotate {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Re-encrypt every field under an older version with the active one
+    /// (online, resumable: run it again after an interruption).
+    Rewrap {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Rotate the tenant's blind-index key and rebuild its index online
+    /// (FindRecords keeps working; resumable).
+    RotateIndex {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Key versions: fields sealed, encryptions performed, retired or not.
+    Status {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Re-wrap every key of the data directory under a new master key
+    /// (made by `coffre keygen`). Offline: stop the server first. Crash-safe
+    /// and rerunnable; afterwards only the new key file opens the vault.
+    RotateMaster {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The new master key file.
+        #[arg(long)]
+        new_key: PathBuf,
+    },
+    /// Destroy a version that seals no field any more.
+    Retire {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        version: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrincipalCmd {
+    /// Create a principal; the password is read from a prompt or stdin.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Lock a principal: its tokens stop at once, login is refused.
+    Lock {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+    },
+    /// Unlock principals (audited, alerted): one or more `--username`, or
+    /// `--all-locked` after a guessing storm. Clears failed logins.
+    Unlock {
+        #[arg(long)]
+        tenant: String,
+        /// Repeatable.
+        #[arg(long, required_unless_present = "all_locked")]
+        username: Vec<String>,
+        /// Every locked principal of the tenant.
+        #[arg(long, conflicts_with = "username")]
+        all_locked: bool,
+    },
+    /// Names, roles and locks of a tenant's principals (admins; auditors).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+/// A principal's role.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// Manages tenants, principals and keys (tenant `system` only).
+    Admin,
+    /// Reads and writes records, under a read budget.
+    Clinician,
+    /// An application: reads and writes records, under a read budget.
+    Service,
+    /// Reads the audit trail (of its tenant, or all from `system`).
+    Auditor,
+}
+
+/// The format of `audit export`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values with a header line.
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum RecordCmd {
+    /// Store a record read as JSON from stdin: {"id": "...", "fields": {...}}.
+    Put,
+    /// Print a record as JSON.
+    Get {
+        id: String,
+        #[arg(long = "field")]
+        fields: Vec<String>,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+    /// Ids of records whose indexed field equals the value read from stdin.
+    Find {
+        #[arg(long)]
+        field: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+    /// Delete a record, its index entries and its secrets.
+    Delete {
+        id: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct AuditFilter {
+    #[arg(long)]
+    tenant: Option<String>,
+    /// `tenant/username`.
+    #[arg(long)]
+    principal: Option<String>,
+    #[arg(long)]
+    record_id: Option<String>,
+    /// Full RPC name or its last part (`GetRecord`).
+    #[arg(long)]
+    action: Option<String>,
+    /// `ok` or a status name in lower case (`permission_denied`).
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Unix milliseconds, or an age such as `7d`, `24h`, `30m`.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    #[arg(long)]
+    newest_first: bool,
+    /// Only events with a smaller seq: the next page after the last seq
+    /// shown (with `--newest-first`).
+    #[arg(long, default_value_t = 0)]
+    before_seq: u64,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Events matching the filters, as a table or JSON lines.
+    Query(AuditFilter),
+    /// Recompute the chain; non-zero exit if it fails.
+    Verify {
+        /// `SEQ:HASH` from `coffre audit checkpoint`, kept elsewhere.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Cross-check a mirror file (JSON lines) against the store.
+        #[arg(long)]
+        mirror: Option<PathBuf>,
+    },
+    /// Print the current `SEQ:HASH` for the auditor to keep elsewhere.
+    Checkpoint,
+    /// Alerts (lockouts, unlocks, …) since a time.
+    Alerts {
+        /// Unix milliseconds, or an age such as `7d`, `24h`, `30m`.
+        #[arg(long, default_value = "7d")]
+        since: String,
+    },
+    /// Every access to one record: the list a patient may ask for.
+    Patient { record_id: String },
+    /// Per tenant and period: reads per principal ranked, refused and
+    /// throttled calls, lockouts, off-hours reads, and principals whose
+    /// distinct-record count stands far above their role's median.
+    Report {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Unix milliseconds, or an age such as `30d`.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// Office hours as START-END in local hours; reads outside are listed.
+        #[arg(long, default_value = "7-20")]
+        office_hours: String,
+        /// The time zone of the office hours (IANA name).
+        #[arg(long, default_value = "Europe/Paris")]
+        time_zone: String,
+        /// Flag principals reading more than this many times their role's median.
+        #[arg(long, default_value_t = 3.0)]
+        outlier_factor: f64,
+    },
+    /// Export events as JSON lines or CSV.
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Concurrent clients (one HTTP/2 connection each).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) clients: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) seconds: u64,
+    /// Records seeded before the GetRecord phase.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) records: usize,
+    /// Only load this many records (for memory measurements), then exit.
+    #[arg(long)]
+    pub(crate) fill: Option<usize>,
+}
+
+/// A one-line failure for the user.
+#[derive(Debug)]
+pub struct CliError(pub(crate) String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError(
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// The server address of this run, for hints on transport failures.
+static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn status_err(s: tonic::Status) -> CliError {
+    // A transport failure surfaces as a status made on this side, with a
+    // cause (a status from the server never carries one).
+    if let Some(src) = std::error::Error::source(&s) {
+        let chain = format!("{}: {}", s.message(), error_chain(src));
+        let addr = ADDR.get().map_or("", String::as_str);
+        if let Some(hint) = transport_hint(&chain, addr) {
+            return CliError(format!("cannot reach {addr}: {hint}"));
+        }
+        return CliError(format!("cannot reach {addr}: {chain}"));
+    }
+    let code = format!("{:?}", s.code());
+    if s.message().is_empty() {
+        CliError(code)
+    } else {
+        CliError(format!("{code}: {}", s.message()))
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coffre: error: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coffre: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let g = cli.global;
+    let _ = ADDR.set(g.addr.clone());
+    match cli.command {
+        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Keygen { out } => {
+            crate::keys::generate_key_file(&out).map_err(err)?;
+            say(
+                &g,
+                &format!("wrote {}", out.display()),
+                json!({"path": out}),
+            );
+            Ok(())
+        }
+        Command::Login {
+            tenant,
+            username,
+            print_token,
+        } => login(&g, &tenant, &username, print_token).await,
+        Command::Logout => logout(&g).await,
+        Command::Passwd => passwd(&g).await,
+        Command::Tenant(cmd) => tenant(&g, cmd).await,
+        Command::Principal(cmd) => principal(&g, cmd).await,
+        Command::Record(cmd) => record(&g, cmd).await,
+        Command::Bench(args) => bench(&g, args).await,
+        Command::Keys(cmd) => keys(&g, cmd).await,
+        Command::Audit(cmd) => audit(&g, cmd).await,
+    }
+}
+
+fn say(g: &Global, human: &str, machine: serde_json::Value) {
+    if g.json {
+        println!("{machine}");
+    } else {
+        println!("{human}");
+    }
+}
+
+mod audit;
+mod bench;
+mod client;
+mod keys;
+mod login;
+mod principal;
+mod record;
+mod serve;
+mod tenant;
+
+use audit::*;
+use bench::*;
+use client::*;
+use keys::*;
+use login::*;
+use principal::*;
+use record::*;
+use serve::*;
+use tenant::*;

@@ -1,0 +1,137 @@
+//! `coffre principal`: create, lock, unlock, list.
+
+use super::*;
+
+pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
+    let mut c = AdminClient::new(connect(g).await?);
+    match cmd {
+        PrincipalCmd::Create {
+            tenant,
+            username,
+            role,
+        } => {
+            let (role, pb_role) = match role {
+                RoleArg::Admin => (crate::model::Role::Admin, pb::Role::Admin),
+                RoleArg::Clinician => (crate::model::Role::Clinician, pb::Role::Clinician),
+                RoleArg::Service => (crate::model::Role::Service, pb::Role::Service),
+                RoleArg::Auditor => (crate::model::Role::Auditor, pb::Role::Auditor),
+            };
+            let password = read_secret("new password: ", true)?;
+            c.create_principal(authed(
+                g,
+                pb::CreatePrincipalRequest {
+                    tenant: tenant.clone(),
+                    username: username.clone(),
+                    password: password.to_string(),
+                    role: pb_role as i32,
+                },
+            )?)
+            .await
+            .map_err(status_err)?;
+            say(
+                g,
+                &format!("principal {tenant}/{username} created ({})", role.as_str()),
+                json!({"tenant": tenant, "username": username, "role": role.as_str()}),
+            );
+        }
+        PrincipalCmd::Lock { tenant, username } => {
+            set_locked(g, &mut c, tenant, username, true).await?
+        }
+        PrincipalCmd::Unlock {
+            tenant,
+            username,
+            all_locked,
+        } => {
+            let names = if all_locked {
+                list_principals(g, &mut c, &tenant)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.locked)
+                    .map(|p| p.username)
+                    .collect()
+            } else {
+                username
+            };
+            if names.is_empty() {
+                say(g, "no locked principal", json!({"unlocked": []}));
+            }
+            for username in names {
+                set_locked(g, &mut c, tenant.clone(), username, false).await?;
+            }
+        }
+        PrincipalCmd::List { tenant } => {
+            let list = list_principals(g, &mut c, &tenant).await?;
+            if g.json {
+                for p in &list {
+                    println!(
+                        "{}",
+                        json!({
+                            "tenant": tenant,
+                            "username": p.username,
+                            "role": p.role,
+                            "locked": p.locked,
+                            "lock_reason": p.lock_reason,
+                            "locked_until_unix_ms": p.locked_until_unix_ms,
+                            "failed_logins": p.failed_logins,
+                        })
+                    );
+                }
+            } else {
+                println!("{:<32} {:<10} {:<7} REASON", "USERNAME", "ROLE", "LOCKED");
+                for p in &list {
+                    println!(
+                        "{:<32} {:<10} {:<7} {}",
+                        p.username,
+                        p.role,
+                        if p.locked { "yes" } else { "no" },
+                        p.lock_reason
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn list_principals(
+    g: &Global,
+    c: &mut AdminClient<Channel>,
+    tenant: &str,
+) -> Result<Vec<pb::PrincipalInfo>, CliError> {
+    Ok(c.list_principals(authed(
+        g,
+        pb::ListPrincipalsRequest {
+            tenant: tenant.to_string(),
+        },
+    )?)
+    .await
+    .map_err(status_err)?
+    .into_inner()
+    .principals)
+}
+
+pub(super) async fn set_locked(
+    g: &Global,
+    c: &mut AdminClient<Channel>,
+    tenant: String,
+    username: String,
+    locked: bool,
+) -> Result<(), CliError> {
+    c.set_principal_locked(authed(
+        g,
+        pb::SetPrincipalLockedRequest {
+            tenant: tenant.clone(),
+            username: username.clone(),
+            locked,
+        },
+    )?)
+    .await
+    .map_err(status_err)?;
+    let word = if locked { "locked" } else { "unlocked" };
+    say(
+        g,
+        &format!("principal {tenant}/{username} {word}"),
+        json!({"tenant": tenant, "username": username, "locked": locked}),
+    );
+    Ok(())
+}
