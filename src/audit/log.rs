@@ -21,7 +21,7 @@
 
 use std::{
     fs::File,
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
