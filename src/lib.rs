@@ -12,8 +12,11 @@
 //! - [`keys`]: the key hierarchy — master key file, the key store file of
 //!   wrapped keys, tenant key versions and their encryption counts,
 //!   rotation, retirement, shredding, master-key rotation.
-//! - [`storage`]: the only module that knows sled; key spaces, atomic
-//!   batches, group commit.
+//! - [`store`]: the storage interface (key spaces, atomic batches, group
+//!   commit, streaming scans, the consistent cut) and one file per backend
+//!   (`sled` the embedded default); its docs list the state each node keeps
+//!   in memory and how it becomes shared across nodes.
+//! - [`clock`]: the wall clock, a leaf every module may use.
 //! - [`model`]: parsed input — names, ids, purposes, records within the
 //!   limits; roles; password policy.
 //! - [`accounts`]: principals, Argon2id hashing off the runtime, login with
@@ -23,23 +26,34 @@
 //! - [`budgets`]: read budgets per principal — token bucket, distinct-record
 //!   windows, find rate, throttle lockout, break-glass.
 //! - [`honeytokens`]: canary records whose read locks the reader.
-//! - [`audit`]: the HMAC-chained, fail-closed audit trail and its mirror.
+//! - [`audit`]: the HMAC-chained, fail-closed audit trail — its own
+//!   encrypted, segmented log with keyed-hash indexes (`audit/log.rs`), the
+//!   compact event codec, format-1 migration, retention — and its mirror.
 //! - [`vault`]: opens everything, bootstraps an empty data directory, and
-//!   joins records, budgets and honeytokens on the read path.
-//! - [`service`]: the gRPC services, thin; the gate (authorization, audit,
-//!   stream caps, refused-call limits, the front layer that audits requests
-//!   tonic cannot decode); the one error→status mapping.
+//!   holds the operations that join several components (a read under its
+//!   budget, an unlock that clears throttles, a key rotation made durable).
+//! - [`ops`]: administrative operations run from the CLI (master-key
+//!   rotation), later shared with RPCs.
+//! - [`api`]: the gRPC services, one file each and thin; the gate in
+//!   `mod.rs` (authorization, audit, stream caps, refused-call limits, the
+//!   one error→status mapping); the front layer that audits requests tonic
+//!   cannot decode (`front.rs`).
 //! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
 //! - [`connections`]: what a slow, idle or silent client may hold: idle and
 //!   handshake timeouts per connection, calls counted per connection.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.
 //! - [`report`]: the auditors' period report, computed from audit events.
-//! - [`cli`]: the `coffre` command line (the binary only parses and calls).
+//! - [`cli`]: the `coffre` command line, one file per command group and a
+//!   client helper; the load generator is private to it (the binary only
+//!   parses and calls).
+//! - [`sample`]: synthetic patient records for the load generator, the
+//!   benchmarks and the tests.
 //! - [`error`]: the core's error type.
 
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod api;
 pub mod audit;
 pub mod budgets;
 pub mod cli;
@@ -51,11 +65,11 @@ pub mod error;
 pub mod honeytokens;
 pub mod keys;
 pub mod model;
+pub mod ops;
 pub mod records;
 pub mod report;
 pub mod sample;
 pub mod server;
-pub mod service;
 pub mod store;
 pub mod tenants;
 pub mod vault;

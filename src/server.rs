@@ -11,13 +11,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
+    api::{AdminService, AuditService, AuthService, FrontLayer, Gate, RecordsService},
     config::Config,
     connections::{ConnLimits, TrackedConn},
     pb::{
         admin_server::AdminServer, audit_server::AuditServer, auth_server::AuthServer,
         records_server::RecordsServer,
     },
-    service::{AdminService, AuditService, AuthService, FrontLayer, Gate, RecordsService},
     vault::Vault,
 };
 

@@ -297,6 +297,53 @@ impl Vault {
         })
     }
 
+    /// Starts a reading call (Get, Find, BulkRead) of `caller` with its
+    /// purpose: `break_glass` opens its hour of doubled budget. Returns the
+    /// caller's tenant, which every read needs, so no read path can skip
+    /// this step.
+    pub async fn begin_reads(
+        &self,
+        caller: &Caller,
+        purpose: &crate::model::Purpose,
+    ) -> Result<Arc<Tenant>, Error> {
+        let tenant = self.tenants.get(&caller.tenant)?;
+        self.budgets.begin(caller, purpose).await?;
+        Ok(tenant)
+    }
+
+    /// Locks or unlocks a principal (an administrator's call). An unlock
+    /// also clears the throttles its budget counted toward the lock; its
+    /// windows stay (an unlock refills nothing).
+    pub async fn set_principal_locked(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        locked: bool,
+    ) -> Result<(), Error> {
+        self.accounts.set_locked(tenant, username, locked).await?;
+        if !locked {
+            self.budgets.unlocked(tenant, username.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Makes a new data key version active for `tenant`, durably.
+    pub async fn rotate_tenant_key(&self, tenant: &Tenant) -> Result<u32, Error> {
+        let version = self.keys.rotate(&tenant.keys)?;
+        self.store.sync().await?;
+        Ok(version)
+    }
+
+    /// Retires (destroys) a data key version no field uses any more.
+    pub async fn retire_key_version(&self, tenant: &Tenant, version: u32) -> Result<(), Error> {
+        self.keys.retire::<Error>(&tenant.keys, version, || {
+            let usage = self.records.key_usage(tenant)?;
+            Ok(usage.get(&version).copied().unwrap_or(0))
+        })?;
+        self.store.sync().await?;
+        Ok(())
+    }
+
     /// Reads one record for `caller` under its read budget: a
     /// honeytoken locks the caller, a spent budget refuses, and only then is
     /// anything decrypted. A missing id spends budget like a present one.

@@ -154,63 +154,14 @@ pub(super) async fn rotate_master(
     new_key: &Path,
 ) -> Result<(), CliError> {
     let config = crate::config::Config::load(config).map_err(err)?;
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
-    if same(new_key, &config.master_key_file) {
-        return Err(err(
-            "--new-key is the current master key file: make a new one with `coffre keygen`",
-        ));
-    }
-    let old = crate::keys::load_key_file(&config.master_key_file).map_err(err)?;
-    let new = crate::keys::load_key_file(new_key).map_err(err)?;
-    // Holding sled's lock proves no server is running on this directory.
-    let held = crate::store::Storage::open_sled(
-        &config.data_dir,
-        &crate::store::SledOptions {
-            cache_capacity_bytes: 1 << 20,
-        },
-    )
-    .map_err(|e| match e {
-        crate::store::StorageError::Locked(_) => err(format!("{e}: stop the server first")),
-        e => err(format!(
-            "data_dir {}: {e} (stop the server first)",
-            config.data_dir.display()
-        )),
-    })?;
-    let outcome = crate::keys::rotate_master(&config.data_dir, &old, &new, None).map_err(err)?;
-    let (human, keys) = match outcome {
-        crate::keys::MasterRotation::Rotated { keys } => (format!("re-wrapped {keys} keys"), keys),
-        crate::keys::MasterRotation::AlreadyDone => ("already under the new key".to_string(), 0),
-    };
-    // In the trail like every key operation: opened with the new key, the
-    // audit key is the same as before, so the chain simply goes on.
-    let ring =
-        crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX).map_err(err)?;
-    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
-        .expect("audit key is KEY_LEN bytes");
-    let audit = crate::audit::Audit::open(
-        held.clone(),
-        audit_key,
-        &config.data_dir,
-        config.audit.mirror_file.as_deref(),
-        config.alert_file.as_deref(),
-    )
-    .map_err(err)?;
     let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    audit
-        .record(pb::AuditEvent {
-            tenant: "system".into(),
-            principal: format!("system/cli:{operator}"),
-            role: "admin".into(),
-            action: "keys/rotate_master".into(),
-            purpose: format!("{keys} keys re-wrapped under a new master key"),
-            outcome: "ok".into(),
-            ..Default::default()
-        })
+    let (human, keys) = match crate::ops::rotate_master(&config, new_key, &operator)
         .await
-        .map_err(err)?;
+        .map_err(err)?
+    {
+        crate::ops::MasterRotated::Rotated { keys } => (format!("re-wrapped {keys} keys"), keys),
+        crate::ops::MasterRotated::AlreadyDone => ("already under the new key".to_string(), 0),
+    };
     say(
         g,
         &format!(

@@ -1,0 +1,81 @@
+//! Master-key rotation, offline: every wrapped key re-wrapped under the new
+//! master key (crash-safe, in `keys::rotate_master`), then an event in the
+//! trail naming the operator.
+
+use std::path::Path;
+
+use super::OpsError;
+use crate::{config::Config, pb, store::StorageError};
+
+/// What a rotation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterRotated {
+    /// This many keys now sit under the new master key.
+    Rotated { keys: usize },
+    /// An earlier run finished the job already.
+    AlreadyDone,
+}
+
+/// Re-wraps every key of `config.data_dir` under the master key in
+/// `new_key`. The server must be stopped (holding the store's lock proves
+/// it). `operator` is who ran it, for the trail.
+pub async fn rotate_master(
+    config: &Config,
+    new_key: &Path,
+    operator: &str,
+) -> Result<MasterRotated, OpsError> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if same(new_key, &config.master_key_file) {
+        return Err(OpsError::Refused(
+            "--new-key is the current master key file: make a new one with `coffre keygen`".into(),
+        ));
+    }
+    let old = crate::keys::load_key_file(&config.master_key_file)?;
+    let new = crate::keys::load_key_file(new_key)?;
+    // Holding the store's lock proves no server is running on this directory.
+    let held = crate::store::Storage::open_sled(
+        &config.data_dir,
+        &crate::store::SledOptions {
+            cache_capacity_bytes: 1 << 20,
+        },
+    )
+    .map_err(|e| match e {
+        StorageError::Locked(_) => OpsError::Busy(e.to_string()),
+        e => OpsError::Busy(format!("data_dir {}: {e}", config.data_dir.display())),
+    })?;
+    let outcome = match crate::keys::rotate_master(&config.data_dir, &old, &new, None)? {
+        crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
+        crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
+    };
+    let keys = match outcome {
+        MasterRotated::Rotated { keys } => keys,
+        MasterRotated::AlreadyDone => 0,
+    };
+    // In the trail like every key operation: opened with the new key, the
+    // audit key is the same as before, so the chain simply goes on.
+    let ring = crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX)?;
+    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
+        .expect("audit key is KEY_LEN bytes");
+    let audit = crate::audit::Audit::open(
+        held.clone(),
+        audit_key,
+        &config.data_dir,
+        config.audit.mirror_file.as_deref(),
+        config.alert_file.as_deref(),
+    )?;
+    audit
+        .record(pb::AuditEvent {
+            tenant: "system".into(),
+            principal: format!("system/cli:{operator}"),
+            role: "admin".into(),
+            action: "keys/rotate_master".into(),
+            purpose: format!("{keys} keys re-wrapped under a new master key"),
+            outcome: "ok".into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(outcome)
+}
