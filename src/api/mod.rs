@@ -112,6 +112,27 @@ routes! {
     "Audit/ListAlerts" => Auditor;
 }
 
+/// Whether `action` changes stored state the backup must hold together
+/// with its event.
+fn writes(action: &str) -> bool {
+    matches!(
+        action.strip_prefix("coffre.v1."),
+        Some(
+            "Records/PutRecord"
+                | "Records/DeleteRecord"
+                | "Records/SetSecret"
+                | "Auth/ChangePassword"
+                | "Admin/CreateTenant"
+                | "Admin/CreatePrincipal"
+                | "Admin/SetPrincipalLocked"
+                | "Admin/CreateHoneytoken"
+                | "Admin/RotateTenantKey"
+                | "Admin/RetireKeyVersion"
+                | "Admin/ShredTenant"
+        )
+    )
+}
+
 /// The route of a request path (`/coffre.v1.Records/GetRecord`).
 pub fn route(path: &str) -> Option<Route> {
     let action = path.strip_prefix('/')?;
@@ -442,6 +463,13 @@ impl Gate {
             return Err(to_status(Error::TooManyRefused));
         }
         let mut permit = None;
+        // A write and its event fall on the same side of a consistent cut
+        // (a backup holds exactly the writes whose events it holds).
+        let _scope = if writes(action) {
+            Some(self.vault.store.write_scope().await)
+        } else {
+            None
+        };
         let result = match auth.result {
             Ok(()) => match auth.principal.as_deref().map(|p| self.stream_permit(p)) {
                 Some(Err(e)) => Err(e),

@@ -35,9 +35,12 @@ use std::{path::Path, sync::Arc, sync::mpsc, thread};
 
 use tokio::sync::oneshot;
 
+mod cut;
 mod faulty;
 mod file;
 mod sled;
+
+pub use cut::Cut;
 
 pub use faulty::FaultyBackend;
 pub use file::AtomicFile;
@@ -201,6 +204,11 @@ pub struct Storage {
     space: Option<Arc<SpaceGuard>>,
     /// Failed writes and flushes so far: health watches it.
     failures: Arc<std::sync::atomic::AtomicU64>,
+    /// The write barrier and the open consistent cut, if any.
+    cuts: Arc<cut::Cuts>,
+    /// Held (shared) by a call from before its write to after its audit
+    /// event; taken whole by [`Storage::cut_between_calls`].
+    calls: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Storage {
@@ -216,6 +224,8 @@ impl Storage {
             flusher: tx,
             space: None,
             failures: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            cuts: Arc::default(),
+            calls: Arc::default(),
         }
     }
 
@@ -291,8 +301,48 @@ impl Storage {
     /// in a crash is harmless, such as a session's last-use time).
     pub fn apply(&self, batch: Batch) -> Result<(), StorageError> {
         self.space_ok()?;
-        let r = self.backend.apply(batch);
+        let r = {
+            let _barrier = self.cuts.barrier.read();
+            self.cuts
+                .record(&*self.backend, &batch)
+                .and_then(|()| self.backend.apply(batch))
+        };
         self.counted(r)
+    }
+
+    /// Entries of `space` under `prefix`, in key order, passed to `f` until
+    /// it returns false; read a chunk at a time (bounded memory). Live
+    /// values: for a view as of one instant, scan through a [`Cut`].
+    pub fn scan_each(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut start = prefix.to_vec();
+        loop {
+            let rows = self.scan_from(space, prefix, &start, 512)?;
+            let Some(last) = rows.last().map(|(k, _)| k.clone()) else {
+                return Ok(());
+            };
+            for (k, v) in rows {
+                if !f(&k, &v) {
+                    return Ok(());
+                }
+            }
+            start = last;
+            start.push(0);
+        }
+    }
+
+    /// How many entries `space` holds under `prefix`.
+    pub fn count(&self, space: Space, prefix: &[u8]) -> Result<u64, StorageError> {
+        let mut n = 0;
+        self.scan_each(space, prefix, |_, _| {
+            n += 1;
+            true
+        })?;
+        Ok(n)
     }
 
     /// Applies the ops one at a time: not atomic, but never through the

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},

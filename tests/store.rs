@@ -1,0 +1,193 @@
+//! The storage interface's contract, run against every backend in
+//! [`BACKENDS`] (today the embedded one; the next joins by one line):
+//! atomic batches, scans in bounded chunks, counts, and the consistent cut
+//! under concurrent writers. And the throwaway PostgreSQL the next backend's
+//! tests will start.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use coffre::store::{Batch, Space, Storage};
+
+/// A fresh, empty store of one backend, and what keeps it alive.
+type Opened = (Storage, Box<dyn std::any::Any + Send>);
+
+/// Every backend the contract runs against.
+const BACKENDS: &[(&str, fn() -> Opened)] = &[("sled", sled)];
+
+fn sled() -> Opened {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open_sled(
+        dir.path(),
+        &coffre::store::SledOptions {
+            cache_capacity_bytes: 1 << 22,
+        },
+    )
+    .unwrap();
+    (s, Box::new(dir))
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("k{i:08}").into_bytes()
+}
+
+#[tokio::test]
+async fn scans_stream_in_key_order_and_count() {
+    for (name, open) in BACKENDS {
+        let (s, _keep) = open();
+        for chunk in 0..3u64 {
+            let mut b = Batch::new();
+            for i in chunk * 1000..(chunk + 1) * 1000 {
+                b.put(Space::Records, key(i), i.to_be_bytes().to_vec());
+            }
+            s.commit(b).await.unwrap();
+        }
+        let mut b = Batch::new();
+        b.put(Space::Index, key(1), b"other space".to_vec());
+        s.commit(b).await.unwrap();
+        let mut seen = Vec::new();
+        s.scan_each(Space::Records, b"k", |k, v| {
+            seen.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 3000, "{name}");
+        assert!(
+            seen.windows(2).all(|w| w[0].0 < w[1].0),
+            "{name}: key order"
+        );
+        assert_eq!(seen[1234].1, 1234u64.to_be_bytes(), "{name}");
+        assert_eq!(s.count(Space::Records, b"").unwrap(), 3000, "{name}");
+        assert_eq!(s.count(Space::Records, b"k00001").unwrap(), 1000, "{name}");
+        assert_eq!(s.count(Space::Index, b"").unwrap(), 1, "{name}");
+        let mut first = 0;
+        s.scan_each(Space::Records, b"", |_, _| {
+            first += 1;
+            first < 10
+        })
+        .unwrap();
+        assert_eq!(first, 10, "{name}: a scan stops when asked");
+    }
+}
+
+/// Writers keep rewriting pairs of keys in one batch (`a<i>` and `b<i>`,
+/// the same value) and deleting and re-creating others while a cut is
+/// taken and scanned: the cut must show every pair equal (no batch half
+/// seen), no value written after it, and the keys deleted after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_is_one_instant_while_writers_run() {
+    for (name, open) in BACKENDS {
+        let (s, _keep) = open();
+        const PAIRS: u64 = 200;
+        let mut b = Batch::new();
+        for i in 0..PAIRS {
+            b.put(
+                Space::Records,
+                format!("a{i:04}"),
+                0u64.to_be_bytes().to_vec(),
+            );
+            b.put(
+                Space::Records,
+                format!("b{i:04}"),
+                0u64.to_be_bytes().to_vec(),
+            );
+            b.put(Space::Index, format!("d{i:04}"), b"present".to_vec());
+        }
+        s.commit(b).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let version = Arc::new(AtomicU64::new(0));
+        // Deletions start once the cut is open: it must still show them.
+        let cut_open = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..4u64 {
+            let (s, stop, version) = (s.clone(), stop.clone(), version.clone());
+            let cut_open = cut_open.clone();
+            writers.push(tokio::task::spawn_blocking(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+                    let i = (n * 4 + w) % PAIRS;
+                    let mut b = Batch::new();
+                    b.put(Space::Records, format!("a{i:04}"), v.to_be_bytes().to_vec());
+                    b.put(Space::Records, format!("b{i:04}"), v.to_be_bytes().to_vec());
+                    if cut_open.load(Ordering::SeqCst) {
+                        b.delete(Space::Index, format!("d{i:04}"));
+                    }
+                    s.apply(b).unwrap();
+                    n += 1;
+                }
+                n
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (cut, at) = s
+            .cut_between_calls(|| version.load(Ordering::SeqCst))
+            .await
+            .unwrap();
+        cut_open.store(true, Ordering::SeqCst);
+        // Let the writers move well past the cut before reading through it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut a = std::collections::BTreeMap::new();
+        let mut b = std::collections::BTreeMap::new();
+        cut.scan(Space::Records, b"", |k, v| {
+            let v = u64::from_be_bytes(v.try_into().unwrap());
+            let (side, i) = k.split_at(1);
+            if side == b"a" {
+                a.insert(i.to_vec(), v);
+            } else {
+                b.insert(i.to_vec(), v);
+            }
+            true
+        })
+        .unwrap();
+        let present = cut.count(Space::Index, b"").unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let mut writes = 0;
+        for w in writers {
+            writes += w.await.unwrap();
+        }
+        assert_eq!(a.len() as u64, PAIRS, "{name}");
+        assert_eq!(a, b, "{name}: a batch seen in half");
+        let newest = a.values().copied().max().unwrap();
+        assert!(newest <= at, "{name}: the cut shows a write made after it");
+        let live_present = s.count(Space::Index, b"").unwrap();
+        assert_eq!(
+            present, PAIRS,
+            "{name}: keys deleted after the cut are in it"
+        );
+        assert!(live_present < PAIRS, "{name}: the writers did delete");
+        println!(
+            "{name}: cut held writes {:?}; {writes} writes ran, {} keys changed after the cut; {} index keys at the cut, {live_present} now",
+            cut.held(),
+            cut.changed(),
+            present
+        );
+    }
+}
+
+#[test]
+fn a_throwaway_postgresql_starts_answers_and_stops() {
+    let Some(pg) = common::pg::PgCluster::start() else {
+        return;
+    };
+    assert_eq!(pg.sql("postgres", "select 40 + 2"), "42");
+    pg.sql("postgres", "create extension if not exists pgcrypto");
+    let v = pg.sql(
+        "postgres",
+        "select pgp_sym_decrypt(pgp_sym_encrypt('x', 'k'), 'k')",
+    );
+    assert_eq!(v, "x");
+    let port = pg.port;
+    drop(pg);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "stopped at the end"
+    );
+}
