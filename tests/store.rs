@@ -19,8 +19,11 @@ use coffre::store::{Batch, Space, Storage};
 /// A fresh, empty store of one backend, and what keeps it alive.
 type Opened = (Storage, Box<dyn std::any::Any + Send>);
 
+/// Opens a fresh store of one backend.
+type Open = fn() -> Opened;
+
 /// Every backend the contract runs against.
-const BACKENDS: &[(&str, fn() -> Opened)] = &[("sled", sled)];
+const BACKENDS: &[(&str, Open)] = &[("sled", sled)];
 
 fn sled() -> Opened {
     let dir = tempfile::tempdir().unwrap();
