@@ -411,7 +411,13 @@ pub struct Log {
     active: RwLock<Active>,
     /// Held by whoever changes the files (append, seal, prune).
     write: Mutex<WriteState>,
+    /// Closed segments whose index file is still being written (in the
+    /// background, so that closing a segment never stalls appends): their
+    /// index stays in memory until then.
+    pending: Arc<Mutex<std::collections::HashMap<u64, PendingIndex>>>,
 }
+
+type PendingIndex = (Arc<Vec<Mark>>, Arc<Vec<(u64, u32)>>);
 
 #[derive(Default)]
 struct WriteState {
@@ -517,6 +523,7 @@ impl Log {
                 sealed: RwLock::new(sealed),
                 active: RwLock::new(active),
                 write: Mutex::new(WriteState::default()),
+                pending: Arc::default(),
             },
             rec,
         ))
@@ -611,7 +618,7 @@ impl Log {
     }
 
     /// Closes the active segment (writes its index) and starts the next.
-    fn seal_active(&self) -> Result<(), StorageError> {
+    fn seal_active(&self) -> Result<std::thread::JoinHandle<()>, StorageError> {
         let (scan, next_first, head_hash) = {
             let a = self.active.read();
             (
@@ -628,7 +635,6 @@ impl Log {
                 a.head_hash,
             )
         };
-        write_index(&scan)?;
         let path = self.dir.join(seg_name(next_first));
         write_segment_header(&self.keys, &path, next_first, &head_hash, &[])?;
         sync_dir(&self.dir)?;
@@ -662,8 +668,29 @@ impl Log {
                 head_time: scan.head_time,
             },
         );
+        let first = old.meta.first_seq;
+        self.pending.lock().insert(
+            first,
+            (Arc::new(scan.marks.clone()), Arc::new(scan.entries.clone())),
+        );
         self.sealed.write().push(old.meta);
-        Ok(())
+        drop(a);
+        // Sorting and writing a full segment's index takes tens of
+        // milliseconds: not on the append path. A crash before it lands
+        // only means a rebuild at the next start.
+        let pending = self.pending.clone();
+        std::thread::Builder::new()
+            .name("coffre-audit-index".into())
+            .spawn(move || match write_index(&scan) {
+                Ok(()) => {
+                    pending.lock().remove(&first);
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "audit index not written; kept in memory, rebuilt at the next start"
+                ),
+            })
+            .map_err(|e| StorageError::Io(format!("audit index thread: {e}")))
     }
 
     /// Every segment as of now, oldest first.
@@ -706,6 +733,15 @@ impl Log {
     fn sealed_view(&self, meta: SegMeta) -> Result<SegView, StorageError> {
         let file = File::open(&meta.path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
+        if let Some((marks, entries)) = self.pending.lock().get(&meta.first_seq).cloned() {
+            return Ok(SegView {
+                meta,
+                file: Arc::new(file),
+                len,
+                marks,
+                index: IndexView::Memory(entries),
+            });
+        }
         let idx = File::open(meta.idx_path()).map_err(io)?;
         let mut head = [0u8; IDX_HEADER as usize];
         idx.read_exact_at(&mut head, 0).map_err(io)?;
@@ -750,7 +786,7 @@ impl Log {
             let Some(meta) = self.sealed.read().first().cloned() else {
                 break;
             };
-            if meta.last_time >= before_time {
+            if meta.last_time >= before_time || self.pending.lock().contains_key(&meta.first_seq) {
                 break;
             }
             keep(&self.sealed_view(meta.clone())?)?;
@@ -771,7 +807,9 @@ impl Log {
         if self.active.read().meta.is_empty() {
             return Ok(());
         }
-        self.seal_active()
+        // Asked for (pruning, tests): wait until its index is on disk.
+        let _ = self.seal_active()?.join();
+        Ok(())
     }
 
     /// The first seq kept and the chain hash before it.
