@@ -604,10 +604,18 @@ impl Budgets {
         Ok(Some(out))
     }
 
-    /// Call once per read RPC with its purpose: `break_glass` opens an
-    /// hour of doubled budget (and a warning alert) if none is open.
+    /// Call once per read RPC with its purpose, before anything else of the
+    /// call: `break_glass` opens an hour of doubled budget (and a warning
+    /// alert) if none is open.
     pub async fn begin(&self, caller: &Caller, purpose: &Purpose) -> Result<()> {
-        if purpose.as_str() != BREAK_GLASS || !self.enforce.load(Ordering::Relaxed) {
+        if !self.enforce.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if purpose.as_str() != BREAK_GLASS {
+            // Load the budget now, before this call's own event is in the
+            // trail: a state rebuilt from the trail after that event would
+            // count this call's reads as already spent.
+            self.with_state(caller, |_, _, _, _| ())?;
             return Ok(());
         }
         let opened = self.with_state(caller, |s, _, now, b| {
