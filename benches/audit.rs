@@ -38,7 +38,7 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn open(dir: &Path) -> Audit {
+async fn open(dir: &Path) -> Audit {
     let key = std::fs::read(dir.join("bench-audit-key")).unwrap();
     let sled = coffre::store::SledBackend::open(
         &dir.join("kv"),
@@ -54,6 +54,7 @@ fn open(dir: &Path) -> Audit {
         None,
         None,
     )
+    .await
     .unwrap()
 }
 
@@ -157,9 +158,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p) as usize]
 }
 
-fn child(kind: &str, dir: &Path) {
+fn child(rt: &tokio::runtime::Runtime, kind: &str, dir: &Path) {
     let base = rss_kib("VmRSS:");
-    let audit = open(dir);
+    let audit = rt.block_on(open(dir));
     let opened = rss_kib("VmRSS:");
     match kind {
         "idle" => println!("idle_rss_kib {} {}", opened, opened - base.min(opened)),
@@ -199,8 +200,11 @@ fn run_child(kind: &str, dir: &Path) -> Vec<String> {
 fn main() {
     if let Ok(kind) = std::env::var("TRAIL_CHILD") {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let _g = rt.enter();
-        child(&kind, &PathBuf::from(std::env::var("TRAIL_DIR").unwrap()));
+        child(
+            &rt,
+            &kind,
+            &PathBuf::from(std::env::var("TRAIL_DIR").unwrap()),
+        );
         return;
     }
     let Some(rt) = support::runtime_if_measuring() else {
@@ -223,10 +227,10 @@ fn main() {
         empty.path().join("bench-audit-key"),
     )
     .unwrap();
-    drop(rt.block_on(async { open(empty.path()) }));
+    drop(rt.block_on(open(empty.path())));
 
     let start_ms = coffre::clock::now_ms() - 11 * DAY_MS;
-    let audit = Arc::new(rt.block_on(async { open(dir) }));
+    let audit = Arc::new(rt.block_on(open(dir)));
     eprintln!("generating {n} events over 10 days, {TASKS} tasks");
     let eps = rt.block_on(generate(audit.clone(), n, start_ms));
     let trail_bytes = audit.disk_bytes();

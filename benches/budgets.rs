@@ -64,6 +64,7 @@ fn main() {
             .vault
             .accounts
             .authenticate(&b.token)
+            .await
             .expect("the bench token is valid");
         let ids: Vec<RecordId> = (0..support::RECORDS)
             .map(|i| RecordId::parse(&format!("p{i}")).unwrap())
@@ -74,6 +75,7 @@ fn main() {
             b.vault
                 .budgets
                 .spend_read(&caller, Read::Record(&ids[i % ids.len()]))
+                .await
                 .unwrap()
                 .unwrap();
         }

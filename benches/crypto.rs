@@ -18,6 +18,7 @@ use coffre::{
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn field_crypto(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Storage::open_sled(
         dir.path(),
@@ -26,16 +27,17 @@ fn field_crypto(c: &mut Criterion) {
         },
     )
     .unwrap();
-    let ring = Keyring::open(
-        store.clone(),
-        dir.path(),
-        &MasterKey::from_secret(SecretKey::random()),
-        u64::MAX,
-    )
-    .unwrap();
+    let ring = rt
+        .block_on(Keyring::open(
+            store.clone(),
+            dir.path(),
+            &MasterKey::from_secret(SecretKey::random()),
+            u64::MAX,
+        ))
+        .unwrap();
     ring.create_tenant_keys("bench").unwrap();
-    let keys = ring.tenant("bench").unwrap().unwrap();
-    let (active, _) = ring.reserve_encryptions(&keys, 1).unwrap();
+    let keys = rt.block_on(ring.tenant("bench")).unwrap().unwrap();
+    let (active, _) = rt.block_on(ring.reserve_encryptions(&keys, 1)).unwrap();
     let mut g = c.benchmark_group("field");
     for size in [16usize, 256, 1024, 4096] {
         let value = vec![b'x'; size];
@@ -84,12 +86,12 @@ fn record_store(c: &mut Criterion) {
     )
     .unwrap();
     let ring = Arc::new(
-        Keyring::open(
+        rt.block_on(Keyring::open(
             store.clone(),
             dir.path(),
             &MasterKey::from_secret(SecretKey::random()),
             u64::MAX,
-        )
+        ))
         .unwrap(),
     );
     let pepper = SecretKey::from_slice(ring.pepper().expose()).unwrap();
@@ -108,7 +110,7 @@ fn record_store(c: &mut Criterion) {
     let name = TenantName::parse("bench").unwrap();
     rt.block_on(tenants.create(&name, &[coffre::model::FieldName::parse("nir").unwrap()]))
         .unwrap();
-    let tenant = tenants.get(&name).unwrap();
+    let tenant = rt.block_on(tenants.get(&name)).unwrap();
     let id = RecordId::parse("bench-record").unwrap();
     let mut g = c.benchmark_group("record_10_fields");
     let mut i = 0u64;
@@ -121,7 +123,10 @@ fn record_store(c: &mut Criterion) {
         })
     });
     g.bench_function("get_all_fields", |b| {
-        b.iter(|| records.get(&tenant, black_box(&id), &[]).unwrap())
+        b.iter(|| {
+            rt.block_on(records.get(&tenant, black_box(&id), &[]))
+                .unwrap()
+        })
     });
     g.finish();
 }

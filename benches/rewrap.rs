@@ -33,8 +33,9 @@ fn main() {
             .vault
             .tenants
             .get(&coffre::model::TenantName::parse("b").unwrap())
+            .await
             .unwrap();
-        b.vault.keys.rotate(&tenant.keys).unwrap();
+        b.vault.keys.rotate(&tenant.keys).await.unwrap();
         let running = Arc::new(AtomicBool::new(true));
         let rewrap = {
             let (vault, running) = (b.vault.clone(), running.clone());

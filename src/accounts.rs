@@ -468,7 +468,7 @@ impl Accounts {
         f: impl FnOnce(&mut StoredPrincipal) -> (bool, R),
     ) -> Result<Option<R>> {
         let _w = self.principal_writes.lock().await;
-        let Some(mut p) = self.load(tenant, username)? else {
+        let Some(mut p) = self.load(tenant, username).await? else {
             return Ok(None);
         };
         let (write, r) = f(&mut p);
@@ -501,10 +501,15 @@ impl Accounts {
         )
     }
 
-    fn load(&self, tenant: &TenantName, username: &Username) -> Result<Option<StoredPrincipal>> {
+    async fn load(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+    ) -> Result<Option<StoredPrincipal>> {
         Ok(self
             .store
-            .get(Space::Principals, &principal_key(tenant, username))?
+            .get(Space::Principals, &principal_key(tenant, username))
+            .await?
             .map(|b| StoredPrincipal::decode(&b[..]))
             .transpose()?)
     }
@@ -524,8 +529,8 @@ impl Accounts {
         Ok(self.store.commit(b).await?)
     }
 
-    pub fn exists(&self, tenant: &TenantName, username: &Username) -> Result<bool> {
-        Ok(self.load(tenant, username)?.is_some())
+    pub async fn exists(&self, tenant: &TenantName, username: &Username) -> Result<bool> {
+        Ok(self.load(tenant, username).await?.is_some())
     }
 
     /// Creates a principal; the password has passed the policy already.
@@ -536,7 +541,7 @@ impl Accounts {
         password: &Password,
         role: Role,
     ) -> Result<()> {
-        if self.exists(tenant, username)? {
+        if self.exists(tenant, username).await? {
             return Err(Error::AlreadyExists("principal already exists".into()));
         }
         let phc = self
@@ -570,7 +575,7 @@ impl Accounts {
             .ok();
         let now = now_ms();
         let stored = match &names {
-            Some((t, u)) => self.load(t, u)?,
+            Some((t, u)) => self.load(t, u).await?,
             None => None,
         };
         let Some(((t, u), p)) = names.clone().zip(stored) else {
@@ -705,14 +710,14 @@ impl Accounts {
     /// The caller behind a bearer token, if the token is valid and its
     /// principal is neither locked nor deleted. A refused token that was
     /// once valid still names its principal, for the trail.
-    pub fn authenticate(&self, token: &str) -> Result<Caller, Refused> {
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, Refused> {
         let hash = crypto::sha256(token.as_bytes());
         let now = now_ms();
         let cached = self.sessions.read().get(&hash).cloned();
         let s = match cached {
             Some(s) => s,
             None => {
-                let Some(bytes) = self.store.get(Space::Sessions, &hash)? else {
+                let Some(bytes) = self.store.get(Space::Sessions, &hash).await? else {
                     return Err(Refused::anonymous(Error::Unauthenticated(NO_SESSION)));
                 };
                 let st = StoredSession::decode(&bytes[..])?;
@@ -728,7 +733,8 @@ impl Accounts {
                 });
                 if st.revoked {
                     let role = self
-                        .load(&s.tenant, &s.username)?
+                        .load(&s.tenant, &s.username)
+                        .await?
                         .and_then(|p| Role::parse(&p.role).ok());
                     return Err(Refused {
                         error: Error::Unauthenticated(NO_SESSION),
@@ -743,22 +749,22 @@ impl Accounts {
             error,
             who: Some((s.tenant.clone(), s.username.clone(), role)),
         };
-        let p = self.load(&s.tenant, &s.username)?;
+        let p = self.load(&s.tenant, &s.username).await?;
         let role = p.as_ref().and_then(|p| Role::parse(&p.role).ok());
         let idle_ms = (self.session.idle_secs as i64) * 1000;
         if now >= s.expires_ms || now - s.last_used_ms.load(Ordering::Relaxed) > idle_ms {
-            self.revoke_session(&hash, &s);
+            self.revoke_session(&hash, &s).await;
             return Err(refused(Error::Unauthenticated(NO_SESSION), role));
         }
         let Some(p) = p else {
-            self.forget_session(&hash);
+            self.forget_session(&hash).await;
             return Err(Refused::anonymous(Error::Unauthenticated(NO_SESSION)));
         };
         if p.locked_at(now) {
             return Err(refused(Error::PermissionDenied(LOCKED), role));
         }
         if s.created_ms < p.sessions_from_ms {
-            self.revoke_session(&hash, &s);
+            self.revoke_session(&hash, &s).await;
             return Err(refused(Error::Unauthenticated(NO_SESSION), role));
         }
         let role = role.ok_or(Error::DataLoss)?;
@@ -776,7 +782,7 @@ impl Accounts {
             let mut b = Batch::new();
             b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
             // Losing this in a crash only shortens the idle window.
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
         }
         Ok(Caller {
             tenant: s.tenant.clone(),
@@ -789,7 +795,7 @@ impl Accounts {
     /// Marks a session revoked: it never authenticates again, but stays
     /// stored (as a hash) for [`REVOKED_KEPT_MS`] so that later calls with
     /// it are attributed to its principal.
-    fn revoke_session(&self, hash: &[u8; 32], s: &CachedSession) {
+    async fn revoke_session(&self, hash: &[u8; 32], s: &CachedSession) {
         self.sessions.write().remove(hash);
         let st = StoredSession {
             tenant: s.tenant.to_string(),
@@ -801,14 +807,14 @@ impl Accounts {
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
-        let _ = self.store.apply(b);
+        let _ = self.store.apply(b).await;
     }
 
-    fn forget_session(&self, hash: &[u8; 32]) {
+    async fn forget_session(&self, hash: &[u8; 32]) {
         self.sessions.write().remove(hash);
         let mut b = Batch::new();
         b.delete(Space::Sessions, hash.to_vec());
-        let _ = self.store.apply(b);
+        let _ = self.store.apply(b).await;
     }
 
     /// Revokes the caller's token, durably.
@@ -826,7 +832,8 @@ impl Accounts {
         let new = Password::new_checked(new, &[caller.username.as_str(), caller.tenant.as_str()])?;
         let ctx = password_context(&caller.tenant, &caller.username);
         let p = self
-            .load(&caller.tenant, &caller.username)?
+            .load(&caller.tenant, &caller.username)
+            .await?
             .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
         if !self.hasher.verify(Some(&p.phc), &old, &ctx).await? {
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
@@ -838,21 +845,32 @@ impl Accounts {
         })
         .await?
         .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
-        for hash in self.session_hashes_of(&caller.tenant, &caller.username)? {
+        for hash in self
+            .session_hashes_of(&caller.tenant, &caller.username)
+            .await?
+        {
             if hash != caller.token_hash {
                 let cached = self.sessions.read().get(&hash).cloned();
                 match cached {
-                    Some(s) => self.revoke_session(&hash, &s),
-                    None => self.forget_session(&hash),
+                    Some(s) => self.revoke_session(&hash, &s).await,
+                    None => self.forget_session(&hash).await,
                 }
             }
         }
         Ok(self.store.sync().await?)
     }
 
-    fn session_hashes_of(&self, tenant: &TenantName, username: &Username) -> Result<Vec<[u8; 32]>> {
+    async fn session_hashes_of(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+    ) -> Result<Vec<[u8; 32]>> {
         let mut out = Vec::new();
-        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Sessions, b"", usize::MAX)
+            .await?
+        {
             let s = StoredSession::decode(&v[..])?;
             if s.tenant == tenant.as_str()
                 && s.username == username.as_str()
@@ -939,14 +957,15 @@ impl Accounts {
     }
 
     /// The principals of `tenant`, in name order, with their locks.
-    pub fn list(&self, tenant: &TenantName) -> Result<Vec<PrincipalInfo>> {
+    pub async fn list(&self, tenant: &TenantName) -> Result<Vec<PrincipalInfo>> {
         let now = now_ms();
         let mut prefix = tenant.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
         for (k, v) in self
             .store
-            .scan_prefix(Space::Principals, &prefix, usize::MAX)?
+            .scan_prefix(Space::Principals, &prefix, usize::MAX)
+            .await?
         {
             let p = StoredPrincipal::decode(&v[..])?;
             let username =
@@ -972,9 +991,13 @@ impl Accounts {
     }
 
     /// Revokes every session of a tenant's principals (a shredded tenant).
-    pub fn forget_tenant(&self, tenant: &TenantName) -> Result<()> {
+    pub async fn forget_tenant(&self, tenant: &TenantName) -> Result<()> {
         let mut b = Batch::new();
-        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Sessions, b"", usize::MAX)
+            .await?
+        {
             if StoredSession::decode(&v[..])?.tenant == tenant.as_str() {
                 if let Ok(h) = <[u8; 32]>::try_from(&k[..]) {
                     self.sessions.write().remove(&h);
@@ -982,15 +1005,19 @@ impl Accounts {
                 b.delete(Space::Sessions, k);
             }
         }
-        Ok(self.store.apply_each(b)?)
+        Ok(self.store.apply_each(b).await?)
     }
 
     /// Drops expired sessions from memory and storage.
-    pub fn sweep_expired(&self) -> Result<usize> {
+    pub async fn sweep_expired(&self) -> Result<usize> {
         let now = now_ms();
         let idle_ms = (self.session.idle_secs as i64) * 1000;
         let mut b = Batch::new();
-        for (k, v) in self.store.scan_prefix(Space::Sessions, b"", usize::MAX)? {
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Sessions, b"", usize::MAX)
+            .await?
+        {
             let s = StoredSession::decode(&v[..])?;
             let cached_last = <[u8; 32]>::try_from(&k[..])
                 .ok()
@@ -1009,7 +1036,7 @@ impl Accounts {
         }
         let n = b.0.len();
         if n > 0 {
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
         }
         Ok(n)
     }

@@ -270,7 +270,7 @@ impl State {
     /// The state of `principal` from its stored scalars and its events of
     /// the last day in the trail, or a new one (buckets full) with its
     /// scalars in `batch`, so that a restart knows it is not new.
-    fn load(
+    async fn load(
         (store, trail): (&Storage, &Audit),
         principal: &str,
         tag_of: impl Fn(&str) -> RecordTag,
@@ -282,7 +282,10 @@ impl State {
         let mut stored = None;
         let mut reads = Vec::new();
         let (mut last_read, mut last_find) = (i64::MIN, i64::MIN);
-        for (k, _) in store.scan_prefix(Space::Budgets, &prefix, usize::MAX)? {
+        for (k, _) in store
+            .scan_prefix(Space::Budgets, &prefix, usize::MAX)
+            .await?
+        {
             match &k[prefix.len()..] {
                 [b's'] => {}
                 // Per-read keys of the format before reads came from the
@@ -292,7 +295,7 @@ impl State {
         }
         let mut skey = prefix.clone();
         skey.push(b's');
-        if let Some(v) = store.get(Space::Budgets, &skey)? {
+        if let Some(v) = store.get(Space::Budgets, &skey).await? {
             stored = Some(StoredBudget::decode(&v[..])?);
         }
         let (tenant, _) = principal.split_once('/').unwrap_or((principal, ""));
@@ -510,7 +513,7 @@ pub struct Budgets {
     tag_key: SecretKey,
     policy: Policy,
     clock: Clock,
-    states: Mutex<HashMap<String, Arc<Mutex<Option<State>>>>>,
+    states: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<State>>>>>,
     /// Off only in benchmarks that measure what the check costs.
     enforce: std::sync::atomic::AtomicBool,
 }
@@ -549,7 +552,7 @@ impl Budgets {
         &self.policy
     }
 
-    fn slot(&self, caller: &Caller) -> Arc<Mutex<Option<State>>> {
+    fn slot(&self, caller: &Caller) -> Arc<tokio::sync::Mutex<Option<State>>> {
         self.states
             .lock()
             .entry(caller.principal())
@@ -567,7 +570,7 @@ impl Budgets {
 
     /// Runs `f` on the caller's state, loaded and moved to now, and applies
     /// what it wrote. `None` when the role has no budget (it reads nothing).
-    fn with_state<T>(
+    async fn with_state<T>(
         &self,
         caller: &Caller,
         f: impl FnOnce(&mut State, Limits, i64, &mut Batch) -> T,
@@ -576,7 +579,7 @@ impl Budgets {
             return Ok(None);
         };
         let slot = self.slot(caller);
-        let mut guard = slot.lock();
+        let mut guard = slot.lock().await;
         let now = self.clock.now_ms();
         let mut batch = Batch::new();
         if guard.is_none() {
@@ -588,7 +591,8 @@ impl Budgets {
                 &base,
                 now,
                 &mut batch,
-            )?;
+            )
+            .await?;
             *guard = Some(state);
         }
         let state = guard.as_mut().expect("loaded just above");
@@ -599,7 +603,7 @@ impl Budgets {
         // applied before the RPC's audit event is flushed, so durable when
         // the response leaves. A read adds nothing here.
         if !batch.is_empty() {
-            self.store.apply_each(batch)?;
+            self.store.apply_each(batch).await?;
         }
         Ok(Some(out))
     }
@@ -615,18 +619,20 @@ impl Budgets {
             // Load the budget now, before this call's own event is in the
             // trail: a state rebuilt from the trail after that event would
             // count this call's reads as already spent.
-            self.with_state(caller, |_, _, _, _| ())?;
+            self.with_state(caller, |_, _, _, _| ()).await?;
             return Ok(());
         }
-        let opened = self.with_state(caller, |s, _, now, b| {
-            if now < s.b.break_glass_until_ms {
-                false
-            } else {
-                s.b.break_glass_until_ms = now + BREAK_GLASS_MS;
-                s.save(b);
-                true
-            }
-        })?;
+        let opened = self
+            .with_state(caller, |s, _, now, b| {
+                if now < s.b.break_glass_until_ms {
+                    false
+                } else {
+                    s.b.break_glass_until_ms = now + BREAK_GLASS_MS;
+                    s.save(b);
+                    true
+                }
+            })
+            .await?;
         if opened == Some(true) {
             self.audit
                 .alert(
@@ -641,9 +647,9 @@ impl Budgets {
         Ok(())
     }
 
-    /// Spends one read, or says why not. Synchronous and cheap: the read
-    /// paths call it per record.
-    pub fn spend_read(&self, caller: &Caller, read: Read<'_>) -> Result<Result<(), Refused>> {
+    /// Spends one read, or says why not. Cheap (memory only, once the
+    /// budget is loaded): the read paths call it per record.
+    pub async fn spend_read(&self, caller: &Caller, read: Read<'_>) -> Result<Result<(), Refused>> {
         if !self.enforce.load(Ordering::Relaxed) {
             return Ok(Ok(()));
         }
@@ -657,12 +663,13 @@ impl Budgets {
                     return Err(Refused::Locked);
                 }
                 s.spend_read(&l, tag, now).map_err(Refused::Over)
-            })?
+            })
+            .await?
             .unwrap_or(Ok(())))
     }
 
     /// Spends one FindRecords call.
-    pub fn spend_find(&self, caller: &Caller) -> Result<Result<(), Refused>> {
+    pub async fn spend_find(&self, caller: &Caller) -> Result<Result<(), Refused>> {
         if !self.enforce.load(Ordering::Relaxed) {
             return Ok(Ok(()));
         }
@@ -672,7 +679,8 @@ impl Budgets {
                     return Err(Refused::Locked);
                 }
                 s.spend_find(&l, now).map_err(Refused::Over)
-            })?
+            })
+            .await?
             .unwrap_or(Ok(())))
     }
 
@@ -695,16 +703,18 @@ impl Budgets {
     }
 
     async fn count_throttle(&self, caller: &Caller, action: &str, over: Over) -> Result<bool> {
-        let counted = self.with_state(caller, |s, l, now, b| {
-            s.throttles.push_back(now);
-            s.save(b);
-            let n = s.throttles.len() as u32;
-            let lock = n >= l.lock_after_throttles && !s.locked;
-            if lock {
-                s.locked = true;
-            }
-            (n, lock, l.lock_after_throttles)
-        })?;
+        let counted = self
+            .with_state(caller, |s, l, now, b| {
+                s.throttles.push_back(now);
+                s.save(b);
+                let n = s.throttles.len() as u32;
+                let lock = n >= l.lock_after_throttles && !s.locked;
+                if lock {
+                    s.locked = true;
+                }
+                (n, lock, l.lock_after_throttles)
+            })
+            .await?;
         let Some((n, lock, threshold)) = counted else {
             return Ok(false);
         };
@@ -746,7 +756,9 @@ impl Budgets {
     /// Locks the caller's account (durably, sessions revoked) and raises a
     /// critical alert: the end of a budget, or a honeytoken read.
     pub async fn lock(&self, caller: &Caller, kind: &str, detail: String) -> Result<()> {
-        let _ = self.with_state(caller, |s, _, _, _| s.locked = true)?;
+        let _ = self
+            .with_state(caller, |s, _, _, _| s.locked = true)
+            .await?;
         let newly = self
             .accounts
             .lock_out(&caller.tenant, &caller.username, kind)
@@ -768,17 +780,17 @@ impl Budgets {
     /// After an administrator's unlock: the principal may read again, and
     /// its past throttles no longer count towards a new lock. Its windows
     /// stay: an unlock does not refill a budget.
-    pub fn unlocked(&self, tenant: &TenantName, username: &str) -> Result<()> {
+    pub async fn unlocked(&self, tenant: &TenantName, username: &str) -> Result<()> {
         let key = format!("{tenant}/{username}");
         let slot = self.states.lock().get(&key).cloned();
         if let Some(slot) = slot
-            && let Some(s) = slot.lock().as_mut()
+            && let Some(s) = slot.lock().await.as_mut()
         {
             s.locked = false;
             s.throttles.clear();
             let mut b = Batch::new();
             s.save(&mut b);
-            self.store.apply_each(b)?;
+            self.store.apply_each(b).await?;
             return Ok(());
         }
         // Not in memory: clear the stored throttles.
@@ -786,12 +798,12 @@ impl Budgets {
         k.push(0);
         k.extend_from_slice(username.as_bytes());
         k.extend_from_slice(b"\0s");
-        if let Some(v) = self.store.get(Space::Budgets, &k)? {
+        if let Some(v) = self.store.get(Space::Budgets, &k).await? {
             let mut b = StoredBudget::decode(&v[..])?;
             b.throttles_ms.clear();
             let mut batch = Batch::new();
             batch.put(Space::Budgets, k, b.encode_to_vec());
-            self.store.apply_each(batch)?;
+            self.store.apply_each(batch).await?;
         }
         Ok(())
     }

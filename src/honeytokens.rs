@@ -37,9 +37,12 @@ pub struct Honeytokens {
 
 impl Honeytokens {
     /// Loads the tags of every canary (a few per tenant).
-    pub fn open(store: Storage, key: SecretKey) -> Result<Self> {
+    pub async fn open(store: Storage, key: SecretKey) -> Result<Self> {
         let mut tags = HashSet::new();
-        for (k, _) in store.scan_prefix(Space::Honeytokens, b"", usize::MAX)? {
+        for (k, _) in store
+            .scan_prefix(Space::Honeytokens, b"", usize::MAX)
+            .await?
+        {
             if let Ok(t) = <[u8; 32]>::try_from(&k[..]) {
                 tags.insert(t);
             }
@@ -70,7 +73,10 @@ impl Honeytokens {
     /// Makes a canary record in `tenant` and returns its id.
     pub async fn create(&self, tenant: &Tenant, records: &Records) -> Result<Written> {
         let id = RecordId::generate();
-        let shape = records.sample_shape(tenant)?.unwrap_or_else(default_shape);
+        let shape = records
+            .sample_shape(tenant)
+            .await?
+            .unwrap_or_else(default_shape);
         let mut fields = Vec::new();
         let mut decoys = BTreeSet::new();
         for (name, len) in shape {

@@ -142,7 +142,7 @@ pub struct TenantKeys {
     /// Held shared by every write from the choice of its key version until
     /// its ciphertexts are applied, and exclusively by a retirement, so no
     /// write can use a version as it is retired.
-    writes: RwLock<()>,
+    writes: tokio::sync::RwLock<()>,
 }
 
 /// The blind-index key, and during a rotation of it the next one: writes
@@ -166,7 +166,7 @@ struct DataKey {
 /// Encryptions performed under one key version, persisted in blocks.
 struct EncryptionCounter {
     count: AtomicU64,
-    reserved: Mutex<u64>,
+    reserved: tokio::sync::Mutex<u64>,
 }
 
 /// The version one write encrypts under, with its encryptions counted.
@@ -267,8 +267,8 @@ impl TenantKeys {
     }
 
     /// Held by a write while it encrypts and applies (see `writes`).
-    pub fn write_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.writes.read()
+    pub async fn write_guard(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.writes.read().await
     }
 
     /// Encryptions performed under each live version (for `KeyStatus`).
@@ -423,7 +423,7 @@ pub struct Keyring {
     /// A tenant data key version encrypts at most this many values.
     rotate_after: u64,
     /// Rotations one at a time.
-    rotating: Mutex<()>,
+    rotating: tokio::sync::Mutex<()>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
 }
 
@@ -437,7 +437,7 @@ impl Keyring {
     /// Opens the key store in `data_dir` with `master`, or creates it (with
     /// a new pepper, audit key, budget and honeytoken keys) in a new data
     /// directory. Refuses a different master key, and a modified store.
-    pub fn open(
+    pub async fn open(
         store: Storage,
         data_dir: &Path,
         master: &MasterKey,
@@ -448,12 +448,12 @@ impl Keyring {
         let entries = match file.read()? {
             Some(bytes) => derived.open_file(&bytes)?,
             None => {
-                if store.get(Space::Meta, b"key_check")?.is_some() {
+                if store.get(Space::Meta, b"key_check").await?.is_some() {
                     return Err(KeyError::Legacy);
                 }
                 // Data without its key store: making new keys would leave
                 // every record unreadable and every password unverifiable.
-                if !store.scan_prefix(Space::Tenants, b"", 1)?.is_empty() {
+                if !store.scan_prefix(Space::Tenants, b"", 1).await?.is_empty() {
                     return Err(KeyError::MissingStore(file.path().display().to_string()));
                 }
                 let mut e = BTreeMap::new();
@@ -481,7 +481,7 @@ impl Keyring {
             master: derived,
             entries: Mutex::new(entries),
             rotate_after,
-            rotating: Mutex::new(()),
+            rotating: tokio::sync::Mutex::new(()),
             tenants: RwLock::new(HashMap::new()),
         })
     }
@@ -549,11 +549,11 @@ impl Keyring {
     }
 
     /// The tenant's unwrapped keys, or `None` if it has none.
-    pub fn tenant(&self, tenant: &str) -> Result<Option<Arc<TenantKeys>>, KeyError> {
+    pub async fn tenant(&self, tenant: &str) -> Result<Option<Arc<TenantKeys>>, KeyError> {
         if let Some(k) = self.tenants.read().get(tenant) {
             return Ok(Some(k.clone()));
         }
-        let Some(keys) = self.load_tenant(tenant)? else {
+        let Some(keys) = self.load_tenant(tenant).await? else {
             return Ok(None);
         };
         let keys = Arc::new(keys);
@@ -564,7 +564,7 @@ impl Keyring {
         Ok(Some(keys))
     }
 
-    fn load_tenant(&self, tenant: &str) -> Result<Option<TenantKeys>, KeyError> {
+    async fn load_tenant(&self, tenant: &str) -> Result<Option<TenantKeys>, KeyError> {
         let entries = self.entries.lock().clone();
         let Some(active) = entries.get(&tenant_entry(tenant, "active")) else {
             return Ok(None);
@@ -600,7 +600,8 @@ impl Keyring {
             let key = self.master.unwrap(name, wrapped)?;
             let reserved = self
                 .store
-                .get(Space::Counters, &counter_id(tenant, version))?
+                .get(Space::Counters, &counter_id(tenant, version))
+                .await?
                 .map(|v| v.try_into().map(u64::from_be_bytes))
                 .transpose()
                 .map_err(|_| KeyError::Tampered)?
@@ -618,7 +619,7 @@ impl Keyring {
                 next,
             }),
             record,
-            writes: RwLock::new(()),
+            writes: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -665,7 +666,7 @@ impl Keyring {
     /// the store before the encryptions happen, so the caller's commit makes
     /// them durable with the ciphertexts; near the bound they are exact, so
     /// that a restart resumes the count where it was.
-    pub fn reserve_encryptions(
+    pub async fn reserve_encryptions(
         &self,
         keys: &TenantKeys,
         n: u64,
@@ -680,17 +681,17 @@ impl Keyring {
         let after = key.counter.count.fetch_add(n, Ordering::Relaxed) + n;
         if after > limit {
             key.counter.count.fetch_sub(n, Ordering::Relaxed);
-            let _serial = self.rotating.lock();
+            let _serial = self.rotating.lock().await;
             // Another write may have rotated while we waited.
             if keys.active_version() == version {
-                self.rotate_now(keys)?;
+                self.rotate_now(keys).await?;
             }
-            let (active, _) = self.reserve_encryptions(keys, n)?;
+            let (active, _) = Box::pin(self.reserve_encryptions(keys, n)).await?;
             let version = active.version;
             return Ok((active, Some(version)));
         }
         {
-            let mut reserved = key.counter.reserved.lock();
+            let mut reserved = key.counter.reserved.lock().await;
             if after > *reserved {
                 let next = if after + COUNTER_BLOCK > limit {
                     after
@@ -703,7 +704,7 @@ impl Keyring {
                     counter_id(&keys.tenant, version),
                     next.to_be_bytes().to_vec(),
                 );
-                self.store.apply(b)?;
+                self.store.apply(b).await?;
                 *reserved = next;
             }
         }
@@ -712,12 +713,12 @@ impl Keyring {
 
     /// Makes a new data key version the tenant's active one, at once, and
     /// returns it. Durable once the caller has synced the store.
-    pub fn rotate(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
-        let _serial = self.rotating.lock();
-        self.rotate_now(keys)
+    pub async fn rotate(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
+        let _serial = self.rotating.lock().await;
+        self.rotate_now(keys).await
     }
 
-    fn rotate_now(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
+    async fn rotate_now(&self, keys: &TenantKeys) -> Result<u32, KeyError> {
         let tenant = &keys.tenant;
         let data = SecretKey::random();
         let mut version = 0;
@@ -748,7 +749,7 @@ impl Keyring {
             counter_id(tenant, version),
             0u64.to_be_bytes().to_vec(),
         );
-        self.store.apply(b)?;
+        self.store.apply(b).await?;
         let mut v = keys.versions.write();
         v.data
             .insert(version, Arc::new(DataKey::new(data.aead(), 0)));
@@ -763,13 +764,13 @@ impl Keyring {
     /// reused) and its unwrapped key is dropped, which zeroizes it.
     /// `in_use` counts the fields the version still seals; it runs with
     /// every write of the tenant held off.
-    pub fn retire<E: From<RetireError>>(
+    pub async fn retire<E: From<RetireError>>(
         &self,
         keys: &TenantKeys,
         version: u32,
         in_use: impl FnOnce() -> Result<u64, E>,
     ) -> Result<(), E> {
-        let _no_writes = keys.writes.write();
+        let _no_writes = keys.writes.write().await;
         {
             let v = keys.versions.read();
             if v.active == version {
@@ -805,6 +806,7 @@ impl Keyring {
         b.delete(Space::Counters, counter_id(tenant, version));
         self.store
             .apply(b)
+            .await
             .map_err(|e| RetireError::Key(KeyError::Storage(e)))?;
         keys.versions.write().data.remove(&version);
         Ok(())
@@ -813,13 +815,13 @@ impl Keyring {
     /// Starts (or, after a crash, continues) a rotation of the tenant's
     /// blind-index key: the next key is made and stored, durably, if there
     /// is none yet; writes index under it from now on.
-    pub fn begin_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
+    pub async fn begin_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
         // No write may straddle the switch: one that computed its tokens
         // under the current key and applied them after the rebuild passed
         // its record would be lost to searches once the key is destroyed.
         // (Lock order everywhere: writes, then rotating.)
-        let _no_writes = keys.writes.write();
-        let _serial = self.rotating.lock();
+        let _no_writes = keys.writes.write().await;
+        let _serial = self.rotating.lock().await;
         if keys.index_rotating() {
             return Ok(());
         }
@@ -836,8 +838,8 @@ impl Keyring {
     /// Ends a rotation of the index key once every record is indexed under
     /// the next key: it becomes the current one, and the old key is
     /// destroyed (the key store is rewritten without it).
-    pub fn finish_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
-        let _serial = self.rotating.lock();
+    pub async fn finish_index_rotation(&self, keys: &TenantKeys) -> Result<(), KeyError> {
+        let _serial = self.rotating.lock().await;
         let Some(next) = keys.index.read().next.clone() else {
             return Ok(());
         };
@@ -858,10 +860,13 @@ impl Keyring {
     /// rewritten without them, with a tombstone that keeps the name from
     /// being reused, and the unwrapped keys are dropped from the cache
     /// (they zeroize when the last user lets go).
-    pub fn shred_tenant(&self, tenant: &str) -> Result<(), KeyError> {
+    pub async fn shred_tenant(&self, tenant: &str) -> Result<(), KeyError> {
         let cached = self.tenants.read().get(tenant).cloned();
         // Writes in flight finish first; later ones find no key.
-        let _no_writes = cached.as_ref().map(|k| k.writes.write());
+        let _no_writes = match cached.as_ref() {
+            Some(k) => Some(k.writes.write().await),
+            None => None,
+        };
         self.update(|e| {
             let prefix = tenant_entry(tenant, "");
             e.retain(|k, _| !k.starts_with(&prefix));
@@ -1001,7 +1006,7 @@ impl DataKey {
             aead,
             counter: EncryptionCounter {
                 count: AtomicU64::new(count),
-                reserved: Mutex::new(count),
+                reserved: tokio::sync::Mutex::new(count),
             },
         }
     }
@@ -1046,18 +1051,21 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
     }
 
-    #[test]
-    fn wrong_master_key_and_a_modified_store_are_refused() {
+    #[tokio::test]
+    async fn wrong_master_key_and_a_modified_store_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        Keyring::open(s.clone(), dir.path(), &m, BOUND)
+            .await
+            .unwrap();
         let err = Keyring::open(
             s.clone(),
             dir.path(),
             &MasterKey(SecretKey::random()),
             BOUND,
         )
+        .await
         .unwrap_err();
         assert!(matches!(err, KeyError::WrongKey));
         let path = dir.path().join(KEYRING_FILE);
@@ -1065,69 +1073,73 @@ mod tests {
         let n = bytes.len();
         bytes[n - 40] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
+        let err = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap_err();
         assert!(matches!(err, KeyError::Tampered), "{err}");
     }
 
-    #[test]
-    fn shredded_keys_are_gone_even_for_whoever_still_holds_them() {
+    #[tokio::test]
+    async fn shredded_keys_are_gone_even_for_whoever_still_holds_them() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, _) = master();
-        let ring = Keyring::open(s, dir.path(), &m, BOUND).unwrap();
+        let ring = Keyring::open(s, dir.path(), &m, BOUND).await.unwrap();
         ring.create_tenant_keys("t").unwrap();
-        let held = ring.tenant("t").unwrap().unwrap();
-        let (a, _) = ring.reserve_encryptions(&held, 1).unwrap();
+        let held = ring.tenant("t").await.unwrap().unwrap();
+        let (a, _) = ring.reserve_encryptions(&held, 1).await.unwrap();
         let sealed = held.encrypt_field(&a, "r", "f", b"v");
         let token = held.index_token("f", "v");
         drop(a);
-        ring.shred_tenant("t").unwrap();
+        ring.shred_tenant("t").await.unwrap();
         assert!(matches!(
-            ring.reserve_encryptions(&held, 1),
+            ring.reserve_encryptions(&held, 1).await,
             Err(KeyError::Shredded)
         ));
         assert!(held.decrypt_field("r", "f", &sealed).is_err());
         assert_ne!(held.index_token("f", "v"), token);
-        assert!(ring.tenant("t").unwrap().is_none());
+        assert!(ring.tenant("t").await.unwrap().is_none());
         assert!(matches!(
             ring.create_tenant_keys("t"),
             Err(KeyError::Shredded)
         ));
     }
 
-    #[test]
-    fn data_without_its_key_store_is_refused() {
+    #[tokio::test]
+    async fn data_without_its_key_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        Keyring::open(s.clone(), dir.path(), &m, BOUND)
+            .await
+            .unwrap();
         let mut b = Batch::new();
         b.put(Space::Tenants, b"clinic".to_vec(), Vec::new());
-        s.apply(b).unwrap();
+        s.apply(b).await.unwrap();
         fs::remove_file(dir.path().join(KEYRING_FILE)).unwrap();
-        let err = Keyring::open(s, dir.path(), &m2, BOUND).unwrap_err();
+        let err = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap_err();
         assert!(matches!(err, KeyError::MissingStore(_)), "{err}");
         assert!(err.to_string().contains("restore it"));
     }
 
-    #[test]
-    fn tenant_keys_are_stored_wrapped_and_bound_to_their_name() {
+    #[tokio::test]
+    async fn tenant_keys_are_stored_wrapped_and_bound_to_their_name() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND)
+            .await
+            .unwrap();
         ring.create_tenant_keys("a").unwrap();
         ring.create_tenant_keys("b").unwrap();
-        let a = ring.tenant("a").unwrap().unwrap();
-        let b = ring.tenant("b").unwrap().unwrap();
-        let (active, _) = ring.reserve_encryptions(&a, 1).unwrap();
+        let a = ring.tenant("a").await.unwrap().unwrap();
+        let b = ring.tenant("b").await.unwrap().unwrap();
+        let (active, _) = ring.reserve_encryptions(&a, 1).await.unwrap();
         let sealed = a.encrypt_field(&active, "r1", "nir", b"1850775123456");
         assert_eq!(
             &a.decrypt_field("r1", "nir", &sealed).unwrap()[..],
             b"1850775123456"
         );
         assert!(b.decrypt_field("r1", "nir", &sealed).is_err());
-        assert!(ring.tenant("nope").unwrap().is_none());
+        assert!(ring.tenant("nope").await.unwrap().is_none());
         // Swapping the wrapped keys of two tenants (with a valid file MAC,
         // as an attacker with the master key's MAC key could not) is still
         // caught by the wrapping's AAD.
@@ -1136,50 +1148,55 @@ mod tests {
         e.insert("tenant/b/data/1".into(), ka);
         ring.file.replace(&ring.master.seal_file(&e)).unwrap();
         drop(ring);
-        let ring = Keyring::open(s, dir.path(), &m2, BOUND).unwrap();
-        assert!(matches!(ring.load_tenant("b"), Err(KeyError::Tampered)));
+        let ring = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap();
+        assert!(matches!(
+            ring.load_tenant("b").await,
+            Err(KeyError::Tampered)
+        ));
     }
 
-    #[test]
-    fn encryption_count_is_reserved_durably() {
+    #[tokio::test]
+    async fn encryption_count_is_reserved_durably() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND).unwrap();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND)
+            .await
+            .unwrap();
         ring.create_tenant_keys("t").unwrap();
-        let k = ring.tenant("t").unwrap().unwrap();
-        let _ = ring.reserve_encryptions(&k, 10).unwrap();
+        let k = ring.tenant("t").await.unwrap().unwrap();
+        let _ = ring.reserve_encryptions(&k, 10).await.unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
-        let ring2 = Keyring::open(s, dir.path(), &m2, BOUND).unwrap();
-        let k2 = ring2.tenant("t").unwrap().unwrap();
+        let ring2 = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap();
+        let k2 = ring2.tenant("t").await.unwrap().unwrap();
         let after_restart = k2.encryption_counts()[0].1;
         assert!(after_restart >= 10, "a restart never under-counts");
     }
 
-    #[test]
-    fn rotation_at_the_bound_is_exact_and_survives_reopening() {
+    #[tokio::test]
+    async fn rotation_at_the_bound_is_exact_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, _) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).unwrap();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).await.unwrap();
         ring.create_tenant_keys("t").unwrap();
-        let k = ring.tenant("t").unwrap().unwrap();
-        let (a, rotated) = ring.reserve_encryptions(&k, 4).unwrap();
+        let k = ring.tenant("t").await.unwrap().unwrap();
+        let (a, rotated) = ring.reserve_encryptions(&k, 4).await.unwrap();
         assert_eq!((a.version(), rotated), (1, None));
         let old = k.encrypt_field(&a, "r", "f", b"v1");
-        let (_, rotated) = ring.reserve_encryptions(&k, 6).unwrap();
+        let (_, rotated) = ring.reserve_encryptions(&k, 6).await.unwrap();
         assert_eq!(rotated, None, "exactly at the bound: still version 1");
         drop(ring);
         // Reopened: the count resumed exactly, so one more rotates.
-        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).unwrap();
-        let k = ring.tenant("t").unwrap().unwrap();
+        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).await.unwrap();
+        let k = ring.tenant("t").await.unwrap().unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
-        let (a, rotated) = ring.reserve_encryptions(&k, 1).unwrap();
+        let (a, rotated) = ring.reserve_encryptions(&k, 1).await.unwrap();
         assert_eq!((a.version(), rotated), (2, Some(2)));
         assert_eq!(k.encryption_counts(), vec![(1, 10), (2, 1)]);
         assert_eq!(&k.decrypt_field("r", "f", &old).unwrap()[..], b"v1");
-        assert_eq!(ring.rotate(&k).unwrap(), 3);
-        let ring = Keyring::open(s, dir.path(), &m, 10).unwrap();
-        assert_eq!(ring.tenant("t").unwrap().unwrap().active_version(), 3);
+        assert_eq!(ring.rotate(&k).await.unwrap(), 3);
+        let ring = Keyring::open(s, dir.path(), &m, 10).await.unwrap();
+        assert_eq!(ring.tenant("t").await.unwrap().unwrap().active_version(), 3);
     }
 }

@@ -12,7 +12,6 @@ use std::{
     sync::Arc,
 };
 
-use parking_lot::Mutex;
 use prost::Message;
 use rand::seq::IndexedRandom;
 use unicode_normalization::UnicodeNormalization;
@@ -214,7 +213,7 @@ pub struct Records {
     store: Storage,
     keys: Arc<Keyring>,
     hasher: Arc<Hasher>,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 fn record_key(tenant: &Tenant, id: &str) -> Vec<u8> {
@@ -267,21 +266,22 @@ impl Records {
             store,
             keys,
             hasher,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
-    fn stripe(&self, tenant: &Tenant, id: &str) -> &Mutex<()> {
+    fn stripe(&self, tenant: &Tenant, id: &str) -> &tokio::sync::Mutex<()> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         tenant.name.hash(&mut h);
         id.hash(&mut h);
         &self.stripes[(h.finish() as usize) % STRIPES]
     }
 
-    fn load(&self, tenant: &Tenant, id: &str) -> Result<Option<StoredRecord>> {
+    async fn load(&self, tenant: &Tenant, id: &str) -> Result<Option<StoredRecord>> {
         Ok(self
             .store
-            .get(Space::Records, &record_key(tenant, id))?
+            .get(Space::Records, &record_key(tenant, id))
+            .await?
             .map(|b| StoredRecord::decode(&b[..]))
             .transpose()?)
     }
@@ -311,10 +311,11 @@ impl Records {
         // the stripe.
         let write_id = crate::crypto::random_array::<16>();
         let (version, rotated) = {
-            let _writing = tenant.keys.write_guard();
+            let _writing = tenant.keys.write_guard().await;
             let (active, rotated) = self
                 .keys
-                .reserve_encryptions(&tenant.keys, fields.0.len() as u64)?;
+                .reserve_encryptions(&tenant.keys, fields.0.len() as u64)
+                .await?;
             let mut rec = StoredRecord {
                 version: 0,
                 fields: HashMap::with_capacity(fields.0.len()),
@@ -344,8 +345,8 @@ impl Records {
             }
             let key = record_key(tenant, id.as_str());
             let version = {
-                let _g = self.stripe(tenant, id.as_str()).lock();
-                let old = self.load(tenant, id.as_str())?;
+                let _g = self.stripe(tenant, id.as_str()).lock().await;
+                let old = self.load(tenant, id.as_str()).await?;
                 let mut b = Batch::new();
                 if let Some(old) = &old {
                     for (f, token) in &old.index {
@@ -358,7 +359,7 @@ impl Records {
                 rec.version = old.map_or(1, |o| o.version + 1);
                 seal_record(tenant, id.as_str(), &mut rec)?;
                 b.put(Space::Records, key, rec.encode_to_vec());
-                self.store.apply(b)?;
+                self.store.apply(b).await?;
                 rec.version
             };
             (version, rotated)
@@ -375,10 +376,10 @@ impl Records {
     /// The field names of a record of the tenant, picked at random among
     /// the first few, with their plaintext lengths; `None` when the tenant
     /// has no record yet.
-    pub fn sample_shape(&self, tenant: &Tenant) -> Result<Option<Vec<(FieldName, usize)>>> {
+    pub async fn sample_shape(&self, tenant: &Tenant) -> Result<Option<Vec<(FieldName, usize)>>> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let some = self.store.scan_prefix(Space::Records, &prefix, 64)?;
+        let some = self.store.scan_prefix(Space::Records, &prefix, 64).await?;
         let Some((_, bytes)) = some.choose(&mut rand::rng()) else {
             return Ok(None);
         };
@@ -402,7 +403,12 @@ impl Records {
     /// older version seals. Each record is rewritten under its stripe lock
     /// from a fresh read, so a concurrent replace is never lost; its
     /// version number stays (the content has not changed).
-    pub fn rewrap_step(&self, tenant: &Tenant, cursor: &[u8], max: usize) -> Result<RewrapStep> {
+    pub async fn rewrap_step(
+        &self,
+        tenant: &Tenant,
+        cursor: &[u8],
+        max: usize,
+    ) -> Result<RewrapStep> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
         let start = if cursor.is_empty() {
@@ -412,7 +418,10 @@ impl Records {
             s.push(0);
             s
         };
-        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
+        let entries = self
+            .store
+            .scan_from(Space::Records, &prefix, &start, max)
+            .await?;
         let mut step = RewrapStep {
             fields: 0,
             cursor: entries.last().map(|(k, _)| k.clone()),
@@ -427,9 +436,9 @@ impl Records {
                 continue;
             }
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
-            let _writing = tenant.keys.write_guard();
-            let _g = self.stripe(tenant, id).lock();
-            let Some(mut rec) = self.load(tenant, id)? else {
+            let _writing = tenant.keys.write_guard().await;
+            let _g = self.stripe(tenant, id).lock().await;
+            let Some(mut rec) = self.load(tenant, id).await? else {
                 continue;
             };
             // Never re-seal a record that was tampered with.
@@ -445,7 +454,8 @@ impl Records {
             }
             let (key_now, rotated) = self
                 .keys
-                .reserve_encryptions(&tenant.keys, stale.len() as u64)?;
+                .reserve_encryptions(&tenant.keys, stale.len() as u64)
+                .await?;
             step.rotated_to = step.rotated_to.or(rotated);
             for name in &stale {
                 let sealed = &rec.fields[name];
@@ -456,7 +466,7 @@ impl Records {
             seal_record(tenant, id, &mut rec)?;
             let mut b = Batch::new();
             b.put(Space::Records, key.clone(), rec.encode_to_vec());
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
             step.fields += stale.len() as u64;
         }
         Ok(step)
@@ -468,20 +478,20 @@ impl Records {
     /// and its entries rewritten together, under the record's lock from a
     /// fresh read. Returns the records done and where to go on (`None`:
     /// finished).
-    pub fn reindex_step(
+    pub async fn reindex_step(
         &self,
         tenant: &Tenant,
         cursor: &[u8],
         max: usize,
     ) -> Result<(u64, Option<Vec<u8>>)> {
-        let (prefix, entries, next) = self.step_of(tenant, cursor, max)?;
+        let (prefix, entries, next) = self.step_of(tenant, cursor, max).await?;
         let mut done = 0;
         for (key, _) in &entries {
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
             let rid = RecordId::parse(id).map_err(|_| Error::DataLoss)?;
-            let _writing = tenant.keys.write_guard();
-            let _g = self.stripe(tenant, id).lock();
-            let Some(mut rec) = self.load(tenant, id)? else {
+            let _writing = tenant.keys.write_guard().await;
+            let _g = self.stripe(tenant, id).lock().await;
+            let Some(mut rec) = self.load(tenant, id).await? else {
                 continue;
             };
             check_record(tenant, id, &rec)?;
@@ -512,7 +522,7 @@ impl Records {
             }
             rec.index = index;
             b.put(Space::Records, key.clone(), rec.encode_to_vec());
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
             done += 1;
         }
         Ok((done, next))
@@ -522,7 +532,7 @@ impl Records {
     /// tenant-wide job (up to `max` after the record key `cursor`; empty:
     /// from the start), and where the next step starts (`None`: the end).
     #[allow(clippy::type_complexity)]
-    fn step_of(
+    async fn step_of(
         &self,
         tenant: &Tenant,
         cursor: &[u8],
@@ -535,7 +545,10 @@ impl Records {
         } else {
             [cursor, &[0]].concat()
         };
-        let entries = self.store.scan_from(Space::Records, &prefix, &start, max)?;
+        let entries = self
+            .store
+            .scan_from(Space::Records, &prefix, &start, max)
+            .await?;
         let next = (entries.len() == max)
             .then(|| entries.last().map(|(k, _)| k.clone()))
             .flatten();
@@ -548,18 +561,18 @@ impl Records {
     /// its lock, so a step killed half-way leaves records of both formats,
     /// and the next run goes on. Returns the records sealed and where to go
     /// on (`None`: finished).
-    pub fn migrate_step(
+    pub async fn migrate_step(
         &self,
         tenant: &Tenant,
         cursor: &[u8],
         max: usize,
     ) -> Result<(u64, Option<Vec<u8>>)> {
-        let (prefix, entries, next) = self.step_of(tenant, cursor, max)?;
+        let (prefix, entries, next) = self.step_of(tenant, cursor, max).await?;
         let mut done = 0;
         for (key, _) in &entries {
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
-            let _g = self.stripe(tenant, id).lock();
-            let Some(mut rec) = self.load(tenant, id)? else {
+            let _g = self.stripe(tenant, id).lock().await;
+            let Some(mut rec) = self.load(tenant, id).await? else {
                 continue;
             };
             if rec.format == RECORD_FORMAT {
@@ -569,7 +582,7 @@ impl Records {
             seal_record(tenant, id, &mut rec)?;
             let mut b = Batch::new();
             b.put(Space::Records, key.clone(), rec.encode_to_vec());
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
             done += 1;
         }
         Ok((done, next))
@@ -577,8 +590,8 @@ impl Records {
 
     /// A stored record's version and write id, after checking it is sealed
     /// as a whole (what `scrub` compares with the trail's last write).
-    pub fn stamp(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<(u64, [u8; 16])>> {
-        let Some(rec) = self.load(tenant, id.as_str())? else {
+    pub async fn stamp(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<(u64, [u8; 16])>> {
+        let Some(rec) = self.load(tenant, id.as_str()).await? else {
             return Ok(None);
         };
         check_record(tenant, id.as_str(), &rec)?;
@@ -591,24 +604,26 @@ impl Records {
     }
 
     /// How many records the tenant has (a scan of keys and values).
-    pub fn count(&self, tenant: &Tenant) -> Result<u64> {
+    pub async fn count(&self, tenant: &Tenant) -> Result<u64> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
         Ok(self
             .store
-            .scan_prefix(Space::Records, &prefix, usize::MAX)?
+            .scan_prefix(Space::Records, &prefix, usize::MAX)
+            .await?
             .len() as u64)
     }
 
     /// How many stored fields of the tenant each key version seals (a scan
     /// of the tenant's records; nothing is decrypted).
-    pub fn key_usage(&self, tenant: &Tenant) -> Result<BTreeMap<u32, u64>> {
+    pub async fn key_usage(&self, tenant: &Tenant) -> Result<BTreeMap<u32, u64>> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut usage = BTreeMap::new();
         for (_, bytes) in self
             .store
-            .scan_prefix(Space::Records, &prefix, usize::MAX)?
+            .scan_prefix(Space::Records, &prefix, usize::MAX)
+            .await?
         {
             let rec = StoredRecord::decode(&bytes[..])?;
             for sealed in rec.fields.values() {
@@ -622,46 +637,59 @@ impl Records {
     /// A record as stored, still sealed: a reader can learn that it exists
     /// (and spend budget on it) before anything is decrypted, with one
     /// lookup for both.
-    pub fn fetch(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<Sealed>> {
-        Ok(self.load(tenant, id.as_str())?.map(|rec| Sealed {
+    pub async fn fetch(&self, tenant: &Tenant, id: &RecordId) -> Result<Option<Sealed>> {
+        Ok(self.load(tenant, id.as_str()).await?.map(|rec| Sealed {
             id: id.clone(),
             rec,
         }))
     }
 
     /// Decrypts the fields asked for (all of them if `projection` is empty).
-    pub fn get(
+    pub async fn get(
         &self,
         tenant: &Tenant,
         id: &RecordId,
         projection: &[FieldName],
     ) -> Result<PlainRecord> {
-        self.fetch(tenant, id)?
+        self.fetch(tenant, id)
+            .await?
             .ok_or(Error::NotFound)?
             .open(tenant, projection)
     }
     /// Deletes a record with its index entries and secrets.
     pub async fn delete(&self, tenant: &Tenant, id: &RecordId) -> Result<()> {
         {
-            let _g = self.stripe(tenant, id.as_str()).lock();
-            let old = self.load(tenant, id.as_str())?.ok_or(Error::NotFound)?;
+            let _g = self.stripe(tenant, id.as_str()).lock().await;
+            let old = self
+                .load(tenant, id.as_str())
+                .await?
+                .ok_or(Error::NotFound)?;
             let mut b = Batch::new();
             for (f, token) in &old.index {
                 b.delete(Space::Index, index_key(tenant, f, token, id));
             }
             let mut sp = record_key(tenant, id.as_str());
             sp.push(0);
-            for (k, _) in self.store.scan_prefix(Space::Secrets, &sp, usize::MAX)? {
+            for (k, _) in self
+                .store
+                .scan_prefix(Space::Secrets, &sp, usize::MAX)
+                .await?
+            {
                 b.delete(Space::Secrets, k);
             }
             b.delete(Space::Records, record_key(tenant, id.as_str()));
-            self.store.apply(b)?;
+            self.store.apply(b).await?;
         }
         Ok(self.store.sync().await?)
     }
 
     /// Ids of the records whose indexed `field` equals `value` (normalised).
-    pub fn find(&self, tenant: &Tenant, field: &FieldName, value: &str) -> Result<Vec<RecordId>> {
+    pub async fn find(
+        &self,
+        tenant: &Tenant,
+        field: &FieldName,
+        value: &str,
+    ) -> Result<Vec<RecordId>> {
         if !tenant.indexed.contains(field) {
             return Err(Error::InvalidArgument(format!(
                 "field {field} is not indexed for this tenant"
@@ -677,7 +705,8 @@ impl Records {
             let prefix = index_prefix(tenant, field.as_str(), &token);
             for (k, _) in self
                 .store
-                .scan_prefix(Space::Index, &prefix, MAX_FIND_RESULTS)?
+                .scan_prefix(Space::Index, &prefix, MAX_FIND_RESULTS)
+                .await?
             {
                 let id = std::str::from_utf8(&k[prefix.len()..])
                     .ok()
@@ -701,7 +730,7 @@ impl Records {
             return Err(Error::InvalidArgument("secret must not be empty".into()));
         }
         let secret = Password::candidate(secret)?;
-        if self.load(tenant, id.as_str())?.is_none() {
+        if self.load(tenant, id.as_str()).await?.is_none() {
             return Err(Error::NotFound);
         }
         let phc = self
@@ -728,7 +757,8 @@ impl Records {
         let candidate = Password::candidate(candidate)?;
         let phc = self
             .store
-            .get(Space::Secrets, &secret_key(tenant, id, name.as_str()))?
+            .get(Space::Secrets, &secret_key(tenant, id, name.as_str()))
+            .await?
             .ok_or(Error::NotFound)?;
         let phc = String::from_utf8(phc).map_err(|_| Error::DataLoss)?;
         self.hasher

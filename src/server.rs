@@ -221,7 +221,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 let v = vault.clone();
-                let _ = tokio::task::spawn_blocking(move || v.accounts.sweep_expired()).await;
+                let _ = v.accounts.sweep_expired().await;
                 // Retention: hourly, and once at start.
                 if let Some(days) = retention_days
                     && minutes.is_multiple_of(60)

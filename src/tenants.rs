@@ -53,7 +53,8 @@ impl Tenants {
         }
         if self
             .store
-            .get(Space::Tenants, name.as_str().as_bytes())?
+            .get(Space::Tenants, name.as_str().as_bytes())
+            .await?
             .is_some()
         {
             return Err(Error::AlreadyExists("tenant already exists".into()));
@@ -69,18 +70,20 @@ impl Tenants {
         Ok(self.store.commit(b).await?)
     }
 
-    pub fn exists(&self, name: &TenantName) -> Result<bool> {
+    pub async fn exists(&self, name: &TenantName) -> Result<bool> {
         Ok(self.cache.read().contains_key(name)
             || self
                 .store
-                .get(Space::Tenants, name.as_str().as_bytes())?
+                .get(Space::Tenants, name.as_str().as_bytes())
+                .await?
                 .is_some())
     }
 
     /// The names of every stored tenant.
-    pub fn names(&self) -> Result<Vec<TenantName>> {
+    pub async fn names(&self) -> Result<Vec<TenantName>> {
         self.store
-            .scan_prefix(Space::Tenants, b"", usize::MAX)?
+            .scan_prefix(Space::Tenants, b"", usize::MAX)
+            .await?
             .into_iter()
             .map(|(k, _)| {
                 std::str::from_utf8(&k)
@@ -100,13 +103,14 @@ impl Tenants {
     }
 
     /// The tenant with its keys, or NOT_FOUND (also once shredded).
-    pub fn get(&self, name: &TenantName) -> Result<Arc<Tenant>> {
+    pub async fn get(&self, name: &TenantName) -> Result<Arc<Tenant>> {
         if let Some(t) = self.cache.read().get(name) {
             return Ok(t.clone());
         }
         let bytes = self
             .store
-            .get(Space::Tenants, name.as_str().as_bytes())?
+            .get(Space::Tenants, name.as_str().as_bytes())
+            .await?
             .ok_or(Error::NotFound)?;
         let st = StoredTenant::decode(&bytes[..])?;
         let indexed = st
@@ -114,7 +118,7 @@ impl Tenants {
             .iter()
             .map(|f| FieldName::parse(f).map_err(|_| Error::DataLoss))
             .collect::<Result<_>>()?;
-        let keys = match self.keys.tenant(name.as_str())? {
+        let keys = match self.keys.tenant(name.as_str()).await? {
             Some(k) => k,
             // Shredded, the entry not yet deleted (a crash mid-shred).
             None if self.keys.is_shredded(name.as_str()) => return Err(Error::NotFound),

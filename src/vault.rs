@@ -171,12 +171,15 @@ impl Vault {
         let store = Storage::new(wrap(Arc::new(sled))).with_space_guard(
             crate::store::SpaceGuard::new(&config.data_dir, config.storage.min_free_mib),
         );
-        let keys = Arc::new(Keyring::open(
-            store.clone(),
-            &config.data_dir,
-            &master,
-            config.keys.rotate_after_encryptions,
-        )?);
+        let keys = Arc::new(
+            Keyring::open(
+                store.clone(),
+                &config.data_dir,
+                &master,
+                config.keys.rotate_after_encryptions,
+            )
+            .await?,
+        );
         drop(master);
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())
             .expect("pepper is KEY_LEN bytes");
@@ -189,7 +192,8 @@ impl Vault {
             &config.data_dir,
             config.audit.mirror_file.as_deref(),
             config.alert_file.as_deref(),
-        )?;
+        )
+        .await?;
         let audit = Arc::new(audit);
         let accounts = Arc::new(Accounts::new(
             store.clone(),
@@ -209,7 +213,7 @@ impl Vault {
                 derived(keys.budget_key()),
                 Policy::from_config(config),
             ),
-            honeytokens: Honeytokens::open(store.clone(), derived(keys.honeytoken_key()))?,
+            honeytokens: Honeytokens::open(store.clone(), derived(keys.honeytoken_key())).await?,
             audit,
             accounts,
             tenants: Tenants::new(store.clone(), keys.clone()),
@@ -219,7 +223,7 @@ impl Vault {
             connections: config.connections.clone(),
             key_jobs: Default::default(),
         });
-        report.migrated_records = vault.migrate_records()?;
+        report.migrated_records = vault.migrate_records().await?;
         vault.bootstrap(bootstrap.into(), &mut report).await?;
         Ok((vault, report))
     }
@@ -229,7 +233,7 @@ impl Vault {
     /// rewritten atomically, the format is recorded in the authenticated
     /// key store last, so a migration killed half-way finishes at the next
     /// start. Returns how many records were sealed.
-    fn migrate_records(&self) -> Result<u64, StartError> {
+    async fn migrate_records(&self) -> Result<u64, StartError> {
         let format = self.keys.record_format();
         if format > crate::records::RECORD_FORMAT {
             return Err(StartError::Format(format!(
@@ -240,12 +244,12 @@ impl Vault {
         if format == crate::records::RECORD_FORMAT {
             return Ok(0);
         }
-        let names = self.tenants.names()?;
+        let names = self.tenants.names().await?;
         let plain: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         self.keys.ensure_record_keys(&plain)?;
         let mut total = 0;
         for name in &names {
-            let tenant = match self.tenants.get(name) {
+            let tenant = match self.tenants.get(name).await {
                 Ok(t) => t,
                 // Shredded: nothing of it can be read or needs sealing.
                 Err(Error::NotFound) => continue,
@@ -253,7 +257,7 @@ impl Vault {
             };
             let mut cursor = Vec::new();
             loop {
-                let (done, next) = self.records.migrate_step(&tenant, &cursor, 256)?;
+                let (done, next) = self.records.migrate_step(&tenant, &cursor, 256).await?;
                 total += done;
                 match next {
                     Some(c) => cursor = c,
@@ -274,9 +278,17 @@ impl Vault {
     /// deletion): a record put back from an older copy of the data
     /// directory seals correctly but is not the latest write. What `scrub`
     /// runs on every record.
-    pub fn check_against_trail(&self, tenant: &Tenant, id: &RecordId) -> Result<TrailCheck, Error> {
-        let stamp = self.records.stamp(tenant, id)?;
-        let Some(last) = self.audit.latest_write(tenant.name.as_str(), id.as_str())? else {
+    pub async fn check_against_trail(
+        &self,
+        tenant: &Tenant,
+        id: &RecordId,
+    ) -> Result<TrailCheck, Error> {
+        let stamp = self.records.stamp(tenant, id).await?;
+        let Some(last) = self
+            .audit
+            .latest_write(tenant.name.as_str(), id.as_str())
+            .await?
+        else {
             return Ok(TrailCheck::NoWriteInTrail);
         };
         if last.deleted {
@@ -306,7 +318,7 @@ impl Vault {
         caller: &Caller,
         purpose: &crate::model::Purpose,
     ) -> Result<Arc<Tenant>, Error> {
-        let tenant = self.tenants.get(&caller.tenant)?;
+        let tenant = self.tenants.get(&caller.tenant).await?;
         self.budgets.begin(caller, purpose).await?;
         Ok(tenant)
     }
@@ -322,24 +334,33 @@ impl Vault {
     ) -> Result<(), Error> {
         self.accounts.set_locked(tenant, username, locked).await?;
         if !locked {
-            self.budgets.unlocked(tenant, username.as_str())?;
+            self.budgets.unlocked(tenant, username.as_str()).await?;
         }
         Ok(())
     }
 
     /// Makes a new data key version active for `tenant`, durably.
     pub async fn rotate_tenant_key(&self, tenant: &Tenant) -> Result<u32, Error> {
-        let version = self.keys.rotate(&tenant.keys)?;
+        let version = self.keys.rotate(&tenant.keys).await?;
         self.store.sync().await?;
         Ok(version)
     }
 
     /// Retires (destroys) a data key version no field uses any more.
     pub async fn retire_key_version(&self, tenant: &Tenant, version: u32) -> Result<(), Error> {
-        self.keys.retire::<Error>(&tenant.keys, version, || {
-            let usage = self.records.key_usage(tenant)?;
-            Ok(usage.get(&version).copied().unwrap_or(0))
-        })?;
+        // Usage only falls for a version that no longer encrypts (rewraps
+        // move fields off it; writes use the active one): counted first,
+        // it is an upper bound when the version is destroyed.
+        let used = self
+            .records
+            .key_usage(tenant)
+            .await?
+            .get(&version)
+            .copied()
+            .unwrap_or(0);
+        self.keys
+            .retire::<Error>(&tenant.keys, version, || Ok(used))
+            .await?;
         self.store.sync().await?;
         Ok(())
     }
@@ -358,12 +379,12 @@ impl Vault {
         if self.honeytokens.is_canary(&tenant.name, id) {
             return Err(self.honeytoken_tripped(caller, action).await);
         }
-        let sealed = self.records.fetch(tenant, id)?;
+        let sealed = self.records.fetch(tenant, id).await?;
         let read = match sealed {
             Some(_) => Read::Record(id),
             None => Read::Missing,
         };
-        if let Err(refused) = self.budgets.spend_read(caller, read)? {
+        if let Err(refused) = self.budgets.spend_read(caller, read).await? {
             return Err(self.budgets.throttled(caller, action, refused).await);
         }
         let sealed = sealed.ok_or(Error::NotFound)?;
@@ -372,7 +393,7 @@ impl Vault {
             // the record to the active key and a retirement destroyed the
             // version it was sealed under: the record as it is now is the
             // one to read. Bytes that did not change failed on their own.
-            Err(Error::DataLoss) => match self.records.fetch(tenant, id)? {
+            Err(Error::DataLoss) => match self.records.fetch(tenant, id).await? {
                 Some(now) if now != sealed => now.open(tenant, projection),
                 _ => Err(Error::DataLoss),
             },
@@ -401,28 +422,13 @@ impl Vault {
     /// (crash, `kill -9`) goes on where it stopped when run again.
     pub async fn rewrap(&self, tenant: &Tenant, progress: impl Fn(u64, u64)) -> Result<u64, Error> {
         let target = tenant.keys.active_version();
-        let mut rotated = None;
-        let total = self
+        let (total, rotated) = self
             .resumable_job(
                 tenant,
                 "rewrap",
                 // A stored run toward another version starts over.
                 &target.to_be_bytes(),
-                |done| {
-                    let left: u64 = self
-                        .records
-                        .key_usage(tenant)?
-                        .iter()
-                        .filter(|(v, _)| **v != target)
-                        .map(|(_, n)| n)
-                        .sum();
-                    Ok(done + left)
-                },
-                |cursor| {
-                    let step = self.records.rewrap_step(tenant, cursor, JOB_STEP)?;
-                    rotated = step.rotated_to.or(rotated);
-                    Ok((step.fields, step.cursor))
-                },
+                KeyJob::Rewrap { target },
                 progress,
             )
             .await?;
@@ -439,21 +445,52 @@ impl Vault {
         tenant: &Tenant,
         progress: impl Fn(u64, u64),
     ) -> Result<u64, Error> {
-        self.keys.begin_index_rotation(&tenant.keys)?;
-        let total = self
-            .resumable_job(
-                tenant,
-                "reindex",
-                b"",
-                |done| Ok(self.records.count(tenant)?.max(done)),
-                |cursor| self.records.reindex_step(tenant, cursor, JOB_STEP),
-                progress,
-            )
+        self.keys.begin_index_rotation(&tenant.keys).await?;
+        let (total, _) = self
+            .resumable_job(tenant, "reindex", b"", KeyJob::Reindex, progress)
             .await?;
         // Every record's entries are durable under the next key (the job
         // committed its last step) before the current one is destroyed.
-        self.keys.finish_index_rotation(&tenant.keys)?;
+        self.keys.finish_index_rotation(&tenant.keys).await?;
         Ok(total)
+    }
+
+    /// The size of a key job, given what an earlier run did.
+    async fn job_total(&self, tenant: &Tenant, job: KeyJob, done: u64) -> Result<u64, Error> {
+        Ok(match job {
+            KeyJob::Rewrap { target } => {
+                let left: u64 = self
+                    .records
+                    .key_usage(tenant)
+                    .await?
+                    .iter()
+                    .filter(|(v, _)| **v != target)
+                    .map(|(_, n)| n)
+                    .sum();
+                done + left
+            }
+            KeyJob::Reindex => self.records.count(tenant).await?.max(done),
+        })
+    }
+
+    /// One step of a key job from `cursor`: what it did, where the next
+    /// starts (none: the end), and a key rotation the step caused.
+    async fn job_step(
+        &self,
+        tenant: &Tenant,
+        job: KeyJob,
+        cursor: &[u8],
+    ) -> Result<(u64, Option<Vec<u8>>, Option<u32>), Error> {
+        Ok(match job {
+            KeyJob::Rewrap { .. } => {
+                let step = self.records.rewrap_step(tenant, cursor, JOB_STEP).await?;
+                (step.fields, step.cursor, step.rotated_to)
+            }
+            KeyJob::Reindex => {
+                let (n, next) = self.records.reindex_step(tenant, cursor, JOB_STEP).await?;
+                (n, next, None)
+            }
+        })
     }
 
     /// Runs a tenant-wide key job, one per tenant at a time: `step` from the
@@ -468,10 +505,9 @@ impl Vault {
         tenant: &Tenant,
         name: &str,
         tag: &[u8],
-        total: impl FnOnce(u64) -> Result<u64, Error>,
-        mut step: impl FnMut(&[u8]) -> Result<(u64, Option<Vec<u8>>), Error>,
+        job: KeyJob,
         progress: impl Fn(u64, u64),
-    ) -> Result<u64, Error> {
+    ) -> Result<(u64, Option<u32>), Error> {
         if !self.key_jobs.lock().insert(tenant.name.clone()) {
             return Err(Error::FailedPrecondition(
                 "a rewrap or index rebuild of this tenant is already running".into(),
@@ -480,7 +516,7 @@ impl Vault {
         let _running = JobSlot(&self.key_jobs, tenant.name.clone());
         let key = [name.as_bytes(), b"\0", tenant.name.as_str().as_bytes()].concat();
         let head = [&[tag.len() as u8][..], tag].concat();
-        let (mut done, mut cursor) = match self.store.get(Space::Meta, &key)? {
+        let (mut done, mut cursor) = match self.store.get(Space::Meta, &key).await? {
             Some(v) if v.len() >= head.len() + 8 && v.starts_with(&head) => {
                 let at = head.len();
                 (
@@ -490,11 +526,13 @@ impl Vault {
             }
             _ => (0, Vec::new()),
         };
-        let total = total(done)?;
+        let total = self.job_total(tenant, job, done).await?;
+        let mut rotated = None;
         progress(done, total);
         loop {
             let started = std::time::Instant::now();
-            let (n, next) = step(&cursor)?;
+            let (n, next, r) = self.job_step(tenant, job, &cursor).await?;
+            rotated = r.or(rotated);
             done += n;
             let Some(next) = next else { break };
             cursor = next;
@@ -513,7 +551,7 @@ impl Vault {
         self.store.commit(b).await?;
         let total = total.max(done);
         progress(total, total);
-        Ok(total)
+        Ok((total, rotated))
     }
 
     /// Crypto-shreds a tenant: its keys are destroyed first (durably: from
@@ -533,10 +571,10 @@ impl Vault {
                 "confirm must equal the tenant's name".into(),
             ));
         }
-        if !self.tenants.exists(name)? && !self.keys.is_shredded(name.as_str()) {
+        if !self.tenants.exists(name).await? && !self.keys.is_shredded(name.as_str()) {
             return Err(Error::NotFound);
         }
-        self.keys.shred_tenant(name.as_str())?;
+        self.keys.shred_tenant(name.as_str()).await?;
         self.tenants.delete(name).await?;
         let mut prefix = name.as_str().as_bytes().to_vec();
         prefix.push(0);
@@ -550,7 +588,7 @@ impl Vault {
             Space::Budgets,
         ] {
             loop {
-                let keys = self.store.scan_prefix(space, &prefix, 1024)?;
+                let keys = self.store.scan_prefix(space, &prefix, 1024).await?;
                 if keys.is_empty() {
                     break;
                 }
@@ -561,10 +599,10 @@ impl Vault {
                 for (k, _) in keys {
                     b.delete(space, k);
                 }
-                self.store.apply_each(b)?;
+                self.store.apply_each(b).await?;
             }
         }
-        self.accounts.forget_tenant(name)?;
+        self.accounts.forget_tenant(name).await?;
         self.budgets.forget_tenant(name);
         self.store.sync().await?;
         self.audit
@@ -607,10 +645,10 @@ impl Vault {
         value: &str,
         action: &str,
     ) -> Result<Vec<RecordId>, Error> {
-        if let Err(refused) = self.budgets.spend_find(caller)? {
+        if let Err(refused) = self.budgets.spend_find(caller).await? {
             return Err(self.budgets.throttled(caller, action, refused).await);
         }
-        let ids = self.records.find(tenant, field, value)?;
+        let ids = self.records.find(tenant, field, value).await?;
         if ids
             .iter()
             .any(|id| self.honeytokens.is_canary(&tenant.name, id))
@@ -634,7 +672,7 @@ impl Vault {
         report: &mut OpenReport,
     ) -> Result<(), StartError> {
         let system = TenantName::system();
-        if self.tenants.exists(&system)? {
+        if self.tenants.exists(&system).await? {
             return Ok(());
         }
         let admin = Username::parse(BOOTSTRAP_ADMIN)?;
@@ -658,7 +696,7 @@ impl Vault {
         };
         // Principal first: if we crash between the two, the next start
         // retries the whole bootstrap (the tenant is the marker).
-        if self.accounts.exists(&system, &admin)? {
+        if self.accounts.exists(&system, &admin).await? {
             // An earlier start made the admin and crashed before the tenant:
             // its password stands, and a new one must not be shown.
             report.bootstrap_password = None;
@@ -671,6 +709,15 @@ impl Vault {
         report.bootstrapped = true;
         Ok(())
     }
+}
+
+/// The tenant-wide key jobs [`Vault::resumable_job`] runs.
+#[derive(Debug, Clone, Copy)]
+enum KeyJob {
+    /// Re-encrypt every field under `target`, the active version.
+    Rewrap { target: u32 },
+    /// Move every record's index entries to the next index key.
+    Reindex,
 }
 
 fn make_private_dir(dir: &Path) -> Result<(), StartError> {

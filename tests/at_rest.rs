@@ -186,9 +186,15 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
 
     {
         let store = open_store(&s.data_dir()).await;
-        let load = |t: &str, id: &str| -> RawRecord {
-            prost::Message::decode(&store.get(Space::Records, &rkey(t, id)).unwrap().unwrap()[..])
-                .unwrap()
+        let load = async |t: &str, id: &str| -> RawRecord {
+            prost::Message::decode(
+                &store
+                    .get(Space::Records, &rkey(t, id))
+                    .await
+                    .unwrap()
+                    .unwrap()[..],
+            )
+            .unwrap()
         };
         let mut batch = Batch::new();
         let mut save = |t: &str, id: &str, rec: &RawRecord| {
@@ -199,34 +205,34 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
             );
         };
         // 1. One flipped byte in the middle of p1's nir ciphertext.
-        let mut p1 = load("clinic_a", "p1");
+        let mut p1 = load("clinic_a", "p1").await;
         let c = p1.fields.get_mut("nir").unwrap();
         let mid = c.len() / 2;
         c[mid] ^= 0x01;
         save("clinic_a", "p1", &p1);
         // 2. p2's nir ciphertext copied into p3.
-        let p2 = load("clinic_a", "p2");
-        let mut p3 = load("clinic_a", "p3");
+        let p2 = load("clinic_a", "p2").await;
+        let mut p3 = load("clinic_a", "p3").await;
         p3.fields.insert("nir".into(), p2.fields["nir"].clone());
         save("clinic_a", "p3", &p3);
         // 3. Tenant b's nir ciphertext copied into tenant a's p4.
-        let q1 = load("clinic_b", "q1");
-        let mut p4 = load("clinic_a", "p4");
+        let q1 = load("clinic_b", "q1").await;
+        let mut p4 = load("clinic_a", "p4").await;
         p4.fields.insert("nir".into(), q1.fields["nir"].clone());
         save("clinic_a", "p4", &p4);
         // 4. A field moved to another field name of the same record.
-        let mut p5 = load("clinic_a", "p5");
+        let mut p5 = load("clinic_a", "p5").await;
         let fam = p5.fields["family_name"].clone();
         p5.fields.insert("nir".into(), fam);
         save("clinic_a", "p5", &p5);
         // 5. A whole record copied over another id.
-        let p6 = load("clinic_a", "p6");
+        let p6 = load("clinic_a", "p6").await;
         save("clinic_a", "p7", &p6);
         // 6. The header's key version rewritten.
         let mut p6b = p6.clone();
         p6b.fields.get_mut("family_name").unwrap()[4] ^= 0x02;
         save("clinic_a", "p6", &p6b);
-        store.apply(batch).unwrap();
+        store.apply(batch).await.unwrap();
         store.flush_blocking().unwrap();
     }
     s.restart().await;
@@ -315,6 +321,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         let store = open_store(&s.data_dir()).await;
         store
             .get(Space::Records, &rkey("clinic_a", "p3"))
+            .await
             .unwrap()
             .unwrap()
     };
@@ -329,10 +336,11 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
     s.stop().await;
     {
         let store = open_store(&s.data_dir()).await;
-        let load = |id: &str| -> RawRecord {
+        let load = async |id: &str| -> RawRecord {
             prost::Message::decode(
                 &store
                     .get(Space::Records, &rkey("clinic_a", id))
+                    .await
                     .unwrap()
                     .unwrap()[..],
             )
@@ -340,7 +348,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         };
         let mut batch = Batch::new();
         // 1. The allergy dropped from p1.
-        let mut p1 = load("p1");
+        let mut p1 = load("p1").await;
         assert!(p1.fields.remove("allergy").is_some());
         batch.put(
             Space::Records,
@@ -348,7 +356,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
             prost::Message::encode_to_vec(&p1),
         );
         // 2. p2's version edited.
-        let mut p2 = load("p2");
+        let mut p2 = load("p2").await;
         p2.version = 99;
         batch.put(
             Space::Records,
@@ -357,7 +365,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         );
         // 3. p5 passed off as a record of the format before whole-record
         // seals (no MAC to check).
-        let mut p5 = load("p5");
+        let mut p5 = load("p5").await;
         p5.format = 1;
         p5.mac.clear();
         batch.put(
@@ -367,7 +375,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         );
         // 4. p3 put back as it was at version 1.
         batch.put(Space::Records, rkey("clinic_a", "p3"), old_p3);
-        store.apply(batch).unwrap();
+        store.apply(batch).await.unwrap();
         store.flush_blocking().unwrap();
     }
     s.restart().await;
@@ -403,21 +411,22 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
     let tenant = v
         .tenants
         .get(&coffre::model::TenantName::parse("clinic_a").unwrap())
+        .await
         .unwrap();
     let id = |s: &str| coffre::model::RecordId::parse(s).unwrap();
     use coffre::vault::TrailCheck;
     assert_eq!(
-        v.check_against_trail(&tenant, &id("p3")).unwrap(),
+        v.check_against_trail(&tenant, &id("p3")).await.unwrap(),
         TrailCheck::RolledBack
     );
     assert!(
-        v.check_against_trail(&tenant, &id("p1")).is_err(),
+        v.check_against_trail(&tenant, &id("p1")).await.is_err(),
         "p1 fails its MAC"
     );
     // An untouched record matches its last write; so does a deleted one.
     r.put_record(authed(&a, put("p4", &fields))).await.unwrap();
     assert_eq!(
-        v.check_against_trail(&tenant, &id("p4")).unwrap(),
+        v.check_against_trail(&tenant, &id("p4")).await.unwrap(),
         TrailCheck::Matches
     );
     r.delete_record(authed(
@@ -430,7 +439,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
     .await
     .unwrap();
     assert_eq!(
-        v.check_against_trail(&tenant, &id("p4")).unwrap(),
+        v.check_against_trail(&tenant, &id("p4")).await.unwrap(),
         TrailCheck::Matches
     );
 }

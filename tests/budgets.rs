@@ -301,9 +301,10 @@ async fn honeytokens_lock_their_reader_through_restarts() {
     let tenant = vault
         .tenants
         .get(&coffre::model::TenantName::parse("clinic").unwrap())
+        .await
         .unwrap();
     let canary_id = coffre::model::RecordId::parse(&canary).unwrap();
-    let plain = vault.records.get(&tenant, &canary_id, &[]).unwrap();
+    let plain = vault.records.get(&tenant, &canary_id, &[]).await.unwrap();
     let real = vault
         .records
         .get(
@@ -311,6 +312,7 @@ async fn honeytokens_lock_their_reader_through_restarts() {
             &coffre::model::RecordId::parse(&ids[0]).unwrap(),
             &[],
         )
+        .await
         .unwrap();
     assert_eq!(
         plain.fields.keys().collect::<Vec<_>>(),

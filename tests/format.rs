@@ -71,7 +71,7 @@ async fn a_format_1_data_directory_is_migrated_in_place() {
     // log (format 2), indexed: the old record writes are found by id.
     // (The refused start above moved it already: the trail opens first.)
     assert!(coffre::audit::trail_dir(&config.data_dir).is_dir());
-    assert!(vault.store.last(Space::Audit).unwrap().is_none());
+    assert!(vault.store.last(Space::Audit).await.unwrap().is_none());
     let writes = vault
         .audit
         .query(&coffre::audit::Query {

@@ -470,10 +470,12 @@ async fn open_with(
     let tenant = vault
         .tenants
         .get(&coffre::model::TenantName::parse("clinic").unwrap())
+        .await
         .map_err(|e| e.to_string())?;
     let rec = vault
         .records
         .get(&tenant, &coffre::model::RecordId::parse("p1").unwrap(), &[])
+        .await
         .map_err(|e| e.to_string())?;
     let verified = vault.audit.verify(None).unwrap().ok;
     Ok((rec.fields["nir"].to_string(), verified))
@@ -694,9 +696,10 @@ async fn index_key_rotates_online_and_finds_keep_working() {
         let t = v
             .tenants
             .get(&coffre::model::TenantName::parse("clinic").unwrap())
+            .await
             .unwrap();
         let id = coffre::model::RecordId::parse(&canary).unwrap();
-        v.records.get(&t, &id, &[]).unwrap().fields["nir"].to_string()
+        v.records.get(&t, &id, &[]).await.unwrap().fields["nir"].to_string()
     };
     let find = |nir: String| pb::FindRecordsRequest {
         field: "nir".into(),
@@ -780,7 +783,15 @@ async fn index_key_rotates_online_and_finds_keep_working() {
     assert!(found.load(Ordering::Relaxed) > 0);
     let vault = s.vault.clone().unwrap();
     let clinic = coffre::model::TenantName::parse("clinic").unwrap();
-    assert!(!vault.tenants.get(&clinic).unwrap().keys.index_rotating());
+    assert!(
+        !vault
+            .tenants
+            .get(&clinic)
+            .await
+            .unwrap()
+            .keys
+            .index_rotating()
+    );
     drop(vault);
     // The canary's entry moved to the new key too: a find on its NIR trips.
     s.principal("clinic", "dr_z", pb::Role::Clinician, CLINICIAN_PASSWORD)

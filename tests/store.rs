@@ -60,6 +60,7 @@ async fn scans_stream_in_key_order_and_count() {
             seen.push((k.to_vec(), v.to_vec()));
             true
         })
+        .await
         .unwrap();
         assert_eq!(seen.len(), 3000, "{name}");
         assert!(
@@ -67,14 +68,19 @@ async fn scans_stream_in_key_order_and_count() {
             "{name}: key order"
         );
         assert_eq!(seen[1234].1, 1234u64.to_be_bytes(), "{name}");
-        assert_eq!(s.count(Space::Records, b"").unwrap(), 3000, "{name}");
-        assert_eq!(s.count(Space::Records, b"k00001").unwrap(), 1000, "{name}");
-        assert_eq!(s.count(Space::Index, b"").unwrap(), 1, "{name}");
+        assert_eq!(s.count(Space::Records, b"").await.unwrap(), 3000, "{name}");
+        assert_eq!(
+            s.count(Space::Records, b"k00001").await.unwrap(),
+            1000,
+            "{name}"
+        );
+        assert_eq!(s.count(Space::Index, b"").await.unwrap(), 1, "{name}");
         let mut first = 0;
         s.scan_each(Space::Records, b"", |_, _| {
             first += 1;
             first < 10
         })
+        .await
         .unwrap();
         assert_eq!(first, 10, "{name}: a scan stops when asked");
     }
@@ -112,7 +118,7 @@ async fn a_cut_is_one_instant_while_writers_run() {
         for w in 0..4u64 {
             let (s, stop, version) = (s.clone(), stop.clone(), version.clone());
             let cut_open = cut_open.clone();
-            writers.push(tokio::task::spawn_blocking(move || {
+            writers.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let v = version.fetch_add(1, Ordering::SeqCst) + 1;
@@ -123,8 +129,9 @@ async fn a_cut_is_one_instant_while_writers_run() {
                     if cut_open.load(Ordering::SeqCst) {
                         b.delete(Space::Index, format!("d{i:04}"));
                     }
-                    s.apply(b).unwrap();
+                    s.apply(b).await.unwrap();
                     n += 1;
+                    tokio::task::yield_now().await;
                 }
                 n
             }));
@@ -149,8 +156,9 @@ async fn a_cut_is_one_instant_while_writers_run() {
             }
             true
         })
+        .await
         .unwrap();
-        let present = cut.count(Space::Index, b"").unwrap();
+        let present = cut.count(Space::Index, b"").await.unwrap();
         stop.store(true, Ordering::Relaxed);
         let mut writes = 0;
         for w in writers {
@@ -160,7 +168,7 @@ async fn a_cut_is_one_instant_while_writers_run() {
         assert_eq!(a, b, "{name}: a batch seen in half");
         let newest = a.values().copied().max().unwrap();
         assert!(newest <= at, "{name}: the cut shows a write made after it");
-        let live_present = s.count(Space::Index, b"").unwrap();
+        let live_present = s.count(Space::Index, b"").await.unwrap();
         assert_eq!(
             present, PAIRS,
             "{name}: keys deleted after the cut are in it"
@@ -241,6 +249,7 @@ async fn a_cut_between_calls_matches_the_trail_head() {
         in_cut.insert(String::from_utf8(k[b"clinic\0".len()..].to_vec()).unwrap());
         true
     })
+    .await
     .unwrap();
     let events = v
         .audit

@@ -169,6 +169,7 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
         k.extend_from_slice(b"kept");
         store
             .get(coffre::store::Space::Records, &k)
+            .await
             .unwrap()
             .unwrap()
     };
@@ -201,19 +202,20 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
     let tenant = v
         .tenants
         .get(&coffre::model::TenantName::parse("clinic").unwrap())
+        .await
         .unwrap();
     let id = |s: &str| coffre::model::RecordId::parse(s).unwrap();
     assert_eq!(
-        v.check_against_trail(&tenant, &id("kept")).unwrap(),
+        v.check_against_trail(&tenant, &id("kept")).await.unwrap(),
         TrailCheck::Matches
     );
     assert_eq!(
-        v.check_against_trail(&tenant, &id("gone")).unwrap(),
+        v.check_against_trail(&tenant, &id("gone")).await.unwrap(),
         TrailCheck::Matches,
         "deleted, and absent"
     );
     assert_eq!(
-        v.check_against_trail(&tenant, &id("new")).unwrap(),
+        v.check_against_trail(&tenant, &id("new")).await.unwrap(),
         TrailCheck::Matches
     );
     // Put an older copy back: the kept-aside write still tells.
@@ -224,7 +226,7 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
         k.extend_from_slice(b"kept");
         let mut b = coffre::store::Batch::new();
         b.put(coffre::store::Space::Records, k, old_kept);
-        store.apply(b).unwrap();
+        store.apply(b).await.unwrap();
         store.flush_blocking().unwrap();
     }
     s.restart().await;
@@ -232,9 +234,10 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
     let tenant = v
         .tenants
         .get(&coffre::model::TenantName::parse("clinic").unwrap())
+        .await
         .unwrap();
     assert_eq!(
-        v.check_against_trail(&tenant, &id("kept")).unwrap(),
+        v.check_against_trail(&tenant, &id("kept")).await.unwrap(),
         TrailCheck::RolledBack
     );
 }

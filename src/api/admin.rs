@@ -3,14 +3,14 @@
 use super::*;
 
 /// The tenant an administrator's key call is about, noted for the trail.
-pub(super) fn admin_target(
+pub(super) async fn admin_target(
     v: &Vault,
     name: &str,
     n: &mut Note,
 ) -> Result<Arc<crate::tenants::Tenant>, Error> {
     let name = TenantName::parse(name)?;
     n.tenant = Some(name.to_string());
-    v.tenants.get(&name)
+    v.tenants.get(&name).await
 }
 
 /// Where a long key job reports its progress.
@@ -108,7 +108,7 @@ impl admin_server::Admin for AdminService {
                     }
                     _ => {}
                 }
-                if !v.tenants.exists(&tenant)? {
+                if !v.tenants.exists(&tenant).await? {
                     return Err(Error::NotFound);
                 }
                 let password =
@@ -159,7 +159,7 @@ impl admin_server::Admin for AdminService {
                         "tenant system holds no records".into(),
                     ));
                 }
-                let tenant = v.tenants.get(&name)?;
+                let tenant = v.tenants.get(&name).await?;
                 let w = v.honeytokens.create(&tenant, &v.records).await?;
                 v.key_rotated(&tenant, w.rotated_to).await?;
                 let id = w.id;
@@ -180,7 +180,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RotateTenantKey",
             async |_c: Option<Caller>, m: pb::RotateTenantKeyRequest, n: &mut Note| {
-                let tenant = admin_target(&v, &m.tenant, n)?;
+                let tenant = admin_target(&v, &m.tenant, n).await?;
                 let version = v.rotate_tenant_key(&tenant).await?;
                 n.fields = vec![format!("active_version={version}")];
                 Ok(pb::RotateTenantKeyResponse {
@@ -202,7 +202,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RewrapTenant",
             async |_c: Option<Caller>, m: pb::RewrapTenantRequest, n: &mut Note| {
-                let tenant = admin_target(&v, &m.tenant, n)?;
+                let tenant = admin_target(&v, &m.tenant, n).await?;
                 n.fields = vec![format!("to_version={}", tenant.keys.active_version())];
                 let vault = v.clone();
                 Ok(progress_stream(async move |p: Progress| {
@@ -222,8 +222,8 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/KeyStatus",
             async |_c: Option<Caller>, m: pb::KeyStatusRequest, n: &mut Note| {
-                let tenant = admin_target(&v, &m.tenant, n)?;
-                let usage = v.records.key_usage(&tenant)?;
+                let tenant = admin_target(&v, &m.tenant, n).await?;
+                let usage = v.records.key_usage(&tenant).await?;
                 let mut versions: Vec<_> = tenant
                     .keys
                     .encryption_counts()
@@ -262,7 +262,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RetireKeyVersion",
             async |_c: Option<Caller>, m: pb::RetireKeyVersionRequest, n: &mut Note| {
-                let tenant = admin_target(&v, &m.tenant, n)?;
+                let tenant = admin_target(&v, &m.tenant, n).await?;
                 n.fields = vec![format!("version={}", m.version)];
                 v.retire_key_version(&tenant, m.version).await?;
                 Ok(pb::RetireKeyVersionResponse {})
@@ -282,7 +282,7 @@ impl admin_server::Admin for AdminService {
             req,
             "Admin/RotateIndexKey",
             async |_c: Option<Caller>, m: pb::RotateIndexKeyRequest, n: &mut Note| {
-                let tenant = admin_target(&v, &m.tenant, n)?;
+                let tenant = admin_target(&v, &m.tenant, n).await?;
                 let vault = v.clone();
                 Ok(progress_stream(async move |p: Progress| {
                     vault.rotate_index(&tenant, |d, t| p.report(d, t)).await
@@ -332,12 +332,13 @@ impl admin_server::Admin for AdminService {
                         "auditors see their own tenant only",
                     ));
                 }
-                if !v.tenants.exists(&tenant)? {
+                if !v.tenants.exists(&tenant).await? {
                     return Err(Error::NotFound);
                 }
                 let principals = v
                     .accounts
-                    .list(&tenant)?
+                    .list(&tenant)
+                    .await?
                     .into_iter()
                     .map(|p| pb::PrincipalInfo {
                         username: p.username,

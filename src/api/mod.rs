@@ -297,7 +297,7 @@ impl Gate {
     /// The caller (if a token was given and is valid), and whether `need`
     /// admits it. The principal is kept even when refused (a wrong role, a
     /// revoked or expired token), so the refusal is attributed.
-    fn authorize(&self, meta: &MetadataMap, need: Need) -> Authorized {
+    async fn authorize(&self, meta: &MetadataMap, need: Need) -> Authorized {
         let mut a = Authorized {
             caller: None,
             principal: None,
@@ -312,7 +312,7 @@ impl Gate {
             a.result = Err(Error::Unauthenticated("missing bearer token"));
             return a;
         };
-        let caller = match self.vault.accounts.authenticate(token) {
+        let caller = match self.vault.accounts.authenticate(token).await {
             Ok(c) => c,
             Err(refused) => {
                 if let Some((t, u, role)) = refused.who {
@@ -441,7 +441,7 @@ impl Gate {
         T: Reply,
     {
         let need = route_of(action).need;
-        let auth = self.authorize(meta, need);
+        let auth = self.authorize(meta, need).await;
         let mut note = Note::default();
         let outcome_of = |r: &Result<T, Error>| match r {
             Ok(_) => "ok".to_string(),

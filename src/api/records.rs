@@ -4,7 +4,7 @@ use super::*;
 
 /// The tenant, record and secret name a SetSecret/VerifySecret call is
 /// about, noted for the audit event before they are parsed.
-pub(super) fn secret_target(
+pub(super) async fn secret_target(
     v: &Vault,
     caller: Option<Caller>,
     record_id: &str,
@@ -23,7 +23,7 @@ pub(super) fn secret_target(
     n.fields = vec![name.to_string()];
     let id = RecordId::parse(record_id)?;
     let name = crate::model::FieldName::parse(name)?;
-    Ok((v.tenants.get(&caller.tenant)?, id, name))
+    Ok((v.tenants.get(&caller.tenant).await?, id, name))
 }
 
 pub(super) const GET_RECORD: &str = "coffre.v1.Records/GetRecord";
@@ -106,7 +106,7 @@ impl records_server::Records for RecordsService {
                 names.sort();
                 n.fields = names;
                 let fields = Fields::parse(rec.fields)?;
-                let tenant = v.tenants.get(&caller.tenant)?;
+                let tenant = v.tenants.get(&caller.tenant).await?;
                 let w = v.put_record(&tenant, id, fields).await?;
                 n.record_ids = vec![w.id.to_string()];
                 // What `scrub` compares the stored record with (a rolled-
@@ -164,7 +164,7 @@ impl records_server::Records for RecordsService {
                 n.purpose = m.purpose.clone();
                 let id = RecordId::parse(&m.id)?;
                 Purpose::parse(&m.purpose)?;
-                let tenant = v.tenants.get(&caller.tenant)?;
+                let tenant = v.tenants.get(&caller.tenant).await?;
                 v.records.delete(&tenant, &id).await?;
                 Ok(pb::DeleteRecordResponse {})
             }
@@ -291,7 +291,7 @@ impl records_server::Records for RecordsService {
             req,
             "Records/SetSecret",
             async |c: Option<Caller>, m: pb::SetSecretRequest, n: &mut Note| {
-                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n)?;
+                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n).await?;
                 v.records.set_secret(&tenant, &id, &name, m.secret).await?;
                 Ok(pb::SetSecretResponse {})
             }
@@ -308,7 +308,7 @@ impl records_server::Records for RecordsService {
             req,
             "Records/VerifySecret",
             async |c: Option<Caller>, m: pb::VerifySecretRequest, n: &mut Note| {
-                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n)?;
+                let (tenant, id, name) = secret_target(&v, c, &m.record_id, &m.name, n).await?;
                 let ok = v
                     .records
                     .verify_secret(&tenant, &id, &name, m.candidate)

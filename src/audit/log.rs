@@ -771,33 +771,30 @@ impl Log {
         })
     }
 
-    /// Drops every closed segment whose events are all older than
-    /// `before_time`, oldest first, and never the one being written. Each
-    /// goes after `keep` has seen it (the caller carries forward what must
-    /// outlive it). Returns the events dropped.
-    pub fn drop_before(
-        &self,
-        before_time: i64,
-        mut keep: impl FnMut(&SegView) -> Result<(), StorageError>,
-    ) -> Result<u64, StorageError> {
+    /// The oldest closed segment, if all its events are older than
+    /// `before_time` (and its index is on disk): the next one retention may
+    /// drop. Never the one being written.
+    pub fn oldest_due(&self, before_time: i64) -> Option<SegMeta> {
+        let meta = self.sealed.read().first().cloned()?;
+        (meta.last_time < before_time && !self.pending.lock().contains_key(&meta.first_seq))
+            .then_some(meta)
+    }
+
+    /// Drops `meta`, the oldest closed segment; the next segment's
+    /// authenticated header becomes the base. Returns the events dropped.
+    pub fn drop_oldest(&self, meta: &SegMeta) -> Result<u64, StorageError> {
         let _w = self.write.lock();
-        let mut dropped = 0;
-        loop {
-            let Some(meta) = self.sealed.read().first().cloned() else {
-                break;
-            };
-            if meta.last_time >= before_time || self.pending.lock().contains_key(&meta.first_seq) {
-                break;
+        {
+            let mut sealed = self.sealed.write();
+            if sealed.first().is_none_or(|m| m.first_seq != meta.first_seq) {
+                return Ok(0);
             }
-            keep(&self.sealed_view(meta.clone())?)?;
-            // The next segment's authenticated header becomes the base.
-            self.sealed.write().remove(0);
-            std::fs::remove_file(meta.idx_path()).map_err(io)?;
-            std::fs::remove_file(&meta.path).map_err(io)?;
-            sync_dir(&self.dir)?;
-            dropped += meta.last_seq + 1 - meta.first_seq;
+            sealed.remove(0);
         }
-        Ok(dropped)
+        std::fs::remove_file(meta.idx_path()).map_err(io)?;
+        std::fs::remove_file(&meta.path).map_err(io)?;
+        sync_dir(&self.dir)?;
+        Ok(meta.last_seq + 1 - meta.first_seq)
     }
 
     /// Closes the active segment now if it holds events, so that the next

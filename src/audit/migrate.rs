@@ -22,8 +22,8 @@ use crate::{
 /// Format 1's base after pruning: `seq ‖ prev_hash ‖ MAC`.
 const BASE_KEY: &[u8] = b"audit_base";
 
-fn base(store: &Storage, keys: &log::Keys) -> Result<(u64, [u8; 32])> {
-    let Some(v) = store.get(Space::Meta, BASE_KEY)? else {
+async fn base(store: &Storage, keys: &log::Keys) -> Result<(u64, [u8; 32])> {
+    let Some(v) = store.get(Space::Meta, BASE_KEY).await? else {
         return Ok((1, GENESIS));
     };
     if v.len() != 72 {
@@ -47,9 +47,9 @@ fn refuse(seq: u64, why: &str) -> Error {
 }
 
 /// Deletes format 1's entries (after the new trail is in place).
-fn delete_old(store: &Storage) -> Result<()> {
+async fn delete_old(store: &Storage) -> Result<()> {
     loop {
-        let rows = store.scan_prefix(Space::Audit, b"", 4096)?;
+        let rows = store.scan_prefix(Space::Audit, b"", 4096).await?;
         if rows.is_empty() {
             break;
         }
@@ -57,28 +57,28 @@ fn delete_old(store: &Storage) -> Result<()> {
         for (k, _) in rows {
             b.delete(Space::Audit, k);
         }
-        store.apply(b)?;
+        store.apply(b).await?;
     }
     let mut b = Batch::new();
     b.delete(Space::Meta, BASE_KEY.to_vec());
-    store.apply(b)?;
+    store.apply(b).await?;
     store.flush_blocking()?;
     Ok(())
 }
 
 /// Moves a format-1 trail into `dir`. Returns how many events moved.
-pub fn from_store(store: &Storage, keys: &log::Keys, dir: &Path) -> Result<u64> {
-    let old_left = store.last(Space::Audit)?.is_some();
+pub async fn from_store(store: &Storage, keys: &log::Keys, dir: &Path) -> Result<u64> {
+    let old_left = store.last(Space::Audit).await?.is_some();
     if log::Log::exists(dir) {
         if old_left {
-            delete_old(store)?;
+            delete_old(store).await?;
         }
         return Ok(0);
     }
     if !old_left {
         return Ok(0);
     }
-    let (base_seq, base_prev) = base(store, keys)?;
+    let (base_seq, base_prev) = base(store, keys).await?;
     let staging = dir.with_extension("migrating");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| StorageError::Io(e.to_string()))?;
@@ -92,7 +92,7 @@ pub fn from_store(store: &Storage, keys: &log::Keys, dir: &Path) -> Result<u64> 
     let mut start = Vec::new();
     let mut moved = 0u64;
     loop {
-        let rows = store.scan_from(Space::Audit, b"", &start, 1024)?;
+        let rows = store.scan_from(Space::Audit, b"", &start, 1024).await?;
         if rows.is_empty() {
             break;
         }
@@ -127,7 +127,7 @@ pub fn from_store(store: &Storage, keys: &log::Keys, dir: &Path) -> Result<u64> 
             .and_then(|d| d.sync_all())
             .map_err(|e| StorageError::Io(e.to_string()))?;
     }
-    delete_old(store)?;
+    delete_old(store).await?;
     tracing::info!(
         events = moved,
         "audit trail moved to format {}",

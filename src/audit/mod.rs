@@ -257,7 +257,7 @@ pub fn trail_dir(data_dir: &Path) -> std::path::PathBuf {
 impl Audit {
     /// Opens the trail of `data_dir` (migrating a format-1 trail from the
     /// key-value store first) and starts its writer.
-    pub fn open(
+    pub async fn open(
         store: Storage,
         key: SecretKey,
         data_dir: &Path,
@@ -266,7 +266,7 @@ impl Audit {
     ) -> Result<Self> {
         let dir = trail_dir(data_dir);
         let keys = log::Keys::new(key);
-        let migrated = migrate::from_store(&store, &keys, &dir)?;
+        let migrated = migrate::from_store(&store, &keys, &dir).await?;
         let (log, rec) = log::Log::open(&dir, keys, (1, GENESIS))?;
         if rec.torn_bytes > 0 {
             tracing::warn!(
@@ -562,21 +562,29 @@ impl Audit {
     /// from the first kept segment's authenticated header. Returns how many
     /// events went.
     pub async fn prune(&self, before_unix_ms: i64) -> Result<u64> {
-        let shared = self.shared.clone();
-        let n = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let store = shared.store.clone();
-            let n = shared.log.drop_before(before_unix_ms, |view| {
-                retained::keep_latest_writes(&store, shared.log.keys(), view)
-            })?;
-            let active = shared.log.active_view();
-            if !active.meta.is_empty() && active.meta.first_time < before_unix_ms {
-                shared.log.seal_now()?;
-            }
-            Ok(n)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(n)
+        let shared = &self.shared;
+        let mut dropped = 0;
+        while let Some(meta) = shared.log.oldest_due(before_unix_ms) {
+            // What scrub needs of it is kept aside, durably, before it goes.
+            let s2 = self.shared.clone();
+            let m2 = meta.clone();
+            let latest = tokio::task::spawn_blocking(move || {
+                let view = s2.log.view(&m2)?;
+                retained::collect_latest_writes(s2.log.keys(), &view)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            retained::keep_latest_writes(&shared.store, shared.log.keys(), latest).await?;
+            dropped += shared.log.drop_oldest(&meta)?;
+        }
+        let active = shared.log.active_view();
+        if !active.meta.is_empty() && active.meta.first_time < before_unix_ms {
+            let s2 = self.shared.clone();
+            tokio::task::spawn_blocking(move || s2.log.seal_now())
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+        }
+        Ok(dropped)
     }
 
     /// Events matching `q`, oldest first unless `q.newest_first`, each
@@ -723,7 +731,7 @@ impl Audit {
     /// The latest write (Put or Delete, outcome ok) of `tenant`'s record
     /// `id` the trail holds: from the kept events, else from what pruning
     /// kept aside.
-    pub fn latest_write(&self, tenant: &str, id: &str) -> Result<Option<LatestWrite>> {
+    pub async fn latest_write(&self, tenant: &str, id: &str) -> Result<Option<LatestWrite>> {
         let mut last = None;
         self.query_each(
             &Query {
@@ -743,7 +751,7 @@ impl Audit {
         )?;
         match last {
             Some(w) => Ok(Some(w)),
-            None => retained::lookup(&self.shared.store, self.shared.log.keys(), tenant, id),
+            None => retained::lookup(&self.shared.store, self.shared.log.keys(), tenant, id).await,
         }
     }
 }

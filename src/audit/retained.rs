@@ -17,7 +17,7 @@ use crate::{
 };
 
 #[derive(Clone, PartialEq, Message)]
-struct Entry {
+pub struct Entry {
     #[prost(uint64, tag = "1")]
     seq: u64,
     #[prost(bool, tag = "2")]
@@ -37,11 +37,14 @@ fn key(keys: &log::Keys, tenant: &str, id: &str) -> Vec<u8> {
 
 /// Keeps the latest write of each record `view` holds, unless a later one
 /// is kept already.
-pub fn keep_latest_writes(
-    store: &Storage,
+/// The latest write of each record a segment due for pruning holds, keyed
+/// as kept aside. Reads the segment's frames (blocking file reads).
+pub type Latest = std::collections::HashMap<Vec<u8>, Entry>;
+
+pub fn collect_latest_writes(
     keys: &log::Keys,
     view: &log::SegView,
-) -> Result<(), StorageError> {
+) -> Result<Latest, StorageError> {
     let mut latest: std::collections::HashMap<Vec<u8>, Entry> = Default::default();
     let mut failed = false;
     let start = view.marks()[0];
@@ -73,9 +76,19 @@ pub fn keep_latest_writes(
             "an audit frame due for pruning fails authentication",
         ));
     }
+    Ok(latest)
+}
+
+/// Keeps `latest` aside, durably, unless a later write of a record is kept
+/// already.
+pub async fn keep_latest_writes(
+    store: &Storage,
+    keys: &log::Keys,
+    latest: Latest,
+) -> Result<(), StorageError> {
     let mut batch = Batch::new();
     for (k, e) in latest {
-        if let Some(old) = read(store, keys, &k)?
+        if let Some(old) = read(store, keys, &k).await?
             && old.seq > e.seq
         {
             continue;
@@ -83,15 +96,15 @@ pub fn keep_latest_writes(
         let sealed = keys.aead().seal(&k, &e.encode_to_vec());
         batch.put(Space::TrailRetained, k, sealed);
         if batch.0.len() >= 512 {
-            store.apply(std::mem::take(&mut batch))?;
+            store.apply(std::mem::take(&mut batch)).await?;
         }
     }
-    store.apply(batch)?;
-    store.flush_blocking()
+    store.apply(batch).await?;
+    store.sync().await
 }
 
-fn read(store: &Storage, keys: &log::Keys, k: &[u8]) -> Result<Option<Entry>, StorageError> {
-    let Some(v) = store.get(Space::TrailRetained, k)? else {
+async fn read(store: &Storage, keys: &log::Keys, k: &[u8]) -> Result<Option<Entry>, StorageError> {
+    let Some(v) = store.get(Space::TrailRetained, k).await? else {
         return Ok(None);
     };
     let plain = keys
@@ -104,13 +117,15 @@ fn read(store: &Storage, keys: &log::Keys, k: &[u8]) -> Result<Option<Entry>, St
 }
 
 /// The latest write of `tenant`'s record `id` that pruning kept aside.
-pub fn lookup(
+pub async fn lookup(
     store: &Storage,
     keys: &log::Keys,
     tenant: &str,
     id: &str,
 ) -> Result<Option<LatestWrite>> {
-    let e = read(store, keys, &key(keys, tenant, id)).map_err(Error::from)?;
+    let e = read(store, keys, &key(keys, tenant, id))
+        .await
+        .map_err(Error::from)?;
     Ok(e.map(|e| LatestWrite {
         seq: e.seq,
         deleted: e.deleted,

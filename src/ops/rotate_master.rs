@@ -56,7 +56,7 @@ pub async fn rotate_master(
     };
     // In the trail like every key operation: opened with the new key, the
     // audit key is the same as before, so the chain simply goes on.
-    let ring = crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX)?;
+    let ring = crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX).await?;
     let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
         .expect("audit key is KEY_LEN bytes");
     let audit = crate::audit::Audit::open(
@@ -65,7 +65,8 @@ pub async fn rotate_master(
         &config.data_dir,
         config.audit.mirror_file.as_deref(),
         config.alert_file.as_deref(),
-    )?;
+    )
+    .await?;
     audit
         .record(pb::AuditEvent {
             tenant: "system".into(),

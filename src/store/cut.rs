@@ -16,6 +16,7 @@ use std::{
 };
 
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::RwLock as AsyncRwLock;
 
 use super::{Backend, Batch, Op, Space, Storage, StorageError};
 
@@ -31,7 +32,7 @@ pub(super) struct CutState {
 #[derive(Default)]
 pub(super) struct Cuts {
     /// Writers hold the read side while they record pre-images and apply.
-    pub(super) barrier: RwLock<()>,
+    pub(super) barrier: AsyncRwLock<()>,
     pub(super) open: RwLock<Option<Arc<CutState>>>,
 }
 
@@ -39,7 +40,11 @@ impl Cuts {
     /// Records, for the open cut if any, the pre-image of every key `batch`
     /// writes that has none yet. Call under the barrier's read side, before
     /// applying the batch.
-    pub(super) fn record(&self, backend: &dyn Backend, batch: &Batch) -> Result<(), StorageError> {
+    pub(super) async fn record(
+        &self,
+        backend: &dyn Backend,
+        batch: &Batch,
+    ) -> Result<(), StorageError> {
         let Some(state) = self.open.read().clone() else {
             return Ok(());
         };
@@ -51,7 +56,7 @@ impl Cuts {
             if state.pre.lock().contains_key(&id) {
                 continue;
             }
-            let before = backend.get(space, key)?;
+            let before = backend.get(space, key).await?;
             state.pre.lock().entry(id).or_insert(before);
         }
         Ok(())
@@ -73,9 +78,9 @@ impl Storage {
     /// Opens a cut. `capture` runs while writes are held (keep it short):
     /// what else must be taken at the same instant. At most one cut is
     /// open at a time.
-    pub fn cut<T>(&self, capture: impl FnOnce() -> T) -> Result<(Cut, T), StorageError> {
+    pub async fn cut<T>(&self, capture: impl FnOnce() -> T) -> Result<(Cut, T), StorageError> {
         let asked = Instant::now();
-        let _barrier = self.cuts.barrier.write();
+        let _barrier = self.cuts.barrier.write().await;
         let held_from = Instant::now();
         let mut open = self.cuts.open.write();
         if open.is_some() {
@@ -118,7 +123,7 @@ impl Storage {
     ) -> Result<(Cut, T), StorageError> {
         let asked = Instant::now();
         let _calls = self.calls.write().await;
-        let (mut cut, t) = self.cut(capture)?;
+        let (mut cut, t) = self.cut(capture).await?;
         cut.held = asked.elapsed();
         Ok((cut, t))
     }
@@ -136,8 +141,8 @@ impl Cut {
     }
 
     /// The value of `key` as of the cut.
-    pub fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let live = self.storage.get(space, key)?;
+    pub async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let live = self.storage.get(space, key).await?;
         Ok(
             match self.state.pre.lock().get(&(space as u8, key.to_vec())) {
                 Some(before) => before.clone(),
@@ -150,7 +155,7 @@ impl Cut {
     /// passed to `f` until it returns false. Reads [`SCAN_CHUNK`] keys at a
     /// time: memory stays bounded whatever the store's size (plus the
     /// pre-images of keys written while the scan runs).
-    pub fn scan(
+    pub async fn scan(
         &self,
         space: Space,
         prefix: &[u8],
@@ -159,7 +164,10 @@ impl Cut {
         let mut start = prefix.to_vec();
         let mut seen = std::collections::HashSet::new();
         loop {
-            let rows = self.storage.scan_from(space, prefix, &start, SCAN_CHUNK)?;
+            let rows = self
+                .storage
+                .scan_from(space, prefix, &start, SCAN_CHUNK)
+                .await?;
             let Some(last) = rows.last().map(|(k, _)| k.clone()) else {
                 break;
             };
@@ -199,7 +207,7 @@ impl Cut {
             .collect();
         gone.sort();
         for (k, v) in gone {
-            if self.storage.get(space, &k)?.is_none() && !f(&k, &v) {
+            if self.storage.get(space, &k).await?.is_none() && !f(&k, &v) {
                 return Ok(());
             }
         }
@@ -207,12 +215,13 @@ impl Cut {
     }
 
     /// How many entries of `space` under `prefix` the cut holds.
-    pub fn count(&self, space: Space, prefix: &[u8]) -> Result<u64, StorageError> {
+    pub async fn count(&self, space: Space, prefix: &[u8]) -> Result<u64, StorageError> {
         let mut n = 0;
         self.scan(space, prefix, |_, _| {
             n += 1;
             true
-        })?;
+        })
+        .await?;
         Ok(n)
     }
 }

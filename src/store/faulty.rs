@@ -37,28 +37,29 @@ impl FaultyBackend {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for FaultyBackend {
-    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get(space, key)
+    async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(space, key).await
     }
-    fn scan_prefix(
+    async fn scan_prefix(
         &self,
         space: Space,
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.inner.scan_prefix(space, prefix, limit)
+        self.inner.scan_prefix(space, prefix, limit).await
     }
-    fn scan_from(
+    async fn scan_from(
         &self,
         space: Space,
         prefix: &[u8],
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.inner.scan_from(space, prefix, start, limit)
+        self.inner.scan_from(space, prefix, start, limit).await
     }
-    fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+    async fn apply(&self, batch: Batch) -> Result<(), StorageError> {
         let failing = self.failing.lock().clone();
         let touches = batch.0.iter().any(|op| match op {
             Op::Put(s, _, _) | Op::Delete(s, _) => failing.contains(s),
@@ -73,13 +74,13 @@ impl Backend for FaultyBackend {
                 *w.entry(*s as u8).or_default() += 1;
             }
         }
-        self.inner.apply(batch)
+        self.inner.apply(batch).await
     }
-    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
-        self.inner.last(space)
+    async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        self.inner.last(space).await
     }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.inner.flush()
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush().await
     }
     fn admit(&self, space: Space) -> Result<(), StorageError> {
         if self.failing.lock().contains(&space) {

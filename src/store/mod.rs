@@ -4,7 +4,10 @@
 //! Everything above sees a [`Backend`] of named key spaces with atomic
 //! batches and an explicit durability point, and a [`Storage`] handle that
 //! adds group commit: concurrent writers share one flush, and a write is
-//! acknowledged only once a flush that began after it has finished.
+//! acknowledged only once a flush that began after it has finished. The
+//! interface is async (a network database answers over a socket; sled
+//! answers at once), scans go a chunk at a time ([`Storage::scan_each`],
+//! [`Cut::scan`]) and [`Storage::count`] counts without holding the entries.
 //!
 //! Layout: `sled.rs` the embedded default (the only file that knows sled),
 //! `faulty.rs` the fault-injecting wrapper of the fail-closed tests,
@@ -116,11 +119,15 @@ impl Batch {
     }
 }
 
-/// What a storage engine must provide.
+/// What a storage engine must provide: async point reads, chunked range
+/// scans, atomic batches, an explicit durability point. The next backend
+/// implements this trait and joins the contract tests (`tests/store.rs`)
+/// by one line.
+#[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
-    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Entries whose key starts with `prefix`, in key order, at most `limit`.
-    fn scan_prefix(
+    async fn scan_prefix(
         &self,
         space: Space,
         prefix: &[u8],
@@ -128,7 +135,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Entry>, StorageError>;
     /// Entries whose key starts with `prefix` and is at least `start`, in
     /// key order, at most `limit` (resumable scans).
-    fn scan_from(
+    async fn scan_from(
         &self,
         space: Space,
         prefix: &[u8],
@@ -136,11 +143,11 @@ pub trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError>;
     /// Applies every op atomically; visible at once, durable after `flush`.
-    fn apply(&self, batch: Batch) -> Result<(), StorageError>;
+    async fn apply(&self, batch: Batch) -> Result<(), StorageError>;
     /// The entry with the greatest key in `space`.
-    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
+    async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
     /// Makes every applied batch durable.
-    fn flush(&self) -> Result<(), StorageError>;
+    async fn flush(&self) -> Result<(), StorageError>;
     /// Asked before a write to state kept outside the backend (the audit
     /// trail's files): fault injection answers here.
     fn admit(&self, _space: Space) -> Result<(), StorageError> {
@@ -270,42 +277,43 @@ impl Storage {
         Ok(Self::new(Arc::new(SledBackend::open(dir, opts)?)))
     }
 
-    pub fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.backend.get(space, key)
+    pub async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.backend.get(space, key).await
     }
 
-    pub fn scan_prefix(
+    pub async fn scan_prefix(
         &self,
         space: Space,
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.backend.scan_prefix(space, prefix, limit)
+        self.backend.scan_prefix(space, prefix, limit).await
     }
 
-    pub fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
-        self.backend.last(space)
+    pub async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        self.backend.last(space).await
     }
 
-    pub fn scan_from(
+    pub async fn scan_from(
         &self,
         space: Space,
         prefix: &[u8],
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.backend.scan_from(space, prefix, start, limit)
+        self.backend.scan_from(space, prefix, start, limit).await
     }
 
     /// Applies a batch without waiting for durability (for state whose loss
     /// in a crash is harmless, such as a session's last-use time).
-    pub fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+    pub async fn apply(&self, batch: Batch) -> Result<(), StorageError> {
         self.space_ok()?;
         let r = {
-            let _barrier = self.cuts.barrier.read();
-            self.cuts
-                .record(&*self.backend, &batch)
-                .and_then(|()| self.backend.apply(batch))
+            let _barrier = self.cuts.barrier.read().await;
+            match self.cuts.record(&*self.backend, &batch).await {
+                Ok(()) => self.backend.apply(batch).await,
+                Err(e) => Err(e),
+            }
         };
         self.counted(r)
     }
@@ -313,7 +321,7 @@ impl Storage {
     /// Entries of `space` under `prefix`, in key order, passed to `f` until
     /// it returns false; read a chunk at a time (bounded memory). Live
     /// values: for a view as of one instant, scan through a [`Cut`].
-    pub fn scan_each(
+    pub async fn scan_each(
         &self,
         space: Space,
         prefix: &[u8],
@@ -321,7 +329,7 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let mut start = prefix.to_vec();
         loop {
-            let rows = self.scan_from(space, prefix, &start, 512)?;
+            let rows = self.scan_from(space, prefix, &start, 512).await?;
             let Some(last) = rows.last().map(|(k, _)| k.clone()) else {
                 return Ok(());
             };
@@ -336,21 +344,22 @@ impl Storage {
     }
 
     /// How many entries `space` holds under `prefix`.
-    pub fn count(&self, space: Space, prefix: &[u8]) -> Result<u64, StorageError> {
+    pub async fn count(&self, space: Space, prefix: &[u8]) -> Result<u64, StorageError> {
         let mut n = 0;
         self.scan_each(space, prefix, |_, _| {
             n += 1;
             true
-        })?;
+        })
+        .await?;
         Ok(n)
     }
 
     /// Applies the ops one at a time: not atomic, but never through the
     /// backend's batch path (sled's takes a global lock that stalls every
     /// reader). Only for state where every prefix of the ops is safe.
-    pub fn apply_each(&self, batch: Batch) -> Result<(), StorageError> {
+    pub async fn apply_each(&self, batch: Batch) -> Result<(), StorageError> {
         for op in batch.0 {
-            self.apply(Batch(vec![op]))?;
+            self.apply(Batch(vec![op])).await?;
         }
         Ok(())
     }
@@ -359,7 +368,7 @@ impl Storage {
     /// share flushes.
     pub async fn commit(&self, batch: Batch) -> Result<(), StorageError> {
         if !batch.is_empty() {
-            self.apply(batch)?;
+            self.apply(batch).await?;
         }
         self.sync().await
     }
@@ -389,7 +398,7 @@ impl Storage {
         thread::Builder::new()
             .name("coffre-final-flush".into())
             .spawn(move || {
-                let _ = tx.send(backend.flush());
+                let _ = tx.send(futures::executor::block_on(backend.flush()));
             })
             .map_err(|e| StorageError::Io(e.to_string()))?;
         let r = rx.recv_timeout(FLUSH_TIMEOUT).unwrap_or_else(|_| {
@@ -430,7 +439,7 @@ fn group_commit_loop(
         }
         concurrent = waiters.len() > 1;
         let started = std::time::Instant::now();
-        let result = backend.flush().map_err(|e| e.to_string());
+        let result = futures::executor::block_on(backend.flush()).map_err(|e| e.to_string());
         tracing::trace!(
             group = waiters.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -458,9 +467,9 @@ mod tests {
             b.put(Space::Records, b"k".to_vec(), b"v1".to_vec());
             b.put(Space::Index, b"k".to_vec(), b"i1".to_vec());
             s.commit(b).await.unwrap();
-            assert_eq!(s.get(Space::Records, b"k").unwrap().unwrap(), b"v1");
-            assert_eq!(s.get(Space::Index, b"k").unwrap().unwrap(), b"i1");
-            assert!(s.get(Space::Meta, b"k").unwrap().is_none());
+            assert_eq!(s.get(Space::Records, b"k").await.unwrap().unwrap(), b"v1");
+            assert_eq!(s.get(Space::Index, b"k").await.unwrap().unwrap(), b"i1");
+            assert!(s.get(Space::Meta, b"k").await.unwrap().is_none());
         }
         // sled releases its lock when the last handle drops; give the flush
         // thread's clone a moment by reopening in a loop.
@@ -470,7 +479,7 @@ mod tests {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
             }
         };
-        let rows = s.scan_prefix(Space::Records, b"", 10).unwrap();
+        let rows = s.scan_prefix(Space::Records, b"", 10).await.unwrap();
         assert_eq!(rows, vec![(b"k".to_vec(), b"v1".to_vec())]);
     }
 }

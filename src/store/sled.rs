@@ -52,8 +52,9 @@ fn spaced(space: Space, key: &[u8]) -> Vec<u8> {
     k
 }
 
+#[async_trait::async_trait]
 impl Backend for SledBackend {
-    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
             .db
             .get(spaced(space, key))
@@ -61,7 +62,7 @@ impl Backend for SledBackend {
             .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(
+    async fn scan_prefix(
         &self,
         space: Space,
         prefix: &[u8],
@@ -75,7 +76,7 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn scan_from(
+    async fn scan_from(
         &self,
         space: Space,
         prefix: &[u8],
@@ -95,7 +96,7 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
+    async fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
         // A lone write is atomic by itself; sled's batches take a global
         // lock that stalls every concurrent reader, so skip it when we can.
         if batch.0.len() == 1 {
@@ -115,7 +116,7 @@ impl Backend for SledBackend {
         self.db.apply_batch(b).map_err(io)
     }
 
-    fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+    async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
         let lo = [space as u8];
         let hi = [space as u8 + 1];
         match self.db.range(&lo[..]..&hi[..]).next_back() {
@@ -127,7 +128,7 @@ impl Backend for SledBackend {
         }
     }
 
-    fn flush(&self) -> Result<(), StorageError> {
+    async fn flush(&self) -> Result<(), StorageError> {
         self.db.flush().map(|_| ()).map_err(io)
     }
 }
