@@ -118,6 +118,9 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Where every piece of state lives: `sled` (embedded, in `data_dir`;
+    /// the default) or, in a later release, `postgres`.
+    pub backend: StorageBackend,
     /// sled's page cache; bounds the server's memory whatever the data size.
     pub cache_capacity_mib: u64,
     /// Writes are refused (UNAVAILABLE, health NOT_SERVING) while the
@@ -126,9 +129,19 @@ pub struct StorageConfig {
     pub min_free_mib: u64,
 }
 
+/// The storage engines `storage.backend` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
+            backend: StorageBackend::Sled,
             cache_capacity_mib: 32,
             min_free_mib: 256,
         }
@@ -252,6 +265,7 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("argon2.max_concurrent", Kind::Int),
     ("session.idle_secs", Kind::Int),
     ("session.absolute_secs", Kind::Int),
+    ("storage.backend", Kind::Str),
     ("storage.cache_capacity_mib", Kind::Int),
     ("storage.min_free_mib", Kind::Int),
     ("alert_file", Kind::Str),

@@ -152,6 +152,12 @@ impl Vault {
         wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
     ) -> Result<(Arc<Self>, OpenReport), StartError> {
         let mut report = OpenReport::default();
+        if config.storage.backend != crate::config::StorageBackend::Sled {
+            return Err(StartError::Format(
+                "storage.backend = \"postgres\" is not available in this release: use \"sled\""
+                    .into(),
+            ));
+        }
         let key_path = &config.master_key_file;
         if config.dev && !key_path.exists() {
             if let Some(parent) = key_path.parent().filter(|p| !p.as_os_str().is_empty()) {

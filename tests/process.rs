@@ -105,6 +105,15 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     assert!(e.contains("tls.cert"), "{e}");
     let e = refused(&cfg, &[("COFFRE_ARGON2_T", "many")]);
     assert!(e.contains("COFFRE_ARGON2_T"), "{e}");
+    // A backend this release does not have, and one that does not exist.
+    let e = refused(&cfg, &[("COFFRE_STORAGE_BACKEND", "postgres")]);
+    assert!(e.contains("storage.backend") && e.contains("sled"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    let e = refused(&cfg, &[("COFFRE_STORAGE_BACKEND", "oracle")]);
+    assert!(
+        e.contains("COFFRE_STORAGE_BACKEND") || e.contains("backend"),
+        "{e}"
+    );
 
     // A weak bootstrap password on an empty directory is refused too.
     let root2 = tempfile::tempdir().unwrap();

@@ -33,6 +33,21 @@ pub const ROOMY_LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0
      [limits.service]\nreads_per_second = 1000000.0\nread_burst = 1000000\n\
      distinct_records_per_hour = 1000000\ndistinct_records_per_day = 1000000\n";
 
+/// The storage backends the whole suite runs against: `COFFRE_TEST_BACKEND`
+/// picks one (default the first). A new backend joins by one line here and
+/// one run in `.ci/run`.
+pub const BACKENDS: &[&str] = &["sled"];
+
+/// The backend of this run of the suite.
+pub fn test_backend() -> String {
+    let b = std::env::var("COFFRE_TEST_BACKEND").unwrap_or_else(|_| BACKENDS[0].to_string());
+    assert!(
+        BACKENDS.contains(&b.as_str()),
+        "COFFRE_TEST_BACKEND={b}: not one of {BACKENDS:?}"
+    );
+    b
+}
+
 /// A config for tests: dev mode on an ephemeral loopback port, cheap Argon2.
 pub fn test_config(root: &Path) -> Config {
     test_config_with(root, ROOMY_LIMITS)
@@ -40,9 +55,10 @@ pub fn test_config(root: &Path) -> Config {
 
 /// [`test_config`] with `extra` TOML (tables) in place of the roomy limits.
 pub fn test_config_with(root: &Path, extra: &str) -> Config {
+    let backend = test_backend();
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\ncache_capacity_mib = 8\nmin_free_mib = 1\n{extra}\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {backend:?}\ncache_capacity_mib = 8\nmin_free_mib = 1\n{extra}\n",
         root.join("data"),
         root.join("keys").join("master.key"),
     );
@@ -403,9 +419,10 @@ pub fn write_config(root: &Path, extra: &str) -> PathBuf {
     };
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n{extra}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nmin_free_mib = 1\n{limits}",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {:?}\nmin_free_mib = 1\n{limits}",
         root.join("data"),
         root.join("keys").join("master.key"),
+        test_backend(),
     );
     let path = root.join("coffre.toml");
     std::fs::write(&path, text).unwrap();
