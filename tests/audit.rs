@@ -13,16 +13,6 @@ use coffre::{
 use common::*;
 use tonic::Code;
 
-const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
-
-async fn system_auditor(s: &TestServer) -> String {
-    s.principal("system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD)
-        .await;
-    s.login("system", "auditor", AUDITOR_PASSWORD)
-        .await
-        .unwrap()
-}
-
 /// RPC events after `after`, leaving out the auditor's own queries and
 /// alerts (events of their own kind, `alert/...`).
 async fn new_events(s: &TestServer, auditor: &str, after: u64) -> Vec<pb::AuditEvent> {
@@ -504,18 +494,7 @@ async fn verify(
     aud: &str,
     checkpoint: Option<(u64, Vec<u8>)>,
 ) -> pb::VerifyAuditResponse {
-    let (checkpoint_seq, checkpoint_hash) = checkpoint.unwrap_or_default();
-    AuditClient::new(s.channel().await)
-        .verify_audit(authed(
-            aud,
-            pb::VerifyAuditRequest {
-                checkpoint_seq,
-                checkpoint_hash,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
+    verify_audit(s, aud, checkpoint).await
 }
 
 #[tokio::test]

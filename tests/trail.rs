@@ -8,22 +8,8 @@ use std::time::Duration;
 use coffre::{pb, vault::TrailCheck};
 use common::*;
 
-const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
-
-async fn system_auditor(s: &TestServer) -> String {
-    s.principal("system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD)
-        .await;
-    s.login("system", "auditor", AUDITOR_PASSWORD)
-        .await
-        .unwrap()
-}
-
 async fn verify(s: &TestServer, aud: &str) -> pb::VerifyAuditResponse {
-    pb::audit_client::AuditClient::new(s.channel().await)
-        .verify_audit(authed(aud, pb::VerifyAuditRequest::default()))
-        .await
-        .unwrap()
-        .into_inner()
+    verify_audit(s, aud, None).await
 }
 
 fn trail_files(s: &TestServer, ext: &str) -> Vec<std::path::PathBuf> {

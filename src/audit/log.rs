@@ -281,7 +281,10 @@ pub struct SegView {
 }
 
 enum IndexView {
-    /// The active segment's entries (unsorted), copied for the lookup.
+    /// The segment being written: its entries are read in place, under the
+    /// log's lock ([`Log::lookup`]), never copied per query.
+    Active,
+    /// A closed segment's entries while its index file is being written.
     Memory(Arc<Vec<(u64, u32)>>),
     /// A sealed segment's index file: entries sorted from `at`.
     File { file: File, at: u64, n: u64 },
@@ -292,22 +295,16 @@ impl SegView {
         &self.marks
     }
 
-    /// The mark to start from to reach `seq`.
-    pub fn mark_for_seq(&self, seq: u64) -> Mark {
-        let i = self.marks.partition_point(|m| m.seq <= seq);
-        self.marks[i.saturating_sub(1)]
-    }
-
-    /// The mark to start from to reach the first event at or after `time`.
-    pub fn mark_for_time(&self, time: i64) -> Mark {
-        let i = self.marks.partition_point(|m| m.time < time);
-        self.marks[i.saturating_sub(1)]
-    }
-
-    /// Seqs of this segment with an entry for `key`, ascending.
-    pub fn lookup(&self, key: u64) -> Result<Vec<u64>, StorageError> {
+    /// Seqs of this segment with an entry for `key`, ascending (the
+    /// segment being written answers through [`Log::lookup`]).
+    fn lookup(&self, key: u64) -> Result<Vec<u64>, StorageError> {
         let first = self.meta.first_seq;
         let mut out: Vec<u64> = match &self.index {
+            IndexView::Active => {
+                return Err(StorageError::Corrupt(
+                    "active segment looked up without its log",
+                ));
+            }
             IndexView::Memory(entries) => entries
                 .iter()
                 .filter(|(k, _)| *k == key)
@@ -533,10 +530,6 @@ impl Log {
         &self.keys
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Appends `events` (consecutive seqs after the head, hashes filled)
     /// and makes them durable: one write and one `fdatasync` per frame.
     /// On error nothing of them is kept.
@@ -693,17 +686,6 @@ impl Log {
             .map_err(|e| StorageError::Io(format!("audit index thread: {e}")))
     }
 
-    /// Every segment as of now, oldest first.
-    pub fn views(&self) -> Result<Vec<SegView>, StorageError> {
-        let metas = self.sealed.read().clone();
-        let mut out = Vec::with_capacity(metas.len() + 1);
-        for m in metas {
-            out.push(self.sealed_view(m)?);
-        }
-        out.push(self.active_view());
-        Ok(out)
-    }
-
     /// Segment metadata only (cheap), oldest first; the last is active.
     pub fn metas(&self) -> Vec<SegMeta> {
         let mut v = self.sealed.read().clone();
@@ -718,8 +700,32 @@ impl Log {
             file: a.file.clone(),
             len: a.len,
             marks: Arc::new(a.marks.clone()),
-            index: IndexView::Memory(Arc::new(a.entries.clone())),
+            index: IndexView::Active,
         }
+    }
+
+    /// Seqs of `view`'s segment with an index entry for `key`, ascending.
+    pub fn lookup(&self, view: &SegView, key: u64) -> Result<Vec<u64>, StorageError> {
+        if !matches!(view.index, IndexView::Active) {
+            return view.lookup(key);
+        }
+        let a = self.active.read();
+        if a.meta.first_seq != view.meta.first_seq {
+            // Closed since the view was taken: its index is elsewhere now.
+            drop(a);
+            return self.sealed_view(view.meta.clone())?.lookup(key);
+        }
+        let first = a.meta.first_seq;
+        let mut out: Vec<u64> = a
+            .entries
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, d)| first + *d as u64)
+            .collect();
+        drop(a);
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// A view of `meta`, or of the active segment if it is the active one.
@@ -807,18 +813,6 @@ impl Log {
         // Asked for (pruning, tests): wait until its index is on disk.
         let _ = self.seal_active()?.join();
         Ok(())
-    }
-
-    /// The first seq kept and the chain hash before it.
-    pub fn base(&self) -> (u64, [u8; 32]) {
-        let s = self.sealed.read();
-        match s.first() {
-            Some(m) => (m.first_seq, m.prev_hash),
-            None => {
-                let a = self.active.read();
-                (a.meta.first_seq, a.meta.prev_hash)
-            }
-        }
     }
 
     /// Bytes of every file of the trail.

@@ -130,7 +130,9 @@ impl Query {
             && (self.record_id.is_empty() || e.record_ids.contains(&self.record_id))
             && (self.action.is_empty()
                 || e.action == self.action
-                || e.action.ends_with(&format!("/{}", self.action)))
+                || e.action
+                    .strip_suffix(self.action.as_str())
+                    .is_some_and(|rest| rest.ends_with('/')))
             && (!self.alerts_only || e.action.starts_with("alert/"))
             && (self.outcome.is_empty() || e.outcome == self.outcome)
             && (self.since_unix_ms == 0 || e.time_unix_ms >= self.since_unix_ms)
@@ -322,23 +324,25 @@ impl Audit {
         self.shared.log.disk_bytes()
     }
 
-    /// Chains one event and returns once it is durable. An error means the
-    /// event is not stored: the caller must fail the RPC.
-    pub async fn record(&self, e: AuditEvent) -> Result<AuditEvent> {
+    /// Chains one event and returns once it is durable, with the seq and
+    /// time it was given. An error means the event is not stored: the
+    /// caller must fail the RPC.
+    pub async fn record(&self, e: AuditEvent) -> Result<Recorded> {
         self.append(e, None).await
     }
 
     /// [`Audit::record`] keeping the event's own `time_unix_ms` when it is
     /// not before the head's: for generating a trail that spans days in a
     /// benchmark, and for imports. No service calls it.
-    pub async fn record_dated(&self, e: AuditEvent) -> Result<AuditEvent> {
+    pub async fn record_dated(&self, e: AuditEvent) -> Result<Recorded> {
         let t = e.time_unix_ms;
         self.append(e, Some(t)).await
     }
 
-    async fn append(&self, mut e: AuditEvent, at: Option<i64>) -> Result<AuditEvent> {
+    async fn append(&self, mut e: AuditEvent, at: Option<i64>) -> Result<Recorded> {
         let (tx, rx) = oneshot::channel();
-        {
+        // The event moves to the writer; the caller keeps what it was given.
+        let recorded = {
             let mut st = self.shared.state.lock();
             if st.closed {
                 return Err(Error::Unavailable(StorageError::Closed));
@@ -353,12 +357,17 @@ impl Audit {
             st.seq = e.seq;
             st.hash = hash;
             st.time = e.time_unix_ms;
-            st.pending.push(e.clone());
+            let recorded = Recorded {
+                seq: e.seq,
+                time_unix_ms: e.time_unix_ms,
+            };
+            st.pending.push(e);
             st.waiters.push(tx);
-        }
+            recorded
+        };
         self.shared.wake.notify_one();
         match tokio::time::timeout(DURABLE_TIMEOUT, rx).await {
-            Ok(Ok(Ok(()))) => Ok(e),
+            Ok(Ok(Ok(()))) => Ok(recorded),
             Ok(Ok(Err(msg))) => Err(Error::Unavailable(StorageError::Io(msg))),
             Ok(Err(_)) => Err(Error::Unavailable(StorageError::Closed)),
             Err(_) => {
@@ -382,17 +391,17 @@ impl Audit {
         principal: &str,
         detail: String,
     ) -> Result<()> {
-        let e = self
-            .record(AuditEvent {
-                tenant: tenant.into(),
-                principal: principal.into(),
-                action: format!("alert/{kind}"),
-                outcome: severity.as_str().into(),
-                purpose: detail,
-                ..Default::default()
-            })
-            .await?;
-        let a = event_to_alert(&e);
+        let e = AuditEvent {
+            tenant: tenant.into(),
+            principal: principal.into(),
+            action: format!("alert/{kind}"),
+            outcome: severity.as_str().into(),
+            purpose: detail,
+            ..Default::default()
+        };
+        let mut a = event_to_alert(&e);
+        let r = self.record(e).await?;
+        (a.seq, a.time_unix_ms) = (r.seq, r.time_unix_ms);
         tracing::warn!(kind, severity = severity.as_str(), principal, "alert");
         if let Some(f) = &self.alert_file {
             let line = format!("{}\n", alert_json(&a));
@@ -634,7 +643,7 @@ impl Audit {
             let view = log.view(&meta)?;
             let wanted = match key {
                 Some(k) => {
-                    let mut s = view.lookup(k)?;
+                    let mut s = log.lookup(&view, k)?;
                     s.retain(|&seq| seq <= upper);
                     if s.is_empty() {
                         continue;
@@ -754,6 +763,13 @@ impl Audit {
             None => retained::lookup(&self.shared.store, self.shared.log.keys(), tenant, id).await,
         }
     }
+}
+
+/// Where [`Audit::record`] put an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub seq: u64,
+    pub time_unix_ms: i64,
 }
 
 /// A record's last write as the trail tells it.

@@ -111,9 +111,9 @@ pub(super) fn authed<T>(g: &Global, msg: T) -> Result<Request<T>, CliError> {
 
 pub(crate) fn with_token<T>(token: &str, msg: T) -> Result<Request<T>, CliError> {
     let mut req = Request::new(msg);
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| err("token is malformed"))?;
+    // The header's text is a copy of the token: zeroized once parsed.
+    let header = Zeroizing::new(format!("Bearer {token}"));
+    let value = header.parse().map_err(|_| err("token is malformed"))?;
     req.metadata_mut().insert("authorization", value);
     Ok(req)
 }

@@ -71,9 +71,6 @@ pub struct Cut {
     held: Duration,
 }
 
-/// Keys read per step of a scan: what a scan holds in memory.
-const SCAN_CHUNK: usize = 512;
-
 impl Storage {
     /// Opens a cut. `capture` runs while writes are held (keep it short):
     /// what else must be taken at the same instant. At most one cut is
@@ -152,8 +149,8 @@ impl Cut {
     }
 
     /// Every entry of `space` under `prefix` as of the cut, in key order,
-    /// passed to `f` until it returns false. Reads [`SCAN_CHUNK`] keys at a
-    /// time: memory stays bounded whatever the store's size (plus the
+    /// passed to `f` until it returns false. Reads a chunk of keys at a
+    /// time ([`Storage::scan_each`]): memory stays bounded whatever the store's size (plus the
     /// pre-images of keys written while the scan runs).
     pub async fn scan(
         &self,
@@ -161,38 +158,30 @@ impl Cut {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let mut start = prefix.to_vec();
         let mut seen = std::collections::HashSet::new();
-        loop {
-            let rows = self
-                .storage
-                .scan_from(space, prefix, &start, SCAN_CHUNK)
-                .await?;
-            let Some(last) = rows.last().map(|(k, _)| k.clone()) else {
-                break;
-            };
-            for (k, live) in rows {
+        let mut stopped = false;
+        self.storage
+            .scan_each(space, prefix, |k, live| {
                 let pre = self
                     .state
                     .pre
                     .lock()
-                    .get(&(space as u8, k.clone()))
+                    .get(&(space as u8, k.to_vec()))
                     .cloned();
-                let value = match pre {
+                stopped = match pre {
+                    // Written since the cut: the value it had then (none:
+                    // created since, not in the cut).
                     Some(before) => {
-                        seen.insert(k.clone());
-                        before
+                        seen.insert(k.to_vec());
+                        before.is_some_and(|v| !f(k, &v))
                     }
-                    None => Some(live),
+                    None => !f(k, live),
                 };
-                if let Some(v) = value
-                    && !f(&k, &v)
-                {
-                    return Ok(());
-                }
-            }
-            start = last;
-            start.push(0);
+                !stopped
+            })
+            .await?;
+        if stopped {
+            return Ok(());
         }
         // Keys deleted since the cut: their pre-images, in key order.
         let mut gone: Vec<(Vec<u8>, Vec<u8>)> = self

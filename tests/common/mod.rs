@@ -553,3 +553,35 @@ pub fn edit_frames(data_dir: &Path, edit: impl FnOnce(&mut Vec<(u64, Vec<u8>)>))
     }
     std::fs::write(&seg, out).unwrap();
 }
+
+/// The password of the `system/auditor` the audit tests make.
+pub const AUDITOR_PASSWORD: &str = "quill meadow 4402 ember slate";
+
+/// Makes an auditor of tenant `system` (sees every tenant) and logs it in.
+pub async fn system_auditor(s: &TestServer) -> String {
+    s.principal("system", "auditor", pb::Role::Auditor, AUDITOR_PASSWORD)
+        .await;
+    s.login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap()
+}
+
+/// `VerifyAudit` as `aud`, against a checkpoint if given.
+pub async fn verify_audit(
+    s: &TestServer,
+    aud: &str,
+    checkpoint: Option<(u64, Vec<u8>)>,
+) -> pb::VerifyAuditResponse {
+    let (checkpoint_seq, checkpoint_hash) = checkpoint.unwrap_or_default();
+    pb::audit_client::AuditClient::new(s.channel().await)
+        .verify_audit(authed(
+            aud,
+            pb::VerifyAuditRequest {
+                checkpoint_seq,
+                checkpoint_hash,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
