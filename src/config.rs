@@ -36,6 +36,8 @@ pub struct Config {
     pub alert_file: Option<PathBuf>,
     pub audit: AuditConfig,
     pub keys: KeysConfig,
+    /// Scheduled backups (`backup.dir` unset: none).
+    pub backup: BackupConfig,
     /// What one connection, one account and one peer may hold or send.
     pub connections: ConnectionsConfig,
     /// `text` or `json`.
@@ -159,6 +161,11 @@ pub struct AuditConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct KeysConfig {
     pub rotate_after_encryptions: u64,
+    /// The shred list (tenants whose keys were destroyed), kept with the
+    /// master key and outside `data_dir`; default `<master_key_file>.shredded`.
+    /// Set it where the master key's directory is read-only (a mounted
+    /// secret, a systemd credential).
+    pub shred_list_file: Option<PathBuf>,
 }
 
 impl Default for KeysConfig {
@@ -167,6 +174,27 @@ impl Default for KeysConfig {
         // with the margin Vault uses.
         Self {
             rotate_after_encryptions: (0.9 * 4_294_967_296.0) as u64,
+            shred_list_file: None,
+        }
+    }
+}
+
+/// Backups the server writes on its own: one every `interval_hours` into
+/// `dir` (files 0600, written whole then renamed), the last `keep` kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    pub dir: Option<PathBuf>,
+    pub interval_hours: f64,
+    pub keep: u32,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            interval_hours: 24.0,
+            keep: 7,
         }
     }
 }
@@ -234,6 +262,7 @@ impl Default for Config {
             alert_file: None,
             audit: AuditConfig::default(),
             keys: KeysConfig::default(),
+            backup: BackupConfig::default(),
             connections: ConnectionsConfig::default(),
             log_format: "text".into(),
             limits: BTreeMap::new(),
@@ -272,6 +301,10 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("audit.mirror_file", Kind::Str),
     ("audit.retention_days", Kind::Int),
     ("keys.rotate_after_encryptions", Kind::Int),
+    ("keys.shred_list_file", Kind::Str),
+    ("backup.dir", Kind::Str),
+    ("backup.interval_hours", Kind::Float),
+    ("backup.keep", Kind::Int),
     ("connections.keepalive_secs", Kind::Int),
     ("connections.keepalive_timeout_secs", Kind::Int),
     ("connections.handshake_secs", Kind::Int),
@@ -303,6 +336,15 @@ pub fn env_name(key: &str) -> String {
 }
 
 impl Config {
+    /// Where the shred list lives (`keys.shred_list_file`, or beside the
+    /// master key file).
+    pub fn shred_list_path(&self) -> PathBuf {
+        self.keys
+            .shred_list_file
+            .clone()
+            .unwrap_or_else(|| crate::shredlist::default_path(&self.master_key_file))
+    }
+
     /// Reads `file` (if any), applies environment overrides, and checks the
     /// result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -409,6 +451,13 @@ impl Config {
                     "connections.{key} must be at least 1"
                 )));
             }
+        }
+        if !(self.backup.interval_hours.is_finite() && self.backup.interval_hours > 0.0)
+            || self.backup.keep == 0
+        {
+            return Err(ConfigError::Invalid(
+                "backup: need interval_hours > 0 and keep >= 1".into(),
+            ));
         }
         if !(c.refused_per_second.is_finite() && c.refused_per_second > 0.0) {
             return Err(ConfigError::Invalid(

@@ -233,6 +233,24 @@ pub fn hmac_sha256(key: &SecretKey, data: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// HMAC-SHA256 over data given piece by piece (a file streamed in
+/// constant memory).
+pub struct MacStream(HmacSha256);
+
+impl MacStream {
+    pub fn new(key: &SecretKey) -> Self {
+        Self(<HmacSha256 as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length"))
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into_bytes().into()
+    }
+}
+
 /// A subkey of `ikm` for one named purpose (HKDF-SHA256, RFC 5869).
 pub fn derive_key(ikm: &SecretKey, info: &str) -> SecretKey {
     let hk = hkdf::Hkdf::<Sha256>::new(Some(b"coffre/hkdf/v1"), ikm.expose());

@@ -72,6 +72,8 @@ pub enum KeyError {
     Legacy,
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    ShredList(#[from] crate::shredlist::ShredListError),
 }
 
 /// The root of the hierarchy. Never stored inside `data_dir`.
@@ -126,6 +128,27 @@ impl MasterKey {
     pub fn from_secret(key: SecretKey) -> Self {
         Self(key)
     }
+
+    /// The root of every backup file's keys: the file's own encryption and
+    /// MAC keys are derived from it and the file's random salt (`backup`).
+    pub fn backup_root(&self) -> SecretKey {
+        crypto::derive_key(&self.0, "backup")
+    }
+}
+
+/// The master key's check value: an HMAC under a key derived from it, so it
+/// names the key without revealing it. Stored in the key store (a wrong key
+/// is refused at start) and in every backup's manifest (a backup names the
+/// key it needs); [`check_value_id`] is its short printed form.
+pub fn key_check_value(master: &MasterKey) -> [u8; 32] {
+    let check_key = crypto::derive_key(&master.0, "key-check");
+    crypto::hmac_sha256(&check_key, KEY_CHECK_LABEL)
+}
+
+/// The first 8 bytes of a check value in hex: how operators label escrowed
+/// master keys and how a backup names the key it was made under.
+pub fn check_value_id(check: &[u8]) -> String {
+    hex::encode(&check[..check.len().min(8)])
 }
 
 /// One tenant's unwrapped keys. Versions are added by rotation and removed
@@ -329,15 +352,17 @@ struct MasterDerived {
     kek: Aead256,
     check: [u8; 32],
     mac: SecretKey,
+    /// The root of each backup file's keys (`backup`).
+    backup: SecretKey,
 }
 
 impl MasterDerived {
     fn of(master: &MasterKey) -> Self {
-        let check_key = crypto::derive_key(&master.0, "key-check");
         Self {
             kek: crypto::derive_key(&master.0, "kek").aead(),
-            check: crypto::hmac_sha256(&check_key, KEY_CHECK_LABEL),
+            check: key_check_value(master),
             mac: crypto::derive_key(&master.0, "keyring-mac"),
+            backup: crypto::derive_key(&master.0, "backup"),
         }
     }
 
@@ -425,6 +450,8 @@ pub struct Keyring {
     /// Rotations one at a time.
     rotating: tokio::sync::Mutex<()>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    /// The shred list beside the master key (`shredlist`), once attached.
+    shred_list: Mutex<Option<crate::shredlist::ShredList>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -483,7 +510,70 @@ impl Keyring {
             rotate_after,
             rotating: tokio::sync::Mutex::new(()),
             tenants: RwLock::new(HashMap::new()),
+            shred_list: Mutex::new(None),
         })
+    }
+
+    /// Checks the key store against the shred list kept beside the master
+    /// key, then keeps the list for later shreds: a listed tenant whose keys
+    /// are here (a data directory or backup from before its shredding) has
+    /// them destroyed again, and a tenant shredded here but missing from
+    /// the list (shredded before lists existed) is added. Returns the
+    /// tenants shredded again, whose data the caller must delete.
+    pub fn attach_shred_list(
+        &self,
+        mut list: crate::shredlist::ShredList,
+    ) -> Result<Vec<String>, KeyError> {
+        let entries = self.entries.lock().clone();
+        let now = crate::clock::now_ms();
+        for name in entries.keys() {
+            if let Some(t) = name.strip_prefix("shredded/") {
+                list.add(t, now)?;
+            }
+        }
+        let came_back: Vec<String> = list
+            .tenants()
+            .map(|(t, _)| t.to_string())
+            .filter(|t| {
+                entries.contains_key(&tenant_entry(t, "active"))
+                    || !entries.contains_key(&format!("shredded/{t}"))
+            })
+            .collect();
+        if !came_back.is_empty() {
+            self.update(|e| {
+                for t in &came_back {
+                    let prefix = tenant_entry(t, "");
+                    e.retain(|k, _| !k.starts_with(&prefix));
+                    e.insert(format!("shredded/{t}"), Vec::new());
+                }
+                Ok(())
+            })?;
+            let mut cache = self.tenants.write();
+            for t in &came_back {
+                cache.remove(t);
+            }
+        }
+        *self.shred_list.lock() = Some(list);
+        Ok(came_back
+            .into_iter()
+            .filter(|t| entries.contains_key(&tenant_entry(t, "active")))
+            .collect())
+    }
+
+    /// The key store file's bytes as of now (wrapped keys only, MAC'd under
+    /// the master key): what a backup holds of the keys.
+    pub fn sealed_bytes(&self) -> Vec<u8> {
+        self.master.seal_file(&self.entries.lock())
+    }
+
+    /// The master key's check value (see [`key_check_value`]).
+    pub fn key_check(&self) -> [u8; 32] {
+        self.master.check
+    }
+
+    /// The root of backup files' keys (see [`MasterKey::backup_root`]).
+    pub fn backup_root(&self) -> &SecretKey {
+        &self.master.backup
     }
 
     /// Applies `change` to the entries and writes the key store, durably,
@@ -566,39 +656,9 @@ impl Keyring {
 
     async fn load_tenant(&self, tenant: &str) -> Result<Option<TenantKeys>, KeyError> {
         let entries = self.entries.lock().clone();
-        let Some(active) = entries.get(&tenant_entry(tenant, "active")) else {
-            return Ok(None);
-        };
-        let active = u32::from_be_bytes(
-            active
-                .as_slice()
-                .try_into()
-                .map_err(|_| KeyError::Tampered)?,
-        );
-        let index_name = tenant_entry(tenant, "index");
-        let index = self.master.unwrap(
-            &index_name,
-            entries.get(&index_name).ok_or(KeyError::Tampered)?,
-        )?;
-        let record_name = tenant_entry(tenant, "record");
-        let record = entries
-            .get(&record_name)
-            .map(|w| self.master.unwrap(&record_name, w).map(Arc::new))
-            .transpose()?;
-        let next_name = tenant_entry(tenant, "index-next/index");
-        let next = entries
-            .get(&next_name)
-            .map(|w| self.master.unwrap(&next_name, w).map(Arc::new))
-            .transpose()?;
-        let data_prefix = tenant_entry(tenant, "data/");
-        let mut data = HashMap::new();
-        for (name, wrapped) in entries.range(data_prefix.clone()..) {
-            let Some(v) = name.strip_prefix(&data_prefix) else {
-                break;
-            };
-            let version: u32 = v.parse().map_err(|_| KeyError::Tampered)?;
-            let key = self.master.unwrap(name, wrapped)?;
-            let reserved = self
+        let mut reserved = HashMap::new();
+        for version in data_versions(&entries, tenant)? {
+            let r = self
                 .store
                 .get(Space::Counters, &counter_id(tenant, version))
                 .await?
@@ -606,21 +666,9 @@ impl Keyring {
                 .transpose()
                 .map_err(|_| KeyError::Tampered)?
                 .unwrap_or(0);
-            data.insert(version, Arc::new(DataKey::new(key.aead(), reserved)));
+            reserved.insert(version, r);
         }
-        if !data.contains_key(&active) {
-            return Err(KeyError::Tampered);
-        }
-        Ok(Some(TenantKeys {
-            tenant: tenant.to_string(),
-            versions: RwLock::new(Versions { active, data }),
-            index: RwLock::new(Index {
-                current: Arc::new(index),
-                next,
-            }),
-            record,
-            writes: tokio::sync::RwLock::new(()),
-        }))
+        tenant_keys(&self.master, &entries, tenant, &reserved)
     }
 
     /// The record format this data directory's records are in: 1 before
@@ -861,6 +909,11 @@ impl Keyring {
     /// being reused, and the unwrapped keys are dropped from the cache
     /// (they zeroize when the last user lets go).
     pub async fn shred_tenant(&self, tenant: &str) -> Result<(), KeyError> {
+        // On the list beside the master key first: from then on no restore
+        // or copy brings the tenant back, even if we stop right here.
+        if let Some(list) = self.shred_list.lock().as_mut() {
+            list.add(tenant, crate::clock::now_ms())?;
+        }
         let cached = self.tenants.read().get(tenant).cloned();
         // Writes in flight finish first; later ones find no key.
         let _no_writes = match cached.as_ref() {
@@ -891,6 +944,11 @@ impl Keyring {
         self.entries
             .lock()
             .contains_key(&format!("shredded/{tenant}"))
+            || self
+                .shred_list
+                .lock()
+                .as_ref()
+                .is_some_and(|l| l.contains(tenant))
     }
 
     /// The stored (wrapped) bytes of a tenant's data key version: what a
@@ -918,6 +976,151 @@ impl Keyring {
                 Ok((version, count))
             })
             .collect()
+    }
+}
+
+/// The data key versions a tenant has in `entries`.
+fn data_versions(entries: &BTreeMap<String, Vec<u8>>, tenant: &str) -> Result<Vec<u32>, KeyError> {
+    let prefix = tenant_entry(tenant, "data/");
+    let mut out = Vec::new();
+    for (name, _) in entries.range(prefix.clone()..) {
+        let Some(v) = name.strip_prefix(&prefix) else {
+            break;
+        };
+        out.push(v.parse().map_err(|_| KeyError::Tampered)?);
+    }
+    Ok(out)
+}
+
+/// A tenant's keys unwrapped from `entries`, with each version's reserved
+/// encryption count; `None` if it has none.
+fn tenant_keys(
+    master: &MasterDerived,
+    entries: &BTreeMap<String, Vec<u8>>,
+    tenant: &str,
+    reserved: &HashMap<u32, u64>,
+) -> Result<Option<TenantKeys>, KeyError> {
+    let Some(active) = entries.get(&tenant_entry(tenant, "active")) else {
+        return Ok(None);
+    };
+    let active = u32::from_be_bytes(
+        active
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::Tampered)?,
+    );
+    let index_name = tenant_entry(tenant, "index");
+    let index = master.unwrap(
+        &index_name,
+        entries.get(&index_name).ok_or(KeyError::Tampered)?,
+    )?;
+    let record_name = tenant_entry(tenant, "record");
+    let record = entries
+        .get(&record_name)
+        .map(|w| master.unwrap(&record_name, w).map(Arc::new))
+        .transpose()?;
+    let next_name = tenant_entry(tenant, "index-next/index");
+    let next = entries
+        .get(&next_name)
+        .map(|w| master.unwrap(&next_name, w).map(Arc::new))
+        .transpose()?;
+    let mut data = HashMap::new();
+    for version in data_versions(entries, tenant)? {
+        let name = tenant_entry(tenant, &format!("data/{version}"));
+        let key = master.unwrap(&name, entries.get(&name).ok_or(KeyError::Tampered)?)?;
+        let r = reserved.get(&version).copied().unwrap_or(0);
+        data.insert(version, Arc::new(DataKey::new(key.aead(), r)));
+    }
+    if !data.contains_key(&active) {
+        return Err(KeyError::Tampered);
+    }
+    Ok(Some(TenantKeys {
+        tenant: tenant.to_string(),
+        versions: RwLock::new(Versions { active, data }),
+        index: RwLock::new(Index {
+            current: Arc::new(index),
+            next,
+        }),
+        record,
+        writes: tokio::sync::RwLock::new(()),
+    }))
+}
+
+/// A key store read from a backup, opened with the master key offline
+/// (`backup verify`, `restore`): its tenants' keys unwrapped on demand, and
+/// the store re-sealed without the tenants a restore must not bring back.
+pub struct KeyringSnapshot {
+    master: MasterDerived,
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyringSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyringSnapshot([redacted])")
+    }
+}
+
+impl KeyringSnapshot {
+    /// Authenticates `bytes` (a key store file) under `master`.
+    pub fn open(master: &MasterKey, bytes: &[u8]) -> Result<Self, KeyError> {
+        let master = MasterDerived::of(master);
+        let entries = master.open_file(bytes)?;
+        Ok(Self { master, entries })
+    }
+
+    /// The tenants that have keys.
+    pub fn tenants(&self) -> Vec<String> {
+        self.entries
+            .keys()
+            .filter_map(|k| k.strip_prefix("tenant/")?.strip_suffix("/active"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The tenants whose keys were shredded (tombstones).
+    pub fn shredded(&self) -> Vec<String> {
+        self.entries
+            .keys()
+            .filter_map(|k| k.strip_prefix("shredded/"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A tenant's keys, unwrapped (encryption counts are not needed to
+    /// decrypt and read as zero).
+    pub fn tenant_keys(&self, tenant: &str) -> Result<Option<TenantKeys>, KeyError> {
+        tenant_keys(&self.master, &self.entries, tenant, &HashMap::new())
+    }
+
+    /// The audit chain's key.
+    pub fn audit_key(&self) -> Result<SecretKey, KeyError> {
+        let name = "secret/audit";
+        self.master
+            .unwrap(name, self.entries.get(name).ok_or(KeyError::Tampered)?)
+    }
+
+    /// Checks that every wrapped key opens under the master key.
+    pub fn check_all(&self) -> Result<usize, KeyError> {
+        let mut n = 0;
+        for (name, value) in &self.entries {
+            if is_wrapped(name) {
+                self.master.unwrap(name, value)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The key store file's bytes without `drop`'s tenants: their keys
+    /// gone and a tombstone each, as if shredded here.
+    pub fn sealed_without(&self, drop: &[String]) -> Vec<u8> {
+        let mut e = self.entries.clone();
+        for t in drop {
+            let prefix = tenant_entry(t, "");
+            e.retain(|k, _| !k.starts_with(&prefix));
+            e.insert(format!("shredded/{t}"), Vec::new());
+        }
+        self.master.seal_file(&e)
     }
 }
 

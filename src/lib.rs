@@ -12,6 +12,8 @@
 //! - [`keys`]: the key hierarchy — master key file, the key store file of
 //!   wrapped keys, tenant key versions and their encryption counts,
 //!   rotation, retirement, shredding, master-key rotation.
+//! - [`shredlist`]: the tenants shredded under a master key, kept beside it
+//!   and checked at every open and restore.
 //! - [`store`]: the storage interface (key spaces, atomic batches, group
 //!   commit, streaming scans, the consistent cut) and one file per backend
 //!   (`sled` the embedded default); its docs list the state each node keeps
@@ -70,6 +72,7 @@ pub mod records;
 pub mod report;
 pub mod sample;
 pub mod server;
+pub mod shredlist;
 pub mod store;
 pub mod tenants;
 pub mod vault;

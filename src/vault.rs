@@ -96,6 +96,9 @@ pub struct OpenReport {
     pub bootstrap_password: Option<Zeroizing<String>>,
     /// The bootstrap admin was created.
     pub bootstrapped: bool,
+    /// Tenants on the shred list that came back with the data directory,
+    /// shredded again.
+    pub reshredded: Vec<String>,
 }
 
 pub struct Vault {
@@ -187,6 +190,9 @@ impl Vault {
             .await?,
         );
         drop(master);
+        let list =
+            crate::shredlist::ShredList::load(&config.shred_list_path()).map_err(KeyError::from)?;
+        let came_back = keys.attach_shred_list(list)?;
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())
             .expect("pepper is KEY_LEN bytes");
         let hasher = Hasher::new(&config.argon2, pepper)?;
@@ -229,6 +235,23 @@ impl Vault {
             connections: config.connections.clone(),
             key_jobs: Default::default(),
         });
+        for t in came_back {
+            // Its keys are gone already (attach_shred_list); its data goes
+            // now, and the auditors hear of it.
+            vault
+                .audit
+                .alert(
+                    crate::audit::Severity::Critical,
+                    "shredded_tenant_returned",
+                    &t,
+                    "",
+                    "a tenant on the shred list came back with the data (an older backup or copy): its keys were destroyed again and its data deleted".into(),
+                )
+                .await?;
+            let name = TenantName::parse(&t)?;
+            vault.shred_tenant(&name, &t).await?;
+            report.reshredded.push(t);
+        }
         report.migrated_records = vault.migrate_records().await?;
         vault.bootstrap(bootstrap.into(), &mut report).await?;
         Ok((vault, report))

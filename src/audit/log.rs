@@ -412,6 +412,18 @@ pub struct Log {
     /// background, so that closing a segment never stalls appends): their
     /// index stays in memory until then.
     pending: Arc<Mutex<std::collections::HashMap<u64, PendingIndex>>>,
+    /// Backups reading the segments: retention drops none while any holds.
+    holds: Arc<Mutex<usize>>,
+}
+
+/// Keeps every segment in place while a backup copies them
+/// ([`Log::hold`]).
+pub struct Hold(Arc<Mutex<usize>>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        *self.0.lock() -= 1;
+    }
 }
 
 type PendingIndex = (Arc<Vec<Mark>>, Arc<Vec<(u64, u32)>>);
@@ -521,6 +533,7 @@ impl Log {
                 active: RwLock::new(active),
                 write: Mutex::new(WriteState::default()),
                 pending: Arc::default(),
+                holds: Arc::default(),
             },
             rec,
         ))
@@ -686,6 +699,13 @@ impl Log {
             .map_err(|e| StorageError::Io(format!("audit index thread: {e}")))
     }
 
+    /// Keeps retention from dropping any segment until the hold is
+    /// dropped (taken before the segments are listed).
+    pub fn hold(&self) -> Hold {
+        *self.holds.lock() += 1;
+        Hold(self.holds.clone())
+    }
+
     /// Segment metadata only (cheap), oldest first; the last is active.
     pub fn metas(&self) -> Vec<SegMeta> {
         let mut v = self.sealed.read().clone();
@@ -790,6 +810,11 @@ impl Log {
     /// authenticated header becomes the base. Returns the events dropped.
     pub fn drop_oldest(&self, meta: &SegMeta) -> Result<u64, StorageError> {
         let _w = self.write.lock();
+        let holds = self.holds.lock();
+        if *holds > 0 {
+            // A backup is copying the segments: the next run drops it.
+            return Ok(0);
+        }
         {
             let mut sealed = self.sealed.write();
             if sealed.first().is_none_or(|m| m.first_seq != meta.first_seq) {
@@ -882,12 +907,35 @@ fn write_segment_header(
     crate::store::AtomicFile::new(path).replace(&b)
 }
 
-/// A segment's header: its first seq and the hash before it, if the MAC
-/// holds.
-pub fn read_segment_header(keys: &Keys, file: &File) -> Result<(u64, [u8; 32]), StorageError> {
-    let mut h = [0u8; SEG_HEADER as usize];
-    file.read_exact_at(&mut h, 0)
-        .map_err(|_| StorageError::Corrupt("audit segment header is short"))?;
+/// Parses one frame from its bytes as [`read_frame`] reads them from a
+/// segment (a backup carries frames one by one).
+pub fn parse_frame(raw: &[u8]) -> Result<RawFrame, FrameError> {
+    if raw.len() < FRAME_HEAD {
+        return Err(FrameError::Short);
+    }
+    let body_len = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
+    if body_len < (FRAME_HEAD - 4) as u32 || body_len > FRAME_MAX {
+        return Err(FrameError::Garbled);
+    }
+    if raw.len() != 4 + body_len as usize {
+        return Err(FrameError::Short);
+    }
+    Ok(RawFrame {
+        offset: 0,
+        first_seq: u64::from_le_bytes(raw[4..12].try_into().expect("8 bytes")),
+        count: u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes")),
+        end_hash: raw[16..48].try_into().expect("32 bytes"),
+        sealed: raw[FRAME_HEAD..].to_vec(),
+        next: raw.len() as u64,
+    })
+}
+
+/// A segment's header as bytes, checked: its first seq and the hash before
+/// it, if the MAC holds.
+pub fn parse_segment_header(keys: &Keys, h: &[u8]) -> Result<(u64, [u8; 32]), StorageError> {
+    if h.len() != SEG_HEADER as usize {
+        return Err(StorageError::Corrupt("audit segment header is short"));
+    }
     if &h[..8] != SEG_MAGIC {
         return Err(StorageError::Corrupt("not an audit segment"));
     }
@@ -901,6 +949,140 @@ pub fn read_segment_header(keys: &Keys, file: &File) -> Result<(u64, [u8; 32]), 
         return Err(StorageError::Corrupt("audit segment header fails its MAC"));
     }
     Ok((first, prev))
+}
+
+/// The file name of the segment whose header is `h` (unchecked).
+pub fn segment_file_name(h: &[u8]) -> Option<String> {
+    let first = u64::from_le_bytes(h.get(16..24)?.try_into().ok()?);
+    Some(seg_name(first))
+}
+
+/// The pieces of the trail up to a head, read from the segment files: each
+/// segment's header, then its frames (what a backup carries of the trail).
+pub fn export_segment(
+    meta: &SegMeta,
+    head_seq: u64,
+    mut piece: impl FnMut(bool, Vec<u8>) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    if meta.first_seq > head_seq {
+        return Ok(());
+    }
+    let file = File::open(&meta.path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut h = vec![0u8; SEG_HEADER as usize];
+    file.read_exact_at(&mut h, 0).map_err(io)?;
+    piece(true, h)?;
+    let mut offset = SEG_HEADER;
+    loop {
+        let frame = match read_frame(&file, offset, len) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(FrameError::Io(e)) => return Err(io(e)),
+            Err(_) => return Err(StorageError::Corrupt("audit frame damaged")),
+        };
+        if frame.first_seq > head_seq {
+            return Ok(());
+        }
+        if frame.last_seq() > head_seq {
+            return Err(StorageError::Corrupt("audit frame crosses the head"));
+        }
+        let mut raw = Vec::with_capacity(FRAME_HEAD + frame.sealed.len());
+        raw.extend_from_slice(&((FRAME_HEAD - 4 + frame.sealed.len()) as u32).to_le_bytes());
+        raw.extend_from_slice(&frame.first_seq.to_le_bytes());
+        raw.extend_from_slice(&frame.count.to_le_bytes());
+        raw.extend_from_slice(&frame.end_hash);
+        raw.extend_from_slice(&frame.sealed);
+        offset = frame.next;
+        let last = frame.last_seq();
+        piece(false, raw)?;
+        if last == head_seq {
+            return Ok(());
+        }
+    }
+}
+
+/// Checks a trail given piece by piece (segment headers and frames, as a
+/// backup carries them): every header's MAC, every frame's authentication,
+/// the chain from the first segment's base, seqs without gap.
+pub struct ChainCheck {
+    keys: Keys,
+    /// The next seq expected; 0 before the first segment.
+    expect: u64,
+    prev: [u8; 32],
+    pub checked: u64,
+}
+
+impl ChainCheck {
+    pub fn new(keys: Keys) -> Self {
+        Self {
+            keys,
+            expect: 0,
+            prev: [0; 32],
+            checked: 0,
+        }
+    }
+
+    pub fn segment(&mut self, header: &[u8]) -> Result<(), String> {
+        let (first, prev) =
+            parse_segment_header(&self.keys, header).map_err(|e| format!("audit trail: {e}"))?;
+        if self.expect == 0 {
+            (self.expect, self.prev) = (first, prev);
+        } else if first != self.expect || prev != self.prev {
+            return Err(format!(
+                "audit trail: segment at seq {first} does not continue the chain (expected seq {})",
+                self.expect
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a frame; `each` sees its events.
+    pub fn frame(&mut self, raw: &[u8], mut each: impl FnMut(&AuditEvent)) -> Result<(), String> {
+        let frame = parse_frame(raw).map_err(|_| "audit trail: a frame is damaged".to_string())?;
+        if self.expect == 0 {
+            return Err("audit trail: a frame before any segment".into());
+        }
+        if frame.first_seq != self.expect {
+            return Err(format!(
+                "audit trail: sequence gap at seq {} (expected {})",
+                frame.first_seq, self.expect
+            ));
+        }
+        let events = frame
+            .open(&self.keys, self.prev)
+            .ok_or_else(|| format!("audit trail: event at seq {} was modified", self.expect))?;
+        let end: [u8; 32] = events
+            .last()
+            .and_then(|e| e.hash.as_slice().try_into().ok())
+            .unwrap_or(self.prev);
+        if !crypto::ct_eq(&end, &frame.end_hash) {
+            return Err(format!(
+                "audit trail: event at seq {} was modified",
+                self.expect
+            ));
+        }
+        for e in &events {
+            each(e);
+        }
+        self.prev = end;
+        self.expect += u64::from(frame.count);
+        self.checked += u64::from(frame.count);
+        Ok(())
+    }
+
+    /// The last seq checked and the chain hash after it.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        (self.expect.saturating_sub(1), self.prev)
+    }
+}
+
+/// A segment's header: its first seq and the hash before it, if the MAC
+/// holds.
+pub fn read_segment_header(keys: &Keys, file: &File) -> Result<(u64, [u8; 32]), StorageError> {
+    let mut h = [0u8; SEG_HEADER as usize];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|_| StorageError::Corrupt("audit segment header is short"))?;
+    parse_segment_header(keys, &h)
 }
 
 /// What reading a whole segment found.

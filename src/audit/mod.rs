@@ -99,6 +99,82 @@ pub struct Verification {
     pub head_seq: u64,
     pub head_hash: [u8; 32],
     pub reason: Option<String>,
+    /// The restores from backup the chain went through (each starts a new
+    /// stretch of the trail after the backup's head).
+    pub restores: Vec<RestoreMark>,
+    /// A checkpoint that lay past a restore's backup head: the stretch it
+    /// named was lost with the restore, and was checked up to that head.
+    pub note: Option<String>,
+}
+
+/// The action of the event a restore appends to the trail.
+pub const RESTORE_ACTION: &str = "alert/restore";
+
+/// A restore from backup, as its event in the trail records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreMark {
+    /// The restore event's seq (the backup's head + 1).
+    pub seq: u64,
+    pub time_unix_ms: i64,
+    pub backup_head_seq: u64,
+    pub backup_created_unix_ms: i64,
+}
+
+impl RestoreMark {
+    /// The mark an event records, if it is a restore's.
+    pub fn of(e: &AuditEvent) -> Option<Self> {
+        if e.action != RESTORE_ACTION {
+            return None;
+        }
+        let field = |name: &str| {
+            e.fields
+                .iter()
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        };
+        Some(Self {
+            seq: e.seq,
+            time_unix_ms: e.time_unix_ms,
+            backup_head_seq: field("backup_head_seq")?.parse().ok()?,
+            backup_created_unix_ms: field("backup_created_unix_ms")?.parse().ok()?,
+        })
+    }
+}
+
+/// What a backup copies of the trail: the head as of its cut and the
+/// segments holding it, kept in place (retention waits) until dropped.
+pub struct TrailSnapshot {
+    pub head_seq: u64,
+    pub head_hash: [u8; 32],
+    segments: Vec<log::SegMeta>,
+    _hold: log::Hold,
+}
+
+impl TrailSnapshot {
+    /// The trail's first seq (the base after retention).
+    pub fn first_seq(&self) -> u64 {
+        self.segments.first().map_or(1, |m| m.first_seq)
+    }
+
+    /// Bytes of the segment files (an upper bound of what is copied).
+    pub fn bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .filter_map(|m| std::fs::metadata(&m.path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Each segment's header (`true`) and frames (`false`) up to the head,
+    /// oldest first.
+    pub fn export(
+        &self,
+        mut piece: impl FnMut(bool, Vec<u8>) -> std::result::Result<(), StorageError>,
+    ) -> std::result::Result<(), StorageError> {
+        for meta in &self.segments {
+            log::export_segment(meta, self.head_seq, &mut piece)?;
+        }
+        Ok(())
+    }
 }
 
 /// Filters of `QueryAudit`; empty strings and zeroes match everything.
@@ -139,6 +215,13 @@ impl Query {
             && (self.until_unix_ms == 0 || e.time_unix_ms < self.until_unix_ms)
             && (self.before_seq == 0 || e.seq < self.before_seq)
     }
+}
+
+fn restore_note(cs: u64, r: &RestoreMark) -> String {
+    format!(
+        "checkpoint at seq {cs} was taken before the restore at seq {} (backup head seq {}): checked up to the backup's head",
+        r.seq, r.backup_head_seq
+    )
 }
 
 /// How long a caller waits for its event to be durable before the call
@@ -394,12 +477,24 @@ impl Audit {
         let e = AuditEvent {
             tenant: tenant.into(),
             principal: principal.into(),
-            action: format!("alert/{kind}"),
-            outcome: severity.as_str().into(),
             purpose: detail,
             ..Default::default()
         };
+        self.alert_event(severity, kind, e).await.map(|_| ())
+    }
+
+    /// [`Audit::alert`] of a whole event (with record ids or fields):
+    /// action and outcome are set here.
+    pub async fn alert_event(
+        &self,
+        severity: Severity,
+        kind: &str,
+        mut e: AuditEvent,
+    ) -> Result<Recorded> {
+        e.action = format!("alert/{kind}");
+        e.outcome = severity.as_str().into();
         let mut a = event_to_alert(&e);
+        let principal = e.principal.clone();
         let r = self.record(e).await?;
         (a.seq, a.time_unix_ms) = (r.seq, r.time_unix_ms);
         tracing::warn!(kind, severity = severity.as_str(), principal, "alert");
@@ -409,7 +504,7 @@ impl Audit {
                 tracing::error!(error = %err, "alert file write failed");
             }
         }
-        Ok(())
+        Ok(r)
     }
 
     /// Alerts since `since_unix_ms`, limited to `scope` when given, each
@@ -469,8 +564,12 @@ impl Audit {
                 head_seq: head.0,
                 head_hash: prev,
                 reason: Some(why.to_string()),
+                restores: Vec::new(),
+                note: None,
             })
         };
+        let mut restores: Vec<RestoreMark> = Vec::new();
+        let mut note = None;
         // A checkpoint older than the retention window can no longer be
         // checked; the authenticated base stands in for it.
         let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
@@ -515,12 +614,19 @@ impl Audit {
                 if !crypto::ct_eq(&end, &frame.end_hash) {
                     return bad(expect, "event was modified", prev, checked);
                 }
+                restores.extend(events.iter().filter_map(RestoreMark::of));
                 if let Some((cs, ch)) = checkpoint
                     && (frame.first_seq..=frame.last_seq()).contains(&cs)
                 {
                     let e = &events[(cs - frame.first_seq) as usize];
                     if !crypto::ct_eq(&ch, &e.hash) {
-                        return bad(cs, "checkpoint hash differs", prev, checked);
+                        // Taken before a restore, past the backup's head:
+                        // that stretch was lost with the restore, not
+                        // tampered with.
+                        match restores.iter().rev().find(|r| r.backup_head_seq < cs) {
+                            Some(r) => note = Some(restore_note(cs, r)),
+                            None => return bad(cs, "checkpoint hash differs", prev, checked),
+                        }
                     }
                     seen_checkpoint = true;
                 }
@@ -536,6 +642,13 @@ impl Audit {
         }
         if expect <= head.0 {
             return bad(expect, "events missing at the tail", prev, checked);
+        }
+        if !seen_checkpoint
+            && let Some((cs, _)) = checkpoint
+            && let Some(r) = restores.iter().rev().find(|r| r.backup_head_seq < cs)
+        {
+            note = Some(restore_note(cs, r));
+            seen_checkpoint = true;
         }
         if !seen_checkpoint {
             let cs = checkpoint.map_or(0, |c| c.0);
@@ -554,7 +667,23 @@ impl Audit {
             head_seq: head.0,
             head_hash: prev,
             reason: None,
+            restores,
+            note,
         })
+    }
+
+    /// A snapshot of the trail for a backup: its durable head now, and the
+    /// segments that hold it, which retention leaves in place until the
+    /// snapshot is dropped. Cheap: taken inside a backup's write barrier.
+    pub fn snapshot(&self) -> TrailSnapshot {
+        let hold = self.shared.log.hold();
+        let (head_seq, head_hash) = self.head();
+        TrailSnapshot {
+            head_seq,
+            head_hash,
+            segments: self.shared.log.metas(),
+            _hold: hold,
+        }
     }
 
     /// Closes the segment being written, so that retention can drop it

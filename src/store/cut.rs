@@ -10,7 +10,7 @@
 //! were held.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,7 +25,9 @@ type Key = (u8, Vec<u8>);
 /// The pre-images of the open cut.
 #[derive(Default)]
 pub(super) struct CutState {
-    pre: Mutex<HashMap<Key, Option<Vec<u8>>>>,
+    /// Ordered, so that a chunk of a scan finds the keys deleted within
+    /// its range.
+    pre: Mutex<BTreeMap<Key, Option<Vec<u8>>>>,
 }
 
 /// Shared by every clone of a [`Storage`].
@@ -150,57 +152,35 @@ impl Cut {
 
     /// Every entry of `space` under `prefix` as of the cut, in key order,
     /// passed to `f` until it returns false. Reads a chunk of keys at a
-    /// time ([`Storage::scan_each`]): memory stays bounded whatever the store's size (plus the
-    /// pre-images of keys written while the scan runs).
+    /// time ([`Cut::chunks`]): memory stays bounded whatever the store's
+    /// size (plus the pre-images of keys written while the scan runs).
     pub async fn scan(
         &self,
         space: Space,
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let mut seen = std::collections::HashSet::new();
-        let mut stopped = false;
-        self.storage
-            .scan_each(space, prefix, |k, live| {
-                let pre = self
-                    .state
-                    .pre
-                    .lock()
-                    .get(&(space as u8, k.to_vec()))
-                    .cloned();
-                stopped = match pre {
-                    // Written since the cut: the value it had then (none:
-                    // created since, not in the cut).
-                    Some(before) => {
-                        seen.insert(k.to_vec());
-                        before.is_some_and(|v| !f(k, &v))
-                    }
-                    None => !f(k, live),
-                };
-                !stopped
-            })
-            .await?;
-        if stopped {
-            return Ok(());
-        }
-        // Keys deleted since the cut: their pre-images, in key order.
-        let mut gone: Vec<(Vec<u8>, Vec<u8>)> = self
-            .state
-            .pre
-            .lock()
-            .iter()
-            .filter(|((s, k), v)| {
-                *s == space as u8 && k.starts_with(prefix) && v.is_some() && !seen.contains(k)
-            })
-            .map(|((_, k), v)| (k.clone(), v.clone().unwrap_or_default()))
-            .collect();
-        gone.sort();
-        for (k, v) in gone {
-            if self.storage.get(space, &k).await?.is_none() && !f(&k, &v) {
-                return Ok(());
+        let mut chunks = self.chunks(space, prefix);
+        while let Some(rows) = chunks.next().await? {
+            for (k, v) in rows {
+                if !f(&k, &v) {
+                    return Ok(());
+                }
             }
         }
         Ok(())
+    }
+
+    /// The entries of `space` under `prefix` as of the cut, a chunk at a
+    /// time, for a caller that awaits between chunks (a backup sending
+    /// them over the network).
+    pub fn chunks<'a>(&'a self, space: Space, prefix: &[u8]) -> CutChunks<'a> {
+        CutChunks {
+            cut: self,
+            space,
+            prefix: prefix.to_vec(),
+            start: Some(prefix.to_vec()),
+        }
     }
 
     /// How many entries of `space` under `prefix` the cut holds.
@@ -212,6 +192,86 @@ impl Cut {
         })
         .await?;
         Ok(n)
+    }
+}
+
+/// A scan through a [`Cut`], chunk by chunk ([`Cut::chunks`]), in key
+/// order: a key written since the cut shows its pre-image, a key created
+/// since is left out, a key deleted since comes back.
+pub struct CutChunks<'a> {
+    cut: &'a Cut,
+    space: Space,
+    prefix: Vec<u8>,
+    /// Where the scan goes on; `None` once it is done.
+    start: Option<Vec<u8>>,
+}
+
+/// Keys per chunk.
+const CHUNK: usize = 512;
+
+impl CutChunks<'_> {
+    /// The next chunk (never empty), or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, StorageError> {
+        let space = self.space as u8;
+        while let Some(start) = self.start.take() {
+            let rows = self
+                .cut
+                .storage
+                .scan_from(self.space, &self.prefix, &start, CHUNK)
+                .await?;
+            // The key range this chunk covers: to just past its last row,
+            // or to the end of the prefix.
+            let end = match rows.last() {
+                Some((last, _)) if rows.len() == CHUNK => {
+                    let mut next = last.clone();
+                    next.push(0);
+                    self.start = Some(next.clone());
+                    Some(next)
+                }
+                _ => None,
+            };
+            // Pre-images are recorded before their write is applied: one
+            // written or deleted before the rows were read is in the map
+            // now; one written after was read live, unchanged since the cut.
+            let pre = self.cut.state.pre.lock();
+            let upper = match &end {
+                Some(e) => std::ops::Bound::Excluded((space, e.clone())),
+                None => std::ops::Bound::Unbounded,
+            };
+            let mut changed = pre
+                .range((std::ops::Bound::Included((space, start.clone())), upper))
+                .take_while(|((s, k), _)| *s == space && k.starts_with(&self.prefix))
+                .peekable();
+            let mut out = Vec::with_capacity(rows.len());
+            for (k, live) in rows {
+                // Deleted since the cut, before this key: back in.
+                while let Some(((_, ck), before)) = changed.next_if(|((_, ck), _)| *ck < k) {
+                    if let Some(v) = before {
+                        out.push((ck.clone(), v.clone()));
+                    }
+                }
+                match changed.next_if(|((_, ck), _)| *ck == k) {
+                    // Written since the cut: the value it had then (none:
+                    // created since, not in the cut).
+                    Some((_, before)) => {
+                        if let Some(v) = before {
+                            out.push((k, v.clone()));
+                        }
+                    }
+                    None => out.push((k, live)),
+                }
+            }
+            for ((_, ck), before) in changed {
+                if let Some(v) = before {
+                    out.push((ck.clone(), v.clone()));
+                }
+            }
+            drop(pre);
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+        }
+        Ok(None)
     }
 }
 

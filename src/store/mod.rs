@@ -43,7 +43,7 @@ mod faulty;
 mod file;
 mod sled;
 
-pub use cut::Cut;
+pub use cut::{Cut, CutChunks};
 
 pub use faulty::FaultyBackend;
 pub use file::AtomicFile;
