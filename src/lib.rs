@@ -31,6 +31,9 @@
 //! - [`audit`]: the HMAC-chained, fail-closed audit trail — its own
 //!   encrypted, segmented log with keyed-hash indexes (`audit/log.rs`), the
 //!   compact event codec, format-1 migration, retention — and its mirror.
+//! - [`backup`]: the backup file format — a clear manifest, encrypted
+//!   frames of entries, one MAC over the whole file; written and read in
+//!   constant memory.
 //! - [`vault`]: opens everything, bootstraps an empty data directory, and
 //!   holds the operations that join several components (a read under its
 //!   budget, an unlock that clears throttles, a key rotation made durable).
@@ -57,6 +60,7 @@
 pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod backup;
 pub mod budgets;
 pub mod cli;
 pub mod clock;

@@ -21,7 +21,7 @@ use crate::{
     accounts::Hasher,
     crypto::Context,
     error::{Error, Result},
-    keys::Keyring,
+    keys::{Keyring, TenantKeys},
     model::{FieldName, Fields, MAX_VALUE_BYTES, Password, RecordId},
     store::{Batch, Space, Storage},
     tenants::Tenant,
@@ -103,16 +103,41 @@ fn seal_record(tenant: &Tenant, id: &str, rec: &mut StoredRecord) -> Result<()> 
 /// Checks that `rec` is the record as last sealed: DATA_LOSS otherwise,
 /// before any field is decrypted or rewritten.
 fn check_record(tenant: &Tenant, id: &str, rec: &StoredRecord) -> Result<()> {
+    check_record_with(tenant.name.as_str(), &tenant.keys, id, rec)
+}
+
+fn check_record_with(tenant: &str, keys: &TenantKeys, id: &str, rec: &StoredRecord) -> Result<()> {
     if rec.format != RECORD_FORMAT {
         return Err(Error::DataLoss);
     }
-    let mac = tenant
-        .keys
-        .record_mac(&record_mac_input(tenant.name.as_str(), id, rec))?;
+    let mac = keys.record_mac(&record_mac_input(tenant, id, rec))?;
     if !crate::crypto::ct_eq(&mac, &rec.mac) {
         return Err(Error::DataLoss);
     }
     Ok(())
+}
+
+/// Where a stored record's key splits: its tenant and id.
+pub fn split_record_key(key: &[u8]) -> Option<(&str, &str)> {
+    let at = key.iter().position(|b| *b == 0)?;
+    Some((
+        std::str::from_utf8(&key[..at]).ok()?,
+        std::str::from_utf8(&key[at + 1..]).ok()?,
+    ))
+}
+
+/// Checks a stored record as `scrub` and `backup verify` do: sealed as a
+/// whole under the tenant's record key, and every field opens under its
+/// data key (the plaintext is dropped, zeroized, at once). Returns its
+/// field count; DATA_LOSS on any failure.
+pub fn check_stored(tenant: &str, keys: &TenantKeys, id: &str, bytes: &[u8]) -> Result<usize> {
+    let rec = StoredRecord::decode(bytes).map_err(|_| Error::DataLoss)?;
+    check_record_with(tenant, keys, id, &rec)?;
+    for (name, sealed) in &rec.fields {
+        keys.decrypt_field(id, name, sealed)
+            .map_err(|_| Error::DataLoss)?;
+    }
+    Ok(rec.fields.len())
 }
 
 /// What one [`Records::rewrap_step`] did (applied, not yet durable).

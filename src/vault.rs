@@ -112,6 +112,10 @@ pub struct Vault {
     pub honeytokens: Honeytokens,
     /// Bounds on connections, streams and refused calls (`connections.*`).
     pub connections: crate::config::ConnectionsConfig,
+    /// Scheduled backups (`backup.*`).
+    pub backup: crate::config::BackupConfig,
+    /// When the last backup (streamed or scheduled) was taken, unix ms.
+    last_backup_ms: std::sync::atomic::AtomicI64,
     /// Tenants with a key job (rewrap, reindex) running: one at a time.
     key_jobs: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
 }
@@ -233,6 +237,8 @@ impl Vault {
             keys,
             store,
             connections: config.connections.clone(),
+            backup: config.backup.clone(),
+            last_backup_ms: Default::default(),
             key_jobs: Default::default(),
         });
         for t in came_back {
@@ -300,6 +306,18 @@ impl Vault {
             tracing::info!(records = total, "records sealed as a whole (format 2)");
         }
         Ok(total)
+    }
+
+    /// Notes a backup written whole (its creation time).
+    pub fn note_backup(&self, created_unix_ms: i64) {
+        self.last_backup_ms
+            .fetch_max(created_unix_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the last backup written whole was taken (0: none since start).
+    pub fn last_backup_ms(&self) -> i64 {
+        self.last_backup_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Compares a stored record with the last write of it the audit trail

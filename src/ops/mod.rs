@@ -4,7 +4,13 @@
 //!
 //! - [`rotate_master`]: re-wrap every key under a new master key, offline,
 //!   and say so in the trail.
+//! - [`backup`]: a consistent online backup, streamed (`Admin/Backup`) or
+//!   written on a schedule into `backup.dir`.
+//! - [`restore`]: offline, with the master key: verify a backup file whole,
+//!   restore one into an empty data directory.
 
+pub mod backup;
+pub mod restore;
 mod rotate_master;
 
 pub use rotate_master::{MasterRotated, rotate_master};

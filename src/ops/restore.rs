@@ -1,0 +1,514 @@
+//! Offline work on backup files with the master key: `backup verify` (a
+//! restore drill without restoring) and `restore` (into an empty data
+//! directory, through a staging directory beside it).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    io::{BufReader, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use super::{OpsError, backup::backed_up_space};
+use crate::{
+    audit::{Severity, log::ChainCheck},
+    backup::{BackupError, Entry, Manifest, Reader, TenantCounts},
+    config::Config,
+    keys::{KeyError, KeyringSnapshot, MasterKey},
+    store::{Batch, Space},
+};
+
+/// What a backup file holds, checked entry by entry.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// Counts found in the file, per tenant.
+    pub tenants: Vec<TenantCounts>,
+    pub store_entries: u64,
+    pub records: u64,
+    /// Fields decrypted and authenticated.
+    pub fields: u64,
+    pub secrets: u64,
+    /// Wrapped keys that opened under the master key.
+    pub keys: usize,
+    /// Audit events whose chain verified up to the manifest's head.
+    pub events: u64,
+    pub bytes: u64,
+    /// Records left of a tenant shredded while the backup was taken (its
+    /// keys were gone): unreadable by design, not counted as failures.
+    pub shredded_leftovers: u64,
+}
+
+/// Why a file is refused, naming the file.
+fn refused(path: &Path, e: impl std::fmt::Display) -> OpsError {
+    OpsError::Refused(format!("backup {}: {e}", path.display()))
+}
+
+fn open_reader(path: &Path, master: &MasterKey) -> Result<Reader<BufReader<fs::File>>, OpsError> {
+    let f = fs::File::open(path).map_err(|e| refused(path, e))?;
+    Reader::open(BufReader::with_capacity(1 << 20, f), master).map_err(|e| refused(path, e))
+}
+
+/// The size of `path`, for progress.
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Checks a backup file whole with `master`: its MAC and manifest, every
+/// wrapped key, every record sealed as a whole and every field decrypted
+/// and authenticated, every secret a password hash, the audit chain from
+/// its first event to the manifest's head, and the counts against the
+/// manifest. `progress(bytes read, file size)` is called as it goes.
+pub fn verify_file(
+    path: &Path,
+    master: &MasterKey,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Verified, OpsError> {
+    let total = file_len(path);
+    let mut r = open_reader(path, master)?;
+    let damaged = |what: String| refused(path, BackupError::Damaged(what));
+    let mut v = Verified {
+        manifest: r.manifest().clone(),
+        ..Default::default()
+    };
+    let mut ring: Option<KeyringSnapshot> = None;
+    let mut chain: Option<ChainCheck> = None;
+    let mut tenant_keys: HashMap<String, Option<crate::keys::TenantKeys>> = HashMap::new();
+    let mut per_space: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut next_report = 0u64;
+    while let Some(entry) = r.next().map_err(|e| refused(path, e))? {
+        match entry {
+            Entry::Keyring(bytes) => {
+                if ring.is_some() {
+                    return Err(damaged("two key stores".into()));
+                }
+                let snapshot = KeyringSnapshot::open(master, &bytes).map_err(|e| match e {
+                    KeyError::WrongKey => refused(path, "its key store is under another master key"),
+                    e => damaged(format!("its key store: {e}")),
+                })?;
+                v.keys = snapshot
+                    .check_all()
+                    .map_err(|e| damaged(format!("its key store: {e}")))?;
+                let audit = snapshot
+                    .audit_key()
+                    .map_err(|e| damaged(format!("its key store: {e}")))?;
+                chain = Some(ChainCheck::new(crate::audit::log::Keys::new(audit)));
+                ring = Some(snapshot);
+            }
+            Entry::Store { space, key, value } => {
+                let ring = ring
+                    .as_ref()
+                    .ok_or_else(|| damaged("entries before the key store".into()))?;
+                let space = backed_up_space(space)
+                    .ok_or_else(|| damaged("an entry of an unknown key space".into()))?;
+                *per_space.entry(space as u32).or_default() += 1;
+                v.store_entries += 1;
+                if let Some(t) = super::backup::tenant_counts(&mut tenants, space, &key) {
+                    match space {
+                        Space::Records => t.records += 1,
+                        Space::Principals => t.principals += 1,
+                        Space::Secrets => t.secrets += 1,
+                        Space::Index => t.index_entries += 1,
+                        _ => {}
+                    }
+                }
+                match space {
+                    Space::Records => {
+                        let (tenant, id) = crate::records::split_record_key(&key)
+                            .ok_or_else(|| damaged("a record key does not parse".into()))?;
+                        let keys = tenant_keys
+                            .entry(tenant.to_string())
+                            .or_insert_with(|| ring.tenant_keys(tenant).ok().flatten());
+                        match keys {
+                            Some(k) => match crate::records::check_stored(tenant, k, id, &value)
+                            {
+                                Ok(n) => {
+                                    v.records += 1;
+                                    v.fields += n as u64;
+                                }
+                                Err(_) => failed.push(format!("{tenant}/{id}")),
+                            },
+                            None if ring.shredded().iter().any(|s| s == tenant) => {
+                                v.shredded_leftovers += 1;
+                            }
+                            None => failed.push(format!("{tenant}/{id} (no key)")),
+                        }
+                    }
+                    Space::Secrets => {
+                        let ok = std::str::from_utf8(&value)
+                            .is_ok_and(|s| s.starts_with("$argon2id$"));
+                        if !ok {
+                            failed.push("a secret that is not an Argon2id hash".into());
+                        }
+                        v.secrets += 1;
+                    }
+                    _ => {}
+                }
+            }
+            Entry::TrailSegment(h) => {
+                chain
+                    .as_mut()
+                    .ok_or_else(|| damaged("trail before the key store".into()))?
+                    .segment(&h)
+                    .map_err(damaged)?;
+            }
+            Entry::TrailFrame(raw) => {
+                chain
+                    .as_mut()
+                    .ok_or_else(|| damaged("trail before the key store".into()))?
+                    .frame(&raw, |_| {})
+                    .map_err(damaged)?;
+            }
+        }
+        if r.bytes_read() >= next_report {
+            progress(r.bytes_read(), total);
+            next_report = r.bytes_read() + (4 << 20);
+        }
+    }
+    v.bytes = r.bytes_read();
+    progress(v.bytes, total);
+    if ring.is_none() {
+        return Err(damaged("no key store".into()));
+    }
+    let chain = chain.expect("set with the key store");
+    let (seq, hash) = chain.head();
+    if seq != v.manifest.audit_head_seq || hash.as_slice() != v.manifest.audit_head_hash.as_slice()
+    {
+        return Err(damaged(format!(
+            "its trail ends at seq {seq}, its manifest says {}",
+            v.manifest.audit_head_seq
+        )));
+    }
+    v.events = chain.checked;
+    for s in &v.manifest.spaces {
+        let found = per_space.get(&s.space).copied().unwrap_or(0);
+        if found != s.entries {
+            return Err(damaged(format!(
+                "key space {} holds {found} entries, its manifest says {}",
+                s.space, s.entries
+            )));
+        }
+    }
+    if !failed.is_empty() {
+        let shown: Vec<&str> = failed.iter().take(5).map(String::as_str).collect();
+        return Err(refused(
+            path,
+            format!(
+                "{} stored items fail authentication (the vault held them damaged when the backup was taken): {}",
+                failed.len(),
+                shown.join(", ")
+            ),
+        ));
+    }
+    v.tenants = tenants.into_values().collect();
+    Ok(v)
+}
+
+/// How `restore` treats the shred list.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Tenants on the shred list to bring back all the same (a court
+    /// order): taken off the list, and said in the trail with `reason`.
+    pub restore_shredded: Vec<String>,
+    pub reason: Option<String>,
+    /// Who runs it, for the trail.
+    pub operator: String,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub verified: Verified,
+    /// Tenants on the shred list left out of the restore.
+    pub dropped: Vec<String>,
+    /// The seq of the restore's event in the restored trail.
+    pub restore_seq: u64,
+}
+
+/// The staging directory of a restore into `target`: beside it (same
+/// filesystem, so the final rename is atomic), named after it.
+pub fn staging_dir(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    target.with_file_name(format!(".{name}.coffre-restore"))
+}
+
+fn is_empty_dir(p: &Path) -> std::io::Result<bool> {
+    Ok(fs::read_dir(p)?.next().is_none())
+}
+
+/// Whether `key` of `space` belongs to one of `tenants`.
+fn of_tenants(tenants: &[String], space: Space, key: &[u8]) -> bool {
+    tenants.iter().any(|t| match space {
+        Space::Tenants => key == t.as_bytes(),
+        Space::Records
+        | Space::Index
+        | Space::Secrets
+        | Space::Counters
+        | Space::Principals
+        | Space::Budgets => key.len() > t.len() && key.starts_with(t.as_bytes()) && key[t.len()] == 0,
+        _ => false,
+    })
+}
+
+/// Restores `from` into `config.data_dir`, which must not exist or be an
+/// empty directory. The file is verified whole first ([`verify_file`]):
+/// a bad file writes nothing. Then it is written into a staging directory
+/// beside the target (removed and started over if a killed restore left
+/// one), without the tenants on the shred list, an event naming the backup
+/// is appended to the restored trail, and the staging directory is renamed
+/// into place: killed at any point, the target is still empty, and running
+/// the restore again works.
+pub async fn restore(
+    config: &Config,
+    from: &Path,
+    opts: &RestoreOptions,
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<Restored, OpsError> {
+    if config.storage.backend != crate::config::StorageBackend::Sled {
+        return Err(OpsError::Refused(
+            "restore into storage.backend = \"postgres\" is not available in this release".into(),
+        ));
+    }
+    let target = &config.data_dir;
+    match fs::metadata(target) {
+        Ok(m) if !m.is_dir() => {
+            return Err(OpsError::Refused(format!(
+                "data_dir {} is not a directory",
+                target.display()
+            )));
+        }
+        Ok(_) if !is_empty_dir(target).map_err(|e| OpsError::Refused(e.to_string()))? => {
+            return Err(OpsError::Refused(format!(
+                "data_dir {} is not empty: restore writes only into an empty or new directory (move the old one aside)",
+                target.display()
+            )));
+        }
+        _ => {}
+    }
+    let master = crate::keys::load_key_file(&config.master_key_file)?;
+    let mut list = crate::shredlist::ShredList::load(&config.shred_list_path())
+        .map_err(KeyError::from)?;
+    if !opts.restore_shredded.is_empty() && opts.reason.as_deref().is_none_or(str::is_empty) {
+        return Err(OpsError::Refused(
+            "--restore-shredded needs --reason (it is written to the audit trail)".into(),
+        ));
+    }
+    for t in &opts.restore_shredded {
+        if !list.contains(t) {
+            return Err(OpsError::Refused(format!(
+                "tenant {t} is not on the shred list {}",
+                list.path().display()
+            )));
+        }
+    }
+    // 1. The whole file, checked before anything is written.
+    let verified = verify_file(from, &master, |d, t| progress("verify", d, t))?;
+    // 2. Written into the staging directory.
+    let staging = staging_dir(target);
+    if staging.exists() {
+        fs::remove_dir_all(&staging)
+            .map_err(|e| OpsError::Refused(format!("{}: {e}", staging.display())))?;
+    }
+    let written = write_staging(config, from, &master, &list, opts, &verified, &staging, &mut progress).await;
+    let (dropped, restore_seq) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    // 3. Into place. The court-order override leaves the list first: a
+    // crash between the two keeps the tenant shredded at the next start.
+    for t in &opts.restore_shredded {
+        list.remove(t).map_err(KeyError::from)?;
+    }
+    // rename(2) replaces an empty target directory.
+    fs::rename(&staging, target).map_err(|e| {
+        OpsError::Refused(format!(
+            "moving {} to {}: {e} (data_dir must not be a mount point: mount its parent)",
+            staging.display(),
+            target.display()
+        ))
+    })?;
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| OpsError::Refused(format!("{}: {e}", parent.display())))?;
+    Ok(Restored {
+        verified,
+        dropped,
+        restore_seq,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_staging(
+    config: &Config,
+    from: &Path,
+    master: &MasterKey,
+    list: &crate::shredlist::ShredList,
+    opts: &RestoreOptions,
+    verified: &Verified,
+    staging: &Path,
+    progress: &mut impl FnMut(&str, u64, u64),
+) -> Result<(Vec<String>, u64), OpsError> {
+    let io = |what: &Path, e: std::io::Error| OpsError::Refused(format!("{}: {e}", what.display()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(|e| io(staging, e))?;
+    let trail_dir = crate::audit::trail_dir(staging);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&trail_dir)
+        .map_err(|e| io(&trail_dir, e))?;
+    let store = crate::store::Storage::open_sled(
+        staging,
+        &crate::store::SledOptions {
+            cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
+        },
+    )?;
+    let total = file_len(from);
+    let mut r = open_reader(from, master)?;
+    let mut dropped = Vec::new();
+    let mut batch = Batch::new();
+    let mut segment: Option<(PathBuf, fs::File)> = None;
+    let finish_segment = |s: Option<(PathBuf, fs::File)>| -> Result<(), OpsError> {
+        if let Some((p, f)) = s {
+            f.sync_all().map_err(|e| io(&p, e))?;
+        }
+        Ok(())
+    };
+    let mut next_report = 0u64;
+    while let Some(entry) = r.next().map_err(|e| refused(from, e))? {
+        match entry {
+            Entry::Keyring(bytes) => {
+                let ring = KeyringSnapshot::open(master, &bytes)?;
+                dropped = ring
+                    .tenants()
+                    .into_iter()
+                    .filter(|t| list.contains(t) && !opts.restore_shredded.contains(t))
+                    .collect();
+                crate::store::AtomicFile::new(staging.join(crate::keys::KEYRING_FILE))
+                    .replace(&ring.sealed_without(&dropped))?;
+            }
+            Entry::Store { space, key, value } => {
+                let space = backed_up_space(space)
+                    .ok_or_else(|| refused(from, "an entry of an unknown key space"))?;
+                if of_tenants(&dropped, space, &key) {
+                    continue;
+                }
+                batch.put(space, key, value);
+                if batch.0.len() >= 1024 {
+                    store.apply(std::mem::take(&mut batch)).await?;
+                }
+            }
+            Entry::TrailSegment(h) => {
+                finish_segment(segment.take())?;
+                let name = crate::audit::log::segment_file_name(&h)
+                    .ok_or_else(|| refused(from, "an audit segment header is short"))?;
+                let p = trail_dir.join(name);
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .map_err(|e| io(&p, e))?;
+                f.write_all(&h).map_err(|e| io(&p, e))?;
+                segment = Some((p, f));
+            }
+            Entry::TrailFrame(raw) => {
+                let (p, f) = segment
+                    .as_mut()
+                    .ok_or_else(|| refused(from, "an audit frame before its segment"))?;
+                f.write_all(&raw).map_err(|e| io(p, e))?;
+            }
+        }
+        if r.bytes_read() >= next_report {
+            progress("restore", r.bytes_read(), total);
+            next_report = r.bytes_read() + (4 << 20);
+        }
+    }
+    // The file authenticated whole again at its end (it could have changed
+    // since the verification): only now is anything kept.
+    progress("restore", total, total);
+    finish_segment(segment.take())?;
+    if !batch.is_empty() {
+        store.apply(batch).await?;
+    }
+    store.sync().await?;
+    let ring = crate::keys::Keyring::open(store.clone(), staging, master, u64::MAX).await?;
+    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
+        .expect("audit key is KEY_LEN bytes");
+    let audit = crate::audit::Audit::open(store.clone(), audit_key, staging, None, None).await?;
+    let m = &verified.manifest;
+    if audit.head().0 != m.audit_head_seq {
+        return Err(refused(from, "the restored trail does not end at the backup's head"));
+    }
+    let created = chrono::DateTime::from_timestamp_millis(m.created_unix_ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    let mut purpose = format!(
+        "restored from a backup created {created} (audit head seq {}); events after that head on the vault it came from are not in this trail",
+        m.audit_head_seq
+    );
+    if !dropped.is_empty() {
+        purpose.push_str(&format!(
+            "; left out as shredded: {}",
+            dropped.join(", ")
+        ));
+    }
+    if !opts.restore_shredded.is_empty() {
+        purpose.push_str(&format!(
+            "; restored despite the shred list: {}",
+            opts.restore_shredded.join(", ")
+        ));
+    }
+    let principal = format!("system/cli:{}", opts.operator);
+    let event = crate::pb::AuditEvent {
+        tenant: "system".into(),
+        principal: principal.clone(),
+        role: "admin".into(),
+        purpose,
+        fields: vec![
+            format!("backup_head_seq={}", m.audit_head_seq),
+            format!("backup_head_hash={}", hex::encode(&m.audit_head_hash)),
+            format!("backup_created_unix_ms={}", m.created_unix_ms),
+            format!("backup_key={}", m.key_id()),
+        ],
+        ..Default::default()
+    };
+    let recorded = audit.alert_event(Severity::Warning, "restore", event).await?;
+    for t in &opts.restore_shredded {
+        audit
+            .alert_event(
+                Severity::Critical,
+                "shred_override",
+                crate::pb::AuditEvent {
+                    tenant: t.clone(),
+                    principal: principal.clone(),
+                    role: "admin".into(),
+                    purpose: format!(
+                        "tenant restored despite the shred list; reason: {}",
+                        opts.reason.as_deref().unwrap_or_default()
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
+    drop(audit);
+    drop(ring);
+    store.flush_blocking()?;
+    drop(store);
+    Ok((dropped, recorded.seq))
+}
