@@ -140,7 +140,9 @@ const KIND_FRAME: u8 = 4;
 pub enum BackupError {
     #[error("not a Coffre backup file")]
     NotABackup,
-    #[error("backup format {0} is newer than this coffre reads ({BACKUP_FORMAT}): use a newer coffre")]
+    #[error(
+        "backup format {0} is newer than this coffre reads ({BACKUP_FORMAT}): use a newer coffre"
+    )]
     Newer(u32),
     #[error(
         "made under another master key: it needs the key with check value {needed}, and the key given has {given} (keep old master keys escrowed as long as their backups)"
@@ -228,7 +230,8 @@ impl Writer {
     fn entry(&mut self, kind: u8, parts: &[&[u8]]) {
         self.plain.push(kind);
         for p in parts {
-            self.plain.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            self.plain
+                .extend_from_slice(&(p.len() as u32).to_le_bytes());
             self.plain.extend_from_slice(p);
         }
         self.entries += 1;

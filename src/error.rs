@@ -87,6 +87,18 @@ impl From<crate::keys::RetireError> for Error {
     }
 }
 
+impl From<crate::ops::OpsError> for Error {
+    fn from(e: crate::ops::OpsError) -> Self {
+        use crate::ops::OpsError;
+        match e {
+            OpsError::Core(e) => e,
+            OpsError::Store(e) => e.into(),
+            OpsError::Keys(e) => e.into(),
+            OpsError::Busy(m) | OpsError::Refused(m) => Error::FailedPrecondition(m),
+        }
+    }
+}
+
 impl From<prost::DecodeError> for Error {
     fn from(_: prost::DecodeError) -> Self {
         Error::DataLoss

@@ -628,35 +628,75 @@ impl Records {
         Ok(Some((rec.version, w)))
     }
 
-    /// How many records the tenant has (a scan of keys and values).
+    /// How many records the tenant has (a scan, a chunk at a time).
     pub async fn count(&self, tenant: &Tenant) -> Result<u64> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
-        Ok(self
-            .store
-            .scan_prefix(Space::Records, &prefix, usize::MAX)
-            .await?
-            .len() as u64)
+        Ok(self.store.count(Space::Records, &prefix).await?)
     }
 
     /// How many stored fields of the tenant each key version seals (a scan
-    /// of the tenant's records; nothing is decrypted).
+    /// of the tenant's records a chunk at a time; nothing is decrypted).
     pub async fn key_usage(&self, tenant: &Tenant) -> Result<BTreeMap<u32, u64>> {
         let mut prefix = tenant.name.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut usage = BTreeMap::new();
-        for (_, bytes) in self
-            .store
-            .scan_prefix(Space::Records, &prefix, usize::MAX)
-            .await?
-        {
-            let rec = StoredRecord::decode(&bytes[..])?;
-            for sealed in rec.fields.values() {
-                let v = crate::crypto::field_key_version(sealed)?;
-                *usage.entry(v).or_insert(0) += 1;
+        let mut bad = None;
+        self.store
+            .scan_each(Space::Records, &prefix, |_, bytes| {
+                let versions = StoredRecord::decode(bytes)
+                    .map_err(Error::from)
+                    .and_then(|rec| {
+                        rec.fields
+                            .values()
+                            .map(|s| Ok(crate::crypto::field_key_version(s)?))
+                            .collect::<Result<Vec<u32>>>()
+                    });
+                match versions {
+                    Ok(vs) => {
+                        for v in vs {
+                            *usage.entry(v).or_insert(0) += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        bad = Some(e);
+                        false
+                    }
+                }
+            })
+            .await?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(usage),
+        }
+    }
+
+    /// One step of a scrub: up to `max` records after the record key
+    /// `cursor` (empty: from the start), each checked whole
+    /// ([`check_stored`]); the ids that fail, those that pass, and where the
+    /// next step starts (`None`: the end).
+    pub async fn scrub_step(
+        &self,
+        tenant: &Tenant,
+        cursor: &[u8],
+        max: usize,
+    ) -> Result<(Vec<RecordId>, Vec<RecordId>, Option<Vec<u8>>)> {
+        let (_, entries, next) = self.step_of(tenant, cursor, max).await?;
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for (key, bytes) in entries {
+            let Some((_, id)) = split_record_key(&key) else {
+                continue;
+            };
+            let Ok(id) = RecordId::parse(id) else {
+                continue;
+            };
+            match check_stored(tenant.name.as_str(), &tenant.keys, id.as_str(), &bytes) {
+                Ok(_) => ok.push(id),
+                Err(_) => failed.push(id),
             }
         }
-        Ok(usage)
+        Ok((ok, failed, next))
     }
 
     /// A record as stored, still sealed: a reader can learn that it exists

@@ -238,6 +238,9 @@ pub async fn run(
         })
     };
 
+    // Scheduled backups (`backup.dir`), one every `backup.interval_hours`.
+    let backups = tokio::spawn(crate::ops::backup::schedule(vault.clone()));
+
     let result = builder
         .layer(front)
         .add_service(health_service)
@@ -260,6 +263,7 @@ pub async fn run(
         .await
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();
+    backups.abort();
     summaries.abort();
     watch.abort();
     if let Err(e) = gate.flush_refusal_summaries().await {

@@ -353,4 +353,88 @@ impl admin_server::Admin for AdminService {
             }
         )
     }
+
+    type BackupStream = BoxStream<pb::BackupChunk>;
+
+    async fn backup(
+        &self,
+        req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/Backup",
+            async |_c: Option<Caller>, _m: pb::BackupRequest, n: &mut Note| {
+                let started = crate::ops::backup::start(&v).await?;
+                n.fields = vec![
+                    format!("audit_head_seq={}", started.manifest().audit_head_seq),
+                    format!("writes_held_us={}", started.held().as_micros()),
+                ];
+                let (tx, rx) = mpsc::channel::<Vec<u8>>(2);
+                let (fail, failed) = tokio::sync::oneshot::channel::<Status>();
+                let vault = v.clone();
+                tokio::spawn(async move {
+                    match started.stream(&tx).await {
+                        Ok(m) => vault.note_backup(m.created_unix_ms),
+                        Err(e) => {
+                            tracing::error!(error = %e, "backup stream failed");
+                            let _ = fail.send(to_status(e.into()));
+                        }
+                    }
+                });
+                // The bytes, then the producer's error if it failed.
+                let data = ReceiverStream::new(rx).map(|data| Ok(pb::BackupChunk { data }));
+                let end = futures::stream::once(failed)
+                    .filter_map(|r| std::future::ready(r.ok().map(Err)));
+                Ok(Box::pin(data.chain(end)) as BoxStream<pb::BackupChunk>)
+            }
+        )
+    }
+
+    type ScrubStream = BoxStream<pb::ScrubProgress>;
+
+    async fn scrub(
+        &self,
+        req: Request<pb::ScrubRequest>,
+    ) -> Result<Response<Self::ScrubStream>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/Scrub",
+            async |_c: Option<Caller>, _m: pb::ScrubRequest, _n: &mut Note| {
+                let (tx, rx) = mpsc::channel(16);
+                let vault = v.clone();
+                let to_pb = |c: crate::ops::scrub::ScrubCount| pb::ScrubProgress {
+                    tenant: c.tenant,
+                    checked: c.checked,
+                    total: c.total,
+                    failed: c.failed,
+                };
+                // Runs to its end even if the client leaves: its failures
+                // are alerts.
+                tokio::spawn(async move {
+                    let progress = tx.clone();
+                    let run = crate::ops::scrub::scrub(&vault, |c| {
+                        let _ = progress.try_send(Ok(to_pb(c)));
+                    })
+                    .await;
+                    match run {
+                        Ok((tenants, total)) => {
+                            for c in tenants.into_iter().chain([total]) {
+                                if tx.send(Ok(to_pb(c))).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(to_status(e))).await;
+                        }
+                    }
+                });
+                Ok(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::ScrubProgress>)
+            }
+        )
+    }
 }

@@ -84,6 +84,17 @@ impl audit_server::Audit for AuditService {
                     head_hash: r.head_hash.to_vec(),
                     head_seq: r.head_seq,
                     reason: r.reason.unwrap_or_default(),
+                    restores: r
+                        .restores
+                        .iter()
+                        .map(|m| pb::RestoreMark {
+                            seq: m.seq,
+                            time_unix_ms: m.time_unix_ms,
+                            backup_head_seq: m.backup_head_seq,
+                            backup_created_unix_ms: m.backup_created_unix_ms,
+                        })
+                        .collect(),
+                    note: r.note.unwrap_or_default(),
                 })
             }
         )

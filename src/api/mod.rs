@@ -107,6 +107,8 @@ routes! {
     "Admin/ShredTenant" => Admin;
     "Admin/RotateIndexKey" => Admin;
     "Admin/ListPrincipals" => AdminOrAuditor;
+    "Admin/Backup" => Admin;
+    "Admin/Scrub" => Admin;
     "Audit/QueryAudit" => Auditor;
     "Audit/VerifyAudit" => Auditor;
     "Audit/ListAlerts" => Auditor;

@@ -236,7 +236,9 @@ pub struct Written {
 /// `keep` backups of `dir` are kept. A failure leaves no file that looks
 /// like a backup (the temporary one is removed).
 pub async fn write_to_dir(vault: &Arc<Vault>, dir: &Path, keep: u32) -> Result<Written, OpsError> {
-    let io = |what: &str, e: std::io::Error| OpsError::Refused(format!("backup.dir {}: {what}: {e}", dir.display()));
+    let io = |what: &str, e: std::io::Error| {
+        OpsError::Refused(format!("backup.dir {}: {what}: {e}", dir.display()))
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -8,10 +8,13 @@
 //!   written on a schedule into `backup.dir`.
 //! - [`restore`]: offline, with the master key: verify a backup file whole,
 //!   restore one into an empty data directory.
+//! - [`scrub`]: check every stored record whole and against the trail,
+//!   online and paced.
 
 pub mod backup;
 pub mod restore;
 mod rotate_master;
+pub mod scrub;
 
 pub use rotate_master::{MasterRotated, rotate_master};
 

@@ -86,7 +86,9 @@ pub fn verify_file(
                     return Err(damaged("two key stores".into()));
                 }
                 let snapshot = KeyringSnapshot::open(master, &bytes).map_err(|e| match e {
-                    KeyError::WrongKey => refused(path, "its key store is under another master key"),
+                    KeyError::WrongKey => {
+                        refused(path, "its key store is under another master key")
+                    }
                     e => damaged(format!("its key store: {e}")),
                 })?;
                 v.keys = snapshot
@@ -123,8 +125,7 @@ pub fn verify_file(
                             .entry(tenant.to_string())
                             .or_insert_with(|| ring.tenant_keys(tenant).ok().flatten());
                         match keys {
-                            Some(k) => match crate::records::check_stored(tenant, k, id, &value)
-                            {
+                            Some(k) => match crate::records::check_stored(tenant, k, id, &value) {
                                 Ok(n) => {
                                     v.records += 1;
                                     v.fields += n as u64;
@@ -138,8 +139,8 @@ pub fn verify_file(
                         }
                     }
                     Space::Secrets => {
-                        let ok = std::str::from_utf8(&value)
-                            .is_ok_and(|s| s.starts_with("$argon2id$"));
+                        let ok =
+                            std::str::from_utf8(&value).is_ok_and(|s| s.starts_with("$argon2id$"));
                         if !ok {
                             failed.push("a secret that is not an Argon2id hash".into());
                         }
@@ -251,7 +252,9 @@ fn of_tenants(tenants: &[String], space: Space, key: &[u8]) -> bool {
         | Space::Secrets
         | Space::Counters
         | Space::Principals
-        | Space::Budgets => key.len() > t.len() && key.starts_with(t.as_bytes()) && key[t.len()] == 0,
+        | Space::Budgets => {
+            key.len() > t.len() && key.starts_with(t.as_bytes()) && key[t.len()] == 0
+        }
         _ => false,
     })
 }
@@ -292,8 +295,8 @@ pub async fn restore(
         _ => {}
     }
     let master = crate::keys::load_key_file(&config.master_key_file)?;
-    let mut list = crate::shredlist::ShredList::load(&config.shred_list_path())
-        .map_err(KeyError::from)?;
+    let mut list =
+        crate::shredlist::ShredList::load(&config.shred_list_path()).map_err(KeyError::from)?;
     if !opts.restore_shredded.is_empty() && opts.reason.as_deref().is_none_or(str::is_empty) {
         return Err(OpsError::Refused(
             "--restore-shredded needs --reason (it is written to the audit trail)".into(),
@@ -315,7 +318,17 @@ pub async fn restore(
         fs::remove_dir_all(&staging)
             .map_err(|e| OpsError::Refused(format!("{}: {e}", staging.display())))?;
     }
-    let written = write_staging(config, from, &master, &list, opts, &verified, &staging, &mut progress).await;
+    let written = write_staging(
+        config,
+        from,
+        &master,
+        &list,
+        opts,
+        &verified,
+        &staging,
+        &mut progress,
+    )
+    .await;
     let (dropped, restore_seq) = match written {
         Ok(w) => w,
         Err(e) => {
@@ -452,7 +465,10 @@ async fn write_staging(
     let audit = crate::audit::Audit::open(store.clone(), audit_key, staging, None, None).await?;
     let m = &verified.manifest;
     if audit.head().0 != m.audit_head_seq {
-        return Err(refused(from, "the restored trail does not end at the backup's head"));
+        return Err(refused(
+            from,
+            "the restored trail does not end at the backup's head",
+        ));
     }
     let created = chrono::DateTime::from_timestamp_millis(m.created_unix_ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -462,10 +478,7 @@ async fn write_staging(
         m.audit_head_seq
     );
     if !dropped.is_empty() {
-        purpose.push_str(&format!(
-            "; left out as shredded: {}",
-            dropped.join(", ")
-        ));
+        purpose.push_str(&format!("; left out as shredded: {}", dropped.join(", ")));
     }
     if !opts.restore_shredded.is_empty() {
         purpose.push_str(&format!(
@@ -487,7 +500,9 @@ async fn write_staging(
         ],
         ..Default::default()
     };
-    let recorded = audit.alert_event(Severity::Warning, "restore", event).await?;
+    let recorded = audit
+        .alert_event(Severity::Warning, "restore", event)
+        .await?;
     for t in &opts.restore_shredded {
         audit
             .alert_event(
