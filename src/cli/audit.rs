@@ -328,6 +328,9 @@ async fn verify(
             "{}",
             json!({"ok": v.ok && mirror_ok, "checked": v.checked, "first_bad_seq": v.first_bad_seq,
                            "reason": v.reason, "head_seq": v.head_seq, "head_hash": hex::encode(&v.head_hash),
+                           "restores": v.restores.iter().map(|r| json!({"seq": r.seq, "time_unix_ms": r.time_unix_ms,
+                               "backup_head_seq": r.backup_head_seq, "backup_created_unix_ms": r.backup_created_unix_ms})).collect::<Vec<_>>(),
+                           "note": (!v.note.is_empty()).then_some(&v.note),
                            "mirror": m})
         );
     } else if v.ok {
@@ -339,6 +342,24 @@ async fn verify(
             v.head_seq,
             hex::encode(&v.head_hash)
         );
+        for r in &v.restores {
+            let when = |ms: i64| {
+                chrono::DateTime::from_timestamp_millis(ms)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default()
+            };
+            println!(
+                "restore at seq {} ({}) from a backup made {} (head seq {}): events the old vault wrote after seq {} are not in this trail",
+                r.seq,
+                when(r.time_unix_ms),
+                when(r.backup_created_unix_ms),
+                r.backup_head_seq,
+                r.backup_head_seq
+            );
+        }
+        if !v.note.is_empty() {
+            println!("{}", v.note);
+        }
     }
     if !v.ok {
         return Err(err(format!(
@@ -417,12 +438,29 @@ pub(super) async fn check_mirror(g: &Global, path: &Path) -> Result<MirrorCheck,
         .filter(|t| !t.is_empty() && t != crate::model::SYSTEM_TENANT)
         .filter(|t| stored.iter().all(|e| &e.tenant == t));
     let mut mirror = std::collections::BTreeMap::new();
+    let mut last_line_seq = 0u64;
     for (n, line) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|_| err(format!("{}: line {} is not JSON", path.display(), n + 1)))?;
         let seq = v["seq"]
             .as_u64()
             .ok_or_else(|| err(format!("line {}: no seq", n + 1)))?;
+        // A restore from backup takes the trail back to the backup's head:
+        // from its event on, the mirror's older lines name a stretch that
+        // was lost with the restore.
+        if seq <= last_line_seq {
+            if v["action"].as_str() != Some(crate::audit::RESTORE_ACTION) {
+                return Ok(MirrorCheck {
+                    problem: Some(format!(
+                        "line {} goes back to seq {seq} without a restore",
+                        n + 1
+                    )),
+                    ..Default::default()
+                });
+            }
+            mirror.retain(|s, _| *s < seq);
+        }
+        last_line_seq = seq;
         if tenant
             .as_deref()
             .is_some_and(|t| v["tenant"].as_str() != Some(t))

@@ -126,6 +126,16 @@ pub(super) async fn keys(g: &Global, cmd: KeysCmd) -> Result<(), CliError> {
         KeysCmd::RotateMaster { config, new_key } => {
             rotate_master(g, config.as_deref(), &new_key).await?
         }
+        KeysCmd::CheckValue { key } => {
+            let master = crate::keys::load_key_file(&key).map_err(err)?;
+            let check = crate::keys::key_check_value(&master);
+            let id = crate::keys::check_value_id(&check);
+            say(
+                g,
+                &format!("{}: check value {id}", key.display()),
+                json!({"path": key, "check_value": id}),
+            );
+        }
         KeysCmd::Retire { tenant, version } => {
             admin()
                 .await?

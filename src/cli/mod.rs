@@ -103,8 +103,53 @@ enum Command {
     /// The audit trail: query, verify, alerts, report, export (auditors).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Back up the whole vault while it serves (admins): one consistent
+    /// snapshot, encrypted and authenticated under the master key.
+    /// `coffre backup verify` checks a backup file offline.
+    Backup(BackupArgs),
+    /// Restore a backup file into an empty data directory (offline, with
+    /// the master key; verifies the whole file before writing anything).
+    Restore {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Bring back a tenant on the shred list all the same (a court
+        /// order; repeatable): audited and alerted, needs --reason.
+        #[arg(long)]
+        restore_shredded: Vec<String>,
+        /// Why the shred list is overridden (written to the audit trail).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Check every stored record whole and against the audit trail's last
+    /// write of it (admins, online, paced); non-zero exit on any failure.
+    Scrub,
     /// Load generator: N concurrent clients against a running server.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupArgs {
+    /// Where to write the backup file (never over an existing file).
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<BackupCmd>,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Check a backup file whole with the master key, offline: its MAC and
+    /// manifest, every key, record and field, the audit chain. A restore
+    /// drill without restoring; nothing is written.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,6 +213,12 @@ enum KeysCmd {
         /// The new master key file.
         #[arg(long)]
         new_key: PathBuf,
+    },
+    /// Print a master key file's check value: the id a backup names when
+    /// it needs that key (label escrowed keys with it).
+    CheckValue {
+        #[arg(long)]
+        key: PathBuf,
     },
     /// Destroy a version that seals no field any more.
     Retire {
@@ -453,6 +504,20 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Bench(args) => bench(&g, args).await,
         Command::Keys(cmd) => keys(&g, cmd).await,
         Command::Audit(cmd) => audit(&g, cmd).await,
+        Command::Backup(BackupArgs { out, cmd }) => match (cmd, out) {
+            (Some(BackupCmd::Verify { config, file }), _) => {
+                backup::verify(&g, config.as_deref(), &file).await
+            }
+            (None, Some(out)) => backup::backup(&g, &out).await,
+            (None, None) => Err(err("coffre backup needs --out FILE")),
+        },
+        Command::Restore {
+            config,
+            from,
+            restore_shredded,
+            reason,
+        } => backup::restore(&g, config.as_deref(), &from, restore_shredded, reason).await,
+        Command::Scrub => backup::scrub(&g).await,
     }
 }
 
@@ -465,6 +530,7 @@ fn say(g: &Global, human: &str, machine: serde_json::Value) {
 }
 
 mod audit;
+mod backup;
 mod bench;
 mod client;
 mod keys;

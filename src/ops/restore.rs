@@ -462,7 +462,17 @@ async fn write_staging(
     let ring = crate::keys::Keyring::open(store.clone(), staging, master, u64::MAX).await?;
     let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
         .expect("audit key is KEY_LEN bytes");
-    let audit = crate::audit::Audit::open(store.clone(), audit_key, staging, None, None).await?;
+    // The restore's event goes to the mirror and alert files too: the
+    // mirror then shows the trail going back to the backup's head (its
+    // check, `audit verify --mirror`, knows a restore event by its action).
+    let audit = crate::audit::Audit::open(
+        store.clone(),
+        audit_key,
+        staging,
+        config.audit.mirror_file.as_deref(),
+        config.alert_file.as_deref(),
+    )
+    .await?;
     let m = &verified.manifest;
     if audit.head().0 != m.audit_head_seq {
         return Err(refused(
