@@ -333,7 +333,7 @@ pub fn read_manifest(r: &mut impl Read) -> Result<(Manifest, Vec<u8>), BackupErr
 }
 
 /// Decodes a backup, authenticating each frame as it goes and the whole
-/// file at its end: [`Reader::next`] answers `None` only once the end's
+/// file at its end: [`Reader::next_entry`] answers `None` only once the end's
 /// MAC holds. Entries read before a failure must be thrown away.
 pub struct Reader<R: Read> {
     r: R,
@@ -462,7 +462,7 @@ impl<R: Read> Reader<R> {
     }
 
     /// The next entry; `None` once the whole file is authenticated.
-    pub fn next(&mut self) -> Result<Option<Entry>, BackupError> {
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, BackupError> {
         if self.done {
             return Ok(None);
         }
@@ -526,7 +526,7 @@ mod tests {
     fn read_all(bytes: &[u8], master: &MasterKey) -> Result<u64, BackupError> {
         let mut r = Reader::open(bytes, master)?;
         let mut n = 0;
-        while r.next()?.is_some() {
+        while r.next_entry()?.is_some() {
             n += 1;
         }
         Ok(n)

@@ -79,7 +79,7 @@ pub fn verify_file(
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
     let mut failed: Vec<String> = Vec::new();
     let mut next_report = 0u64;
-    while let Some(entry) = r.next().map_err(|e| refused(path, e))? {
+    while let Some(entry) = r.next_entry().map_err(|e| refused(path, e))? {
         match entry {
             Entry::Keyring(bytes) => {
                 if ring.is_some() {
@@ -402,7 +402,7 @@ async fn write_staging(
         Ok(())
     };
     let mut next_report = 0u64;
-    while let Some(entry) = r.next().map_err(|e| refused(from, e))? {
+    while let Some(entry) = r.next_entry().map_err(|e| refused(from, e))? {
         match entry {
             Entry::Keyring(bytes) => {
                 let ring = KeyringSnapshot::open(master, &bytes)?;
