@@ -176,7 +176,8 @@ pub(super) async fn rotate_master(
         g,
         &format!(
             "{human}: now set master_key_file = {} (or move it over {}), start the server, \
-             and destroy the old key file and every copy of it",
+             take a backup, and escrow the old key (check value in `coffre keys check-value`) \
+             for as long as backups made under it are kept",
             new_key.display(),
             config.master_key_file.display()
         ),

@@ -50,6 +50,20 @@ pub async fn rotate_master(
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
+    // The shred list follows the key it sits beside (unless the config
+    // puts it elsewhere): the new key's list holds every tenant of the old.
+    if config.keys.shred_list_file.is_none() {
+        let old_list = crate::shredlist::ShredList::load(&config.shred_list_path())
+            .map_err(crate::keys::KeyError::from)?;
+        let mut new_list =
+            crate::shredlist::ShredList::load(&crate::shredlist::default_path(new_key))
+                .map_err(crate::keys::KeyError::from)?;
+        for (t, at) in old_list.tenants() {
+            new_list
+                .add(t, at)
+                .map_err(crate::keys::KeyError::from)?;
+        }
+    }
     let keys = match outcome {
         MasterRotated::Rotated { keys } => keys,
         MasterRotated::AlreadyDone => 0,
