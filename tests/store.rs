@@ -183,6 +183,82 @@ async fn a_cut_is_one_instant_while_writers_run() {
     }
 }
 
+/// A cut read chunk by chunk (as a backup reads it, awaiting between
+/// chunks) while writers delete and re-create keys ahead of and behind the
+/// scan, rewrite others, and create new ones: every key of the cut comes
+/// out exactly once, with its value at the cut, and no key made since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_read_in_chunks_holds_each_key_once_while_keys_come_and_go() {
+    for (name, open) in BACKENDS {
+        let (s, _keep) = open();
+        const KEYS: u64 = 3000;
+        let mut b = Batch::new();
+        for i in 0..KEYS {
+            b.put(Space::Records, format!("k{i:05}"), b"cut".to_vec());
+        }
+        s.commit(b).await.unwrap();
+        let (cut, ()) = s.cut_between_calls(|| ()).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..3u64 {
+            let (s, stop) = (s.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = (n * 7919 + w * 1013) % KEYS;
+                    let key = format!("k{i:05}");
+                    let mut b = Batch::new();
+                    match n % 3 {
+                        // Deleted, then back with another value.
+                        0 => {
+                            s.apply({
+                                let mut d = Batch::new();
+                                d.delete(Space::Records, key.clone());
+                                d
+                            })
+                            .await
+                            .unwrap();
+                            tokio::task::yield_now().await;
+                            b.put(Space::Records, key, b"after".to_vec());
+                        }
+                        1 => b.put(Space::Records, key, b"after".to_vec()),
+                        _ => b.put(Space::Records, format!("{key}new{w}"), b"new".to_vec()),
+                    }
+                    s.apply(b).await.unwrap();
+                    n += 1;
+                    tokio::task::yield_now().await;
+                }
+                n
+            }));
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        let mut chunks = cut.chunks(Space::Records, b"");
+        let mut n_chunks = 0;
+        while let Some(rows) = chunks.next().await.unwrap() {
+            n_chunks += 1;
+            for (k, v) in rows {
+                *seen.entry(k.clone()).or_insert(0) += 1;
+                assert_eq!(v, b"cut", "{name}: a value written after the cut");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut writes = 0;
+        for w in writers {
+            writes += w.await.unwrap();
+        }
+        assert!(
+            n_chunks > 3 && writes > 100,
+            "{name}: {n_chunks} chunks, {writes} writes"
+        );
+        assert_eq!(seen.len() as u64, KEYS, "{name}: keys missing or added");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "{name}: a key came out twice"
+        );
+    }
+}
+
 #[test]
 fn a_throwaway_postgresql_starts_answers_and_stops() {
     let Some(pg) = common::pg::PgCluster::start() else {

@@ -59,9 +59,7 @@ pub async fn rotate_master(
             crate::shredlist::ShredList::load(&crate::shredlist::default_path(new_key))
                 .map_err(crate::keys::KeyError::from)?;
         for (t, at) in old_list.tenants() {
-            new_list
-                .add(t, at)
-                .map_err(crate::keys::KeyError::from)?;
+            new_list.add(t, at).map_err(crate::keys::KeyError::from)?;
         }
     }
     let keys = match outcome {
