@@ -11,12 +11,15 @@
 #   cargo build --release
 #   bash benches/backup.sh [RECORDS] [WORKDIR]
 # The work directory must be on a disk with room for about 4 KiB per record.
+# REUSE=1 keeps a filled WORKDIR from an earlier run (no fill); ONLINE=1
+# stops after the backup (no verify, no restore).
 set -euo pipefail
 N=${1:-1000000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${COFFRE_BIN:-$ROOT/target/release/coffre}
 WORK=${2:-/var/tmp/coffre-backup-bench}
-rm -rf "$WORK"; mkdir -p "$WORK"
+if [ "${REUSE:-0}" != 1 ]; then rm -rf "$WORK"; fi
+mkdir -p "$WORK"; rm -rf "$WORK/restored" "$WORK/b.backup" "$WORK/backup.done"
 trap 'kill $CPID 2>/dev/null || true' EXIT
 PASS="violet anchor 8812 meadow crane"
 sed -e "s#coffre-bench-data#$WORK/data#" -e "s#keys/bench-master.key#$WORK/master.key#" \
@@ -36,17 +39,21 @@ p99() { python3 -c 'import json,sys
 d=json.loads(sys.stdin.read()); r={p["phase"]:p for p in d["phases"]}
 print("%.2f %.2f" % (r["get_record"]["p50_ms"], r["get_record"]["p99_ms"]))'; }
 
+FILLED=$([ -d "$WORK/data" ] && echo yes || echo no)
 start
-echo "== fill: $N records"
-T0=$(date +%s.%N)
-c bench --fill "$N" --clients 32 2>&1 | tail -1
-FILL=$(python3 -c "print('%.0f' % ($(date +%s.%N) - $T0))")
-echo "fill: ${FILL} s; data dir $(du -sh "$WORK/data" | cut -f1)"
+if [ "$FILLED" = no ]; then
+  echo "== fill: $N records"
+  T0=$(date +%s.%N)
+  c bench --fill "$N" --clients 32 2>&1 | tail -1
+  FILL=$(python3 -c "print('%.0f' % ($(date +%s.%N) - $T0))")
+  echo "fill: ${FILL} s; data dir $(du -sh "$WORK/data" | cut -f1)"
+fi
 
 echo "== GetRecord idle"
 IDLE=$(c --json bench --clients 16 --seconds 5 --records 1000 2>/dev/null | p99)
 echo "idle p50/p99 ms: $IDLE"
 
+echo "server RSS before the backup: $(( $(awk '/VmRSS/{print $2}' /proc/$CPID/status) / 1024 )) MiB"
 echo "== backup while serving"
 ( peak=0; while kill -0 $CPID 2>/dev/null && [ ! -e "$WORK/backup.done" ]; do
     r=$(awk '/VmRSS/{print $2}' /proc/$CPID/status); [ "$r" -gt "$peak" ] && peak=$r
@@ -68,6 +75,7 @@ echo "during p50/p99 ms: $DURING (backup still running when the GetRecord phase 
 echo "backup: ${BSECS} s, ${BYTES} bytes, writes held ${HELD} us"
 echo "rss: server peak during backup $(( $(cat "$WORK/server.rss") / 1024 )) MiB, backup CLI $((BRSS / 1024)) MiB"
 kill $CPID; wait $CPID 2>/dev/null || true
+[ "${ONLINE:-0}" = 1 ] && exit 0
 
 echo "== backup verify (offline)"
 /usr/bin/time -f "%e %M" -o "$WORK/verify.time" "$BIN" --json backup verify --config "$WORK/c.toml" \

@@ -505,6 +505,27 @@ async fn rotate_master_offline_then_serve_on_the_new_key() {
     ];
     let e = fails(&coffre(&p.addr, &tok, &rotate, ""));
     assert!(e.contains("stop the server first"), "{e}");
+    // A shredded tenant: its shred list follows the key to the new file.
+    let admin = bin_login(&p.addr, "system", "admin", ADMIN_PASSWORD).await;
+    let mut adm = pb::admin_client::AdminClient::new(chan(&p.addr).await);
+    adm.create_tenant(authed(
+        &admin,
+        pb::CreateTenantRequest {
+            name: "old_ward".into(),
+            indexed_fields: vec![],
+        },
+    ))
+    .await
+    .unwrap();
+    adm.shred_tenant(authed(
+        &admin,
+        pb::ShredTenantRequest {
+            tenant: "old_ward".into(),
+            confirm: "old_ward".into(),
+        },
+    ))
+    .await
+    .unwrap();
 
     p.child.kill().unwrap();
     p.child.wait().unwrap();
@@ -519,6 +540,8 @@ async fn rotate_master_offline_then_serve_on_the_new_key() {
     }
     assert!(ok(&out).contains("re-wrapped"));
     assert!(ok(&coffre(&p.addr, &tok, &rotate, "")).contains("already under the new key"));
+    let list = std::fs::read_to_string(root.path().join("keys").join("new.key.shredded")).unwrap();
+    assert!(list.contains("old_ward\t"), "{list}");
 
     let e = spawn_server(&cfg, &[]).err().unwrap_or_default();
     assert!(e.contains("does not match"), "the old key is refused: {e}");

@@ -172,31 +172,41 @@ impl Started {
         w.keyring(&keyring);
         for &space in BACKED_UP {
             let mut chunks = cut.chunks(space, b"");
-            while let Some(rows) = chunks.next().await? {
+            loop {
+                let started = std::time::Instant::now();
+                let Some(rows) = chunks.next().await? else {
+                    break;
+                };
                 for (k, v) in rows {
                     w.store(space as u8, &k, &v);
                 }
+                let worked = started.elapsed();
                 while let Some(p) = w.take() {
                     sink.send(p).await.map_err(|_| gone())?;
                 }
-                // Reads keep their latency: the scan gives way between
-                // chunks.
-                tokio::task::yield_now().await;
+                // Paced like a key job: as long asleep as at work, so that
+                // the backup takes at most half a core and reads keep
+                // their latency.
+                pace(worked).await;
             }
         }
         drop(cut);
         // The trail's files are read on a blocking thread, frame by frame.
         let tx = sink.clone();
         let w = tokio::task::spawn_blocking(move || {
+            let mut worked = Duration::ZERO;
             trail.export(|header, raw| {
+                let started = std::time::Instant::now();
                 if header {
                     w.trail_segment(&raw);
                 } else {
                     w.trail_frame(&raw);
                 }
+                worked += started.elapsed();
                 while let Some(p) = w.take() {
                     tx.blocking_send(p)
                         .map_err(|_| crate::store::StorageError::Closed)?;
+                    std::thread::sleep(std::mem::take(&mut worked));
                 }
                 Ok(())
             })?;
@@ -213,6 +223,12 @@ impl Started {
         }
         Ok(manifest)
     }
+}
+
+/// Sleeps as long as `worked`, at least a millisecond (a step's work
+/// measured with its wait for the disk).
+async fn pace(worked: Duration) {
+    tokio::time::sleep(worked.max(Duration::from_millis(1))).await;
 }
 
 /// The file name of a scheduled backup made at `ms`: sorts by time.
