@@ -1018,3 +1018,97 @@ async fn scheduled_backups_keep_the_last_ones_and_a_failure_is_alerted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// After a restore, `coffre audit verify` reports it, a checkpoint the
+/// auditor took before it (past the backup's head) is checked up to the
+/// head, and the mirror — which holds the lost stretch, then the restore —
+/// still matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_after_a_restore_accepts_old_checkpoints_and_the_mirror() {
+    let root = tempfile::tempdir().unwrap();
+    let mirror = root.path().join("mirror.jsonl");
+    let config = test_config_with(
+        root.path(),
+        &format!("{ROOMY_LIMITS}\n[audit]\nmirror_file = {mirror:?}\n"),
+    );
+    let s = TestServer::start_with(root, config).await;
+    let admin = s.admin_token().await;
+    let clin = s.tenant_with("ward", "dr_a", pb::Role::Clinician).await;
+    let auditor = system_auditor(&s).await;
+    let mut r = s.records().await;
+    for i in 0..10 {
+        r.put_record(authed(&clin, put(&format!("p{i}"), &[("nir", "1")])))
+            .await
+            .unwrap();
+    }
+    let file = s.root.path().join("mid.backup");
+    let m = take_backup(&s, &admin, &file).await;
+    // The old vault goes on past the backup; the auditor keeps a
+    // checkpoint from then.
+    for i in 10..20 {
+        r.put_record(authed(&clin, put(&format!("p{i}"), &[("nir", "1")])))
+            .await
+            .unwrap();
+    }
+    let cp = verify_ok(&s, &auditor).await;
+    assert!(cp.head_seq > m.audit_head_seq);
+    let root = s.root.path().to_path_buf();
+    let target = root.join("restored");
+    let cfg = config_for(&root, &target);
+    let o = cli(&[
+        "restore",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--from",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r2 = start_on(&cfg).await;
+    let aud2 = r2
+        .login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap();
+    let run = |args: Vec<String>| {
+        let addr = r2.addr.clone();
+        let aud2 = aud2.clone();
+        std::thread::spawn(move || {
+            Command::new(bin())
+                .arg("--addr")
+                .arg(addr)
+                .args(args)
+                .env("COFFRE_TOKEN", aud2)
+                .output()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let checkpoint = format!("{}:{}", cp.head_seq, hex::encode(&cp.head_hash));
+    let o = run(vec![
+        "audit".into(),
+        "verify".into(),
+        "--checkpoint".into(),
+        checkpoint,
+        "--mirror".into(),
+        mirror.to_str().unwrap().into(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains(&format!("restore at seq {}", m.audit_head_seq + 1)),
+        "{out}"
+    );
+    assert!(out.contains("taken before the restore"), "{out}");
+    assert!(out.contains("mirror matches"), "{out}");
+    // A checkpoint at or before the backup's head is still checked: a
+    // wrong hash there is tampering.
+    let bad = format!("{}:{}", m.audit_head_seq, hex::encode([7u8; 32]));
+    let o = run(vec![
+        "audit".into(),
+        "verify".into(),
+        "--checkpoint".into(),
+        bad,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("checkpoint"), "{}", stderr(&o));
+}
