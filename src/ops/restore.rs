@@ -375,6 +375,13 @@ async fn write_staging(
     progress: &mut impl FnMut(&str, u64, u64),
 ) -> Result<(Vec<String>, u64), OpsError> {
     let io = |what: &Path, e: std::io::Error| OpsError::Refused(format!("{}: {e}", what.display()));
+    if let Some(parent) = staging.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io(parent, e))?;
+    }
     fs::DirBuilder::new()
         .mode(0o700)
         .create(staging)
