@@ -54,6 +54,8 @@ impl From<StorageError> for Error {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Corrupt(_) => Error::DataLoss,
+            // Not a failure of storage: health must not hear of it.
+            StorageError::Busy(why) => Error::FailedPrecondition(why.into()),
             other => Error::Unavailable(other),
         }
     }

@@ -1112,3 +1112,59 @@ async fn audit_verify_after_a_restore_accepts_old_checkpoints_and_the_mirror() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("checkpoint"), "{}", stderr(&o));
 }
+
+/// One backup at a time: a second one while the first holds its cut is
+/// refused (FAILED_PRECONDITION), which is not a storage failure — health
+/// stays SERVING — and the first completes.
+#[tokio::test]
+async fn a_second_backup_waits_its_turn_without_hurting_health() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let s = TestServer::start().await;
+    let admin = s.admin_token().await;
+    let clin = s.tenant_with("ward", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    let big = "z".repeat(8000);
+    for i in 0..300 {
+        r.put_record(authed(
+            &clin,
+            put(&format!("p{i}"), &[("note", big.as_str())]),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut first = s
+        .admin()
+        .await
+        .backup(authed(&admin, pb::BackupRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = first.message().await.unwrap().unwrap().data;
+    let e = s
+        .admin()
+        .await
+        .backup(authed(&admin, pb::BackupRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    // Health is watched once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let h = HealthClient::new(s.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.status, ServingStatus::Serving as i32);
+    while let Some(c) = first.message().await.unwrap() {
+        bytes.extend_from_slice(&c.data);
+    }
+    let m = coffre::backup::read_manifest(&mut &bytes[..]).unwrap().0;
+    assert_eq!(
+        m.tenants.iter().find(|t| t.name == "ward").unwrap().records,
+        300
+    );
+}

@@ -83,7 +83,9 @@ impl Storage {
         let held_from = Instant::now();
         let mut open = self.cuts.open.write();
         if open.is_some() {
-            return Err(StorageError::Io("a cut is open already".into()));
+            return Err(StorageError::Busy(
+                "a backup is already running: try again when it ends",
+            ));
         }
         let state = Arc::new(CutState::default());
         *open = Some(state.clone());

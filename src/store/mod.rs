@@ -64,6 +64,9 @@ pub enum StorageError {
     /// The directory is held by another process (a running server).
     #[error("another coffre process is using {0}")]
     Locked(String),
+    /// Something that runs one at a time is running (a backup's cut).
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 /// The key spaces of the vault. The byte is part of the stored key, so the
