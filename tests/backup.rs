@@ -137,6 +137,7 @@ async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_wri
             }
         }));
     }
+    let canary = s.honeytoken("ward").await;
     while acked.lock().unwrap().len() < 200 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -184,6 +185,23 @@ async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_wri
         let want: std::collections::HashMap<String, String> = f.iter().cloned().collect();
         assert_eq!(got.fields, want, "{id}");
     }
+    // The blind index came along: a search finds a record by its nir.
+    let (id0, f0) = &before[0];
+    let nir = f0.iter().find(|(k, _)| k == "nir").unwrap().1.clone();
+    let found = rec
+        .find_records(authed(
+            &clin2,
+            pb::FindRecordsRequest {
+                field: "nir".into(),
+                value: nir,
+                purpose: "care".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    assert_eq!(found, vec![id0.clone()]);
     // Exactly the writes whose events are at or before the head: one
     // stored record per PutRecord event in the restored trail.
     let auditor = system_auditor(&r2).await;
@@ -205,7 +223,8 @@ async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_wri
         .count(Space::Records, b"ward\0")
         .await
         .unwrap();
-    assert_eq!(in_store, puts.len() as u64);
+    // (plus the honeytoken, a record with no PutRecord event)
+    assert_eq!(in_store, puts.len() as u64 + 1);
     assert_eq!(
         manifest
             .tenants
@@ -232,6 +251,12 @@ async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_wri
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // The honeytoken came along too: reading it locks the reader.
+    let e = rec
+        .get_record(authed(&clin2, get(&canary)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
 
 /// The forms a secret could take in a file.
