@@ -117,6 +117,16 @@ fn check_record_with(tenant: &str, keys: &TenantKeys, id: &str, rec: &StoredReco
     Ok(())
 }
 
+/// A record's version and write id: what its audit event names.
+fn stamp_of(rec: &StoredRecord) -> Result<(u64, [u8; 16])> {
+    let w: [u8; 16] = rec
+        .write_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::DataLoss)?;
+    Ok((rec.version, w))
+}
+
 /// Where a stored record's key splits: its tenant and id.
 pub fn split_record_key(key: &[u8]) -> Option<(&str, &str)> {
     let at = key.iter().position(|b| *b == 0)?;
@@ -620,12 +630,7 @@ impl Records {
             return Ok(None);
         };
         check_record(tenant, id.as_str(), &rec)?;
-        let w: [u8; 16] = rec
-            .write_id
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::DataLoss)?;
-        Ok(Some((rec.version, w)))
+        Ok(Some(stamp_of(&rec)?))
     }
 
     /// How many records the tenant has (a scan, a chunk at a time).
@@ -674,14 +679,20 @@ impl Records {
 
     /// One step of a scrub: up to `max` records after the record key
     /// `cursor` (empty: from the start), each checked whole
-    /// ([`check_stored`]); the ids that fail, those that pass, and where the
-    /// next step starts (`None`: the end).
+    /// ([`check_stored`]); those that pass with their stamp (version, write
+    /// id), the ids that fail, and where the next step starts (`None`: the
+    /// end).
+    #[allow(clippy::type_complexity)]
     pub async fn scrub_step(
         &self,
         tenant: &Tenant,
         cursor: &[u8],
         max: usize,
-    ) -> Result<(Vec<RecordId>, Vec<RecordId>, Option<Vec<u8>>)> {
+    ) -> Result<(
+        Vec<(RecordId, (u64, [u8; 16]))>,
+        Vec<RecordId>,
+        Option<Vec<u8>>,
+    )> {
         let (_, entries, next) = self.step_of(tenant, cursor, max).await?;
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
         for (key, bytes) in entries {
@@ -691,8 +702,10 @@ impl Records {
             let Ok(id) = RecordId::parse(id) else {
                 continue;
             };
-            match check_stored(tenant.name.as_str(), &tenant.keys, id.as_str(), &bytes) {
-                Ok(_) => ok.push(id),
+            let checked = check_stored(tenant.name.as_str(), &tenant.keys, id.as_str(), &bytes)
+                .and_then(|_| stamp_of(&StoredRecord::decode(&bytes[..])?));
+            match checked {
+                Ok(stamp) => ok.push((id, stamp)),
                 Err(_) => failed.push(id),
             }
         }

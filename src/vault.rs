@@ -331,6 +331,17 @@ impl Vault {
         id: &RecordId,
     ) -> Result<TrailCheck, Error> {
         let stamp = self.records.stamp(tenant, id).await?;
+        self.compare_with_trail(tenant, id, stamp).await
+    }
+
+    /// [`Vault::check_against_trail`] for a record whose stamp (version,
+    /// write id; `None`: absent) the caller has already read and checked.
+    pub async fn compare_with_trail(
+        &self,
+        tenant: &Tenant,
+        id: &RecordId,
+        stamp: Option<(u64, [u8; 16])>,
+    ) -> Result<TrailCheck, Error> {
         let Some(last) = self
             .audit
             .latest_write(tenant.name.as_str(), id.as_str())

@@ -73,6 +73,7 @@ pub fn verify_file(
         ..Default::default()
     };
     let mut ring: Option<KeyringSnapshot> = None;
+    let mut shredded: Vec<String> = Vec::new();
     let mut chain: Option<ChainCheck> = None;
     let mut tenant_keys: HashMap<String, Option<crate::keys::TenantKeys>> = HashMap::new();
     let mut per_space: BTreeMap<u32, u64> = BTreeMap::new();
@@ -98,6 +99,7 @@ pub fn verify_file(
                     .audit_key()
                     .map_err(|e| damaged(format!("its key store: {e}")))?;
                 chain = Some(ChainCheck::new(crate::audit::log::Keys::new(audit)));
+                shredded = snapshot.shredded();
                 ring = Some(snapshot);
             }
             Entry::Store { space, key, value } => {
@@ -132,7 +134,7 @@ pub fn verify_file(
                                 }
                                 Err(_) => failed.push(format!("{tenant}/{id}")),
                             },
-                            None if ring.shredded().iter().any(|s| s == tenant) => {
+                            None if shredded.iter().any(|s| s == tenant) => {
                                 v.shredded_leftovers += 1;
                             }
                             None => failed.push(format!("{tenant}/{id} (no key)")),

@@ -60,8 +60,14 @@ pub async fn scrub(
                     .into_iter()
                     .take(NAMED_FAILURES - named.len().min(NAMED_FAILURES)),
             );
-            for id in ok {
-                match vault.check_against_trail(&tenant, &id).await {
+            for (id, stamp) in ok {
+                let mut check = vault.compare_with_trail(&tenant, &id, Some(stamp)).await;
+                if let Ok(TrailCheck::RolledBack) = check {
+                    // Rare: confirmed on a fresh read, since a write may
+                    // have replaced the record after the step read it.
+                    check = vault.check_against_trail(&tenant, &id).await;
+                }
+                match check {
                     Ok(TrailCheck::Matches | TrailCheck::NoWriteInTrail) => {}
                     // Deleted since the step read it: nothing to compare.
                     Ok(TrailCheck::Missing) => {}
@@ -71,8 +77,7 @@ pub async fn scrub(
                             named.push(id);
                         }
                     }
-                    // Rewritten between the step and this check, and the
-                    // new copy fails: counted as damaged.
+                    // Replaced since the step, and the new copy fails.
                     Err(Error::DataLoss) => {
                         damaged += 1;
                         if named.len() < NAMED_FAILURES {

@@ -585,3 +585,35 @@ pub async fn verify_audit(
         .unwrap()
         .into_inner()
 }
+
+/// The forms a secret could take in a file: plain, UTF-16 (both orders),
+/// hex, and base64 (standard and URL-safe, at each of the three alignments).
+pub fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut v = vec![secret.to_vec(), hex::encode(secret).into_bytes()];
+    if let Ok(s) = std::str::from_utf8(secret) {
+        v.push(s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect());
+        v.push(s.encode_utf16().flat_map(|u| u.to_be_bytes()).collect());
+    }
+    for engine in [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for pad in 0..3 {
+            let mut buf = vec![0u8; pad];
+            buf.extend_from_slice(secret);
+            let enc = engine.encode(&buf);
+            // Drop the characters that depend on the neighbouring bytes.
+            let start = if pad == 0 {
+                0
+            } else {
+                (pad * 4).div_ceil(3) + 1
+            };
+            let end = enc.trim_end_matches('=').len().saturating_sub(2);
+            if end > start + 8 {
+                v.push(enc.as_bytes()[start..end].to_vec());
+            }
+        }
+    }
+    v
+}
