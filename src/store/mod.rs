@@ -41,12 +41,14 @@ use tokio::sync::oneshot;
 mod cut;
 mod faulty;
 mod file;
+pub mod postgres;
 mod sled;
 
 pub use cut::{Cut, CutChunks};
 
 pub use faulty::FaultyBackend;
 pub use file::AtomicFile;
+pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sled::{SledBackend, SledOptions};
 
 /// A storage failure. Carries no key or value bytes.
@@ -67,6 +69,12 @@ pub enum StorageError {
     /// Something that runs one at a time is running (a backup's cut).
     #[error("{0}")]
     Busy(&'static str),
+    /// The database's schema is newer than this build: another node was
+    /// upgraded first.
+    #[error(
+        "the PostgreSQL schema is version {found}, newer than this coffre's {ours}: upgrade this node"
+    )]
+    Newer { found: i32, ours: i32 },
 }
 
 /// The key spaces of the vault. The byte is part of the stored key, so the

@@ -1,0 +1,371 @@
+//! The PostgreSQL backend (`storage.backend = "postgres"`): the key spaces
+//! in one table of one database that several Coffre nodes share. The only
+//! file that speaks SQL for the key spaces; the trail's and the key store's
+//! tables are created here too, so that one versioned schema holds all of
+//! Coffre's state.
+//!
+//! A batch is one statement (a data-modifying `WITH`), so it is atomic and
+//! costs one round trip; it is durable when the statement returns
+//! (`synchronous_commit` as the cluster sets it: on, for a vault), so
+//! `flush` has nothing to do. Keys are `bytea` and PostgreSQL orders
+//! `bytea` bytewise, as sled does, so scans agree across backends.
+//!
+//! Errors carry the SQLSTATE only: a server message can quote a key
+//! (`duplicate key value … (space, key)=(…)`), and the connection URL may
+//! hold a password. Neither reaches a log line.
+
+use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::{Backend, Batch, Entry, Op, Space, StorageError};
+
+/// The schema this build reads and writes. Bump it with a new entry in
+/// [`MIGRATIONS`]; a node finds a newer one and refuses to serve.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`, in the
+/// transaction that records the new version.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: key spaces, the trail, the key store, shared runtime state.
+    "CREATE TABLE coffre_kv (
+        space smallint NOT NULL,
+        key bytea NOT NULL,
+        value bytea NOT NULL,
+        PRIMARY KEY (space, key)
+    );",
+];
+
+/// How long one statement may take before the call waiting on it fails
+/// (UNAVAILABLE): a database that stopped answering must not hang callers.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the PostgreSQL backend needs from the config.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// `postgres://user:password@host:port/db`; may hold a password, so it
+    /// has no `Debug`.
+    pub url: String,
+    pub pool_size: usize,
+}
+
+/// The key spaces in `coffre_kv`, through a pool of connections.
+pub struct PostgresBackend {
+    pool: Pool,
+}
+
+/// A PostgreSQL error as a storage error: its SQLSTATE and a class, never
+/// the server's message (it may quote a key) nor the URL.
+pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
+    match e.code() {
+        Some(c) => StorageError::Io(format!("PostgreSQL error {}", c.code())),
+        None if e.is_closed() => StorageError::Io("PostgreSQL connection closed".into()),
+        None => StorageError::Io("PostgreSQL unreachable or the connection failed".into()),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        deadpool_postgres::PoolError::Timeout(_) => {
+            StorageError::Io("PostgreSQL: no connection within the timeout".into())
+        }
+        _ => StorageError::Io("PostgreSQL connection pool failed".into()),
+    }
+}
+
+/// Runs `f` within [`STATEMENT_TIMEOUT`].
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    tokio::time::timeout(STATEMENT_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StorageError::Io(format!(
+                "PostgreSQL did not answer within {} s",
+                STATEMENT_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut p = prefix.to_vec();
+    while let Some(last) = p.pop() {
+        if last < 0xff {
+            p.push(last + 1);
+            return Some(p);
+        }
+    }
+    None
+}
+
+impl PostgresBackend {
+    /// Connects and brings the schema to [`SCHEMA_VERSION`] (creating it on
+    /// an empty database), in one transaction under an advisory lock, so
+    /// that nodes starting together migrate once. Refuses a schema newer
+    /// than this build.
+    pub async fn open(opts: &PostgresOptions) -> Result<Self, StorageError> {
+        let pool = Self::pool(opts)?;
+        let b = Self { pool };
+        b.migrate().await?;
+        Ok(b)
+    }
+
+    /// A pool for `opts`, connecting lazily.
+    pub fn pool(opts: &PostgresOptions) -> Result<Pool, StorageError> {
+        let mut cfg = tokio_postgres::Config::from_str(&opts.url).map_err(|_| {
+            StorageError::Io(
+                "storage.postgres_url is not a valid PostgreSQL URL (postgres://user@host:port/db)"
+                    .into(),
+            )
+        })?;
+        cfg.connect_timeout(STATEMENT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("coffre");
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(STATEMENT_TIMEOUT))
+            .create_timeout(Some(STATEMENT_TIMEOUT))
+            .recycle_timeout(Some(STATEMENT_TIMEOUT))
+            .build()
+            .map_err(|_| StorageError::Io("PostgreSQL connection pool failed".into()))
+    }
+
+    /// The pool, for the trail and the key store's tables.
+    pub fn shared_pool(&self) -> Pool {
+        self.pool.clone()
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        timed(async {
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let tx = c.transaction().await.map_err(pg_error)?;
+            // Any constant: nodes starting together wait here in turn.
+            tx.execute("SELECT pg_advisory_xact_lock(7318001)", &[])
+                .await
+                .map_err(pg_error)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS coffre_schema (
+                    version integer NOT NULL,
+                    migrated_at timestamptz NOT NULL DEFAULT now()
+                )",
+            )
+            .await
+            .map_err(pg_error)?;
+            let row = tx
+                .query_opt("SELECT max(version) FROM coffre_schema", &[])
+                .await
+                .map_err(pg_error)?;
+            let found: i32 = row.and_then(|r| r.get::<_, Option<i32>>(0)).unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                return Err(StorageError::Newer {
+                    found,
+                    ours: SCHEMA_VERSION,
+                });
+            }
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+                tx.batch_execute(m).await.map_err(pg_error)?;
+                tx.execute(
+                    "INSERT INTO coffre_schema (version) VALUES ($1)",
+                    &[&(i as i32 + 1)],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            if found < SCHEMA_VERSION {
+                tracing::info!(
+                    from = found,
+                    to = SCHEMA_VERSION,
+                    "PostgreSQL schema migrated"
+                );
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The schema version the database holds now.
+    pub async fn schema_version(&self) -> Result<i32, StorageError> {
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let r = c
+                .query_one("SELECT max(version) FROM coffre_schema", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok(r.get::<_, Option<i32>>(0).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn rows(
+        &self,
+        space: Space,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let space = space as i16;
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let rows = match successor(prefix) {
+                Some(end) => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT key, value FROM coffre_kv WHERE space = $1 AND key >= $2 \
+                             AND key < $3 ORDER BY key LIMIT $4",
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    c.query(&st, &[&space, &from, &end, &limit]).await
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT key, value FROM coffre_kv WHERE space = $1 AND key >= $2 \
+                             ORDER BY key LIMIT $3",
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    c.query(&st, &[&space, &from, &limit]).await
+                }
+            }
+            .map_err(pg_error)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for PostgresBackend {
+    async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let space = space as i16;
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached("SELECT value FROM coffre_kv WHERE space = $1 AND key = $2")
+                .await
+                .map_err(pg_error)?;
+            let row = c.query_opt(&st, &[&space, &key]).await.map_err(pg_error)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+
+    async fn scan_prefix(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.rows(space, prefix, prefix, limit).await
+    }
+
+    async fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.rows(space, start.max(prefix), prefix, limit).await
+    }
+
+    async fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+        // The last op on a key decides it: the same final state as applying
+        // them in order, in one statement that touches each key once.
+        let mut last: BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+        for op in batch.0 {
+            match op {
+                Op::Put(s, k, v) => last.insert((s as i16, k), Some(v)),
+                Op::Delete(s, k) => last.insert((s as i16, k), None),
+            };
+        }
+        let (mut ps, mut pk, mut pv, mut ds, mut dk) = (vec![], vec![], vec![], vec![], vec![]);
+        for ((s, k), v) in last {
+            match v {
+                Some(v) => {
+                    ps.push(s);
+                    pk.push(k);
+                    pv.push(v);
+                }
+                None => {
+                    ds.push(s);
+                    dk.push(k);
+                }
+            }
+        }
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached(
+                    "WITH d AS (
+                        DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
+                        WHERE k.space = x.s AND k.key = x.y
+                    )
+                    INSERT INTO coffre_kv (space, key, value)
+                    SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+                    ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
+                )
+                .await
+                .map_err(pg_error)?;
+            c.execute(&st, &[&ps, &pk, &pv, &ds, &dk])
+                .await
+                .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        let space = space as i16;
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let row = c
+                .query_opt(
+                    "SELECT key, value FROM coffre_kv WHERE space = $1 ORDER BY key DESC LIMIT 1",
+                    &[&space],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        // Every statement committed before it returned.
+        Ok(())
+    }
+}
+
+/// Opens the backend as a trait object.
+pub async fn open(opts: &PostgresOptions) -> Result<Arc<PostgresBackend>, StorageError> {
+    Ok(Arc::new(PostgresBackend::open(opts).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::successor;
+
+    #[test]
+    fn successor_bounds_a_prefix() {
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(successor(b"\xff\xff"), None);
+        assert_eq!(successor(b""), None);
+    }
+}
