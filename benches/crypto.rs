@@ -30,7 +30,7 @@ fn field_crypto(c: &mut Criterion) {
     let ring = rt
         .block_on(Keyring::open(
             store.clone(),
-            dir.path(),
+            coffre::keys::KeyHome::in_dir(dir.path()),
             &MasterKey::from_secret(SecretKey::random()),
             u64::MAX,
         ))
@@ -88,7 +88,7 @@ fn record_store(c: &mut Criterion) {
     let ring = Arc::new(
         rt.block_on(Keyring::open(
             store.clone(),
-            dir.path(),
+            coffre::keys::KeyHome::in_dir(dir.path()),
             &MasterKey::from_secret(SecretKey::random()),
             u64::MAX,
         ))

@@ -121,14 +121,41 @@ impl Default for SessionConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Where every piece of state lives: `sled` (embedded, in `data_dir`;
-    /// the default) or, in a later release, `postgres`.
+    /// the default) or `postgres` (one database several nodes share).
     pub backend: StorageBackend,
+    /// With `backend = "postgres"`: `postgres://user[:password]@host:port/db`.
+    /// May carry a password: never logged, printed as `[redacted]`.
+    pub postgres_url: Option<SecretString>,
+    /// Connections to PostgreSQL per node.
+    pub pool_size: usize,
     /// sled's page cache; bounds the server's memory whatever the data size.
     pub cache_capacity_mib: u64,
     /// Writes are refused (UNAVAILABLE, health NOT_SERVING) while the
     /// filesystem of `data_dir` has less free space than this: sled never
     /// meets a full disk, after which it would need a restart.
     pub min_free_mib: u64,
+}
+
+/// A config string that may hold a secret (a database password): its
+/// `Debug` says `[redacted]`; the value leaves through [`SecretString::expose`].
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The value: only to hand it to the library that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// The storage engines `storage.backend` names.
@@ -144,6 +171,8 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             backend: StorageBackend::Sled,
+            postgres_url: None,
+            pool_size: 16,
             cache_capacity_mib: 32,
             min_free_mib: 256,
         }
@@ -295,6 +324,8 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("session.idle_secs", Kind::Int),
     ("session.absolute_secs", Kind::Int),
     ("storage.backend", Kind::Str),
+    ("storage.postgres_url", Kind::Str),
+    ("storage.pool_size", Kind::Int),
     ("storage.cache_capacity_mib", Kind::Int),
     ("storage.min_free_mib", Kind::Int),
     ("alert_file", Kind::Str),
@@ -481,6 +512,20 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "master_key_file must not lie inside data_dir".into(),
             ));
+        }
+        match (self.storage.backend, &self.storage.postgres_url) {
+            (StorageBackend::Postgres, None) => {
+                return Err(ConfigError::Invalid(
+                    "storage.backend = \"postgres\" needs storage.postgres_url (or env COFFRE_STORAGE_POSTGRES_URL)"
+                        .into(),
+                ));
+            }
+            (StorageBackend::Postgres, Some(_)) if self.storage.pool_size == 0 => {
+                return Err(ConfigError::Invalid(
+                    "storage.pool_size must be at least 1".into(),
+                ));
+            }
+            _ => {}
         }
         Ok(())
     }

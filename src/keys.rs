@@ -436,7 +436,9 @@ const SECRETS: [&str; 4] = ["pepper", "audit", "budget", "honeytoken"];
 /// sled.
 pub struct Keyring {
     store: Storage,
-    file: AtomicFile,
+    home: KeyHome,
+    /// The database row's version last read or written (`KeyHome::Db`).
+    seen_version: std::sync::atomic::AtomicI64,
     master: MasterDerived,
     entries: Mutex<BTreeMap<String, Vec<u8>>>,
     pepper: SecretKey,
@@ -454,6 +456,37 @@ pub struct Keyring {
     shred_list: Mutex<Option<crate::shredlist::ShredList>>,
 }
 
+/// Where the sealed key store lives.
+#[derive(Clone)]
+pub enum KeyHome {
+    /// `data_dir/keyring`, one file rewritten whole (sled).
+    File(AtomicFile),
+    /// A row of the database every node shares (postgres): changed under a
+    /// lock, each node's change made on top of the others'.
+    Db(crate::store::postgres::KeyStoreRow),
+}
+
+impl KeyHome {
+    /// The key store file of `data_dir`.
+    pub fn in_dir(data_dir: &Path) -> Self {
+        Self::File(AtomicFile::new(data_dir.join(KEYRING_FILE)))
+    }
+
+    fn read(&self) -> Result<Option<(i64, Vec<u8>)>, StorageError> {
+        match self {
+            Self::File(f) => Ok(f.read()?.map(|b| (0, b))),
+            Self::Db(row) => row.read(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::File(f) => f.path().display().to_string(),
+            Self::Db(_) => "the PostgreSQL table coffre_keystore".into(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Keyring([redacted])")
@@ -466,14 +499,17 @@ impl Keyring {
     /// directory. Refuses a different master key, and a modified store.
     pub async fn open(
         store: Storage,
-        data_dir: &Path,
+        home: KeyHome,
         master: &MasterKey,
         rotate_after: u64,
     ) -> Result<Self, KeyError> {
-        let file = AtomicFile::new(data_dir.join(KEYRING_FILE));
         let derived = MasterDerived::of(master);
-        let entries = match file.read()? {
-            Some(bytes) => derived.open_file(&bytes)?,
+        let mut seen = 0;
+        let entries = match home.read()? {
+            Some((version, bytes)) => {
+                seen = version;
+                derived.open_file(&bytes)?
+            }
             None => {
                 if store.get(Space::Meta, b"key_check").await?.is_some() {
                     return Err(KeyError::Legacy);
@@ -481,7 +517,7 @@ impl Keyring {
                 // Data without its key store: making new keys would leave
                 // every record unreadable and every password unverifiable.
                 if !store.scan_prefix(Space::Tenants, b"", 1).await?.is_empty() {
-                    return Err(KeyError::MissingStore(file.path().display().to_string()));
+                    return Err(KeyError::MissingStore(home.describe()));
                 }
                 let mut e = BTreeMap::new();
                 e.insert("check".to_string(), derived.check.to_vec());
@@ -490,7 +526,22 @@ impl Keyring {
                     let wrapped = derived.wrap(&name, &SecretKey::random());
                     e.insert(name, wrapped);
                 }
-                file.replace(&derived.seal_file(&e))?;
+                match &home {
+                    KeyHome::File(file) => file.replace(&derived.seal_file(&e))?,
+                    KeyHome::Db(row) => {
+                        // Another node may have made the store first: then
+                        // its keys are the vault's.
+                        let (e2, v) = row.modify(|current| -> Result<_, KeyError> {
+                            let e = match current {
+                                Some(b) => derived.open_file(&b)?,
+                                None => e,
+                            };
+                            Ok((derived.seal_file(&e), e))
+                        })?;
+                        seen = v;
+                        e = e2;
+                    }
+                }
                 e
             }
         };
@@ -504,7 +555,8 @@ impl Keyring {
             budget: secret("budget")?,
             honeytoken: secret("honeytoken")?,
             store,
-            file,
+            home,
+            seen_version: std::sync::atomic::AtomicI64::new(seen),
             master: derived,
             entries: Mutex::new(entries),
             rotate_after,
@@ -580,14 +632,51 @@ impl Keyring {
     /// before anything uses the change.
     fn update(
         &self,
-        change: impl FnOnce(&mut BTreeMap<String, Vec<u8>>) -> Result<(), KeyError>,
+        change: impl FnOnce(&mut BTreeMap<String, Vec<u8>>) -> Result<(), KeyError> + Send,
     ) -> Result<(), KeyError> {
         let mut entries = self.entries.lock();
-        let mut next = entries.clone();
-        change(&mut next)?;
-        self.file.replace(&self.master.seal_file(&next))?;
-        *entries = next;
+        match &self.home {
+            KeyHome::File(file) => {
+                let mut next = entries.clone();
+                change(&mut next)?;
+                file.replace(&self.master.seal_file(&next))?;
+                *entries = next;
+            }
+            KeyHome::Db(row) => {
+                let master = &self.master;
+                let (next, version) = row.modify(|current| -> Result<_, KeyError> {
+                    let current = current.ok_or(KeyError::Tampered)?;
+                    let mut next = master.open_file(&current)?;
+                    change(&mut next)?;
+                    Ok((master.seal_file(&next), next))
+                })?;
+                self.seen_version.store(version, Ordering::SeqCst);
+                // Another node's changes came in with ours.
+                self.tenants.write().clear();
+                *entries = next;
+            }
+        }
         Ok(())
+    }
+
+    /// Re-reads the shared key store when another node changed it (its
+    /// version moved): a rotation there is used here for the next write.
+    /// Returns whether it reloaded. Nothing to do for a key store file,
+    /// which only this process writes.
+    pub fn refresh_if(&self, version: i64) -> Result<bool, KeyError> {
+        if !matches!(self.home, KeyHome::Db(_))
+            || version == self.seen_version.load(Ordering::SeqCst)
+        {
+            return Ok(false);
+        }
+        let mut entries = self.entries.lock();
+        let Some((v, bytes)) = self.home.read()? else {
+            return Err(KeyError::Tampered);
+        };
+        *entries = self.master.open_file(&bytes)?;
+        self.seen_version.store(v, Ordering::SeqCst);
+        self.tenants.write().clear();
+        Ok(true)
     }
 
     /// The Argon2id pepper (a server-side secret mixed into every hash).
@@ -1259,12 +1348,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        Keyring::open(s.clone(), dir.path(), &m, BOUND)
+        Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, BOUND)
             .await
             .unwrap();
         let err = Keyring::open(
             s.clone(),
-            dir.path(),
+            KeyHome::in_dir(dir.path()),
             &MasterKey(SecretKey::random()),
             BOUND,
         )
@@ -1276,7 +1365,9 @@ mod tests {
         let n = bytes.len();
         bytes[n - 40] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let err = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap_err();
+        let err = Keyring::open(s, KeyHome::in_dir(dir.path()), &m2, BOUND)
+            .await
+            .unwrap_err();
         assert!(matches!(err, KeyError::Tampered), "{err}");
     }
 
@@ -1285,7 +1376,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, _) = master();
-        let ring = Keyring::open(s, dir.path(), &m, BOUND).await.unwrap();
+        let ring = Keyring::open(s, KeyHome::in_dir(dir.path()), &m, BOUND)
+            .await
+            .unwrap();
         ring.create_tenant_keys("t").unwrap();
         let held = ring.tenant("t").await.unwrap().unwrap();
         let (a, _) = ring.reserve_encryptions(&held, 1).await.unwrap();
@@ -1311,14 +1404,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        Keyring::open(s.clone(), dir.path(), &m, BOUND)
+        Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, BOUND)
             .await
             .unwrap();
         let mut b = Batch::new();
         b.put(Space::Tenants, b"clinic".to_vec(), Vec::new());
         s.apply(b).await.unwrap();
         fs::remove_file(dir.path().join(KEYRING_FILE)).unwrap();
-        let err = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap_err();
+        let err = Keyring::open(s, KeyHome::in_dir(dir.path()), &m2, BOUND)
+            .await
+            .unwrap_err();
         assert!(matches!(err, KeyError::MissingStore(_)), "{err}");
         assert!(err.to_string().contains("restore it"));
     }
@@ -1328,7 +1423,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND)
+        let ring = Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, BOUND)
             .await
             .unwrap();
         ring.create_tenant_keys("a").unwrap();
@@ -1349,9 +1444,14 @@ mod tests {
         let mut e = ring.entries.lock().clone();
         let ka = e["tenant/a/data/1"].clone();
         e.insert("tenant/b/data/1".into(), ka);
-        ring.file.replace(&ring.master.seal_file(&e)).unwrap();
+        let KeyHome::File(file) = &ring.home else {
+            unreachable!("a test key ring lives in a file")
+        };
+        file.replace(&ring.master.seal_file(&e)).unwrap();
         drop(ring);
-        let ring = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap();
+        let ring = Keyring::open(s, KeyHome::in_dir(dir.path()), &m2, BOUND)
+            .await
+            .unwrap();
         assert!(matches!(
             ring.load_tenant("b").await,
             Err(KeyError::Tampered)
@@ -1363,14 +1463,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, m2) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, BOUND)
+        let ring = Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, BOUND)
             .await
             .unwrap();
         ring.create_tenant_keys("t").unwrap();
         let k = ring.tenant("t").await.unwrap().unwrap();
         let _ = ring.reserve_encryptions(&k, 10).await.unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
-        let ring2 = Keyring::open(s, dir.path(), &m2, BOUND).await.unwrap();
+        let ring2 = Keyring::open(s, KeyHome::in_dir(dir.path()), &m2, BOUND)
+            .await
+            .unwrap();
         let k2 = ring2.tenant("t").await.unwrap().unwrap();
         let after_restart = k2.encryption_counts()[0].1;
         assert!(after_restart >= 10, "a restart never under-counts");
@@ -1381,7 +1483,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (m, _) = master();
-        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).await.unwrap();
+        let ring = Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, 10)
+            .await
+            .unwrap();
         ring.create_tenant_keys("t").unwrap();
         let k = ring.tenant("t").await.unwrap().unwrap();
         let (a, rotated) = ring.reserve_encryptions(&k, 4).await.unwrap();
@@ -1391,7 +1495,9 @@ mod tests {
         assert_eq!(rotated, None, "exactly at the bound: still version 1");
         drop(ring);
         // Reopened: the count resumed exactly, so one more rotates.
-        let ring = Keyring::open(s.clone(), dir.path(), &m, 10).await.unwrap();
+        let ring = Keyring::open(s.clone(), KeyHome::in_dir(dir.path()), &m, 10)
+            .await
+            .unwrap();
         let k = ring.tenant("t").await.unwrap().unwrap();
         assert_eq!(k.encryption_counts(), vec![(1, 10)]);
         let (a, rotated) = ring.reserve_encryptions(&k, 1).await.unwrap();
@@ -1399,7 +1505,9 @@ mod tests {
         assert_eq!(k.encryption_counts(), vec![(1, 10), (2, 1)]);
         assert_eq!(&k.decrypt_field("r", "f", &old).unwrap()[..], b"v1");
         assert_eq!(ring.rotate(&k).await.unwrap(), 3);
-        let ring = Keyring::open(s, dir.path(), &m, 10).await.unwrap();
+        let ring = Keyring::open(s, KeyHome::in_dir(dir.path()), &m, 10)
+            .await
+            .unwrap();
         assert_eq!(ring.tenant("t").await.unwrap().unwrap().active_version(), 3);
     }
 }

@@ -159,12 +159,6 @@ impl Vault {
         wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
     ) -> Result<(Arc<Self>, OpenReport), StartError> {
         let mut report = OpenReport::default();
-        if config.storage.backend != crate::config::StorageBackend::Sled {
-            return Err(StartError::Format(
-                "storage.backend = \"postgres\" is not available in this release: use \"sled\""
-                    .into(),
-            ));
-        }
         let key_path = &config.master_key_file;
         if config.dev && !key_path.exists() {
             if let Some(parent) = key_path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -174,20 +168,46 @@ impl Vault {
             report.generated_key = Some(key_path.clone());
         }
         let master = keys::load_key_file(key_path)?;
-        make_private_dir(&config.data_dir)?;
-        let sled = SledBackend::open(
-            &config.data_dir,
-            &SledOptions {
-                cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
-            },
-        )?;
-        let store = Storage::new(wrap(Arc::new(sled))).with_space_guard(
-            crate::store::SpaceGuard::new(&config.data_dir, config.storage.min_free_mib),
-        );
+        let pg = match (&config.storage.backend, &config.storage.postgres_url) {
+            (crate::config::StorageBackend::Postgres, Some(url)) => {
+                Some(crate::store::PostgresOptions {
+                    url: url.expose().to_string(),
+                    pool_size: config.storage.pool_size,
+                })
+            }
+            _ => None,
+        };
+        let (store, home) = match &pg {
+            Some(opts) => {
+                let backend = crate::store::PostgresBackend::open(opts).await?;
+                (
+                    Storage::new(wrap(Arc::new(backend))),
+                    keys::KeyHome::Db(crate::store::postgres::KeyStoreRow::new(opts)),
+                )
+            }
+            None => {
+                make_private_dir(&config.data_dir)?;
+                let sled = SledBackend::open(
+                    &config.data_dir,
+                    &SledOptions {
+                        cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
+                    },
+                )?;
+                (
+                    Storage::new(wrap(Arc::new(sled))).with_space_guard(
+                        crate::store::SpaceGuard::new(
+                            &config.data_dir,
+                            config.storage.min_free_mib,
+                        ),
+                    ),
+                    keys::KeyHome::in_dir(&config.data_dir),
+                )
+            }
+        };
         let keys = Arc::new(
             Keyring::open(
                 store.clone(),
-                &config.data_dir,
+                home,
                 &master,
                 config.keys.rotate_after_encryptions,
             )
@@ -202,14 +222,25 @@ impl Vault {
         let hasher = Hasher::new(&config.argon2, pepper)?;
         let audit_key = crate::crypto::SecretKey::from_slice(keys.audit_key().expose())
             .expect("audit key is KEY_LEN bytes");
-        let audit = Audit::open(
-            store.clone(),
-            audit_key,
-            &config.data_dir,
-            config.audit.mirror_file.as_deref(),
-            config.alert_file.as_deref(),
-        )
-        .await?;
+        let audit = match &pg {
+            Some(opts) => Audit::open_postgres(
+                opts,
+                store.clone(),
+                audit_key,
+                config.audit.mirror_file.as_deref(),
+                config.alert_file.as_deref(),
+            )?,
+            None => {
+                Audit::open(
+                    store.clone(),
+                    audit_key,
+                    &config.data_dir,
+                    config.audit.mirror_file.as_deref(),
+                    config.alert_file.as_deref(),
+                )
+                .await?
+            }
+        };
         let audit = Arc::new(audit);
         let accounts = Arc::new(Accounts::new(
             store.clone(),

@@ -43,7 +43,7 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Distance between marks: how far a lookup reads past the event it wants.
 const MARK_EVERY: u64 = 32 << 10;
 /// Events per frame at most (a group commit larger than this writes several).
-const FRAME_EVENTS: usize = 1024;
+pub(super) const FRAME_EVENTS: usize = 1024;
 
 const SEG_MAGIC: &[u8; 8] = b"COFFRE-T";
 const IDX_MAGIC: &[u8; 8] = b"COFFRE-I";
@@ -112,7 +112,7 @@ impl Keys {
         u64::from_be_bytes(h[..8].try_into().expect("8 of 32 bytes"))
     }
 
-    fn entries(&self, e: &AuditEvent, out: &mut Vec<u64>) {
+    pub(super) fn entries(&self, e: &AuditEvent, out: &mut Vec<u64>) {
         for id in &e.record_ids {
             out.push(self.index(Key::Record(id)));
         }
@@ -127,7 +127,7 @@ impl Keys {
         }
     }
 
-    fn segment_mac(&self, first_seq: u64, prev: &[u8; 32]) -> [u8; 32] {
+    pub(super) fn segment_mac(&self, first_seq: u64, prev: &[u8; 32]) -> [u8; 32] {
         let c = Context::new("coffre/audit-segment/v2")
             .with(&TRAIL_FORMAT.to_be_bytes())
             .with(&first_seq.to_be_bytes())
@@ -852,7 +852,7 @@ impl Log {
     }
 }
 
-fn encode_frame(
+pub(super) fn encode_frame(
     keys: &Keys,
     events: &[AuditEvent],
     out: &mut Vec<u8>,

@@ -22,6 +22,7 @@ use crate::{
 mod codec;
 pub mod log;
 mod migrate;
+mod pg;
 mod retained;
 
 pub use log::TRAIL_FORMAT;
@@ -258,8 +259,15 @@ struct Shared {
     mirror: Option<Mutex<File>>,
 }
 
+/// Where the trail lives: its own files beside the data (sled), or the
+/// tables of the database every node shares (postgres).
+enum Backing {
+    Files(Arc<Shared>),
+    Pg(Arc<pg::Trail>),
+}
+
 pub struct Audit {
-    shared: Arc<Shared>,
+    backing: Backing,
     alert_file: Option<Mutex<File>>,
     /// What opening found: migration, a torn tail cut off.
     opened: Opened,
@@ -382,7 +390,7 @@ impl Audit {
             .spawn(move || s.writer())
             .map_err(|e| Error::Internal(format!("audit writer: {e}")))?;
         Ok(Self {
-            shared,
+            backing: Backing::Files(shared),
             alert_file: alert_file.map(append_line).transpose()?,
             opened: Opened {
                 migrated,
@@ -392,19 +400,56 @@ impl Audit {
         })
     }
 
+    /// Opens the trail in the PostgreSQL database of `opts`.
+    pub fn open_postgres(
+        opts: &crate::store::PostgresOptions,
+        store: Storage,
+        key: SecretKey,
+        mirror: Option<&Path>,
+        alert_file: Option<&Path>,
+    ) -> Result<Self> {
+        let trail = pg::Trail::open(opts, store, key, mirror.map(append_line).transpose()?)?;
+        Ok(Self {
+            backing: Backing::Pg(trail),
+            alert_file: alert_file.map(append_line).transpose()?,
+            opened: Opened::default(),
+        })
+    }
+
+    /// The files' shared state, or the trail in the database.
+    fn files(&self) -> std::result::Result<&Arc<Shared>, &Arc<pg::Trail>> {
+        match &self.backing {
+            Backing::Files(s) => Ok(s),
+            Backing::Pg(t) => Err(t),
+        }
+    }
+
+    /// Whether the trail stopped because the database's head went
+    /// backwards (postgres only).
+    pub fn diverged(&self) -> bool {
+        matches!(&self.backing, Backing::Pg(t) if t.diverged())
+    }
+
     pub fn opened(&self) -> &Opened {
         &self.opened
     }
 
     /// The head: the last durable event's seq and hash.
     pub fn head(&self) -> (u64, [u8; 32]) {
-        let d = self.shared.state.lock().durable;
+        let shared = match self.files() {
+            Ok(s) => s,
+            Err(t) => return t.head(),
+        };
+        let d = shared.state.lock().durable;
         (d.0, d.1)
     }
 
     /// Bytes of the trail's files on disk (indexes included).
     pub fn disk_bytes(&self) -> u64 {
-        self.shared.log.disk_bytes()
+        match self.files() {
+            Ok(s) => s.log.disk_bytes(),
+            Err(_) => 0,
+        }
     }
 
     /// Chains one event and returns once it is durable, with the seq and
@@ -423,10 +468,15 @@ impl Audit {
     }
 
     async fn append(&self, mut e: AuditEvent, at: Option<i64>) -> Result<Recorded> {
+        let shared = match self.files() {
+            Ok(s) => s,
+            // The database's clock stamps events: `at` does not apply.
+            Err(t) => return t.append(e).await,
+        };
         let (tx, rx) = oneshot::channel();
         // The event moves to the writer; the caller keeps what it was given.
         let recorded = {
-            let mut st = self.shared.state.lock();
+            let mut st = shared.state.lock();
             if st.closed {
                 return Err(Error::Unavailable(StorageError::Closed));
             }
@@ -435,7 +485,7 @@ impl Audit {
             // seq range.
             e.time_unix_ms = at.unwrap_or_else(now_ms).max(st.time);
             e.prev_hash = st.hash.to_vec();
-            let hash = log::chain_hash(self.shared.log.keys().chain(), &st.hash, &e);
+            let hash = log::chain_hash(shared.log.keys().chain(), &st.hash, &e);
             e.hash = hash.to_vec();
             st.seq = e.seq;
             st.hash = hash;
@@ -448,13 +498,13 @@ impl Audit {
             st.waiters.push(tx);
             recorded
         };
-        self.shared.wake.notify_one();
+        shared.wake.notify_one();
         match tokio::time::timeout(DURABLE_TIMEOUT, rx).await {
             Ok(Ok(Ok(()))) => Ok(recorded),
             Ok(Ok(Err(msg))) => Err(Error::Unavailable(StorageError::Io(msg))),
             Ok(Err(_)) => Err(Error::Unavailable(StorageError::Closed)),
             Err(_) => {
-                self.shared.store.note_failure();
+                shared.store.note_failure();
                 Err(Error::Unavailable(StorageError::Io(format!(
                     "audit write did not finish within {} s",
                     DURABLE_TIMEOUT.as_secs()
@@ -548,8 +598,12 @@ impl Audit {
         checkpoint: Option<(u64, [u8; 32])>,
         mut progress: impl FnMut(u64),
     ) -> Result<Verification> {
-        let head = self.shared.state.lock().durable;
-        let log = &self.shared.log;
+        let shared = match self.files() {
+            Ok(s) => s,
+            Err(t) => return t.verify_with(checkpoint, progress),
+        };
+        let head = shared.state.lock().durable;
+        let log = &shared.log;
         let keys = log.keys();
         let metas = log.metas();
         let (base_seq, base_prev) = (metas[0].first_seq, metas[0].prev_hash);
@@ -675,21 +729,30 @@ impl Audit {
     /// A snapshot of the trail for a backup: its durable head now, and the
     /// segments that hold it, which retention leaves in place until the
     /// snapshot is dropped. Cheap: taken inside a backup's write barrier.
-    pub fn snapshot(&self) -> TrailSnapshot {
-        let hold = self.shared.log.hold();
+    pub fn snapshot(&self) -> Result<TrailSnapshot> {
+        let shared = self.files().map_err(|_| {
+            Error::FailedPrecondition(
+                "backups of a PostgreSQL vault are not in this release: back up the database (pg_dump, pgBackRest)".into(),
+            )
+        })?;
+        let hold = shared.log.hold();
         let (head_seq, head_hash) = self.head();
-        TrailSnapshot {
+        Ok(TrailSnapshot {
             head_seq,
             head_hash,
-            segments: self.shared.log.metas(),
+            segments: shared.log.metas(),
             _hold: hold,
-        }
+        })
     }
 
     /// Closes the segment being written, so that retention can drop it
     /// whole once all its events are past `retention_days`.
     pub fn seal(&self) -> Result<()> {
-        Ok(self.shared.log.seal_now()?)
+        match self.files() {
+            Ok(s) => Ok(s.log.seal_now()?),
+            // Rows go one frame at a time: nothing to close.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Drops the events older than `before_unix_ms`, whole segments at a
@@ -700,11 +763,14 @@ impl Audit {
     /// from the first kept segment's authenticated header. Returns how many
     /// events went.
     pub async fn prune(&self, before_unix_ms: i64) -> Result<u64> {
-        let shared = &self.shared;
+        let shared = match self.files() {
+            Ok(s) => s,
+            Err(t) => return t.prune(before_unix_ms).await,
+        };
         let mut dropped = 0;
         while let Some(meta) = shared.log.oldest_due(before_unix_ms) {
             // What scrub needs of it is kept aside, durably, before it goes.
-            let s2 = self.shared.clone();
+            let s2 = shared.clone();
             let m2 = meta.clone();
             let latest = tokio::task::spawn_blocking(move || {
                 let view = s2.log.view(&m2)?;
@@ -717,7 +783,7 @@ impl Audit {
         }
         let active = shared.log.active_view();
         if !active.meta.is_empty() && active.meta.first_time < before_unix_ms {
-            let s2 = self.shared.clone();
+            let s2 = shared.clone();
             tokio::task::spawn_blocking(move || s2.log.seal_now())
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
@@ -732,9 +798,26 @@ impl Audit {
     /// covers: O(log n + results) per segment touched, one frame's events
     /// in memory at a time.
     pub fn query_each(&self, q: &Query, mut emit: impl FnMut(AuditEvent) -> bool) -> Result<()> {
-        let log = &self.shared.log;
+        let shared = match self.files() {
+            Ok(s) => s,
+            Err(t) => {
+                let key = if !q.record_id.is_empty() {
+                    Some(log::Key::Record(&q.record_id))
+                } else if !q.principal.is_empty() {
+                    Some(log::Key::Principal(&q.principal))
+                } else if q.alerts_only {
+                    Some(log::Key::Alert)
+                } else if !q.tenant.is_empty() {
+                    Some(log::Key::Tenant(&q.tenant))
+                } else {
+                    q.scope.as_deref().map(log::Key::Tenant)
+                };
+                return t.query_each(q, key, emit);
+            }
+        };
+        let log = &shared.log;
         let keys = log.keys();
-        let durable = self.shared.state.lock().durable.0;
+        let durable = shared.state.lock().durable.0;
         let upper = match q.before_seq {
             0 => durable,
             b => durable.min(b - 1),
@@ -889,7 +972,10 @@ impl Audit {
         )?;
         match last {
             Some(w) => Ok(Some(w)),
-            None => retained::lookup(&self.shared.store, self.shared.log.keys(), tenant, id).await,
+            None => match self.files() {
+                Ok(s) => retained::lookup(&s.store, s.log.keys(), tenant, id).await,
+                Err(t) => t.retained(tenant, id).await,
+            },
         }
     }
 }
@@ -939,8 +1025,13 @@ impl LatestWrite {
 
 impl Drop for Audit {
     fn drop(&mut self) {
-        self.shared.state.lock().closed = true;
-        self.shared.wake.notify_all();
+        match &self.backing {
+            Backing::Files(shared) => {
+                shared.state.lock().closed = true;
+                shared.wake.notify_all();
+            }
+            Backing::Pg(t) => t.close(),
+        }
     }
 }
 

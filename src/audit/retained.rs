@@ -10,6 +10,7 @@
 use prost::Message;
 
 use super::{LatestWrite, log};
+use crate::pb::AuditEvent;
 use crate::{
     crypto::{self, Context},
     error::{Error, Result},
@@ -41,6 +42,27 @@ fn key(keys: &log::Keys, tenant: &str, id: &str) -> Vec<u8> {
 /// as kept aside. Reads the segment's frames (blocking file reads).
 pub type Latest = std::collections::HashMap<Vec<u8>, Entry>;
 
+/// Notes in `latest` the writes among `events` (oldest first): a later
+/// write of a record replaces an earlier one.
+pub fn note_latest(keys: &log::Keys, events: &[AuditEvent], latest: &mut Latest) {
+    for e in events {
+        let Some(w) = LatestWrite::of(e) else {
+            continue;
+        };
+        for id in &e.record_ids {
+            latest.insert(
+                key(keys, &e.tenant, id),
+                Entry {
+                    seq: w.seq,
+                    deleted: w.deleted,
+                    version: w.version.clone(),
+                    write_id: w.write_id.clone(),
+                },
+            );
+        }
+    }
+}
+
 pub fn collect_latest_writes(
     keys: &log::Keys,
     view: &log::SegView,
@@ -53,22 +75,7 @@ pub fn collect_latest_writes(
             failed = true;
             return false;
         };
-        for e in events {
-            let Some(w) = LatestWrite::of(&e) else {
-                continue;
-            };
-            for id in &e.record_ids {
-                latest.insert(
-                    key(keys, &e.tenant, id),
-                    Entry {
-                        seq: w.seq,
-                        deleted: w.deleted,
-                        version: w.version.clone(),
-                        write_id: w.write_id.clone(),
-                    },
-                );
-            }
-        }
+        note_latest(keys, &events, &mut latest);
         true
     })?;
     if failed {

@@ -64,10 +64,13 @@ impl std::fmt::Debug for Started {
 /// captured, then the vault serves again while the cut is read. Then counts
 /// what the cut holds, for the manifest.
 pub async fn start(vault: &Vault) -> Result<Started, OpsError> {
+    // Refused before any write is held where the trail cannot be copied.
+    drop(vault.audit.snapshot()?);
     let (cut, (trail, keyring)) = vault
         .store
         .cut_between_calls(|| (vault.audit.snapshot(), vault.keys.sealed_bytes()))
         .await?;
+    let trail = trail?;
     tracing::info!(
         held_us = cut.held().as_micros() as u64,
         audit_head_seq = trail.head_seq,

@@ -468,7 +468,13 @@ async fn write_staging(
         store.apply(batch).await?;
     }
     store.sync().await?;
-    let ring = crate::keys::Keyring::open(store.clone(), staging, master, u64::MAX).await?;
+    let ring = crate::keys::Keyring::open(
+        store.clone(),
+        crate::keys::KeyHome::in_dir(staging),
+        master,
+        u64::MAX,
+    )
+    .await?;
     let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
         .expect("audit key is KEY_LEN bytes");
     // The restore's event goes to the mirror and alert files too: the

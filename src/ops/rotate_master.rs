@@ -68,7 +68,13 @@ pub async fn rotate_master(
     };
     // In the trail like every key operation: opened with the new key, the
     // audit key is the same as before, so the chain simply goes on.
-    let ring = crate::keys::Keyring::open(held.clone(), &config.data_dir, &new, u64::MAX).await?;
+    let ring = crate::keys::Keyring::open(
+        held.clone(),
+        crate::keys::KeyHome::in_dir(&config.data_dir),
+        &new,
+        u64::MAX,
+    )
+    .await?;
     let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
         .expect("audit key is KEY_LEN bytes");
     let audit = crate::audit::Audit::open(

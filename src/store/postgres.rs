@@ -34,6 +34,40 @@ const MIGRATIONS: &[&str] = &[
         key bytea NOT NULL,
         value bytea NOT NULL,
         PRIMARY KEY (space, key)
+    );
+    -- The trail: frames of events exactly as the trail's files hold them
+    -- (sealed under the audit key), one global chain whose head row every
+    -- node locks to append; keyed hashes of record ids, principals,
+    -- tenants and alerts name events for queries.
+    CREATE TABLE coffre_audit_frame (
+        first_seq bigint PRIMARY KEY,
+        last_seq bigint NOT NULL,
+        first_time bigint NOT NULL,
+        last_time bigint NOT NULL,
+        prev bytea NOT NULL,
+        raw bytea NOT NULL
+    );
+    CREATE INDEX coffre_audit_frame_time ON coffre_audit_frame (last_time);
+    CREATE TABLE coffre_audit_tag (
+        tag bigint NOT NULL,
+        seq bigint NOT NULL,
+        PRIMARY KEY (tag, seq)
+    );
+    CREATE TABLE coffre_audit_head (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        seq bigint NOT NULL,
+        hash bytea NOT NULL,
+        time_ms bigint NOT NULL,
+        base_seq bigint NOT NULL,
+        base_prev bytea NOT NULL,
+        base_mac bytea
+    );
+    INSERT INTO coffre_audit_head
+        VALUES (1, 0, decode(repeat('00', 32), 'hex'), 0, 1, decode(repeat('00', 32), 'hex'), NULL);
+    CREATE TABLE coffre_keystore (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        version bigint NOT NULL,
+        sealed bytea NOT NULL
     );",
 ];
 
@@ -65,7 +99,7 @@ pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
+pub fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg_error(e),
         deadpool_postgres::PoolError::Timeout(_) => {
@@ -76,7 +110,7 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
 }
 
 /// Runs `f` within [`STATEMENT_TIMEOUT`].
-async fn timed<T>(
+pub async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, StorageError>>,
 ) -> Result<T, StorageError> {
     tokio::time::timeout(STATEMENT_TIMEOUT, f)
@@ -350,6 +384,124 @@ impl Backend for PostgresBackend {
         // Every statement committed before it returned.
         Ok(())
     }
+}
+
+/// The key store's row (`coffre_keystore`): the sealed key store file's
+/// bytes, replaced whole (an `UPDATE` leaves the old bytes in a dead tuple
+/// until vacuum, and in WAL archives: the shred list, checked at every
+/// open, is what keeps a shredded tenant shredded), and a version every
+/// node compares to know when to reload.
+///
+/// Its calls are synchronous (the key ring's are): each runs on a thread
+/// of its own with its own connection, so that a caller on an async
+/// worker never blocks the runtime that drives the pool's connections.
+#[derive(Clone)]
+pub struct KeyStoreRow {
+    url: String,
+}
+
+impl KeyStoreRow {
+    pub fn new(opts: &PostgresOptions) -> Self {
+        Self {
+            url: opts.url.clone(),
+        }
+    }
+
+    /// Runs `f` with a fresh connection, on a thread of its own.
+    fn with_client<T: Send>(
+        &self,
+        f: impl AsyncFnOnce(&mut tokio_postgres::Client) -> Result<T, StorageError> + Send,
+    ) -> Result<T, StorageError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StorageError::Io(format!("key store thread: {e}")))?;
+                rt.block_on(timed(async {
+                    let cfg = tokio_postgres::Config::from_str(&self.url)
+                        .map_err(|_| StorageError::Io("bad storage.postgres_url".into()))?;
+                    let (mut client, conn) = cfg.connect(NoTls).await.map_err(pg_error)?;
+                    tokio::spawn(conn);
+                    f(&mut client).await
+                }))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StorageError::Io("key store thread failed".into())))
+        })
+    }
+
+    /// The sealed bytes and their version, if a key store exists.
+    pub fn read(&self) -> Result<Option<(i64, Vec<u8>)>, StorageError> {
+        self.with_client(async |c| {
+            let row = c
+                .query_opt("SELECT version, sealed FROM coffre_keystore", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    /// Locks the row, passes its bytes (`None` on a new database) to
+    /// `change`, stores what it returns with the next version, and commits:
+    /// nodes changing keys at once take turns, each from the other's
+    /// result. Returns `change`'s value and the new version.
+    pub fn modify<T: Send, E: From<StorageError> + Send>(
+        &self,
+        change: impl FnOnce(Option<Vec<u8>>) -> Result<(Vec<u8>, T), E> + Send,
+    ) -> Result<(T, i64), E> {
+        let mut out: Option<Result<T, E>> = None;
+        let version = self.with_client(async |c| {
+            let tx = c.transaction().await.map_err(pg_error)?;
+            tx.execute("LOCK TABLE coffre_keystore IN EXCLUSIVE MODE", &[])
+                .await
+                .map_err(pg_error)?;
+            let row = tx
+                .query_opt("SELECT version, sealed FROM coffre_keystore", &[])
+                .await
+                .map_err(pg_error)?;
+            let (version, current) = match row {
+                Some(r) => (r.get::<_, i64>(0), Some(r.get::<_, Vec<u8>>(1))),
+                None => (0, None),
+            };
+            match change(current) {
+                Ok((bytes, t)) => {
+                    tx.execute(
+                        "INSERT INTO coffre_keystore (id, version, sealed) VALUES (1, $1, $2) \
+                         ON CONFLICT (id) DO UPDATE SET version = excluded.version, sealed = excluded.sealed",
+                        &[&(version + 1), &bytes],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.commit().await.map_err(pg_error)?;
+                    out = Some(Ok(t));
+                    Ok(version + 1)
+                }
+                Err(e) => {
+                    out = Some(Err(e));
+                    Ok(version)
+                }
+            }
+        })?;
+        match out {
+            Some(Ok(t)) => Ok((t, version)),
+            Some(Err(e)) => Err(e),
+            None => Err(StorageError::Io("key store update did not run".into()).into()),
+        }
+    }
+}
+
+/// The key store's version now, through the pool (a cheap poll).
+pub async fn keystore_version(pool: &Pool) -> Result<i64, StorageError> {
+    timed(async {
+        let c = pool.get().await.map_err(pool_error)?;
+        let row = c
+            .query_opt("SELECT version FROM coffre_keystore", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    })
+    .await
 }
 
 /// Opens the backend as a trait object.

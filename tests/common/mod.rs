@@ -36,7 +36,7 @@ pub const ROOMY_LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0
 /// The storage backends the whole suite runs against: `COFFRE_TEST_BACKEND`
 /// picks one (default the first). A new backend joins by one line here and
 /// one run in `.ci/run`.
-pub const BACKENDS: &[&str] = &["sled"];
+pub const BACKENDS: &[&str] = &["sled", "postgres"];
 
 /// The backend of this run of the suite.
 pub fn test_backend() -> String {
@@ -48,6 +48,27 @@ pub fn test_backend() -> String {
     b
 }
 
+/// With the postgres backend, the `[storage]` line naming the database of
+/// the test rooted at `root` (one per root, made on first use); else empty.
+pub fn postgres_url_line(root: &Path) -> String {
+    if test_backend() != "postgres" {
+        return String::new();
+    }
+    static URLS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut urls = URLS.lock().unwrap();
+    let url = match urls.iter().find(|(r, _)| r == root) {
+        Some((_, u)) => u.clone(),
+        None => {
+            let u = pg::shared()
+                .expect("COFFRE_TEST_BACKEND=postgres needs the PostgreSQL server package")
+                .new_database();
+            urls.push((root.to_path_buf(), u.clone()));
+            u
+        }
+    };
+    format!("postgres_url = {url:?}\npool_size = 8\n")
+}
+
 /// A config for tests: dev mode on an ephemeral loopback port, cheap Argon2.
 pub fn test_config(root: &Path) -> Config {
     test_config_with(root, ROOMY_LIMITS)
@@ -56,9 +77,10 @@ pub fn test_config(root: &Path) -> Config {
 /// [`test_config`] with `extra` TOML (tables) in place of the roomy limits.
 pub fn test_config_with(root: &Path, extra: &str) -> Config {
     let backend = test_backend();
+    let url = postgres_url_line(root);
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {backend:?}\ncache_capacity_mib = 8\nmin_free_mib = 1\n{extra}\n",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {backend:?}\ncache_capacity_mib = 8\nmin_free_mib = 1\n{url}{extra}\n",
         root.join("data"),
         root.join("keys").join("master.key"),
     );
@@ -419,10 +441,11 @@ pub fn write_config(root: &Path, extra: &str) -> PathBuf {
     };
     let text = format!(
         "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n{extra}\n\
-         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {:?}\nmin_free_mib = 1\n{limits}",
+         [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = {:?}\nmin_free_mib = 1\n{}{limits}",
         root.join("data"),
         root.join("keys").join("master.key"),
         test_backend(),
+        postgres_url_line(root),
     );
     let path = root.join("coffre.toml");
     std::fs::write(&path, text).unwrap();

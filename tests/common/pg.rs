@@ -150,6 +150,55 @@ impl PgCluster {
     }
 }
 
+/// One cluster for the whole test binary (each server gets a database of
+/// its own in it): started on first use, stopped by a watchdog process
+/// when the test binary exits, since statics are never dropped.
+pub fn shared() -> Option<&'static PgCluster> {
+    static CLUSTER: std::sync::OnceLock<Option<PgCluster>> = std::sync::OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let c = PgCluster::start()?;
+            let stop = format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runuser}{ctl:?} -m immediate -D {data:?} stop >/dev/null 2>&1; rm -rf {dir:?}",
+                pid = std::process::id(),
+                runuser = c
+                    .user
+                    .as_deref()
+                    .map(|u| format!("runuser -u {u} -- "))
+                    .unwrap_or_default(),
+                ctl = c.bin.join("pg_ctl"),
+                data = c.dir.path().join("data"),
+                dir = c.dir.path(),
+            );
+            // Outlives this process on purpose: it stops the cluster once
+            // the test binary has exited.
+            #[allow(clippy::zombie_processes)]
+            Command::new("sh")
+                .args(["-c", &stop])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start the cluster's watchdog");
+            Some(c)
+        })
+        .as_ref()
+}
+
+impl PgCluster {
+    /// A new, empty database; its URL.
+    pub fn new_database(&self) -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.sql("postgres", &format!("CREATE DATABASE {name}"));
+        self.url(&name)
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ = as_user(self.user.as_deref(), &self.bin.join("pg_ctl"))

@@ -1,0 +1,786 @@
+//! The trail in PostgreSQL (`storage.backend = "postgres"`): one global
+//! chain that every node appends to.
+//!
+//! Frames are the very bytes the trail's files hold (events sealed under
+//! the audit key, the frame's end hash bound as associated data), one row
+//! each in `coffre_audit_frame`; `coffre_audit_tag` names each event's
+//! record ids, principal, tenant and alert kind by keyed hash, for queries
+//! in O(log n + results). A node appends a group of events in one
+//! transaction: it locks the head row (`coffre_audit_head`), chains its
+//! events after it with the database's clock, inserts the frame and its
+//! tags and moves the head. Nodes take turns on that lock, so there is one
+//! chain whatever the number of nodes, and `VerifyAudit` on any node checks
+//! every node's events. (Per-node chains anchored together would let nodes
+//! append in parallel; one chain was chosen because a group commit holds
+//! the lock for one round trip and keeps verification one pass — see
+//! BENCHMARKS.md.)
+//!
+//! A node remembers the highest head it has seen. A head below it (a
+//! failover to a standby that lacked acknowledged events) stops the trail
+//! on that node: every call fails UNAVAILABLE and health says NOT_SERVING
+//! until an operator has looked (restart the node).
+//!
+//! The pool's connections run on a runtime of this module's own, so that
+//! the synchronous callers (the writer thread, queries from blocking
+//! threads) never block a runtime that drives them.
+
+use std::{
+    fs::File,
+    io::Write,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use deadpool_postgres::Pool;
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::oneshot;
+
+use super::{
+    DURABLE_TIMEOUT, GENESIS, Query, Recorded, RestoreMark, Verification, log, restore_note,
+    retained, to_json,
+};
+use crate::{
+    crypto::{self, SecretKey},
+    error::{Error, Result},
+    pb::AuditEvent,
+    store::{
+        Space, Storage, StorageError,
+        postgres::{PostgresBackend, PostgresOptions, pg_error, pool_error, timed},
+    },
+};
+
+type Waiter = oneshot::Sender<std::result::Result<Recorded, String>>;
+
+struct Pending {
+    events: Vec<AuditEvent>,
+    waiters: Vec<Waiter>,
+    closed: bool,
+}
+
+/// The trail's tables, a writer thread, and the runtime of their pool.
+pub struct Trail {
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    pool: Pool,
+    keys: Arc<log::Keys>,
+    /// The audit key, for checks that own their keys.
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    /// The highest head this node has seen (durable in the database).
+    seen: AtomicU64,
+    seen_hash: Mutex<[u8; 32]>,
+    /// The head went backwards: the trail refuses every append.
+    diverged: AtomicBool,
+    store: Storage,
+    mirror: Option<Mutex<File>>,
+}
+
+/// A frame row: its first seq, the hash before it, its bytes.
+struct FrameRow {
+    first_seq: u64,
+    prev: [u8; 32],
+    raw: Vec<u8>,
+}
+
+fn hash32(v: &[u8]) -> [u8; 32] {
+    v.try_into().unwrap_or([0; 32])
+}
+
+impl Trail {
+    /// Connects to the trail's tables and starts the writer.
+    pub fn open(
+        opts: &PostgresOptions,
+        store: Storage,
+        key: SecretKey,
+        mirror: Option<Mutex<File>>,
+    ) -> Result<Arc<Self>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coffre-pg-trail")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("trail runtime: {e}")))?;
+        let pool = PostgresBackend::pool(opts)?;
+        let t = Arc::new(Self {
+            handle: rt.handle().clone(),
+            rt: Mutex::new(Some(rt)),
+            pool,
+            keys: Arc::new(log::Keys::new(key)),
+            pending: Mutex::new(Pending {
+                events: Vec::new(),
+                waiters: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            seen: AtomicU64::new(0),
+            seen_hash: Mutex::new(GENESIS),
+            diverged: AtomicBool::new(false),
+            store,
+            mirror,
+        });
+        let (seq, hash) = t.read_head()?;
+        t.seen.store(seq, Ordering::SeqCst);
+        *t.seen_hash.lock() = hash;
+        let w = t.clone();
+        std::thread::Builder::new()
+            .name("coffre-audit".into())
+            .spawn(move || w.writer())
+            .map_err(|e| Error::Internal(format!("audit writer: {e}")))?;
+        Ok(t)
+    }
+
+    /// Runs `f` on the trail's runtime and waits for it (from any thread).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = std::result::Result<T, StorageError>> + Send + 'static,
+    ) -> std::result::Result<T, StorageError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(timed(f).await);
+        });
+        rx.recv().unwrap_or(Err(StorageError::Closed))
+    }
+
+    /// The head in the database now; notes a head that went backwards.
+    fn read_head(&self) -> std::result::Result<(u64, [u8; 32]), StorageError> {
+        let pool = self.pool.clone();
+        let (seq, hash) = self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let r = c
+                .query_one("SELECT seq, hash FROM coffre_audit_head WHERE id = 1", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok((r.get::<_, i64>(0) as u64, hash32(&r.get::<_, Vec<u8>>(1))))
+        })?;
+        self.check_not_behind(seq)?;
+        Ok((seq, hash))
+    }
+
+    fn check_not_behind(&self, seq: u64) -> std::result::Result<(), StorageError> {
+        let seen = self.seen.load(Ordering::SeqCst);
+        if seq < seen {
+            if !self.diverged.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    seen,
+                    found = seq,
+                    "audit trail: the database's head moved backwards (a failover to a standby that lacked acknowledged events?): refusing every call; restart this node once the database is checked"
+                );
+            }
+            return Err(StorageError::Io(
+                "the audit trail's head moved backwards in the database".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the trail saw its head move backwards.
+    pub fn diverged(&self) -> bool {
+        self.diverged.load(Ordering::SeqCst)
+    }
+
+    /// The last head this node saw durable.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        (self.seen.load(Ordering::SeqCst), *self.seen_hash.lock())
+    }
+
+    /// Queues `e` for the writer and waits until it is durable.
+    pub async fn append(&self, e: AuditEvent) -> Result<Recorded> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock();
+            if p.closed {
+                return Err(Error::Unavailable(StorageError::Closed));
+            }
+            p.events.push(e);
+            p.waiters.push(tx);
+        }
+        self.wake.notify_one();
+        match tokio::time::timeout(DURABLE_TIMEOUT, rx).await {
+            Ok(Ok(Ok(r))) => Ok(r),
+            Ok(Ok(Err(msg))) => Err(Error::Unavailable(StorageError::Io(msg))),
+            Ok(Err(_)) => Err(Error::Unavailable(StorageError::Closed)),
+            Err(_) => {
+                self.store.note_failure();
+                Err(Error::Unavailable(StorageError::Io(format!(
+                    "audit write did not finish within {} s",
+                    DURABLE_TIMEOUT.as_secs()
+                ))))
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        self.pending.lock().closed = true;
+        self.wake.notify_all();
+        if let Some(rt) = self.rt.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+
+    fn writer(self: Arc<Self>) {
+        loop {
+            let (events, waiters) = {
+                let mut p = self.pending.lock();
+                while p.events.is_empty() && !p.closed {
+                    self.wake.wait(&mut p);
+                }
+                if p.events.is_empty() {
+                    return;
+                }
+                (
+                    std::mem::take(&mut p.events),
+                    std::mem::take(&mut p.waiters),
+                )
+            };
+            let result = if self.diverged() {
+                Err(StorageError::Io(
+                    "the audit trail's head moved backwards in the database".into(),
+                ))
+            } else {
+                self.store
+                    .admit(Space::Audit)
+                    .and_then(|()| self.run(Self::commit(self.clone(), events)))
+            };
+            match result {
+                Ok(events) => {
+                    if let Some(m) = &self.mirror {
+                        let mut lines = String::new();
+                        for e in &events {
+                            lines.push_str(&to_json(e).to_string());
+                            lines.push('\n');
+                        }
+                        if let Err(err) = m.lock().write_all(lines.as_bytes()) {
+                            tracing::error!(error = %err, "audit mirror write failed");
+                        }
+                    }
+                    for (e, w) in events.iter().zip(waiters) {
+                        let _ = w.send(Ok(Recorded {
+                            seq: e.seq,
+                            time_unix_ms: e.time_unix_ms,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    self.store.note_failure();
+                    let msg = e.to_string();
+                    for w in waiters {
+                        let _ = w.send(Err(msg.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction: lock the head, chain `events` after it with the
+    /// database's time, insert their frames and tags, move the head.
+    async fn commit(
+        self: Arc<Self>,
+        mut events: Vec<AuditEvent>,
+    ) -> std::result::Result<Vec<AuditEvent>, StorageError> {
+        let mut c = self.pool.get().await.map_err(pool_error)?;
+        let tx = c.transaction().await.map_err(pg_error)?;
+        let head = tx
+            .query_one(
+                "SELECT seq, hash, time_ms, \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+                 FROM coffre_audit_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut seq = head.get::<_, i64>(0) as u64;
+        self.check_not_behind(seq)?;
+        let mut hash = hash32(&head.get::<_, Vec<u8>>(1));
+        // Time never goes backwards in the trail, whatever the clocks.
+        let time = head.get::<_, i64>(3).max(head.get::<_, i64>(2));
+        for e in &mut events {
+            seq += 1;
+            e.seq = seq;
+            e.time_unix_ms = time;
+            e.prev_hash = hash.to_vec();
+            hash = log::chain_hash(self.keys.chain(), &hash, e);
+            e.hash = hash.to_vec();
+        }
+        let (mut f_first, mut f_last, mut f_t0, mut f_t1, mut f_prev, mut f_raw) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut tags, mut tag_seqs) = (vec![], vec![]);
+        for chunk in events.chunks(log::FRAME_EVENTS) {
+            let (mut raw, mut entries) = (Vec::new(), Vec::new());
+            log::encode_frame(&self.keys, chunk, &mut raw, &mut entries);
+            let (first, last) = (&chunk[0], &chunk[chunk.len() - 1]);
+            f_first.push(first.seq as i64);
+            f_last.push(last.seq as i64);
+            f_t0.push(first.time_unix_ms);
+            f_t1.push(last.time_unix_ms);
+            f_prev.push(first.prev_hash.clone());
+            f_raw.push(raw);
+            for (s, k) in entries {
+                tag_seqs.push(s as i64);
+                tags.push(k as i64);
+            }
+        }
+        tx.execute(
+            "WITH f AS (
+                INSERT INTO coffre_audit_frame
+                SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                     $5::bytea[], $6::bytea[])
+            ), t AS (
+                INSERT INTO coffre_audit_tag
+                SELECT * FROM unnest($7::bigint[], $8::bigint[]) ON CONFLICT DO NOTHING
+            )
+            UPDATE coffre_audit_head SET seq = $9, hash = $10, time_ms = $11 WHERE id = 1",
+            &[
+                &f_first,
+                &f_last,
+                &f_t0,
+                &f_t1,
+                &f_prev,
+                &f_raw,
+                &tags,
+                &tag_seqs,
+                &(seq as i64),
+                &hash.to_vec(),
+                &time,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        let prev = self.seen.fetch_max(seq, Ordering::SeqCst);
+        if prev < seq {
+            *self.seen_hash.lock() = hash;
+        }
+        Ok(events)
+    }
+
+    /// Frames from `from_seq` on (at most `limit`), oldest first, or newest
+    /// first below `from_seq` when `desc`, within a time range.
+    fn frames(
+        &self,
+        from_seq: u64,
+        upper: u64,
+        desc: bool,
+        since: i64,
+        until: i64,
+        limit: i64,
+    ) -> std::result::Result<Vec<FrameRow>, StorageError> {
+        let pool = self.pool.clone();
+        let until = if until == 0 { i64::MAX } else { until };
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let sql = if desc {
+                "SELECT first_seq, prev, raw FROM coffre_audit_frame \
+                 WHERE first_seq < $1 AND first_seq <= $2 AND last_time >= $3 AND first_time < $4 \
+                 ORDER BY first_seq DESC LIMIT $5"
+            } else {
+                "SELECT first_seq, prev, raw FROM coffre_audit_frame \
+                 WHERE last_seq >= $1 AND first_seq <= $2 AND last_time >= $3 AND first_time < $4 \
+                 ORDER BY first_seq LIMIT $5"
+            };
+            let rows = c
+                .query(
+                    sql,
+                    &[&(from_seq as i64), &(upper as i64), &since, &until, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| FrameRow {
+                    first_seq: r.get::<_, i64>(0) as u64,
+                    prev: hash32(&r.get::<_, Vec<u8>>(1)),
+                    raw: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    /// The seqs tagged `tag` after `after` (before it when `desc`), at most
+    /// `limit`, and the frames that hold them.
+    fn tagged(
+        &self,
+        tag: u64,
+        after: u64,
+        upper: u64,
+        desc: bool,
+        limit: i64,
+    ) -> std::result::Result<(Vec<u64>, Vec<FrameRow>), StorageError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let sql = if desc {
+                "SELECT seq FROM coffre_audit_tag WHERE tag = $1 AND seq < $2 AND seq <= $3 \
+                 ORDER BY seq DESC LIMIT $4"
+            } else {
+                "SELECT seq FROM coffre_audit_tag WHERE tag = $1 AND seq > $2 AND seq <= $3 \
+                 ORDER BY seq LIMIT $4"
+            };
+            let seqs: Vec<i64> = c
+                .query(
+                    sql,
+                    &[&(tag as i64), &(after as i64), &(upper as i64), &limit],
+                )
+                .await
+                .map_err(pg_error)?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+            let frames = c
+                .query(
+                    "SELECT DISTINCT f.first_seq, f.prev, f.raw FROM unnest($1::bigint[]) s(seq) \
+                     CROSS JOIN LATERAL (SELECT first_seq, prev, raw FROM coffre_audit_frame \
+                       WHERE first_seq <= s.seq ORDER BY first_seq DESC LIMIT 1) f",
+                    &[&seqs],
+                )
+                .await
+                .map_err(pg_error)?
+                .into_iter()
+                .map(|r| FrameRow {
+                    first_seq: r.get::<_, i64>(0) as u64,
+                    prev: hash32(&r.get::<_, Vec<u8>>(1)),
+                    raw: r.get(2),
+                })
+                .collect();
+            Ok((seqs.into_iter().map(|s| s as u64).collect(), frames))
+        })
+    }
+
+    fn open_frame(&self, f: &FrameRow) -> Result<Vec<AuditEvent>> {
+        let raw = log::parse_frame(&f.raw).map_err(|_| Error::DataLoss)?;
+        if raw.first_seq != f.first_seq {
+            return Err(Error::DataLoss);
+        }
+        raw.open(&self.keys, f.prev).ok_or(Error::DataLoss)
+    }
+
+    /// [`super::Audit::query_each`] on the tables.
+    pub fn query_each(
+        &self,
+        q: &Query,
+        key: Option<log::Key<'_>>,
+        mut emit: impl FnMut(AuditEvent) -> bool,
+    ) -> Result<()> {
+        let (head, _) = self.read_head()?;
+        let upper = match q.before_seq {
+            0 => head,
+            b => head.min(b - 1),
+        };
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut sent = 0usize;
+        const PAGE: i64 = 256;
+        let mut emit_all = |events: Vec<AuditEvent>| -> bool {
+            for e in events {
+                if !emit(e) {
+                    return false;
+                }
+                sent += 1;
+                if sent >= limit {
+                    return false;
+                }
+            }
+            true
+        };
+        match key {
+            Some(k) => {
+                let tag = self.keys.index(k);
+                let mut cursor = if q.newest_first { upper + 1 } else { 0 };
+                loop {
+                    let (seqs, frames) = self.tagged(tag, cursor, upper, q.newest_first, PAGE)?;
+                    let Some(&last) = seqs.last() else {
+                        return Ok(());
+                    };
+                    let mut found = Vec::new();
+                    for f in &frames {
+                        found.extend(self.open_frame(f)?.into_iter().filter(|e| {
+                            seqs.binary_search_by(|s| {
+                                if q.newest_first {
+                                    e.seq.cmp(s)
+                                } else {
+                                    s.cmp(&e.seq)
+                                }
+                            })
+                            .is_ok()
+                                && q.matches(e)
+                        }));
+                    }
+                    found.sort_by_key(|e| e.seq);
+                    if q.newest_first {
+                        found.reverse();
+                    }
+                    if !emit_all(found) || (seqs.len() as i64) < PAGE {
+                        return Ok(());
+                    }
+                    cursor = last;
+                }
+            }
+            None => {
+                let mut cursor = if q.newest_first { upper + 1 } else { 0 };
+                loop {
+                    let frames = self.frames(
+                        cursor,
+                        upper,
+                        q.newest_first,
+                        q.since_unix_ms,
+                        q.until_unix_ms,
+                        16,
+                    )?;
+                    let Some(last) = frames.last() else {
+                        return Ok(());
+                    };
+                    cursor = if q.newest_first {
+                        last.first_seq
+                    } else {
+                        // The next frame starts after this one's events.
+                        0
+                    };
+                    let mut next_from = 0;
+                    for f in &frames {
+                        let mut events: Vec<AuditEvent> = self.open_frame(f)?;
+                        next_from = events.last().map_or(f.first_seq, |e| e.seq) + 1;
+                        events.retain(|e| e.seq <= upper && q.matches(e));
+                        if q.newest_first {
+                            events.reverse();
+                        }
+                        if !emit_all(events) {
+                            return Ok(());
+                        }
+                    }
+                    if !q.newest_first {
+                        cursor = next_from;
+                    }
+                    if frames.len() < 16 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::Audit::verify_with`] on the tables: the base's MAC, then
+    /// every frame in seq order from it to the head.
+    pub fn verify_with(
+        &self,
+        checkpoint: Option<(u64, [u8; 32])>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Verification> {
+        let pool = self.pool.clone();
+        let (head_seq, base_seq, base_prev, base_mac) = self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let r = c
+                .query_one(
+                    "SELECT seq, base_seq, base_prev, base_mac FROM coffre_audit_head WHERE id = 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok((
+                r.get::<_, i64>(0) as u64,
+                r.get::<_, i64>(1) as u64,
+                hash32(&r.get::<_, Vec<u8>>(2)),
+                r.get::<_, Option<Vec<u8>>>(3),
+            ))
+        })?;
+        self.check_not_behind(head_seq)?;
+        let bad = |seq: u64, why: &str, prev: [u8; 32], checked| {
+            Ok(Verification {
+                ok: false,
+                checked,
+                first_bad_seq: seq,
+                head_seq,
+                head_hash: prev,
+                reason: Some(why.to_string()),
+                restores: Vec::new(),
+                note: None,
+            })
+        };
+        let genesis = base_seq == 1 && base_prev == GENESIS;
+        let base_ok = base_mac
+            .as_deref()
+            .is_some_and(|m| crypto::ct_eq(m, &self.keys.segment_mac(base_seq, &base_prev)));
+        if !genesis && !base_ok {
+            return bad(base_seq, "trail base fails its MAC", base_prev, 0);
+        }
+        let (mut prev, mut expect, mut checked) = (base_prev, base_seq, 0u64);
+        let mut restores: Vec<RestoreMark> = Vec::new();
+        let mut note = None;
+        let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
+        let mut next_report = 1u64 << 16;
+        'pages: while expect <= head_seq {
+            let frames = self.frames(expect, head_seq, false, 0, 0, 64)?;
+            if frames.is_empty() {
+                break;
+            }
+            for f in &frames {
+                let Ok(frame) = log::parse_frame(&f.raw) else {
+                    return bad(expect, "frame damaged", prev, checked);
+                };
+                if frame.first_seq != expect || f.first_seq != expect {
+                    return bad(expect, "sequence gap or reordering", prev, checked);
+                }
+                let Some(events) = frame.open(&self.keys, prev) else {
+                    return bad(expect, "event was modified", prev, checked);
+                };
+                let end = events.last().map_or(prev, |e| hash32(&e.hash));
+                if !crypto::ct_eq(&end, &frame.end_hash) {
+                    return bad(expect, "event was modified", prev, checked);
+                }
+                restores.extend(events.iter().filter_map(RestoreMark::of));
+                if let Some((cs, ch)) = checkpoint
+                    && (frame.first_seq..=frame.last_seq()).contains(&cs)
+                {
+                    let e = &events[(cs - frame.first_seq) as usize];
+                    if !crypto::ct_eq(&ch, &e.hash) {
+                        match restores.iter().rev().find(|r| r.backup_head_seq < cs) {
+                            Some(r) => note = Some(restore_note(cs, r)),
+                            None => return bad(cs, "checkpoint hash differs", prev, checked),
+                        }
+                    }
+                    seen_checkpoint = true;
+                }
+                prev = end;
+                expect += frame.count as u64;
+                checked += frame.count as u64;
+                if checked >= next_report {
+                    progress(checked);
+                    next_report += 1 << 16;
+                }
+                if expect > head_seq {
+                    break 'pages;
+                }
+            }
+        }
+        if expect <= head_seq {
+            return bad(expect, "events missing at the tail", prev, checked);
+        }
+        if !seen_checkpoint
+            && let Some((cs, _)) = checkpoint
+            && let Some(r) = restores.iter().rev().find(|r| r.backup_head_seq < cs)
+        {
+            note = Some(restore_note(cs, r));
+            seen_checkpoint = true;
+        }
+        if !seen_checkpoint {
+            let cs = checkpoint.map_or(0, |c| c.0);
+            return bad(
+                cs,
+                "chain no longer reaches the checkpoint (truncated)",
+                prev,
+                checked,
+            );
+        }
+        progress(checked);
+        Ok(Verification {
+            ok: true,
+            checked,
+            first_bad_seq: 0,
+            head_seq,
+            head_hash: prev,
+            reason: None,
+            restores,
+            note,
+        })
+    }
+
+    /// Drops the frames whose events are all older than `before_unix_ms`
+    /// (never the head's), keeping each record's latest write aside first,
+    /// and moves the authenticated base. One node at a time (an advisory
+    /// lock); returns how many events went.
+    pub async fn prune(self: &Arc<Self>, before_unix_ms: i64) -> Result<u64> {
+        let mut dropped = 0;
+        loop {
+            let (head, _) = {
+                let t = self.clone();
+                tokio::task::spawn_blocking(move || t.read_head())
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??
+            };
+            let t = self.clone();
+            let frames = tokio::task::spawn_blocking(move || {
+                t.frames(0, head.saturating_sub(1), false, 0, before_unix_ms, 64)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            // Only frames wholly before the cut and before the head.
+            let mut latest = retained::Latest::default();
+            let mut last: Option<(u64, [u8; 32])> = None;
+            for f in &frames {
+                let events = self.open_frame(f)?;
+                let Some(end) = events.last() else { continue };
+                if end.time_unix_ms >= before_unix_ms || end.seq >= head {
+                    break;
+                }
+                retained::note_latest(&self.keys, &events, &mut latest);
+                last = Some((end.seq, hash32(&end.hash)));
+            }
+            let Some((last_seq, last_hash)) = last else {
+                return Ok(dropped);
+            };
+            retained::keep_latest_writes(&self.store, &self.keys, latest).await?;
+            let mac = self.keys.segment_mac(last_seq + 1, &last_hash).to_vec();
+            let pool = self.pool.clone();
+            let n = {
+                let t = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    t.run(async move {
+                        let mut c = pool.get().await.map_err(pool_error)?;
+                        let tx = c.transaction().await.map_err(pg_error)?;
+                        let got: bool = tx
+                            .query_one("SELECT pg_try_advisory_xact_lock(7318002)", &[])
+                            .await
+                            .map_err(pg_error)?
+                            .get(0);
+                        if !got {
+                            return Ok(None);
+                        }
+                        let base: i64 = tx
+                            .query_one("SELECT base_seq FROM coffre_audit_head WHERE id = 1", &[])
+                            .await
+                            .map_err(pg_error)?
+                            .get(0);
+                        let last = last_seq as i64;
+                        tx.execute(
+                            "DELETE FROM coffre_audit_frame WHERE last_seq <= $1",
+                            &[&last],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                        tx.execute("DELETE FROM coffre_audit_tag WHERE seq <= $1", &[&last])
+                            .await
+                            .map_err(pg_error)?;
+                        tx.execute(
+                            "UPDATE coffre_audit_head SET base_seq = $1, base_prev = $2, base_mac = $3 \
+                             WHERE id = 1 AND base_seq <= $1",
+                            &[&(last + 1), &last_hash.to_vec(), &mac],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                        tx.commit().await.map_err(pg_error)?;
+                        Ok(Some((last + 1 - base).max(0) as u64))
+                    })
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??
+            };
+            match n {
+                Some(n) => dropped += n,
+                // Another node is pruning.
+                None => return Ok(dropped),
+            }
+        }
+    }
+}
+
+impl Trail {
+    /// The latest write of a record that pruning kept aside.
+    pub async fn retained(&self, tenant: &str, id: &str) -> Result<Option<super::LatestWrite>> {
+        retained::lookup(&self.store, &self.keys, tenant, id).await
+    }
+}
+
+impl Drop for Trail {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
