@@ -75,7 +75,7 @@ async fn a_copy_of_the_data_directory_holds_no_value_password_token_or_key() {
     secrets.push(key_b64.into_bytes());
     s.stop().await;
 
-    let files = all_files(&s.data_dir());
+    let files = s.stored_files();
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
     assert!(
         total > 10_000,
@@ -154,7 +154,7 @@ async fn tampered_or_moved_ciphertext_gives_data_loss_never_other_plaintext() {
     s.stop().await;
 
     {
-        let store = open_store(&s.data_dir()).await;
+        let store = s.raw_store().await;
         let load = async |t: &str, id: &str| -> RawRecord {
             prost::Message::decode(
                 &store
@@ -287,7 +287,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
     // p3 at version 1, kept by the attacker; then written again.
     s.stop().await;
     let old_p3 = {
-        let store = open_store(&s.data_dir()).await;
+        let store = s.raw_store().await;
         store
             .get(Space::Records, &rkey("clinic_a", "p3"))
             .await
@@ -304,7 +304,7 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
     r.put_record(authed(&a, put("p3", &newer))).await.unwrap();
     s.stop().await;
     {
-        let store = open_store(&s.data_dir()).await;
+        let store = s.raw_store().await;
         let load = async |id: &str| -> RawRecord {
             prost::Message::decode(
                 &store

@@ -515,8 +515,8 @@ async fn five_tamper_classes_are_detected_and_located() {
         let checkpoint = (v.head_seq, v.head_hash.clone());
         s.stop().await;
         // The frame holding event 5 (sequential calls: one event a frame).
-        let target = frame_of(&s.data_dir(), 5).1;
-        edit_frames(&s.data_dir(), |frames| {
+        let target = trail_frame_of(&s, 5);
+        edit_trail(&s, |frames| {
             let i = frames.iter().position(|f| f.0 == target).unwrap();
             match class {
                 "edit" => {
@@ -868,7 +868,7 @@ async fn retention_pruning_keeps_the_rest_verifiable() {
     // Deleting the first kept event is still caught.
     let first = kept[0].seq;
     s.stop().await;
-    edit_frames(&s.data_dir(), |frames| {
+    edit_trail(&s, |frames| {
         assert_eq!(frames[0].0, first);
         frames.remove(0);
     });

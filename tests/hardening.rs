@@ -290,9 +290,6 @@ async fn calls_with_a_revoked_token_are_attributed() {
     assert_eq!(e.code(), Code::Unauthenticated);
 }
 
-fn dir_size(dir: &std::path::Path) -> u64 {
-    all_files(dir).iter().map(|(_, b)| b.len() as u64).sum()
-}
 
 #[tokio::test]
 async fn an_oversize_request_is_cut_in_the_trail() {
@@ -300,7 +297,7 @@ async fn an_oversize_request_is_cut_in_the_trail() {
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let auditor = auditor(&s).await;
     s.vault.as_ref().unwrap().store.flush_blocking().unwrap();
-    let before = dir_size(&s.data_dir());
+    let before = s.stored_size();
     let mut r = s.records().await;
     let purpose = "p".repeat(2 * 1024 * 1024 - 100);
     for _ in 0..20 {
@@ -310,7 +307,7 @@ async fn an_oversize_request_is_cut_in_the_trail() {
         assert_eq!(e.code(), Code::InvalidArgument);
     }
     s.vault.as_ref().unwrap().store.flush_blocking().unwrap();
-    let grown = dir_size(&s.data_dir()).saturating_sub(before);
+    let grown = s.stored_size().saturating_sub(before);
     println!("20 calls with a 2 MB purpose grew the data directory by {grown} bytes");
     assert!(grown < 1024 * 1024, "grew by {grown} bytes");
     let evs = events(
@@ -463,7 +460,7 @@ async fn a_flood_of_refused_calls_is_summed_up_not_stored_each() {
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let auditor = auditor(&s).await;
     s.vault.as_ref().unwrap().store.flush_blocking().unwrap();
-    let before = dir_size(&s.data_dir());
+    let before = s.stored_size();
     let mut tasks = Vec::new();
     for w in 0..8 {
         let ch = s.channel().await;
@@ -502,7 +499,7 @@ async fn a_flood_of_refused_calls_is_summed_up_not_stored_each() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     s.vault.as_ref().unwrap().store.flush_blocking().unwrap();
-    let grown = dir_size(&s.data_dir()).saturating_sub(before);
+    let grown = s.stored_size().saturating_sub(before);
     println!("the trail grew by {grown} bytes");
     assert!(grown < 1024 * 1024, "grew by {grown} bytes");
     let summaries = events(

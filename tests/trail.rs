@@ -207,7 +207,7 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
     // Put an older copy back: the kept-aside write still tells.
     s.stop().await;
     {
-        let store = open_store(&s.data_dir()).await;
+        let store = s.raw_store().await;
         let mut k = b"clinic\0".to_vec();
         k.extend_from_slice(b"kept");
         let mut b = coffre::store::Batch::new();

@@ -263,6 +263,7 @@ impl Trail {
                     }
                 }
                 Err(e) => {
+                    eprintln!("DEBUG trail write: {e:?}");
                     self.store.note_failure();
                     let msg = e.to_string();
                     for w in waiters {

@@ -33,6 +33,17 @@ pub const ROOMY_LIMITS: &str = "[limits.clinician]\nreads_per_second = 1000000.0
      [limits.service]\nreads_per_second = 1000000.0\nread_burst = 1000000\n\
      distinct_records_per_hour = 1000000\ndistinct_records_per_day = 1000000\n";
 
+/// Whether this run's backend is one of `backends`; if not, says loudly
+/// that the test is skipped and why (a test of sled's files, say).
+pub fn runs_on(backends: &[&str], why: &str) -> bool {
+    let b = test_backend();
+    if backends.contains(&b.as_str()) {
+        return true;
+    }
+    eprintln!("\n*** SKIPPED on storage.backend = {b}: {why} ***\n");
+    false
+}
+
 /// The storage backends the whole suite runs against: `COFFRE_TEST_BACKEND`
 /// picks one (default the first). A new backend joins by one line here and
 /// one run in `.ci/run`.
@@ -199,6 +210,52 @@ impl TestServer {
 
     pub fn data_dir(&self) -> PathBuf {
         self.config.data_dir.clone()
+    }
+
+    /// The store as someone with write access to the data (the data
+    /// directory, or the database) would open it; the server is stopped
+    /// first where the engine allows one process only (sled).
+    pub async fn raw_store(&self) -> coffre::store::Storage {
+        match self.config.storage.postgres_url.as_ref() {
+            Some(url) if test_backend() == "postgres" => {
+                let b = coffre::store::PostgresBackend::open(&coffre::store::PostgresOptions {
+                    url: url.expose().to_string(),
+                    pool_size: 2,
+                })
+                .await
+                .unwrap();
+                coffre::store::Storage::new(Arc::new(b))
+            }
+            _ => open_store(&self.data_dir()).await,
+        }
+    }
+
+    /// Every file that holds this server's data at rest: the data
+    /// directory (sled), or the database's files in the cluster after a
+    /// checkpoint (postgres).
+    pub fn stored_files(&self) -> Vec<(String, Vec<u8>)> {
+        match pg_database(&self.config) {
+            Some((pg, db)) => {
+                pg.sql(&db, "CHECKPOINT");
+                let oid = pg.sql(&db, "SELECT oid FROM pg_database WHERE datname = current_database()");
+                all_files(&pg.data_dir().join("base").join(oid))
+            }
+            None => all_files(&self.data_dir()),
+        }
+    }
+
+    /// Bytes the server's data takes at rest.
+    pub fn stored_size(&self) -> u64 {
+        match pg_database(&self.config) {
+            Some((pg, db)) => pg
+                .sql(&db, "SELECT pg_database_size(current_database())")
+                .parse()
+                .unwrap(),
+            None => all_files(&self.data_dir())
+                .iter()
+                .map(|(_, b)| b.len() as u64)
+                .sum(),
+        }
     }
 
     pub async fn channel(&self) -> Channel {
@@ -491,6 +548,76 @@ pub async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String
         .token
 }
 
+/// The shared cluster and the database name of a postgres config.
+pub fn pg_database(config: &Config) -> Option<(&'static pg::PgCluster, String)> {
+    if test_backend() != "postgres" {
+        return None;
+    }
+    let url = config.storage.postgres_url.as_ref()?.expose().to_string();
+    let db = url.rsplit('/').next()?.to_string();
+    Some((pg::shared()?, db))
+}
+
+/// The trail's frames, `(first seq, bytes)` in seq order, of a stopped
+/// server's last segment (sled) or of the whole table (postgres), as
+/// `edit` leaves them: how the tamper tests act as someone with write
+/// access to the data.
+pub fn edit_trail(s: &TestServer, edit: impl FnOnce(&mut Vec<(u64, Vec<u8>)>)) {
+    let Some((pg, db)) = pg_database(&s.config) else {
+        return edit_frames(&s.data_dir(), edit);
+    };
+    let rows = pg.sql(
+        &db,
+        "SELECT first_seq || ' ' || encode(raw, 'hex') || ' ' || encode(prev, 'hex') || ' ' || first_time || ' ' || last_time FROM coffre_audit_frame ORDER BY first_seq",
+    );
+    let mut frames = Vec::new();
+    let mut meta = Vec::new();
+    for line in rows.lines() {
+        let p: Vec<&str> = line.split(' ').collect();
+        frames.push((p[0].parse::<u64>().unwrap(), hex::decode(p[1]).unwrap()));
+        meta.push((p[2].to_string(), p[3].to_string(), p[4].to_string()));
+    }
+    let columns: Vec<u64> = frames.iter().map(|f| f.0).collect();
+    edit(&mut frames);
+    // Each row keeps the seq column of its position (the primary key an
+    // attacker cannot duplicate); the bytes say what they say. The head
+    // row is moved to the last frame, as an attacker covering a cut would.
+    let mut sql = String::from("BEGIN; DELETE FROM coffre_audit_frame;");
+    let mut next_col = 0;
+    let mut head = (0u64, String::new());
+    for (i, (_, raw)) in frames.iter().enumerate() {
+        let count = u32::from_le_bytes(raw[12..16].try_into().unwrap()) as u64;
+        let col = columns.get(i).copied().unwrap_or(next_col);
+        next_col = col + count;
+        head = (col + count - 1, hex::encode(&raw[16..48]));
+        let (prev, t0, t1) = &meta[i.min(meta.len() - 1)];
+        sql.push_str(&format!(
+            "INSERT INTO coffre_audit_frame VALUES ({col}, {}, {t0}, {t1}, decode('{prev}', 'hex'), decode('{}', 'hex'));",
+            col + count - 1,
+            hex::encode(raw)
+        ));
+    }
+    sql.push_str(&format!(
+        "UPDATE coffre_audit_head SET seq = {}, hash = decode('{}', 'hex'); COMMIT;",
+        head.0, head.1
+    ));
+    pg.sql(&db, &sql);
+}
+
+/// The first seq of the trail's frame that holds `seq`.
+pub fn trail_frame_of(s: &TestServer, seq: u64) -> u64 {
+    match pg_database(&s.config) {
+        Some((pg, db)) => pg
+            .sql(
+                &db,
+                &format!("SELECT first_seq FROM coffre_audit_frame WHERE first_seq <= {seq} ORDER BY first_seq DESC LIMIT 1"),
+            )
+            .parse()
+            .unwrap(),
+        None => frame_of(&s.data_dir(), seq).1,
+    }
+}
+
 /// Every byte of every file under `dir`.
 pub fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -509,7 +636,7 @@ pub fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Through the server at `addr`, as the bootstrap admin: creates tenant

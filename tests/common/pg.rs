@@ -97,7 +97,7 @@ impl PgCluster {
         );
         let port = free_port();
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400",
             dir.path().display()
         );
         let st = as_user(user.as_deref(), &bin.join("pg_ctl"))
@@ -120,6 +120,11 @@ impl PgCluster {
             user,
             port,
         })
+    }
+
+    /// The cluster's data directory (its files, as a copy would hold them).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// A URL for a client on this machine.
