@@ -393,6 +393,9 @@ pub struct Accounts {
     hasher: Arc<Hasher>,
     session: SessionConfig,
     sessions: RwLock<HashMap<[u8; 32], Arc<CachedSession>>>,
+    /// Sessions are shared with other nodes (one database): none is
+    /// trusted from this node's cache.
+    shared: bool,
     unknown_failures: Mutex<HashMap<[u8; 32], (u32, i64)>>,
     /// One login at a time per (tenant, username), known or not: parallel
     /// guesses queue, so the fifth failure locks before a sixth is tried.
@@ -453,10 +456,18 @@ impl Accounts {
             hasher,
             session,
             sessions: RwLock::new(HashMap::new()),
+            shared: false,
             unknown_failures: Mutex::new(HashMap::new()),
             login_turns: Mutex::new(HashMap::new()),
             principal_writes: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// For a node that shares its database with others: every call reads
+    /// its session from the database (a logout elsewhere counts at once).
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// Re-reads a principal and applies `f` to it under the write lock;
@@ -713,7 +724,13 @@ impl Accounts {
     pub async fn authenticate(&self, token: &str) -> Result<Caller, Refused> {
         let hash = crypto::sha256(token.as_bytes());
         let now = now_ms();
-        let cached = self.sessions.read().get(&hash).cloned();
+        // Several nodes share the sessions: a logout on another node must
+        // refuse the next call here, so the stored session decides.
+        let cached = if self.shared {
+            None
+        } else {
+            self.sessions.read().get(&hash).cloned()
+        };
         let s = match cached {
             Some(s) => s,
             None => {

@@ -38,6 +38,15 @@ pub struct Honeytokens {
 impl Honeytokens {
     /// Loads the tags of every canary (a few per tenant).
     pub async fn open(store: Storage, key: SecretKey) -> Result<Self> {
+        let tags = Self::stored_tags(&store).await?;
+        Ok(Self {
+            store,
+            key,
+            tags: RwLock::new(tags),
+        })
+    }
+
+    async fn stored_tags(store: &Storage) -> Result<HashSet<[u8; 32]>> {
         let mut tags = HashSet::new();
         for (k, _) in store
             .scan_prefix(Space::Honeytokens, b"", usize::MAX)
@@ -47,11 +56,15 @@ impl Honeytokens {
                 tags.insert(t);
             }
         }
-        Ok(Self {
-            store,
-            key,
-            tags: RwLock::new(tags),
-        })
+        Ok(tags)
+    }
+
+    /// Re-reads the canaries, for the ones another node made (several
+    /// nodes on one database re-read them every second).
+    pub async fn reload(&self) -> Result<()> {
+        let tags = Self::stored_tags(&self.store).await?;
+        *self.tags.write() = tags;
+        Ok(())
     }
 
     fn tag(&self, tenant: &TenantName, id: &RecordId) -> [u8; 32] {

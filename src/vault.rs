@@ -242,12 +242,16 @@ impl Vault {
             }
         };
         let audit = Arc::new(audit);
-        let accounts = Arc::new(Accounts::new(
+        let mut accounts = Accounts::new(
             store.clone(),
             hasher.clone(),
             config.session.clone(),
             audit.clone(),
-        ));
+        );
+        if pg.is_some() {
+            accounts = accounts.shared();
+        }
+        let accounts = Arc::new(accounts);
         let derived = |k: &crate::crypto::SecretKey| {
             crate::crypto::SecretKey::from_slice(k.expose())
                 .expect("derived keys are KEY_LEN bytes")

@@ -290,7 +290,6 @@ async fn calls_with_a_revoked_token_are_attributed() {
     assert_eq!(e.code(), Code::Unauthenticated);
 }
 
-
 #[tokio::test]
 async fn an_oversize_request_is_cut_in_the_trail() {
     let s = TestServer::start().await;

@@ -256,6 +256,15 @@ async fn rotate_rewrap_under_load_then_retire() {
     let mut s = s;
     s.stop().await;
     // Gone from every file: the key store is rewritten whole, not logged.
+    // (PostgreSQL keeps the old row in a dead tuple and in its WAL until
+    // vacuumed and recycled: there the master key's rotation is what makes
+    // a retired key's bytes useless; docs/operations.md.)
+    if !runs_on(
+        &["sled"],
+        "a retired key's bytes leave sled's files; PostgreSQL keeps them in dead tuples and WAL",
+    ) {
+        return;
+    }
     let left: Vec<String> = all_files(&s.data_dir())
         .into_iter()
         .filter(|(_, bytes)| contains(bytes, &wrapped_v1))
@@ -486,6 +495,12 @@ async fn open_with(
 /// works, with the audit chain still verifying.
 #[tokio::test]
 async fn master_rotation_is_crash_safe_at_every_step() {
+    if !runs_on(
+        &["sled"],
+        "rotate-master rewrites the key store file of a data directory; on PostgreSQL it is not in this release",
+    ) {
+        return;
+    }
     let mut s = TestServer::start().await;
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let mut r = s.records().await;
@@ -558,6 +573,12 @@ async fn master_rotation_is_crash_safe_at_every_step() {
 /// master key has been rotated, and other tenants are untouched.
 #[tokio::test]
 async fn shredding_a_tenant_destroys_it_and_spares_the_others() {
+    if !runs_on(
+        &["sled"],
+        "it copies the data directory as a backup and looks for the key's bytes in sled's files",
+    ) {
+        return;
+    }
     let mut s = TestServer::start().await;
     let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
     let other = s.tenant_with("other", "dr_b", pb::Role::Clinician).await;

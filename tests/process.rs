@@ -105,9 +105,29 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     assert!(e.contains("tls.cert"), "{e}");
     let e = refused(&cfg, &[("COFFRE_ARGON2_T", "many")]);
     assert!(e.contains("COFFRE_ARGON2_T"), "{e}");
-    // A backend this release does not have, and one that does not exist.
-    let e = refused(&cfg, &[("COFFRE_STORAGE_BACKEND", "postgres")]);
-    assert!(e.contains("storage.backend") && e.contains("sled"), "{e}");
+    // PostgreSQL without a URL, or one nobody answers (whose password
+    // stays out of the message), and a backend that does not exist.
+    let e = refused(
+        &cfg,
+        &[
+            ("COFFRE_STORAGE_BACKEND", "postgres"),
+            ("COFFRE_STORAGE_POSTGRES_URL", ""),
+        ],
+    );
+    assert!(e.contains("storage.postgres_url"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    let e = refused(
+        &cfg,
+        &[
+            ("COFFRE_STORAGE_BACKEND", "postgres"),
+            (
+                "COFFRE_STORAGE_POSTGRES_URL",
+                "postgres://coffre:hunter2-db-pass@127.0.0.1:1/coffre",
+            ),
+        ],
+    );
+    assert!(e.contains("PostgreSQL"), "{e}");
+    assert!(!e.contains("hunter2"), "the password leaked: {e}");
     assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
     let e = refused(&cfg, &[("COFFRE_STORAGE_BACKEND", "oracle")]);
     assert!(
@@ -178,7 +198,7 @@ async fn a_generated_bootstrap_password_goes_to_a_terminal_only() {
     let _ = child.kill();
     let _ = child.wait();
     // Never inside the data directory (T1), never again on a restart.
-    for (name, bytes) in all_files(&root.path().join("data")) {
+    for (name, bytes) in stored_files_at(root.path()) {
         assert!(
             !contains(&bytes, pw.as_bytes()),
             "{name} holds the password"

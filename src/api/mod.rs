@@ -38,7 +38,10 @@ use crate::{
 /// `Error`'s `Display`, which never carries a value; causes are logged.
 pub fn to_status(e: Error) -> Status {
     match &e {
-        Error::Unavailable(cause) => { eprintln!("DEBUG unavailable: {cause}"); tracing::error!(error = %cause, "storage unavailable") }
+        Error::Unavailable(cause) => {
+            eprintln!("DEBUG unavailable: {cause}");
+            tracing::error!(error = %cause, "storage unavailable")
+        }
         Error::Internal(cause) => tracing::error!(error = %cause, "internal error"),
         _ => {}
     }

@@ -145,6 +145,9 @@ impl Trail {
 
     /// The head in the database now; notes a head that went backwards.
     fn read_head(&self) -> std::result::Result<(u64, [u8; 32]), StorageError> {
+        // Seen before the read: an append that lands while we read moves
+        // `seen` past what we read, which is no step backwards.
+        let seen = self.seen.load(Ordering::SeqCst);
         let pool = self.pool.clone();
         let (seq, hash) = self.run(async move {
             let c = pool.get().await.map_err(pool_error)?;
@@ -154,12 +157,13 @@ impl Trail {
                 .map_err(pg_error)?;
             Ok((r.get::<_, i64>(0) as u64, hash32(&r.get::<_, Vec<u8>>(1))))
         })?;
-        self.check_not_behind(seq)?;
+        self.check_not_behind(seq, seen)?;
         Ok((seq, hash))
     }
 
-    fn check_not_behind(&self, seq: u64) -> std::result::Result<(), StorageError> {
-        let seen = self.seen.load(Ordering::SeqCst);
+    /// Whether the head `seq` read from the database is behind `seen`, the
+    /// highest this node knew durable before reading it.
+    fn check_not_behind(&self, seq: u64, seen: u64) -> std::result::Result<(), StorageError> {
         if seq < seen {
             if !self.diverged.swap(true, Ordering::SeqCst) {
                 tracing::error!(
@@ -280,6 +284,8 @@ impl Trail {
         self: Arc<Self>,
         mut events: Vec<AuditEvent>,
     ) -> std::result::Result<Vec<AuditEvent>, StorageError> {
+        // Only this writer moves `seen` forward on this node.
+        let seen = self.seen.load(Ordering::SeqCst);
         let mut c = self.pool.get().await.map_err(pool_error)?;
         let tx = c.transaction().await.map_err(pg_error)?;
         let head = tx
@@ -292,7 +298,7 @@ impl Trail {
             .await
             .map_err(pg_error)?;
         let mut seq = head.get::<_, i64>(0) as u64;
-        self.check_not_behind(seq)?;
+        self.check_not_behind(seq, seen)?;
         let mut hash = hash32(&head.get::<_, Vec<u8>>(1));
         // Time never goes backwards in the trail, whatever the clocks.
         let time = head.get::<_, i64>(3).max(head.get::<_, i64>(2));
@@ -566,6 +572,7 @@ impl Trail {
         checkpoint: Option<(u64, [u8; 32])>,
         mut progress: impl FnMut(u64),
     ) -> Result<Verification> {
+        let seen = self.seen.load(Ordering::SeqCst);
         let pool = self.pool.clone();
         let (head_seq, base_seq, base_prev, base_mac) = self.run(async move {
             let c = pool.get().await.map_err(pool_error)?;
@@ -583,7 +590,7 @@ impl Trail {
                 r.get::<_, Option<Vec<u8>>>(3),
             ))
         })?;
-        self.check_not_behind(head_seq)?;
+        self.check_not_behind(head_seq, seen)?;
         let bad = |seq: u64, why: &str, prev: [u8; 32], checked| {
             Ok(Verification {
                 ok: false,

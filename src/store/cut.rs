@@ -53,6 +53,7 @@ impl Cuts {
         for op in &batch.0 {
             let (space, key) = match op {
                 Op::Put(s, k, _) | Op::Delete(s, k) => (*s, k),
+                Op::Expect(..) => continue,
             };
             let id = (space as u8, key.clone());
             if state.pre.lock().contains_key(&id) {

@@ -63,6 +63,7 @@ impl Backend for FaultyBackend {
         let failing = self.failing.lock().clone();
         let touches = batch.0.iter().any(|op| match op {
             Op::Put(s, _, _) | Op::Delete(s, _) => failing.contains(s),
+            Op::Expect(..) => false,
         });
         if touches {
             return Err(StorageError::Io("injected fault".into()));
@@ -70,8 +71,9 @@ impl Backend for FaultyBackend {
         {
             let mut w = self.writes.lock();
             for op in &batch.0 {
-                let (Op::Put(s, _, _) | Op::Delete(s, _)) = op;
-                *w.entry(*s as u8).or_default() += 1;
+                if let Op::Put(s, _, _) | Op::Delete(s, _) = op {
+                    *w.entry(*s as u8).or_default() += 1;
+                }
             }
         }
         self.inner.apply(batch).await

@@ -69,6 +69,10 @@ pub enum StorageError {
     /// Something that runs one at a time is running (a backup's cut).
     #[error("{0}")]
     Busy(&'static str),
+    /// A conditional batch found its key changed ([`Op::Expect`]): another
+    /// writer went first; read again and retry.
+    #[error("a concurrent write went first")]
+    Conflict,
     /// The database's schema is newer than this build: another node was
     /// upgraded first.
     #[error(
@@ -104,11 +108,18 @@ pub enum Space {
 /// A stored key (within its space) and value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-/// One write of a batch.
+/// One write of a batch, or the condition it is applied under.
 #[derive(Debug)]
 pub enum Op {
     Put(Space, Vec<u8>, Vec<u8>),
     Delete(Space, Vec<u8>),
+    /// The batch applies only if the key holds this value (`None`: is
+    /// absent); otherwise nothing of it is applied and `apply` answers
+    /// [`StorageError::Conflict`]. At most one per batch. What makes a
+    /// read-modify-write exact across nodes (a login's failure count, a
+    /// budget, a record's version): read, compute, apply expecting what
+    /// was read, and start again on a conflict.
+    Expect(Space, Vec<u8>, Option<Vec<u8>>),
 }
 
 /// Writes applied all together or not at all.
@@ -124,6 +135,17 @@ impl Batch {
     }
     pub fn delete(&mut self, space: Space, key: impl Into<Vec<u8>>) {
         self.0.push(Op::Delete(space, key.into()));
+    }
+    /// Applies the batch only if `key` still holds `value` ([`Op::Expect`]).
+    pub fn expect(&mut self, space: Space, key: impl Into<Vec<u8>>, value: Option<Vec<u8>>) {
+        self.0.push(Op::Expect(space, key.into(), value));
+    }
+    /// The batch's condition, if any.
+    pub fn condition(&self) -> Option<(Space, &[u8], Option<&[u8]>)> {
+        self.0.iter().find_map(|op| match op {
+            Op::Expect(s, k, v) => Some((*s, k.as_slice(), v.as_deref())),
+            _ => None,
+        })
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -227,6 +249,10 @@ pub struct Storage {
     /// Held (shared) by a call from before its write to after its audit
     /// event; taken whole by [`Storage::cut_between_calls`].
     calls: Arc<tokio::sync::RwLock<()>>,
+    /// Other processes write the same store (nodes on one database): a
+    /// read-modify-write must be conditional ([`Op::Expect`]), since this
+    /// process's locks do not reach them.
+    shared: bool,
 }
 
 impl Storage {
@@ -244,7 +270,19 @@ impl Storage {
             failures: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             cuts: Arc::default(),
             calls: Arc::default(),
+            shared: false,
         }
+    }
+
+    /// Marks the store as written by other nodes too.
+    pub fn shared_with_other_nodes(mut self) -> Self {
+        self.shared = true;
+        self
+    }
+
+    /// Whether other nodes write this store.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Refuses writes while `guard` says the disk is nearly full.

@@ -87,6 +87,9 @@ pub struct PostgresOptions {
 /// The key spaces in `coffre_kv`, through a pool of connections.
 pub struct PostgresBackend {
     pool: Pool,
+    /// Set once the schema is found newer than this build (another node
+    /// was upgraded): every operation is refused from then on.
+    newer: std::sync::atomic::AtomicI32,
 }
 
 /// A PostgreSQL error as a storage error: its SQLSTATE and a class, never
@@ -143,8 +146,12 @@ impl PostgresBackend {
     /// than this build.
     pub async fn open(opts: &PostgresOptions) -> Result<Self, StorageError> {
         let pool = Self::pool(opts)?;
-        let b = Self { pool };
+        let b = Self {
+            pool,
+            newer: std::sync::atomic::AtomicI32::new(0),
+        };
         b.migrate().await?;
+        b.sync_clock().await?;
         Ok(b)
     }
 
@@ -231,6 +238,56 @@ impl PostgresBackend {
         .await
     }
 
+    /// Refuses every operation once the schema was found newer.
+    fn ready(&self) -> Result<(), StorageError> {
+        match self.newer.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Ok(()),
+            found => Err(StorageError::Newer {
+                found,
+                ours: SCHEMA_VERSION,
+            }),
+        }
+    }
+
+    /// Re-reads the schema version: a newer one (another node upgraded)
+    /// stops this node, with one line in its log.
+    pub async fn check_schema(&self) -> Result<(), StorageError> {
+        self.ready()?;
+        let found = self.schema_version().await?;
+        if found > SCHEMA_VERSION {
+            self.newer
+                .store(found, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                found,
+                ours = SCHEMA_VERSION,
+                "the PostgreSQL schema is newer than this coffre: refusing every call (NOT_SERVING); upgrade this node"
+            );
+        }
+        self.ready()
+    }
+
+    /// Measures this node's offset from the database's clock and follows
+    /// it ([`crate::clock`]): nodes whose clocks drift stamp sessions and
+    /// budgets alike.
+    pub async fn sync_clock(&self) -> Result<(), StorageError> {
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let before = crate::clock::local_ms();
+            let r = c
+                .query_one(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?;
+            let after = crate::clock::local_ms();
+            let db: i64 = r.get(0);
+            crate::clock::set_offset_ms(db - (before + after) / 2);
+            Ok(())
+        })
+        .await
+    }
+
     /// The schema version the database holds now.
     pub async fn schema_version(&self) -> Result<i32, StorageError> {
         timed(async {
@@ -251,6 +308,7 @@ impl PostgresBackend {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
+        self.ready()?;
         let limit = limit.min(i64::MAX as usize) as i64;
         let space = space as i16;
         timed(async {
@@ -287,6 +345,7 @@ impl PostgresBackend {
 #[async_trait::async_trait]
 impl Backend for PostgresBackend {
     async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.ready()?;
         let space = space as i16;
         timed(async {
             let c = self.pool.get().await.map_err(pool_error)?;
@@ -320,14 +379,21 @@ impl Backend for PostgresBackend {
     }
 
     async fn apply(&self, batch: Batch) -> Result<(), StorageError> {
+        self.ready()?;
         // The last op on a key decides it: the same final state as applying
         // them in order, in one statement that touches each key once.
         let mut last: BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+        let mut condition = None;
         for op in batch.0 {
             match op {
-                Op::Put(s, k, v) => last.insert((s as i16, k), Some(v)),
-                Op::Delete(s, k) => last.insert((s as i16, k), None),
-            };
+                Op::Put(s, k, v) => {
+                    last.insert((s as i16, k), Some(v));
+                }
+                Op::Delete(s, k) => {
+                    last.insert((s as i16, k), None);
+                }
+                Op::Expect(s, k, v) => condition = Some((s as i16, k, v)),
+            }
         }
         let (mut ps, mut pk, mut pv, mut ds, mut dk) = (vec![], vec![], vec![], vec![], vec![]);
         for ((s, k), v) in last {
@@ -343,29 +409,57 @@ impl Backend for PostgresBackend {
                 }
             }
         }
+        const WRITE: &str = "WITH d AS (
+                DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
+                WHERE k.space = x.s AND k.key = x.y
+            )
+            INSERT INTO coffre_kv (space, key, value)
+            SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+            ON CONFLICT (space, key) DO UPDATE SET value = excluded.value";
         timed(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
-            let st = c
-                .prepare_cached(
-                    "WITH d AS (
-                        DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
-                        WHERE k.space = x.s AND k.key = x.y
-                    )
-                    INSERT INTO coffre_kv (space, key, value)
-                    SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
-                    ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
-                )
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let st = c.prepare_cached(WRITE).await.map_err(pg_error)?;
+            let Some((space, key, want)) = condition else {
+                c.execute(&st, &[&ps, &pk, &pv, &ds, &dk])
+                    .await
+                    .map_err(pg_error)?;
+                return Ok(());
+            };
+            // Writers of one key take turns on an advisory lock named by
+            // it (a row lock cannot hold a key that does not exist yet);
+            // the value is read after the lock is granted, in a statement
+            // of its own (a snapshot taken after the wait).
+            let lock = i64::from_be_bytes(
+                crate::crypto::sha256(&[&space.to_be_bytes()[..], &key].concat())[..8]
+                    .try_into()
+                    .expect("8 of 32 bytes"),
+            );
+            let tx = c.transaction().await.map_err(pg_error)?;
+            let lock_args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&lock];
+            let read_args: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&space, &key];
+            // Sent together, run in turn: one round trip.
+            let (_, now) = futures::try_join!(
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &lock_args),
+                tx.query_opt(
+                    "SELECT value FROM coffre_kv WHERE space = $1 AND key = $2",
+                    &read_args
+                ),
+            )
+            .map_err(pg_error)?;
+            let now: Option<Vec<u8>> = now.map(|r| r.get(0));
+            if now != want {
+                return Err(StorageError::Conflict);
+            }
+            tx.execute(&st, &[&ps, &pk, &pv, &ds, &dk])
                 .await
                 .map_err(pg_error)?;
-            c.execute(&st, &[&ps, &pk, &pv, &ds, &dk])
-                .await
-                .map_err(pg_error)?;
-            Ok(())
+            tx.commit().await.map_err(pg_error)
         })
         .await
     }
 
     async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError> {
+        self.ready()?;
         let space = space as i16;
         timed(async {
             let c = self.pool.get().await.map_err(pool_error)?;
@@ -383,7 +477,11 @@ impl Backend for PostgresBackend {
 
     async fn flush(&self) -> Result<(), StorageError> {
         // Every statement committed before it returned.
-        Ok(())
+        self.ready()
+    }
+
+    fn admit(&self, _space: Space) -> Result<(), StorageError> {
+        self.ready()
     }
 }
 

@@ -52,6 +52,39 @@ fn spaced(space: Space, key: &[u8]) -> Vec<u8> {
     k
 }
 
+impl SledBackend {
+    /// A conditional batch, in one sled transaction.
+    fn apply_if(&self, batch: Batch) -> Result<(), StorageError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let r = self.db.transaction(|tx| {
+            for op in &batch.0 {
+                if let Op::Expect(s, k, want) = op
+                    && tx.get(spaced(*s, k))?.as_deref() != want.as_deref()
+                {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+            }
+            for op in &batch.0 {
+                match op {
+                    Op::Put(s, k, v) => {
+                        tx.insert(spaced(*s, k), v.as_slice())?;
+                    }
+                    Op::Delete(s, k) => {
+                        tx.remove(spaced(*s, k))?;
+                    }
+                    Op::Expect(..) => {}
+                }
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(())) => Err(StorageError::Conflict),
+            Err(TransactionError::Storage(e)) => Err(io(e)),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Backend for SledBackend {
     async fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -97,12 +130,16 @@ impl Backend for SledBackend {
     }
 
     async fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
+        if batch.condition().is_some() {
+            return self.apply_if(batch);
+        }
         // A lone write is atomic by itself; sled's batches take a global
         // lock that stalls every concurrent reader, so skip it when we can.
         if batch.0.len() == 1 {
             return match batch.0.pop().expect("one op") {
                 Op::Put(s, k, v) => self.db.insert(spaced(s, &k), v).map(|_| ()),
                 Op::Delete(s, k) => self.db.remove(spaced(s, &k)).map(|_| ()),
+                Op::Expect(..) => Ok(()),
             }
             .map_err(io);
         }
@@ -111,6 +148,7 @@ impl Backend for SledBackend {
             match op {
                 Op::Put(s, k, v) => b.insert(spaced(s, &k), v),
                 Op::Delete(s, k) => b.remove(spaced(s, &k)),
+                Op::Expect(..) => {}
             }
         }
         self.db.apply_batch(b).map_err(io)

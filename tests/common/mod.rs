@@ -235,11 +235,7 @@ impl TestServer {
     /// checkpoint (postgres).
     pub fn stored_files(&self) -> Vec<(String, Vec<u8>)> {
         match pg_database(&self.config) {
-            Some((pg, db)) => {
-                pg.sql(&db, "CHECKPOINT");
-                let oid = pg.sql(&db, "SELECT oid FROM pg_database WHERE datname = current_database()");
-                all_files(&pg.data_dir().join("base").join(oid))
-            }
+            Some(_) => stored_files_at(self.root.path()),
             None => all_files(&self.data_dir()),
         }
     }
@@ -546,6 +542,25 @@ pub async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String
         .unwrap()
         .into_inner()
         .token
+}
+
+/// Every file holding the data of the server whose config
+/// [`write_config`] wrote under `root` (see [`TestServer::stored_files`]).
+pub fn stored_files_at(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let line = postgres_url_line(root);
+    match line.split('"').nth(1) {
+        Some(url) if test_backend() == "postgres" => {
+            let pg = pg::shared().unwrap();
+            let db = url.rsplit('/').next().unwrap();
+            pg.sql(db, "CHECKPOINT");
+            let oid = pg.sql(
+                db,
+                "SELECT oid FROM pg_database WHERE datname = current_database()",
+            );
+            all_files(&pg.data_dir().join("base").join(oid))
+        }
+        _ => all_files(&root.join("data")),
+    }
 }
 
 /// The shared cluster and the database name of a postgres config.
