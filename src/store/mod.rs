@@ -140,12 +140,9 @@ impl Batch {
     pub fn expect(&mut self, space: Space, key: impl Into<Vec<u8>>, value: Option<Vec<u8>>) {
         self.0.push(Op::Expect(space, key.into(), value));
     }
-    /// The batch's condition, if any.
-    pub fn condition(&self) -> Option<(Space, &[u8], Option<&[u8]>)> {
-        self.0.iter().find_map(|op| match op {
-            Op::Expect(s, k, v) => Some((*s, k.as_slice(), v.as_deref())),
-            _ => None,
-        })
+    /// Whether the batch is conditional ([`Op::Expect`]).
+    pub fn is_conditional(&self) -> bool {
+        self.0.iter().any(|op| matches!(op, Op::Expect(..)))
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

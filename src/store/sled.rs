@@ -130,7 +130,7 @@ impl Backend for SledBackend {
     }
 
     async fn apply(&self, mut batch: Batch) -> Result<(), StorageError> {
-        if batch.condition().is_some() {
+        if batch.is_conditional() {
             return self.apply_if(batch);
         }
         // A lone write is atomic by itself; sled's batches take a global
