@@ -29,7 +29,7 @@ use crate::{
     crypto::{self, SecretKey},
     error::{Error, Result},
     model::{Password, Role, TenantName, Username},
-    store::{Batch, Space, Storage},
+    store::{Batch, Space, Storage, StorageError},
 };
 
 /// Consecutive failed logins before an account locks.
@@ -38,6 +38,10 @@ const LOCK_BASE_SECS: i64 = 60;
 const LOCK_MAX_SECS: i64 = 3600;
 /// Bound on the in-memory failure counts kept for unknown usernames.
 const MAX_UNKNOWN_TRACKED: usize = 100_000;
+/// How often a read-modify-write of a principal starts again after other
+/// nodes' writes went first before the call gives up (UNAVAILABLE).
+const CONFLICT_RETRIES: usize = 64;
+
 /// How stale a session's stored last-use time may get before it is rewritten.
 const LAST_USE_PERSIST_MS: i64 = 60_000;
 
@@ -476,17 +480,36 @@ impl Accounts {
         &self,
         tenant: &TenantName,
         username: &Username,
-        f: impl FnOnce(&mut StoredPrincipal) -> (bool, R),
+        mut f: impl FnMut(&mut StoredPrincipal) -> (bool, R),
     ) -> Result<Option<R>> {
         let _w = self.principal_writes.lock().await;
-        let Some(mut p) = self.load(tenant, username).await? else {
-            return Ok(None);
-        };
-        let (write, r) = f(&mut p);
-        if write {
-            self.save(tenant, username, &p).await?;
+        let key = principal_key(tenant, username);
+        // This process's lock orders its own writers; other nodes' writes
+        // are caught by the condition, and `f` runs again on what they
+        // wrote (a failure count is never lost to a parallel guess).
+        for _ in 0..CONFLICT_RETRIES {
+            let Some(raw) = self.store.get(Space::Principals, &key).await? else {
+                return Ok(None);
+            };
+            let mut p = StoredPrincipal::decode(&raw[..])?;
+            let (write, r) = f(&mut p);
+            if !write {
+                return Ok(Some(r));
+            }
+            let mut b = Batch::new();
+            if self.store.is_shared() {
+                b.expect(Space::Principals, key.clone(), Some(raw));
+            }
+            b.put(Space::Principals, key.clone(), p.encode_to_vec());
+            match self.store.commit(b).await {
+                Ok(()) => return Ok(Some(r)),
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Some(r))
+        Err(Error::Unavailable(StorageError::Busy(
+            "a principal changed under too many concurrent writes",
+        )))
     }
 
     async fn login_turn(
@@ -525,21 +548,6 @@ impl Accounts {
             .transpose()?)
     }
 
-    async fn save(
-        &self,
-        tenant: &TenantName,
-        username: &Username,
-        p: &StoredPrincipal,
-    ) -> Result<()> {
-        let mut b = Batch::new();
-        b.put(
-            Space::Principals,
-            principal_key(tenant, username),
-            p.encode_to_vec(),
-        );
-        Ok(self.store.commit(b).await?)
-    }
-
     pub async fn exists(&self, tenant: &TenantName, username: &Username) -> Result<bool> {
         Ok(self.load(tenant, username).await?.is_some())
     }
@@ -569,7 +577,17 @@ impl Accounts {
             lock_reason: String::new(),
             sessions_from_ms: 0,
         };
-        self.save(tenant, username, &p).await
+        let key = principal_key(tenant, username);
+        let mut b = Batch::new();
+        // Two nodes creating the same name: one wins, the other is told.
+        b.expect(Space::Principals, key.clone(), None);
+        b.put(Space::Principals, key, p.encode_to_vec());
+        match self.store.commit(b).await {
+            Err(StorageError::Conflict) => {
+                Err(Error::AlreadyExists("principal already exists".into()))
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Checks credentials and opens a session. Every failure answers the
@@ -857,7 +875,7 @@ impl Accounts {
         }
         let phc = self.hasher.hash(&new, &ctx).await?;
         self.update(&caller.tenant, &caller.username, |p| {
-            p.phc = phc;
+            p.phc = phc.clone();
             (true, ())
         })
         .await?

@@ -312,6 +312,31 @@ impl Records {
         &self.stripes[(h.finish() as usize) % STRIPES]
     }
 
+    /// A stored record with the bytes it was read from, for a write that
+    /// must find them unchanged ([`Batch::expect`]) when other nodes write
+    /// the same store.
+    async fn load_raw(&self, tenant: &Tenant, id: &str) -> Result<Option<(Vec<u8>, StoredRecord)>> {
+        match self
+            .store
+            .get(Space::Records, &record_key(tenant, id))
+            .await?
+        {
+            Some(b) => {
+                let rec = StoredRecord::decode(&b[..])?;
+                Ok(Some((b, rec)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Makes `b` apply only if the record still holds `raw`, where other
+    /// nodes write too.
+    fn expect_record(&self, b: &mut Batch, key: &[u8], raw: Vec<u8>) {
+        if self.store.is_shared() {
+            b.expect(Space::Records, key.to_vec(), Some(raw));
+        }
+    }
+
     async fn load(&self, tenant: &Tenant, id: &str) -> Result<Option<StoredRecord>> {
         Ok(self
             .store
@@ -381,21 +406,38 @@ impl Records {
             let key = record_key(tenant, id.as_str());
             let version = {
                 let _g = self.stripe(tenant, id.as_str()).lock().await;
-                let old = self.load(tenant, id.as_str()).await?;
-                let mut b = Batch::new();
-                if let Some(old) = &old {
-                    for (f, token) in &old.index {
-                        b.delete(Space::Index, index_key(tenant, f, token, &id));
+                // The stripe orders this process's writers of the record;
+                // other nodes' are caught by the condition, and the
+                // version is taken again from what they wrote: every
+                // acknowledged write has its own, greater version.
+                let mut tries = 0;
+                loop {
+                    let raw = self.store.get(Space::Records, &key).await?;
+                    let old = match &raw {
+                        Some(bytes) => Some(StoredRecord::decode(&bytes[..])?),
+                        None => None,
+                    };
+                    let mut b = Batch::new();
+                    if self.store.is_shared() {
+                        b.expect(Space::Records, key.clone(), raw);
+                    }
+                    if let Some(old) = &old {
+                        for (f, token) in &old.index {
+                            b.delete(Space::Index, index_key(tenant, f, token, &id));
+                        }
+                    }
+                    for (f, token) in &rec.index {
+                        b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
+                    }
+                    rec.version = old.map_or(1, |o| o.version + 1);
+                    seal_record(tenant, id.as_str(), &mut rec)?;
+                    b.put(Space::Records, key.clone(), rec.encode_to_vec());
+                    match self.store.apply(b).await {
+                        Ok(()) => break rec.version,
+                        Err(crate::store::StorageError::Conflict) if tries < 64 => tries += 1,
+                        Err(e) => return Err(e.into()),
                     }
                 }
-                for (f, token) in &rec.index {
-                    b.put(Space::Index, index_key(tenant, f, token, &id), Vec::new());
-                }
-                rec.version = old.map_or(1, |o| o.version + 1);
-                seal_record(tenant, id.as_str(), &mut rec)?;
-                b.put(Space::Records, key, rec.encode_to_vec());
-                self.store.apply(b).await?;
-                rec.version
             };
             (version, rotated)
         };
@@ -473,36 +515,46 @@ impl Records {
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| Error::DataLoss)?;
             let _writing = tenant.keys.write_guard().await;
             let _g = self.stripe(tenant, id).lock().await;
-            let Some(mut rec) = self.load(tenant, id).await? else {
-                continue;
-            };
-            // Never re-seal a record that was tampered with.
-            check_record(tenant, id, &rec)?;
-            let mut stale = Vec::new();
-            for (name, sealed) in &rec.fields {
-                if crate::crypto::field_key_version(sealed)? != active {
-                    stale.push(name.clone());
+            // Again from the top when another node wrote the record first.
+            for attempt in 0.. {
+                let Some((raw, mut rec)) = self.load_raw(tenant, id).await? else {
+                    break;
+                };
+                // Never re-seal a record that was tampered with.
+                check_record(tenant, id, &rec)?;
+                let mut stale = Vec::new();
+                for (name, sealed) in &rec.fields {
+                    if crate::crypto::field_key_version(sealed)? != active {
+                        stale.push(name.clone());
+                    }
+                }
+                if stale.is_empty() {
+                    break;
+                }
+                let (key_now, rotated) = self
+                    .keys
+                    .reserve_encryptions(&tenant.keys, stale.len() as u64)
+                    .await?;
+                step.rotated_to = step.rotated_to.or(rotated);
+                for name in &stale {
+                    let sealed = &rec.fields[name];
+                    let plain = tenant.keys.decrypt_field(id, name, sealed)?;
+                    let again = tenant.keys.encrypt_field(&key_now, id, name, &plain);
+                    rec.fields.insert(name.clone(), again);
+                }
+                seal_record(tenant, id, &mut rec)?;
+                let mut b = Batch::new();
+                self.expect_record(&mut b, key, raw);
+                b.put(Space::Records, key.clone(), rec.encode_to_vec());
+                match self.store.apply(b).await {
+                    Ok(()) => {
+                        step.fields += stale.len() as u64;
+                        break;
+                    }
+                    Err(crate::store::StorageError::Conflict) if attempt < 64 => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
-            if stale.is_empty() {
-                continue;
-            }
-            let (key_now, rotated) = self
-                .keys
-                .reserve_encryptions(&tenant.keys, stale.len() as u64)
-                .await?;
-            step.rotated_to = step.rotated_to.or(rotated);
-            for name in &stale {
-                let sealed = &rec.fields[name];
-                let plain = tenant.keys.decrypt_field(id, name, sealed)?;
-                let again = tenant.keys.encrypt_field(&key_now, id, name, &plain);
-                rec.fields.insert(name.clone(), again);
-            }
-            seal_record(tenant, id, &mut rec)?;
-            let mut b = Batch::new();
-            b.put(Space::Records, key.clone(), rec.encode_to_vec());
-            self.store.apply(b).await?;
-            step.fields += stale.len() as u64;
         }
         Ok(step)
     }
@@ -526,39 +578,48 @@ impl Records {
             let rid = RecordId::parse(id).map_err(|_| Error::DataLoss)?;
             let _writing = tenant.keys.write_guard().await;
             let _g = self.stripe(tenant, id).lock().await;
-            let Some(mut rec) = self.load(tenant, id).await? else {
-                continue;
-            };
-            check_record(tenant, id, &rec)?;
-            let mut b = Batch::new();
-            for (f, token) in &rec.index {
-                b.delete(Space::Index, index_key(tenant, f, token, &rid));
-            }
-            let mut index = HashMap::new();
-            for (f, old) in &rec.index {
-                let sealed = rec.fields.get(f).ok_or(Error::DataLoss)?;
-                let plain = tenant.keys.decrypt_field(id, f, sealed)?;
-                let text = std::str::from_utf8(&plain).map_err(|_| Error::DataLoss)?;
-                let norm = normalize(text);
-                // A token that matches the value under neither key is a
-                // honeytoken's decoy: it stays random.
-                let genuine = tenant
-                    .keys
-                    .search_tokens(f, &norm)
-                    .iter()
-                    .any(|t| crate::crypto::ct_eq(t, old));
-                let token = if genuine {
-                    tenant.keys.index_token(f, &norm).to_vec()
-                } else {
-                    crate::crypto::random_array::<32>().to_vec()
+            for attempt in 0.. {
+                let Some((raw, mut rec)) = self.load_raw(tenant, id).await? else {
+                    break;
                 };
-                b.put(Space::Index, index_key(tenant, f, &token, &rid), Vec::new());
-                index.insert(f.clone(), token);
+                check_record(tenant, id, &rec)?;
+                let mut b = Batch::new();
+                self.expect_record(&mut b, key, raw);
+                for (f, token) in &rec.index {
+                    b.delete(Space::Index, index_key(tenant, f, token, &rid));
+                }
+                let mut index = HashMap::new();
+                for (f, old) in &rec.index {
+                    let sealed = rec.fields.get(f).ok_or(Error::DataLoss)?;
+                    let plain = tenant.keys.decrypt_field(id, f, sealed)?;
+                    let text = std::str::from_utf8(&plain).map_err(|_| Error::DataLoss)?;
+                    let norm = normalize(text);
+                    // A token that matches the value under neither key is a
+                    // honeytoken's decoy: it stays random.
+                    let genuine = tenant
+                        .keys
+                        .search_tokens(f, &norm)
+                        .iter()
+                        .any(|t| crate::crypto::ct_eq(t, old));
+                    let token = if genuine {
+                        tenant.keys.index_token(f, &norm).to_vec()
+                    } else {
+                        crate::crypto::random_array::<32>().to_vec()
+                    };
+                    b.put(Space::Index, index_key(tenant, f, &token, &rid), Vec::new());
+                    index.insert(f.clone(), token);
+                }
+                rec.index = index;
+                b.put(Space::Records, key.clone(), rec.encode_to_vec());
+                match self.store.apply(b).await {
+                    Ok(()) => {
+                        done += 1;
+                        break;
+                    }
+                    Err(crate::store::StorageError::Conflict) if attempt < 64 => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            rec.index = index;
-            b.put(Space::Records, key.clone(), rec.encode_to_vec());
-            self.store.apply(b).await?;
-            done += 1;
         }
         Ok((done, next))
     }
@@ -738,11 +799,15 @@ impl Records {
     pub async fn delete(&self, tenant: &Tenant, id: &RecordId) -> Result<()> {
         {
             let _g = self.stripe(tenant, id.as_str()).lock().await;
-            let old = self
-                .load(tenant, id.as_str())
+            let (raw, old) = self
+                .load_raw(tenant, id.as_str())
                 .await?
                 .ok_or(Error::NotFound)?;
             let mut b = Batch::new();
+            // A write on another node in between: this delete loses the
+            // race (the client sees the conflict as UNAVAILABLE and may
+            // retry) rather than leave that write's index behind.
+            self.expect_record(&mut b, &record_key(tenant, id.as_str()), raw);
             for (f, token) in &old.index {
                 b.delete(Space::Index, index_key(tenant, f, token, id));
             }

@@ -181,7 +181,7 @@ impl Vault {
             Some(opts) => {
                 let backend = crate::store::PostgresBackend::open(opts).await?;
                 (
-                    Storage::new(wrap(Arc::new(backend))),
+                    Storage::new(wrap(Arc::new(backend))).shared_with_other_nodes(),
                     keys::KeyHome::Db(crate::store::postgres::KeyStoreRow::new(opts)),
                 )
             }

@@ -312,7 +312,10 @@ impl Storage {
     }
 
     fn counted<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
-        if r.is_err() {
+        // A conditional batch that lost a race is no failure of storage.
+        if r.as_ref()
+            .is_err_and(|e| !matches!(e, StorageError::Conflict))
+        {
             self.failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
