@@ -223,6 +223,43 @@ struct StoredBudget {
     break_glass_until_ms: i64,
 }
 
+/// A principal's budget as the nodes of one database share it: the
+/// scalars, and how many reads were logged (one row each, `l` ‖ number,
+/// from `log_from` on: the reads of the last day). Every spend is a
+/// conditional write of this row, so spends on different nodes are
+/// serialised; a node whose copy is behind rebuilds it from the row and
+/// the log before it checks anything.
+#[derive(Clone, PartialEq, Message)]
+struct SharedBudget {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(uint64, tag = "2")]
+    log_from: u64,
+    #[prost(double, tag = "3")]
+    tokens: f64,
+    #[prost(int64, tag = "4")]
+    tokens_at_ms: i64,
+    #[prost(double, tag = "5")]
+    find_tokens: f64,
+    #[prost(int64, tag = "6")]
+    finds_at_ms: i64,
+    #[prost(int64, tag = "7")]
+    now_ms: i64,
+    #[prost(message, optional, tag = "8")]
+    b: Option<StoredBudget>,
+    #[prost(bool, tag = "9")]
+    locked: bool,
+}
+
+/// One logged read of a shared budget: when, and which record (keyed MAC).
+#[derive(Clone, PartialEq, Message)]
+struct LoggedRead {
+    #[prost(int64, tag = "1")]
+    t: i64,
+    #[prost(bytes = "vec", tag = "2")]
+    tag: Vec<u8>,
+}
+
 type RecordTag = [u8; 16];
 
 /// One principal's budget, in memory. A read writes nothing for it: what
@@ -258,6 +295,10 @@ struct State {
     /// Set when the budget locked the account; cleared by an unlock.
     locked: bool,
     throttles: VecDeque<i64>,
+    /// Shared budgets only: the version of the row this copy is at, and
+    /// the logged reads still in the day's window (number, time).
+    version: u64,
+    log: VecDeque<(u64, i64)>,
 }
 
 impl State {
@@ -372,6 +413,8 @@ impl State {
             hour_count: 0,
             locked: false,
             throttles: VecDeque::new(),
+            version: 0,
+            log: VecDeque::new(),
         };
         for (t, tag) in reads {
             s.reads.insert(s.next_seq, (t, tag));
@@ -503,6 +546,86 @@ impl State {
         self.b.throttles_ms = self.throttles.iter().copied().collect();
         batch.put(Space::Budgets, self.key(b's'), self.b.encode_to_vec());
     }
+
+    fn log_key(&self, n: u64) -> Vec<u8> {
+        let mut k = self.key(b'l');
+        k.extend_from_slice(&n.to_be_bytes());
+        k
+    }
+
+    /// The shared row as this copy would write it.
+    fn to_shared(&self) -> SharedBudget {
+        let mut b = self.b.clone();
+        b.throttles_ms = self.throttles.iter().copied().collect();
+        SharedBudget {
+            version: self.version,
+            log_from: self.log.front().map_or(self.version + 1, |(n, _)| *n),
+            tokens: self.tokens,
+            tokens_at_ms: self.tokens_at_ms,
+            find_tokens: self.find_tokens,
+            finds_at_ms: self.finds_at_ms,
+            now_ms: self.now_ms,
+            b: Some(b),
+            locked: self.locked,
+        }
+    }
+
+    /// A copy rebuilt from the shared row and its logged reads.
+    async fn from_shared(
+        store: &Storage,
+        prefix: Vec<u8>,
+        sh: SharedBudget,
+        limits: &Limits,
+    ) -> Result<Self> {
+        let mut s = Self::from_parts(
+            prefix,
+            Some(sh.b.clone().unwrap_or_default()),
+            Vec::new(),
+            (i64::MIN, i64::MIN),
+            limits,
+            sh.now_ms,
+            &mut Batch::new(),
+        );
+        (s.tokens, s.tokens_at_ms) = (sh.tokens, sh.tokens_at_ms);
+        (s.find_tokens, s.finds_at_ms) = (sh.find_tokens, sh.finds_at_ms);
+        s.now_ms = sh.now_ms;
+        s.locked = sh.locked;
+        s.version = sh.version;
+        let mut reads = Vec::new();
+        let lprefix = s.key(b'l');
+        let start = s.log_key(sh.log_from);
+        let mut logged = Vec::new();
+        store
+            .scan_each_from(Space::Budgets, &lprefix, &start, |k, v| {
+                logged.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .await?;
+        for (k, v) in logged {
+            let n = u64::from_be_bytes(k[lprefix.len()..].try_into().map_err(|_| Error::DataLoss)?);
+            if n > sh.version {
+                break;
+            }
+            let r = LoggedRead::decode(&v[..])?;
+            let tag: RecordTag = r.tag.as_slice().try_into().map_err(|_| Error::DataLoss)?;
+            s.log.push_back((n, r.t));
+            reads.push((r.t, tag));
+        }
+        // Latest read of each record only, oldest first.
+        reads.sort_unstable_by(|a, b| b.cmp(a));
+        let mut seen = std::collections::HashSet::new();
+        reads.retain(|(_, tag)| seen.insert(*tag));
+        reads.sort_unstable();
+        for (t, tag) in reads {
+            s.reads.insert(s.next_seq, (t, tag));
+            s.by_record.insert(tag, s.next_seq);
+            s.next_seq += 1;
+        }
+        s.hour_from = 0;
+        s.hour_count = s.reads.len() as u32;
+        s.advance(sh.now_ms);
+        Ok(s)
+    }
 }
 
 /// The read budgets of every principal.
@@ -573,13 +696,16 @@ impl Budgets {
     async fn with_state<T>(
         &self,
         caller: &Caller,
-        f: impl FnOnce(&mut State, Limits, i64, &mut Batch) -> T,
+        mut f: impl FnMut(&mut State, Limits, i64, &mut Batch) -> T,
     ) -> Result<Option<T>> {
         let Some(base) = self.policy.limits(&caller.tenant, caller.role) else {
             return Ok(None);
         };
         let slot = self.slot(caller);
         let mut guard = slot.lock().await;
+        if self.store.is_shared() {
+            return self.with_shared_state(caller, base, &mut guard, f).await;
+        }
         let now = self.clock.now_ms();
         let mut batch = Batch::new();
         if guard.is_none() {
@@ -606,6 +732,107 @@ impl Budgets {
             self.store.apply_each(batch).await?;
         }
         Ok(Some(out))
+    }
+
+    /// [`Budgets::with_state`] where several nodes share the budget: the
+    /// shared row is read, this copy rebuilt if another node spent since,
+    /// `f` runs, and what it changed is written expecting the row as read;
+    /// a node that lost the race starts again from the new row. One budget
+    /// however many nodes a principal's calls are spread over.
+    async fn with_shared_state<T>(
+        &self,
+        caller: &Caller,
+        base: Limits,
+        guard: &mut Option<State>,
+        mut f: impl FnMut(&mut State, Limits, i64, &mut Batch) -> T,
+    ) -> Result<Option<T>> {
+        let prefix = Self::prefix(caller);
+        let mut vkey = prefix.clone();
+        vkey.push(b'v');
+        for _ in 0..256 {
+            let now = self.clock.now_ms();
+            let raw = self.store.get(Space::Budgets, &vkey).await?;
+            let sh = raw.as_deref().map(SharedBudget::decode).transpose()?;
+            let current = match (&*guard, &sh) {
+                (Some(st), Some(sh)) => st.version == sh.version,
+                (Some(st), None) => st.version == 0,
+                (None, _) => false,
+            };
+            if !current {
+                *guard = Some(match sh {
+                    Some(sh) => State::from_shared(&self.store, prefix.clone(), sh, &base).await?,
+                    None => {
+                        let mut st = State::from_parts(
+                            prefix.clone(),
+                            None,
+                            Vec::new(),
+                            (i64::MIN, i64::MIN),
+                            &base,
+                            now,
+                            &mut Batch::new(),
+                        );
+                        st.version = 0;
+                        st
+                    }
+                });
+            }
+            let state = guard.as_mut().expect("loaded just above");
+            let now = state.advance(now);
+            let limits = state.limits(base, now);
+            let before = state.to_shared();
+            let first_new = state.next_seq;
+            let mut batch = Batch::new();
+            let out = f(state, limits, now, &mut batch);
+            let new_reads: Vec<(i64, RecordTag)> =
+                state.reads.range(first_new..).map(|(_, r)| *r).collect();
+            if new_reads.is_empty() && state.to_shared() == before && raw.is_some() {
+                return Ok(Some(out));
+            }
+            // The reads that left the day's window leave the log.
+            while state.log.front().is_some_and(|(_, t)| *t <= now - DAY_MS) {
+                let (n, _) = state.log.pop_front().expect("checked");
+                batch.delete(Space::Budgets, state.log_key(n));
+            }
+            for (t, tag) in new_reads {
+                state.version += 1;
+                let n = state.version;
+                state.log.push_back((n, t));
+                batch.put(
+                    Space::Budgets,
+                    state.log_key(n),
+                    LoggedRead {
+                        t,
+                        tag: tag.to_vec(),
+                    }
+                    .encode_to_vec(),
+                );
+            }
+            if state.to_shared().version == before.version {
+                // Scalars only: the version still moves, so that other
+                // nodes see the change.
+                state.version += 1;
+            }
+            batch.expect(Space::Budgets, vkey.clone(), raw);
+            batch.put(
+                Space::Budgets,
+                vkey.clone(),
+                state.to_shared().encode_to_vec(),
+            );
+            match self.store.apply(batch).await {
+                Ok(()) => return Ok(Some(out)),
+                Err(crate::store::StorageError::Conflict) => {
+                    // Another node went first: this copy is stale.
+                    *guard = None;
+                }
+                Err(e) => {
+                    *guard = None;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(Error::Unavailable(crate::store::StorageError::Busy(
+            "a read budget changed under too many concurrent spends",
+        )))
     }
 
     /// Call once per read RPC with its purpose, before anything else of the
@@ -783,6 +1010,9 @@ impl Budgets {
     pub async fn unlocked(&self, tenant: &TenantName, username: &str) -> Result<()> {
         let key = format!("{tenant}/{username}");
         let slot = self.states.lock().get(&key).cloned();
+        if self.store.is_shared() {
+            return self.unlocked_shared(tenant, username, slot).await;
+        }
         if let Some(slot) = slot
             && let Some(s) = slot.lock().await.as_mut()
         {
@@ -806,6 +1036,49 @@ impl Budgets {
             self.store.apply_each(batch).await?;
         }
         Ok(())
+    }
+
+    /// [`Budgets::unlocked`] on a budget the nodes share: the row is
+    /// changed (conditionally) and this node's copy dropped.
+    async fn unlocked_shared(
+        &self,
+        tenant: &TenantName,
+        username: &str,
+        slot: Option<Arc<tokio::sync::Mutex<Option<State>>>>,
+    ) -> Result<()> {
+        let mut guard = match &slot {
+            Some(s) => Some(s.lock().await),
+            None => None,
+        };
+        if let Some(g) = guard.as_mut() {
+            **g = None;
+        }
+        let mut vkey = tenant.as_str().as_bytes().to_vec();
+        vkey.push(0);
+        vkey.extend_from_slice(username.as_bytes());
+        vkey.extend_from_slice(b"\0v");
+        for _ in 0..256 {
+            let Some(raw) = self.store.get(Space::Budgets, &vkey).await? else {
+                return Ok(());
+            };
+            let mut sh = SharedBudget::decode(&raw[..])?;
+            sh.locked = false;
+            if let Some(b) = sh.b.as_mut() {
+                b.throttles_ms.clear();
+            }
+            sh.version += 1;
+            let mut batch = Batch::new();
+            batch.expect(Space::Budgets, vkey.clone(), Some(raw));
+            batch.put(Space::Budgets, vkey.clone(), sh.encode_to_vec());
+            match self.store.apply(batch).await {
+                Ok(()) => return Ok(()),
+                Err(crate::store::StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Unavailable(crate::store::StorageError::Busy(
+            "a read budget changed under too many concurrent spends",
+        )))
     }
 
     /// Drops the in-memory budgets of a tenant's principals (shredded; the

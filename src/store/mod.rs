@@ -374,9 +374,21 @@ impl Storage {
         &self,
         space: Space,
         prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        self.scan_each_from(space, prefix, prefix, f).await
+    }
+
+    /// [`Storage::scan_each`] from `start` on (keys under `prefix` that
+    /// are at least `start`).
+    pub async fn scan_each_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        start: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let mut start = prefix.to_vec();
+        let mut start = start.to_vec();
         loop {
             let rows = self.scan_from(space, prefix, &start, 512).await?;
             let Some(last) = rows.last().map(|(k, _)| k.clone()) else {
