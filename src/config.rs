@@ -520,6 +520,11 @@ impl Config {
                         .into(),
                 ));
             }
+            (StorageBackend::Postgres, Some(_)) if self.backup.dir.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "backup.dir: scheduled backups of a PostgreSQL vault are not in this release; back up the database itself (pg_dump, pgBackRest, Barman)".into(),
+                ));
+            }
             (StorageBackend::Postgres, Some(_)) if self.storage.pool_size == 0 => {
                 return Err(ConfigError::Invalid(
                     "storage.pool_size must be at least 1".into(),

@@ -15,10 +15,14 @@
 //! - [`shredlist`]: the tenants shredded under a master key, kept beside it
 //!   and checked at every open and restore.
 //! - [`store`]: the storage interface (key spaces, atomic batches, group
-//!   commit, streaming scans, the consistent cut) and one file per backend
-//!   (`sled` the embedded default); its docs list the state each node keeps
-//!   in memory and how it becomes shared across nodes.
-//! - [`clock`]: the wall clock, a leaf every module may use.
+//!   commit, streaming scans, the consistent cut, conditional batches) and
+//!   one file per backend (`sled` the embedded default, `postgres` for
+//!   several nodes); its docs list the state each node keeps in memory and
+//!   how it is shared across nodes.
+//! - [`clock`]: the wall clock, a leaf every module may use (following the
+//!   database's when nodes share one).
+//! - [`cluster`]: nodes sharing one PostgreSQL database — heartbeats, one
+//!   policy of limits, key-job leases, following what other nodes changed.
 //! - [`model`]: parsed input — names, ids, purposes, records within the
 //!   limits; roles; password policy.
 //! - [`accounts`]: principals, Argon2id hashing off the runtime, login with
@@ -64,6 +68,7 @@ pub mod backup;
 pub mod budgets;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod crypto;

@@ -102,6 +102,16 @@ async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthRe
     let mut failed_probes = 0u32;
     loop {
         tick.tick().await;
+        if let Some(why) = vault.refusing() {
+            // Until an operator acts (a newer schema, a head that went
+            // backwards): no probe brings it back.
+            if healthy {
+                tracing::error!(why, "refusing every call: NOT_SERVING");
+                healthy = false;
+                set_health(&health, false).await;
+            }
+            continue;
+        }
         let failures = vault.store.failures();
         let space = vault.store.space_ok();
         if healthy && (failures != seen || space.is_err()) {
@@ -240,6 +250,8 @@ pub async fn run(
 
     // Scheduled backups (`backup.dir`), one every `backup.interval_hours`.
     let backups = tokio::spawn(crate::ops::backup::schedule(vault.clone()));
+    // Several nodes on one database: follow what the others change.
+    let follow = tokio::spawn(crate::cluster::follow(Arc::downgrade(&vault)));
 
     let result = builder
         .layer(front)
@@ -264,6 +276,8 @@ pub async fn run(
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();
     backups.abort();
+    follow.abort();
+    vault.leave().await;
     summaries.abort();
     watch.abort();
     if let Err(e) = gate.flush_refusal_summaries().await {

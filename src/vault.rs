@@ -118,6 +118,8 @@ pub struct Vault {
     last_backup_ms: std::sync::atomic::AtomicI64,
     /// Tenants with a key job (rewrap, reindex) running: one at a time.
     key_jobs: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+    /// This node among others on one database (postgres), if any.
+    pub(crate) node: Option<crate::cluster::Node>,
 }
 
 /// Records (rewrap, reindex) per durable step of a tenant-wide key job.
@@ -177,11 +179,13 @@ impl Vault {
             }
             _ => None,
         };
+        let mut pg_backend = None;
         let (store, home) = match &pg {
             Some(opts) => {
-                let backend = crate::store::PostgresBackend::open(opts).await?;
+                let backend = Arc::new(crate::store::PostgresBackend::open(opts).await?);
+                pg_backend = Some(backend.clone());
                 (
-                    Storage::new(wrap(Arc::new(backend))).shared_with_other_nodes(),
+                    Storage::new(wrap(backend)).shared_with_other_nodes(),
                     keys::KeyHome::Db(crate::store::postgres::KeyStoreRow::new(opts)),
                 )
             }
@@ -252,6 +256,14 @@ impl Vault {
             accounts = accounts.shared();
         }
         let accounts = Arc::new(accounts);
+        let node = match pg_backend {
+            Some(b) => Some(
+                crate::cluster::Node::join(&store, b, config)
+                    .await
+                    .map_err(|e| StartError::Format(e.to_string()))?,
+            ),
+            None => None,
+        };
         let derived = |k: &crate::crypto::SecretKey| {
             crate::crypto::SecretKey::from_slice(k.expose())
                 .expect("derived keys are KEY_LEN bytes")
@@ -275,6 +287,7 @@ impl Vault {
             backup: config.backup.clone(),
             last_backup_ms: Default::default(),
             key_jobs: Default::default(),
+            node,
         });
         for t in came_back {
             // Its keys are gone already (attach_shred_list); its data goes
@@ -341,6 +354,23 @@ impl Vault {
             tracing::info!(records = total, "records sealed as a whole (format 2)");
         }
         Ok(total)
+    }
+
+    /// Why this node refuses every call, if it does: the database's schema
+    /// is newer than this build, or the trail's head went backwards.
+    pub fn refusing(&self) -> Option<String> {
+        if self.audit.diverged() {
+            return Some("the audit trail's head moved backwards in the database".into());
+        }
+        let node = self.node.as_ref()?;
+        node.backend.refusal().map(|e| e.to_string())
+    }
+
+    /// Leaves the other nodes (its heartbeat goes), at shutdown.
+    pub async fn leave(&self) {
+        if let Some(node) = &self.node {
+            node.leave(&self.store).await;
+        }
     }
 
     /// Notes a backup written whole (its creation time).
@@ -607,6 +637,50 @@ impl Vault {
             ));
         }
         let _running = JobSlot(&self.key_jobs, tenant.name.clone());
+        // One node runs a tenant's job: the lease says which, and another
+        // takes it over if that one stops renewing it.
+        if let Some(node) = &self.node
+            && !node.take_lease(&self.store, &tenant.name).await?
+        {
+            return Err(Error::FailedPrecondition(
+                "a rewrap or index rebuild of this tenant is running on another node".into(),
+            ));
+        }
+        let r = self.run_job(tenant, name, tag, job, progress).await;
+        if let Some(node) = &self.node {
+            node.release_lease(&self.store, &tenant.name).await;
+        }
+        r
+    }
+
+    /// Whether this node runs a key job of `tenant` now.
+    pub(crate) fn job_running_here(&self, tenant: &TenantName) -> bool {
+        self.key_jobs.lock().contains(tenant)
+    }
+
+    /// Resumes a key job another node left (`name`: rewrap or reindex).
+    pub(crate) async fn resume_job(&self, name: &str, tenant: &TenantName) -> Result<(), Error> {
+        let tenant = self.tenants.get(tenant).await?;
+        match name {
+            "rewrap" => self.rewrap(&tenant, |_, _| {}).await.map(|_| ()),
+            _ => {
+                self.resumable_job(&tenant, "reindex", b"", KeyJob::Reindex, |_, _| {})
+                    .await?;
+                self.keys.finish_index_rotation(&tenant.keys).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The steps of [`Vault::resumable_job`], its slot (and lease) held.
+    async fn run_job(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        tag: &[u8],
+        job: KeyJob,
+        progress: impl Fn(u64, u64),
+    ) -> Result<(u64, Option<u32>), Error> {
         let key = [name.as_bytes(), b"\0", tenant.name.as_str().as_bytes()].concat();
         let head = [&[tag.len() as u8][..], tag].concat();
         let (mut done, mut cursor) = match self.store.get(Space::Meta, &key).await? {
@@ -636,6 +710,13 @@ impl Vault {
                 [&head[..], &done.to_be_bytes(), &cursor].concat(),
             );
             self.store.commit(b).await?;
+            if let Some(node) = &self.node
+                && !node.take_lease(&self.store, &tenant.name).await?
+            {
+                return Err(Error::Unavailable(crate::store::StorageError::Busy(
+                    "this node lost the key job's lease to another node",
+                )));
+            }
             progress(done.min(total), total);
             tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
         }

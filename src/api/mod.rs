@@ -38,10 +38,7 @@ use crate::{
 /// `Error`'s `Display`, which never carries a value; causes are logged.
 pub fn to_status(e: Error) -> Status {
     match &e {
-        Error::Unavailable(cause) => {
-            eprintln!("DEBUG unavailable: {cause}");
-            tracing::error!(error = %cause, "storage unavailable")
-        }
+        Error::Unavailable(cause) => tracing::error!(error = %cause, "storage unavailable"),
         Error::Internal(cause) => tracing::error!(error = %cause, "internal error"),
         _ => {}
     }
@@ -718,7 +715,6 @@ fn stream_blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut emit = |item: T| tx.blocking_send(Ok(item)).is_ok();
         if let Err(e) = produce(&mut emit) {
-            eprintln!("DEBUG stream error: {e:?}");
             let _ = tx.blocking_send(Err(to_status(e)));
         }
     });

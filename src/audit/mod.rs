@@ -424,6 +424,15 @@ impl Audit {
         }
     }
 
+    /// Re-reads the database's head (postgres), so that a head gone
+    /// backwards stops the trail even on a node with nothing to write.
+    pub fn check_head(&self) -> Result<()> {
+        match self.files() {
+            Ok(_) => Ok(()),
+            Err(t) => t.head_now().map(|_| ()),
+        }
+    }
+
     /// Whether the trail stopped because the database's head went
     /// backwards (postgres only).
     pub fn diverged(&self) -> bool {

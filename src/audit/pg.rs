@@ -179,6 +179,12 @@ impl Trail {
         Ok(())
     }
 
+    /// The database's head now (a head behind the one seen stops the
+    /// trail).
+    pub fn head_now(&self) -> Result<(u64, [u8; 32])> {
+        Ok(self.read_head()?)
+    }
+
     /// Whether the trail saw its head move backwards.
     pub fn diverged(&self) -> bool {
         self.diverged.load(Ordering::SeqCst)
@@ -267,7 +273,6 @@ impl Trail {
                     }
                 }
                 Err(e) => {
-                    eprintln!("DEBUG trail write: {e:?}");
                     self.store.note_failure();
                     let msg = e.to_string();
                     for w in waiters {

@@ -95,7 +95,6 @@ pub struct PostgresBackend {
 /// A PostgreSQL error as a storage error: its SQLSTATE and a class, never
 /// the server's message (it may quote a key) nor the URL.
 pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
-    eprintln!("DEBUG pg error: {e:?}");
     match e.code() {
         Some(c) => StorageError::Io(format!("PostgreSQL error {}", c.code())),
         None if e.is_closed() => StorageError::Io("PostgreSQL connection closed".into()),
@@ -236,6 +235,11 @@ impl PostgresBackend {
             Ok(())
         })
         .await
+    }
+
+    /// Why every operation is refused, if it is.
+    pub fn refusal(&self) -> Option<StorageError> {
+        self.ready().err()
     }
 
     /// Refuses every operation once the schema was found newer.
