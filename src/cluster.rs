@@ -255,11 +255,7 @@ impl Vault {
             node.backend.check_schema().await?;
             node.backend.sync_clock().await?;
         }
-        let version = crate::store::postgres::keystore_version(&node.backend.shared_pool()).await?;
-        let keys = self.keys.clone();
-        tokio::task::spawn_blocking(move || keys.refresh_if(version))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        self.keys.follow().await?;
         self.honeytokens.reload().await?;
         let audit = self.audit.clone();
         tokio::task::spawn_blocking(move || audit.check_head())

@@ -513,7 +513,12 @@ impl Config {
                 "master_key_file must not lie inside data_dir".into(),
             ));
         }
-        match (self.storage.backend, &self.storage.postgres_url) {
+        let url = self
+            .storage
+            .postgres_url
+            .as_ref()
+            .filter(|u| !u.expose().trim().is_empty());
+        match (self.storage.backend, url) {
             (StorageBackend::Postgres, None) => {
                 return Err(ConfigError::Invalid(
                     "storage.backend = \"postgres\" needs storage.postgres_url (or env COFFRE_STORAGE_POSTGRES_URL)"

@@ -439,6 +439,8 @@ pub struct Keyring {
     home: KeyHome,
     /// The database row's version last read or written (`KeyHome::Db`).
     seen_version: std::sync::atomic::AtomicI64,
+    /// Bumped whenever the keys are reloaded from another node's change.
+    generation: AtomicU64,
     master: MasterDerived,
     entries: Mutex<BTreeMap<String, Vec<u8>>>,
     pepper: SecretKey,
@@ -462,8 +464,9 @@ pub enum KeyHome {
     /// `data_dir/keyring`, one file rewritten whole (sled).
     File(AtomicFile),
     /// A row of the database every node shares (postgres): changed under a
-    /// lock, each node's change made on top of the others'.
-    Db(crate::store::postgres::KeyStoreRow),
+    /// lock, each node's change made on top of the others'; its version
+    /// read through the pool.
+    Db(crate::store::postgres::KeyStoreRow, deadpool_postgres::Pool),
 }
 
 impl KeyHome {
@@ -475,14 +478,14 @@ impl KeyHome {
     fn read(&self) -> Result<Option<(i64, Vec<u8>)>, StorageError> {
         match self {
             Self::File(f) => Ok(f.read()?.map(|b| (0, b))),
-            Self::Db(row) => row.read(),
+            Self::Db(row, _) => row.read(),
         }
     }
 
     fn describe(&self) -> String {
         match self {
             Self::File(f) => f.path().display().to_string(),
-            Self::Db(_) => "the PostgreSQL table coffre_keystore".into(),
+            Self::Db(..) => "the PostgreSQL table coffre_keystore".into(),
         }
     }
 }
@@ -528,7 +531,7 @@ impl Keyring {
                 }
                 match &home {
                     KeyHome::File(file) => file.replace(&derived.seal_file(&e))?,
-                    KeyHome::Db(row) => {
+                    KeyHome::Db(row, _) => {
                         // Another node may have made the store first: then
                         // its keys are the vault's.
                         let (e2, v) = row.modify(|current| -> Result<_, KeyError> {
@@ -557,6 +560,7 @@ impl Keyring {
             store,
             home,
             seen_version: std::sync::atomic::AtomicI64::new(seen),
+            generation: AtomicU64::new(0),
             master: derived,
             entries: Mutex::new(entries),
             rotate_after,
@@ -642,7 +646,7 @@ impl Keyring {
                 file.replace(&self.master.seal_file(&next))?;
                 *entries = next;
             }
-            KeyHome::Db(row) => {
+            KeyHome::Db(row, _) => {
                 let master = &self.master;
                 let (next, version) = row.modify(|current| -> Result<_, KeyError> {
                     let current = current.ok_or(KeyError::Tampered)?;
@@ -653,6 +657,7 @@ impl Keyring {
                 self.seen_version.store(version, Ordering::SeqCst);
                 // Another node's changes came in with ours.
                 self.tenants.write().clear();
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 *entries = next;
             }
         }
@@ -664,7 +669,7 @@ impl Keyring {
     /// Returns whether it reloaded. Nothing to do for a key store file,
     /// which only this process writes.
     pub fn refresh_if(&self, version: i64) -> Result<bool, KeyError> {
-        if !matches!(self.home, KeyHome::Db(_))
+        if !matches!(self.home, KeyHome::Db(..))
             || version == self.seen_version.load(Ordering::SeqCst)
         {
             return Ok(false);
@@ -676,7 +681,28 @@ impl Keyring {
         *entries = self.master.open_file(&bytes)?;
         self.seen_version.store(v, Ordering::SeqCst);
         self.tenants.write().clear();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// Where the key store is shared: reloads it if another node changed
+    /// it (one cheap read of its version). Called before a tenant's keys
+    /// are used, so that a rotation on another node is used here from the
+    /// next call.
+    pub async fn follow(&self) -> Result<(), KeyError> {
+        let KeyHome::Db(_, pool) = &self.home else {
+            return Ok(());
+        };
+        let version = crate::store::postgres::keystore_version(pool).await?;
+        if version != self.seen_version.load(Ordering::SeqCst) {
+            self.refresh_if(version)?;
+        }
+        Ok(())
+    }
+
+    /// How many times the keys were reloaded from another node's change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The Argon2id pepper (a server-side secret mixed into every hash).

@@ -36,6 +36,9 @@ pub struct Tenants {
     store: Storage,
     keys: Arc<Keyring>,
     cache: RwLock<HashMap<TenantName, Arc<Tenant>>>,
+    /// The key ring's generation the cache was filled at: keys reloaded
+    /// (changed by another node) empty it.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Tenants {
@@ -44,6 +47,7 @@ impl Tenants {
             store,
             keys,
             cache: RwLock::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -104,6 +108,17 @@ impl Tenants {
 
     /// The tenant with its keys, or NOT_FOUND (also once shredded).
     pub async fn get(&self, name: &TenantName) -> Result<Arc<Tenant>> {
+        // Nodes on one database: keys another node rotated, retired or
+        // shredded are used here from this call on.
+        self.keys.follow().await?;
+        let generation = self.keys.generation();
+        if self
+            .generation
+            .swap(generation, std::sync::atomic::Ordering::SeqCst)
+            != generation
+        {
+            self.cache.write().clear();
+        }
         if let Some(t) = self.cache.read().get(name) {
             return Ok(t.clone());
         }

@@ -183,10 +183,11 @@ impl Vault {
         let (store, home) = match &pg {
             Some(opts) => {
                 let backend = Arc::new(crate::store::PostgresBackend::open(opts).await?);
+                let pool = backend.shared_pool();
                 pg_backend = Some(backend.clone());
                 (
                     Storage::new(wrap(backend)).shared_with_other_nodes(),
-                    keys::KeyHome::Db(crate::store::postgres::KeyStoreRow::new(opts)),
+                    keys::KeyHome::Db(crate::store::postgres::KeyStoreRow::new(opts), pool),
                 )
             }
             None => {

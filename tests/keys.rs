@@ -52,7 +52,28 @@ async fn rewrap_stream(a: &mut Admin, admin: &str) -> tonic::Streaming<pb::Rewra
 }
 
 async fn rewrap(a: &mut Admin, admin: &str) -> Vec<pb::RewrapProgress> {
-    let mut st = rewrap_stream(a, admin).await;
+    // On PostgreSQL a job left by a killed node holds its lease until it
+    // expires (then any node resumes it): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut st = loop {
+        match a
+            .rewrap_tenant(authed(
+                admin,
+                pb::RewrapTenantRequest {
+                    tenant: "clinic".into(),
+                },
+            ))
+            .await
+        {
+            Ok(st) => break st.into_inner(),
+            Err(e)
+                if e.code() == Code::FailedPrecondition && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
     let mut out = Vec::new();
     while let Some(p) = st.message().await.unwrap() {
         out.push(p);

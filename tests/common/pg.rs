@@ -122,6 +122,43 @@ impl PgCluster {
         })
     }
 
+    /// Stops the server (fast: connections are cut), keeping its data.
+    pub fn stop(&self) {
+        let st = as_user(self.user.as_deref(), &self.bin.join("pg_ctl"))
+            .args(["-w", "-m", "fast", "-D"])
+            .arg(self.data_dir())
+            .arg("stop")
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400",
+            self.port,
+            self.dir.path().display()
+        );
+        let st = as_user(self.user.as_deref(), &self.bin.join("pg_ctl"))
+            .args(["-w", "-t", "30", "-D"])
+            .arg(self.data_dir())
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+
     /// The cluster's data directory (its files, as a copy would hold them).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
