@@ -183,6 +183,14 @@ impl Vault {
         let (store, home) = match &pg {
             Some(opts) => {
                 let backend = Arc::new(crate::store::PostgresBackend::open(opts).await?);
+                if backend.restore_target().await?
+                    == crate::store::postgres::RestoreTarget::Interrupted
+                {
+                    return Err(StartError::Format(
+                        "a restore into this database did not finish: run coffre restore again"
+                            .into(),
+                    ));
+                }
                 let pool = backend.shared_pool();
                 pg_backend = Some(backend.clone());
                 (

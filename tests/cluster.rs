@@ -539,3 +539,113 @@ async fn a_node_with_other_limits_refuses_to_start() {
     assert!(e.contains("limits.clinician.read_burst"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
 }
+
+/// The migration path: a backup of a vault on sled restores into an empty
+/// PostgreSQL database, every record and the trail come along (with the
+/// restore marked), two nodes serve it, and a second restore into the
+/// now-used database is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_backup_restores_into_postgres_and_serves_on_two_nodes() {
+    let Some(pg) = pg::shared() else { return };
+    // The vault on sled.
+    let old = tempfile::tempdir().unwrap();
+    let sled_cfg = old.path().join("sled.toml");
+    std::fs::write(
+        &sled_cfg,
+        format!(
+            "dev = true\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+             [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nmin_free_mib = 1\n{ROOMY_LIMITS}",
+            old.path().join("data"),
+            old.path().join("keys").join("master.key"),
+        ),
+    )
+    .unwrap();
+    let s = spawn_server(
+        &sled_cfg,
+        &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+    )
+    .unwrap();
+    let pw = CLINICIAN_PASSWORD;
+    bin_setup(&s.addr, &[("clinic", "dr_a", pw, pb::Role::Clinician)]).await;
+    let tok = bin_login(&s.addr, "clinic", "dr_a", pw).await;
+    let ids = seed(&s.addr, &tok, 50, "m").await;
+    let admin = bin_login(&s.addr, "system", "admin", ADMIN_PASSWORD).await;
+    let mut st = AdminClient::new(chan(&s.addr).await)
+        .backup(authed(&admin, pb::BackupRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = st.message().await.unwrap() {
+        bytes.extend_from_slice(&c.data);
+    }
+    drop(s);
+    let file = old.path().join("vault.coffre-backup");
+    std::fs::write(&file, &bytes).unwrap();
+
+    // Into PostgreSQL, with the same master key.
+    let v = vault_on(pg, ROOMY_LIMITS);
+    let key_dir = v.root.path().join("keys");
+    std::fs::create_dir_all(&key_dir).unwrap();
+    std::fs::copy(
+        old.path().join("keys").join("master.key"),
+        key_dir.join("master.key"),
+    )
+    .unwrap();
+    let restore = || {
+        std::process::Command::new(bin())
+            .args(["restore", "--config"])
+            .arg(&v.config)
+            .arg("--from")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = restore();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = spawn_server(&v.config, &[]).unwrap();
+    let b = spawn_server(&v.config, &[]).unwrap();
+    let tok = bin_login(&b.addr, "clinic", "dr_a", pw).await;
+    for (i, id) in ids.iter().enumerate() {
+        let n = if i % 2 == 0 { &a } else { &b };
+        let rec = RecordsClient::new(chan(&n.addr).await)
+            .get_record(authed(&tok, get(id)))
+            .await
+            .unwrap()
+            .into_inner()
+            .record
+            .unwrap();
+        assert_eq!(rec.fields["nir"], format!("{i}"));
+    }
+    let admin = bin_login(&a.addr, "system", "admin", ADMIN_PASSWORD).await;
+    AdminClient::new(chan(&a.addr).await)
+        .create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: "system".into(),
+                username: "auditor".into(),
+                password: AUDITOR_PASSWORD.into(),
+                role: pb::Role::Auditor as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    let aud = bin_login(&a.addr, "system", "auditor", AUDITOR_PASSWORD).await;
+    let verified = pb::audit_client::AuditClient::new(chan(&b.addr).await)
+        .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "{verified:?}");
+    assert_eq!(verified.restores.len(), 1, "the restore is in the trail");
+    // The database now holds a vault: a second restore is refused.
+    let out = restore();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("already holds a vault"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

@@ -26,6 +26,7 @@ mod pg;
 mod retained;
 
 pub use log::TRAIL_FORMAT;
+pub use pg::TrailImport;
 
 const GENESIS: [u8; 32] = [0; 32];
 

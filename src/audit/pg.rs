@@ -785,6 +785,215 @@ impl Trail {
     }
 }
 
+/// Writes a trail given piece by piece (a backup's segment headers and
+/// frames) into the tables of an empty database, checking the chain as it
+/// goes: what `coffre restore` does with a backup made on either backend.
+pub struct TrailImport {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    keys: log::Keys,
+    base: Option<(u64, [u8; 32])>,
+    expect: u64,
+    prev: [u8; 32],
+    head: (u64, [u8; 32], i64),
+    rows: Vec<(u64, u64, i64, i64, Vec<u8>, Vec<u8>)>,
+    tags: Vec<(i64, i64)>,
+}
+
+type ImportResult<T> = std::result::Result<T, StorageError>;
+
+impl TrailImport {
+    /// Into the database of `opts`, whose trail must be empty.
+    pub fn new(opts: &PostgresOptions, key: SecretKey) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("trail runtime: {e}")))?;
+        let pool = PostgresBackend::pool(opts)?;
+        let t = Self {
+            rt: Some(rt),
+            pool,
+            keys: log::Keys::new(key),
+            base: None,
+            expect: 0,
+            prev: GENESIS,
+            head: (0, GENESIS, 0),
+            rows: Vec::new(),
+            tags: Vec::new(),
+        };
+        let pool = t.pool.clone();
+        let seq = t.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let r = c
+                .query_one("SELECT seq FROM coffre_audit_head WHERE id = 1", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok(r.get::<_, i64>(0))
+        })?;
+        if seq != 0 {
+            return Err(Error::FailedPrecondition(
+                "the database already holds an audit trail: restore writes only into an empty database".into(),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = ImportResult<T>> + Send + 'static,
+    ) -> ImportResult<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt = self.rt.as_ref().ok_or(StorageError::Closed)?;
+        rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().unwrap_or(Err(StorageError::Closed))
+    }
+
+    /// A segment's header: the first one sets the trail's base, the others
+    /// must continue the chain.
+    pub fn segment(&mut self, h: &[u8]) -> std::result::Result<(), String> {
+        let (first, prev) = log::parse_segment_header(&self.keys, h).map_err(|e| e.to_string())?;
+        match self.base {
+            None => {
+                self.base = Some((first, prev));
+                (self.expect, self.prev) = (first, prev);
+            }
+            Some(_) if first != self.expect || prev != self.prev => {
+                return Err(format!(
+                    "audit segment at seq {first} does not continue the chain"
+                ));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// One frame, checked and queued (written 256 at a time).
+    pub fn frame(&mut self, raw: Vec<u8>) -> std::result::Result<(), String> {
+        let frame = log::parse_frame(&raw).map_err(|_| "an audit frame is damaged".to_string())?;
+        if self.base.is_none() || frame.first_seq != self.expect {
+            return Err(format!(
+                "audit frame at seq {} out of sequence",
+                frame.first_seq
+            ));
+        }
+        let events = frame.open(&self.keys, self.prev).ok_or_else(|| {
+            format!(
+                "audit frame at seq {} fails authentication",
+                frame.first_seq
+            )
+        })?;
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Err("an empty audit frame".into());
+        };
+        let end = hash32(&last.hash);
+        if !crypto::ct_eq(&end, &frame.end_hash) {
+            return Err(format!(
+                "audit frame at seq {} was modified",
+                frame.first_seq
+            ));
+        }
+        let mut ks = Vec::new();
+        for e in &events {
+            ks.clear();
+            self.keys.entries(e, &mut ks);
+            self.tags
+                .extend(ks.iter().map(|k| (*k as i64, e.seq as i64)));
+        }
+        self.rows.push((
+            first.seq,
+            last.seq,
+            first.time_unix_ms,
+            last.time_unix_ms,
+            self.prev.to_vec(),
+            raw,
+        ));
+        self.head = (last.seq, end, last.time_unix_ms);
+        self.prev = end;
+        self.expect = last.seq + 1;
+        if self.rows.len() >= 256 {
+            self.flush().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> ImportResult<()> {
+        let rows = std::mem::take(&mut self.rows);
+        let tags = std::mem::take(&mut self.tags);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let (mut a, mut b, mut t0, mut t1, mut p, mut r) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for row in rows {
+                a.push(row.0 as i64);
+                b.push(row.1 as i64);
+                t0.push(row.2);
+                t1.push(row.3);
+                p.push(row.4);
+                r.push(row.5);
+            }
+            let (tk, ts): (Vec<i64>, Vec<i64>) = tags.into_iter().unzip();
+            c.execute(
+                "WITH f AS (
+                    INSERT INTO coffre_audit_frame
+                    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                         $5::bytea[], $6::bytea[])
+                )
+                INSERT INTO coffre_audit_tag
+                SELECT * FROM unnest($7::bigint[], $8::bigint[]) ON CONFLICT DO NOTHING",
+                &[&a, &b, &t0, &t1, &p, &r, &tk, &ts],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+
+    /// The last frames written and the head row set: the trail starts at
+    /// the first segment's base and ends at the last frame.
+    pub fn finish(&mut self) -> ImportResult<()> {
+        self.flush()?;
+        let Some((base_seq, base_prev)) = self.base else {
+            return Ok(());
+        };
+        let mac = self.keys.segment_mac(base_seq, &base_prev).to_vec();
+        let (seq, hash, time) = self.head;
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            c.execute(
+                "UPDATE coffre_audit_head SET seq = $1, hash = $2, time_ms = $3, \
+                 base_seq = $4, base_prev = $5, base_mac = $6 WHERE id = 1",
+                &[
+                    &(seq as i64),
+                    &hash.to_vec(),
+                    &time,
+                    &(base_seq as i64),
+                    &base_prev.to_vec(),
+                    &mac,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for TrailImport {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 impl Trail {
     /// The latest write of a record that pruning kept aside.
     pub async fn retained(&self, tenant: &str, id: &str) -> Result<Option<super::LatestWrite>> {

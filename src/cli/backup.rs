@@ -218,13 +218,17 @@ pub(super) async fn restore(
     bar.end();
     let secs = started.elapsed().as_secs_f64();
     let m = &r.verified.manifest;
+    let into = match config.storage.backend {
+        crate::config::StorageBackend::Postgres => "the PostgreSQL database".to_string(),
+        crate::config::StorageBackend::Sled => config.data_dir.display().to_string(),
+    };
     say(
         g,
         &format!(
             "restored {} into {} in {secs:.1} s: {} records, audit head seq {} (backup of {}); \
              the restore is event {} of the trail{}. Start the server; everyone logs in again.",
             from.display(),
-            config.data_dir.display(),
+            into,
             r.verified.records,
             m.audit_head_seq,
             created(m.created_unix_ms),

@@ -8,6 +8,7 @@ use std::{
     io::{BufReader, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::{OpsError, backup::backed_up_space};
@@ -275,13 +276,18 @@ pub async fn restore(
     opts: &RestoreOptions,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<Restored, OpsError> {
-    if config.storage.backend != crate::config::StorageBackend::Sled {
-        return Err(OpsError::Refused(
-            "restore into storage.backend = \"postgres\" is not available in this release".into(),
-        ));
-    }
+    let postgres = match (&config.storage.backend, &config.storage.postgres_url) {
+        (crate::config::StorageBackend::Postgres, Some(url)) => {
+            Some(crate::store::PostgresOptions {
+                url: url.expose().to_string(),
+                pool_size: 4,
+            })
+        }
+        _ => None,
+    };
     let target = &config.data_dir;
     match fs::metadata(target) {
+        _ if postgres.is_some() => {}
         Ok(m) if !m.is_dir() => {
             return Err(OpsError::Refused(format!(
                 "data_dir {} is not a directory",
@@ -314,6 +320,12 @@ pub async fn restore(
     }
     // 1. The whole file, checked before anything is written.
     let verified = verify_file(from, &master, |d, t| progress("verify", d, t))?;
+    if let Some(pg) = postgres {
+        return restore_into_postgres(
+            config, pg, from, &master, &mut list, opts, verified, progress,
+        )
+        .await;
+    }
     // 2. Written into the staging directory.
     let staging = staging_dir(target);
     if staging.exists() {
@@ -365,6 +377,162 @@ pub async fn restore(
     })
 }
 
+/// Where a restore writes: a staging directory (sled), or an empty
+/// PostgreSQL database.
+enum Sink {
+    Dir {
+        staging: PathBuf,
+        store: crate::store::Storage,
+        segment: Option<(PathBuf, fs::File)>,
+    },
+    Db {
+        opts: crate::store::PostgresOptions,
+        store: crate::store::Storage,
+        trail: Option<crate::audit::TrailImport>,
+    },
+}
+
+fn io_err(what: &Path, e: std::io::Error) -> OpsError {
+    OpsError::Refused(format!("{}: {e}", what.display()))
+}
+
+impl Sink {
+    fn store(&self) -> &crate::store::Storage {
+        match self {
+            Sink::Dir { store, .. } | Sink::Db { store, .. } => store,
+        }
+    }
+
+    fn keyring(&mut self, master: &MasterKey, sealed: Vec<u8>) -> Result<(), OpsError> {
+        match self {
+            Sink::Dir { staging, .. } => {
+                crate::store::AtomicFile::new(staging.join(crate::keys::KEYRING_FILE))
+                    .replace(&sealed)?;
+            }
+            Sink::Db { opts, trail, .. } => {
+                let ring = KeyringSnapshot::open(master, &sealed)?;
+                *trail = Some(crate::audit::TrailImport::new(opts, ring.audit_key()?)?);
+                crate::store::postgres::KeyStoreRow::new(opts).modify(
+                    |current| -> Result<_, OpsError> {
+                        match current {
+                            None => Ok((sealed, ())),
+                            Some(_) => Err(OpsError::Refused(
+                                "the database already holds a key store: restore writes only into an empty database".into(),
+                            )),
+                        }
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn segment(&mut self, from: &Path, h: Vec<u8>) -> Result<(), OpsError> {
+        match self {
+            Sink::Dir {
+                staging, segment, ..
+            } => {
+                if let Some((p, f)) = segment.take() {
+                    f.sync_all().map_err(|e| io_err(&p, e))?;
+                }
+                let name = crate::audit::log::segment_file_name(&h)
+                    .ok_or_else(|| refused(from, "an audit segment header is short"))?;
+                let p = crate::audit::trail_dir(staging).join(name);
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .map_err(|e| io_err(&p, e))?;
+                f.write_all(&h).map_err(|e| io_err(&p, e))?;
+                *segment = Some((p, f));
+            }
+            Sink::Db { trail, .. } => trail
+                .as_mut()
+                .ok_or_else(|| refused(from, "an audit segment before the key store"))?
+                .segment(&h)
+                .map_err(|e| refused(from, e))?,
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, from: &Path, raw: Vec<u8>) -> Result<(), OpsError> {
+        match self {
+            Sink::Dir { segment, .. } => {
+                let (p, f) = segment
+                    .as_mut()
+                    .ok_or_else(|| refused(from, "an audit frame before its segment"))?;
+                f.write_all(&raw).map_err(|e| io_err(p, e))?;
+            }
+            Sink::Db { trail, .. } => trail
+                .as_mut()
+                .ok_or_else(|| refused(from, "an audit frame before the key store"))?
+                .frame(raw)
+                .map_err(|e| refused(from, e))?,
+        }
+        Ok(())
+    }
+
+    /// Everything written made durable; the trail's head set.
+    fn finish(&mut self) -> Result<(), OpsError> {
+        match self {
+            Sink::Dir { segment, .. } => {
+                if let Some((p, f)) = segment.take() {
+                    f.sync_all().map_err(|e| io_err(&p, e))?;
+                }
+            }
+            Sink::Db { trail, .. } => {
+                if let Some(t) = trail.as_mut() {
+                    t.finish()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The key ring and the trail of what was written.
+    async fn open(
+        &self,
+        config: &Config,
+        master: &MasterKey,
+    ) -> Result<(crate::keys::Keyring, crate::audit::Audit), OpsError> {
+        let store = self.store().clone();
+        let home = match self {
+            Sink::Dir { staging, .. } => crate::keys::KeyHome::in_dir(staging),
+            Sink::Db { opts, .. } => crate::keys::KeyHome::Db(
+                crate::store::postgres::KeyStoreRow::new(opts),
+                crate::store::PostgresBackend::pool(opts)?,
+            ),
+        };
+        let ring = crate::keys::Keyring::open(store.clone(), home, master, u64::MAX).await?;
+        let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
+            .expect("audit key is KEY_LEN bytes");
+        // The restore's event goes to the mirror and alert files too: the
+        // mirror then shows the trail going back to the backup's head (its
+        // check, `audit verify --mirror`, knows a restore event by its action).
+        let audit = match self {
+            Sink::Dir { staging, .. } => {
+                crate::audit::Audit::open(
+                    store,
+                    audit_key,
+                    staging,
+                    config.audit.mirror_file.as_deref(),
+                    config.alert_file.as_deref(),
+                )
+                .await?
+            }
+            Sink::Db { opts, .. } => crate::audit::Audit::open_postgres(
+                opts,
+                store,
+                audit_key,
+                config.audit.mirror_file.as_deref(),
+                config.alert_file.as_deref(),
+            )?,
+        };
+        Ok((ring, audit))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn write_staging(
     config: &Config,
@@ -376,40 +544,116 @@ async fn write_staging(
     staging: &Path,
     progress: &mut impl FnMut(&str, u64, u64),
 ) -> Result<(Vec<String>, u64), OpsError> {
-    let io = |what: &Path, e: std::io::Error| OpsError::Refused(format!("{}: {e}", what.display()));
     if let Some(parent) = staging.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(parent)
-            .map_err(|e| io(parent, e))?;
+            .map_err(|e| io_err(parent, e))?;
     }
     fs::DirBuilder::new()
         .mode(0o700)
         .create(staging)
-        .map_err(|e| io(staging, e))?;
+        .map_err(|e| io_err(staging, e))?;
     let trail_dir = crate::audit::trail_dir(staging);
     fs::DirBuilder::new()
         .mode(0o700)
         .create(&trail_dir)
-        .map_err(|e| io(&trail_dir, e))?;
+        .map_err(|e| io_err(&trail_dir, e))?;
     let store = crate::store::Storage::open_sled(
         staging,
         &crate::store::SledOptions {
             cache_capacity_bytes: config.storage.cache_capacity_mib * 1024 * 1024,
         },
     )?;
+    let mut sink = Sink::Dir {
+        staging: staging.to_path_buf(),
+        store,
+        segment: None,
+    };
+    write_into(
+        &mut sink, config, from, master, list, opts, verified, progress,
+    )
+    .await
+}
+
+/// [`restore`] into the PostgreSQL database of `pg`, which must hold no
+/// vault: a marker row is written first (a node refuses to start while it
+/// is there; a rerun empties what a killed restore left and starts over),
+/// then everything, then the restore's event; the marker goes last.
+#[allow(clippy::too_many_arguments)]
+async fn restore_into_postgres(
+    config: &Config,
+    pg: crate::store::PostgresOptions,
+    from: &Path,
+    master: &MasterKey,
+    list: &mut crate::shredlist::ShredList,
+    opts: &RestoreOptions,
+    verified: Verified,
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<Restored, OpsError> {
+    use crate::store::postgres::{RESTORING, RestoreTarget};
+    let backend = Arc::new(crate::store::PostgresBackend::open(&pg).await?);
+    match backend.restore_target().await? {
+        RestoreTarget::Empty => {}
+        RestoreTarget::Interrupted => backend.wipe_interrupted_restore().await?,
+        RestoreTarget::Used => {
+            return Err(OpsError::Refused(
+                "the PostgreSQL database already holds a vault: restore writes only into an empty database (create a new one)".into(),
+            ));
+        }
+    }
+    let store = crate::store::Storage::new(backend.clone());
+    let mut b = Batch::new();
+    b.put(Space::Meta, RESTORING.to_vec(), Vec::new());
+    store.commit(b).await?;
+    let mut sink = Sink::Db {
+        opts: pg,
+        store: store.clone(),
+        trail: None,
+    };
+    let (dropped, restore_seq) = write_into(
+        &mut sink,
+        config,
+        from,
+        master,
+        list,
+        opts,
+        &verified,
+        &mut progress,
+    )
+    .await?;
+    for t in &opts.restore_shredded {
+        list.remove(t).map_err(KeyError::from)?;
+    }
+    let mut b = Batch::new();
+    b.delete(Space::Meta, RESTORING.to_vec());
+    store.commit(b).await?;
+    Ok(Restored {
+        verified,
+        dropped,
+        restore_seq,
+    })
+}
+
+/// Writes the verified file into `sink`, then appends the restore's
+/// events to the trail written. Returns the tenants left out (shredded)
+/// and the restore event's seq.
+#[allow(clippy::too_many_arguments)]
+async fn write_into(
+    sink: &mut Sink,
+    config: &Config,
+    from: &Path,
+    master: &MasterKey,
+    list: &crate::shredlist::ShredList,
+    opts: &RestoreOptions,
+    verified: &Verified,
+    progress: &mut impl FnMut(&str, u64, u64),
+) -> Result<(Vec<String>, u64), OpsError> {
     let total = file_len(from);
     let mut r = open_reader(from, master)?;
     let mut dropped = Vec::new();
     let mut batch = Batch::new();
-    let mut segment: Option<(PathBuf, fs::File)> = None;
-    let finish_segment = |s: Option<(PathBuf, fs::File)>| -> Result<(), OpsError> {
-        if let Some((p, f)) = s {
-            f.sync_all().map_err(|e| io(&p, e))?;
-        }
-        Ok(())
-    };
     let mut next_report = 0u64;
     while let Some(entry) = r.next_entry().map_err(|e| refused(from, e))? {
         match entry {
@@ -420,8 +664,7 @@ async fn write_staging(
                     .into_iter()
                     .filter(|t| list.contains(t) && !opts.restore_shredded.contains(t))
                     .collect();
-                crate::store::AtomicFile::new(staging.join(crate::keys::KEYRING_FILE))
-                    .replace(&ring.sealed_without(&dropped))?;
+                sink.keyring(master, ring.sealed_without(&dropped))?;
             }
             Entry::Store { space, key, value } => {
                 let space = backed_up_space(space)
@@ -431,29 +674,11 @@ async fn write_staging(
                 }
                 batch.put(space, key, value);
                 if batch.0.len() >= 1024 {
-                    store.apply(std::mem::take(&mut batch)).await?;
+                    sink.store().apply(std::mem::take(&mut batch)).await?;
                 }
             }
-            Entry::TrailSegment(h) => {
-                finish_segment(segment.take())?;
-                let name = crate::audit::log::segment_file_name(&h)
-                    .ok_or_else(|| refused(from, "an audit segment header is short"))?;
-                let p = trail_dir.join(name);
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&p)
-                    .map_err(|e| io(&p, e))?;
-                f.write_all(&h).map_err(|e| io(&p, e))?;
-                segment = Some((p, f));
-            }
-            Entry::TrailFrame(raw) => {
-                let (p, f) = segment
-                    .as_mut()
-                    .ok_or_else(|| refused(from, "an audit frame before its segment"))?;
-                f.write_all(&raw).map_err(|e| io(p, e))?;
-            }
+            Entry::TrailSegment(h) => sink.segment(from, h)?,
+            Entry::TrailFrame(raw) => sink.frame(from, raw)?,
         }
         if r.bytes_read() >= next_report {
             progress("restore", r.bytes_read(), total);
@@ -463,31 +688,29 @@ async fn write_staging(
     // The file authenticated whole again at its end (it could have changed
     // since the verification): only now is anything kept.
     progress("restore", total, total);
-    finish_segment(segment.take())?;
     if !batch.is_empty() {
-        store.apply(batch).await?;
+        sink.store().apply(batch).await?;
     }
-    store.sync().await?;
-    let ring = crate::keys::Keyring::open(
-        store.clone(),
-        crate::keys::KeyHome::in_dir(staging),
-        master,
-        u64::MAX,
-    )
-    .await?;
-    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
-        .expect("audit key is KEY_LEN bytes");
-    // The restore's event goes to the mirror and alert files too: the
-    // mirror then shows the trail going back to the backup's head (its
-    // check, `audit verify --mirror`, knows a restore event by its action).
-    let audit = crate::audit::Audit::open(
-        store.clone(),
-        audit_key,
-        staging,
-        config.audit.mirror_file.as_deref(),
-        config.alert_file.as_deref(),
-    )
-    .await?;
+    sink.finish()?;
+    sink.store().sync().await?;
+    let (ring, audit) = sink.open(config, master).await?;
+    let recorded = mark_restore(&audit, from, verified, &dropped, opts).await?;
+    drop(audit);
+    drop(ring);
+    sink.store().flush_blocking()?;
+    Ok((dropped, recorded))
+}
+
+/// Appends the restore's event (naming the backup) and, for each tenant
+/// restored despite the shred list, a critical alert; returns the
+/// restore event's seq.
+async fn mark_restore(
+    audit: &crate::audit::Audit,
+    from: &Path,
+    verified: &Verified,
+    dropped: &[String],
+    opts: &RestoreOptions,
+) -> Result<u64, OpsError> {
     let m = &verified.manifest;
     if audit.head().0 != m.audit_head_seq {
         return Err(refused(
@@ -546,9 +769,5 @@ async fn write_staging(
             )
             .await?;
     }
-    drop(audit);
-    drop(ring);
-    store.flush_blocking()?;
-    drop(store);
-    Ok((dropped, recorded.seq))
+    Ok(recorded.seq)
 }

@@ -71,6 +71,18 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// The `Meta` key a restore into PostgreSQL holds while it writes: a node
+/// refuses to start on a database that has it, and a rerun starts over.
+pub const RESTORING: &[u8] = b"restoring";
+
+/// What a restore finds in its target database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreTarget {
+    Empty,
+    Interrupted,
+    Used,
+}
+
 /// How long one statement may take before the call waiting on it fails
 /// (UNAVAILABLE): a database that stopped answering must not hang callers.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -288,6 +300,55 @@ impl PostgresBackend {
             let db: i64 = r.get(0);
             crate::clock::set_offset_ms(db - (before + after) / 2);
             Ok(())
+        })
+        .await
+    }
+
+    /// What a restore finds in the database: nothing of a vault, the
+    /// leftovers of a restore that did not finish (its marker), or a vault.
+    pub async fn restore_target(&self) -> Result<RestoreTarget, StorageError> {
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let r = c
+                .query_one(
+                    "SELECT \
+                     EXISTS (SELECT 1 FROM coffre_kv WHERE space = $1 AND key = $2), \
+                     EXISTS (SELECT 1 FROM coffre_kv WHERE NOT (space = $1 AND key = $2)) \
+                       OR EXISTS (SELECT 1 FROM coffre_keystore) \
+                       OR EXISTS (SELECT 1 FROM coffre_audit_frame)",
+                    &[&(Space::Meta as i16), &RESTORING.to_vec()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(match (r.get::<_, bool>(0), r.get::<_, bool>(1)) {
+                (true, _) => RestoreTarget::Interrupted,
+                (false, false) => RestoreTarget::Empty,
+                (false, true) => RestoreTarget::Used,
+            })
+        })
+        .await
+    }
+
+    /// Empties every table of a restore that did not finish (its marker is
+    /// there), keeping the marker: the rerun starts from nothing.
+    pub async fn wipe_interrupted_restore(&self) -> Result<(), StorageError> {
+        if self.restore_target().await? != RestoreTarget::Interrupted {
+            return Err(StorageError::Busy(
+                "only a database left by an interrupted restore is emptied",
+            ));
+        }
+        timed(async {
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let tx = c.transaction().await.map_err(pg_error)?;
+            tx.batch_execute(
+                "DELETE FROM coffre_kv WHERE NOT (space = 1 AND key = 'restoring'::bytea); \
+                 TRUNCATE coffre_audit_frame, coffre_audit_tag, coffre_keystore; \
+                 UPDATE coffre_audit_head SET seq = 0, hash = decode(repeat('00', 32), 'hex'), \
+                   time_ms = 0, base_seq = 1, base_prev = decode(repeat('00', 32), 'hex'), base_mac = NULL",
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)
         })
         .await
     }
