@@ -796,11 +796,15 @@ pub struct TrailImport {
     expect: u64,
     prev: [u8; 32],
     head: (u64, [u8; 32], i64),
-    rows: Vec<(u64, u64, i64, i64, Vec<u8>, Vec<u8>)>,
+    rows: Vec<ImportRow>,
     tags: Vec<(i64, i64)>,
 }
 
 type ImportResult<T> = std::result::Result<T, StorageError>;
+
+/// A frame row to insert: first and last seq, first and last time, the
+/// hash before it, its bytes.
+type ImportRow = (u64, u64, i64, i64, Vec<u8>, Vec<u8>);
 
 impl TrailImport {
     /// Into the database of `opts`, whose trail must be empty.

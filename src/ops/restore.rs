@@ -388,7 +388,7 @@ enum Sink {
     Db {
         opts: crate::store::PostgresOptions,
         store: crate::store::Storage,
-        trail: Option<crate::audit::TrailImport>,
+        trail: Option<Box<crate::audit::TrailImport>>,
     },
 }
 
@@ -411,7 +411,10 @@ impl Sink {
             }
             Sink::Db { opts, trail, .. } => {
                 let ring = KeyringSnapshot::open(master, &sealed)?;
-                *trail = Some(crate::audit::TrailImport::new(opts, ring.audit_key()?)?);
+                *trail = Some(Box::new(crate::audit::TrailImport::new(
+                    opts,
+                    ring.audit_key()?,
+                )?));
                 crate::store::postgres::KeyStoreRow::new(opts).modify(
                     |current| -> Result<_, OpsError> {
                         match current {
