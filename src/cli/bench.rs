@@ -35,7 +35,20 @@ struct Phase {
 }
 
 impl Phase {
+    /// A phase that was not run (`--phase`).
+    fn skipped(name: &'static str) -> Self {
+        Self {
+            name,
+            latencies_us: Vec::new(),
+            errors: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
     fn rate(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            return 0.0;
+        }
         self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
     }
     fn pct(&self, p: f64) -> f64 {
@@ -137,48 +150,56 @@ pub(super) async fn run(
         }
     })
     .await;
-    let get = drive("get_record", &channels, secs, {
-        let token = token.clone();
-        let ids = ids.clone();
-        move |ch: Channel, i: u64| {
+    let get = if args.phase == "put" {
+        Phase::skipped("get_record")
+    } else {
+        drive("get_record", &channels, secs, {
             let token = token.clone();
-            let id = ids[(i as usize * 7919) % ids.len()].clone();
-            async move {
-                let req = with_token(
-                    &token,
-                    pb::GetRecordRequest {
-                        id,
-                        fields: vec![],
-                        purpose: "bench".into(),
-                    },
-                )
-                .map_err(|e| tonic::Status::internal(e.0))?;
-                RecordsClient::new(ch).get_record(req).await.map(|_| ())
+            let ids = ids.clone();
+            move |ch: Channel, i: u64| {
+                let token = token.clone();
+                let id = ids[(i as usize * 7919) % ids.len()].clone();
+                async move {
+                    let req = with_token(
+                        &token,
+                        pb::GetRecordRequest {
+                            id,
+                            fields: vec![],
+                            purpose: "bench".into(),
+                        },
+                    )
+                    .map_err(|e| tonic::Status::internal(e.0))?;
+                    RecordsClient::new(ch).get_record(req).await.map(|_| ())
+                }
             }
-        }
-    })
-    .await;
-    let put = drive("put_record", &channels, secs, {
-        let token = token.clone();
-        move |ch: Channel, i: u64| {
+        })
+        .await
+    };
+    let put = if args.phase == "get" {
+        Phase::skipped("put_record")
+    } else {
+        drive("put_record", &channels, secs, {
             let token = token.clone();
-            async move {
-                let req = with_token(
-                    &token,
-                    pb::PutRecordRequest {
-                        record: Some(pb::Record {
-                            id: String::new(),
-                            fields: sample_fields(1_000_000 + i),
-                            version: 0,
-                        }),
-                    },
-                )
-                .map_err(|e| tonic::Status::internal(e.0))?;
-                RecordsClient::new(ch).put_record(req).await.map(|_| ())
+            move |ch: Channel, i: u64| {
+                let token = token.clone();
+                async move {
+                    let req = with_token(
+                        &token,
+                        pb::PutRecordRequest {
+                            record: Some(pb::Record {
+                                id: String::new(),
+                                fields: sample_fields(1_000_000 + i),
+                                version: 0,
+                            }),
+                        },
+                    )
+                    .map_err(|e| tonic::Status::internal(e.0))?;
+                    RecordsClient::new(ch).put_record(req).await.map(|_| ())
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await
+    };
 
     if get.errors > 0 {
         eprintln!(

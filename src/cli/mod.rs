@@ -412,6 +412,10 @@ pub struct BenchArgs {
     /// Only load this many records (for memory measurements), then exit.
     #[arg(long)]
     pub(crate) fill: Option<usize>,
+    /// Which record phase to run after the health baseline: both, or only
+    /// `get` or `put` (to count what one kind of call costs the database).
+    #[arg(long, default_value = "all", value_parser = ["all", "get", "put"])]
+    pub(crate) phase: String,
 }
 
 /// A one-line failure for the user.
