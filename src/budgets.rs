@@ -295,10 +295,13 @@ struct State {
     /// Set when the budget locked the account; cleared by an unlock.
     locked: bool,
     throttles: VecDeque<i64>,
-    /// Shared budgets only: the version of the row this copy is at, and
-    /// the logged reads still in the day's window (number, time).
+    /// Shared budgets only: the version of the row this copy is at, the
+    /// logged reads still in the day's window (number, time), and the row's
+    /// bytes as this node last wrote or read them (the next write expects
+    /// them, so a copy still current costs no read).
     version: u64,
     log: VecDeque<(u64, i64)>,
+    row: Option<Vec<u8>>,
 }
 
 impl State {
@@ -415,6 +418,7 @@ impl State {
             throttles: VecDeque::new(),
             version: 0,
             log: VecDeque::new(),
+            row: None,
         };
         for (t, tag) in reads {
             s.reads.insert(s.next_seq, (t, tag));
@@ -751,16 +755,23 @@ impl Budgets {
         vkey.push(b'v');
         for _ in 0..256 {
             let now = self.clock.now_ms();
-            let raw = self.store.get(Space::Budgets, &vkey).await?;
-            let sh = raw.as_deref().map(SharedBudget::decode).transpose()?;
-            let current = match (&*guard, &sh) {
-                (Some(st), Some(sh)) => st.version == sh.version,
-                (Some(st), None) => st.version == 0,
-                (None, _) => false,
+            // A copy that wrote last is taken for current: its write says
+            // whether it was (a conflict sends it back to the row).
+            let cached = guard.as_ref().and_then(|st| st.row.clone());
+            let fresh = cached.is_none();
+            let raw = match cached {
+                Some(row) => Some(row),
+                None => self.store.get(Space::Budgets, &vkey).await?,
             };
-            if !current {
+            if fresh {
+                let sh = raw.as_deref().map(SharedBudget::decode).transpose()?;
                 *guard = Some(match sh {
-                    Some(sh) => State::from_shared(&self.store, prefix.clone(), sh, &base).await?,
+                    Some(sh) => {
+                        let mut st =
+                            State::from_shared(&self.store, prefix.clone(), sh, &base).await?;
+                        st.row = raw.clone();
+                        st
+                    }
                     None => {
                         let mut st = State::from_parts(
                             prefix.clone(),
@@ -812,14 +823,14 @@ impl Budgets {
                 // nodes see the change.
                 state.version += 1;
             }
+            let row = state.to_shared().encode_to_vec();
             batch.expect(Space::Budgets, vkey.clone(), raw);
-            batch.put(
-                Space::Budgets,
-                vkey.clone(),
-                state.to_shared().encode_to_vec(),
-            );
+            batch.put(Space::Budgets, vkey.clone(), row.clone());
             match self.store.apply(batch).await {
-                Ok(()) => return Ok(Some(out)),
+                Ok(()) => {
+                    state.row = Some(row);
+                    return Ok(Some(out));
+                }
                 Err(crate::store::StorageError::Conflict) => {
                     // Another node went first: this copy is stale.
                     *guard = None;

@@ -490,6 +490,64 @@ impl Backend for PostgresBackend {
                     .map_err(pg_error)?;
                 return Ok(());
             };
+            // The usual condition — the batch rewrites the very key it
+            // expects — is one statement, one round trip: the key's
+            // UPDATE (or INSERT, expecting it absent) is the check, and the
+            // other writes happen only if it wrote. A concurrent writer of
+            // the key makes the UPDATE wait, then find the value changed.
+            if let Some(i) = ps
+                .iter()
+                .zip(&pk)
+                .position(|(s, k)| *s == space && *k == key)
+            {
+                let new_value = pv.remove(i);
+                ps.remove(i);
+                pk.remove(i);
+                let sql = match want {
+                    Some(_) => {
+                        "WITH chk AS (
+                            UPDATE coffre_kv SET value = $7
+                            WHERE space = $6 AND key = $8 AND value = $9 RETURNING 1
+                        ), d AS (
+                            DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
+                            WHERE k.space = x.s AND k.key = x.y AND EXISTS (SELECT 1 FROM chk)
+                        ), i AS (
+                            INSERT INTO coffre_kv (space, key, value)
+                            SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+                            WHERE EXISTS (SELECT 1 FROM chk)
+                            ON CONFLICT (space, key) DO UPDATE SET value = excluded.value
+                        )
+                        SELECT count(*) FROM chk"
+                    }
+                    None => {
+                        "WITH chk AS (
+                            INSERT INTO coffre_kv (space, key, value) VALUES ($6, $8, $7)
+                            ON CONFLICT (space, key) DO NOTHING RETURNING 1
+                        ), d AS (
+                            DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
+                            WHERE k.space = x.s AND k.key = x.y AND EXISTS (SELECT 1 FROM chk)
+                        ), i AS (
+                            INSERT INTO coffre_kv (space, key, value)
+                            SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+                            WHERE EXISTS (SELECT 1 FROM chk)
+                            ON CONFLICT (space, key) DO UPDATE SET value = excluded.value
+                        )
+                        SELECT count(*) FROM chk WHERE $9::bytea IS NULL"
+                    }
+                };
+                let st = c.prepare_cached(sql).await.map_err(pg_error)?;
+                let row = c
+                    .query_one(
+                        &st,
+                        &[&ps, &pk, &pv, &ds, &dk, &space, &new_value, &key, &want],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                return match row.get::<_, i64>(0) {
+                    1 => Ok(()),
+                    _ => Err(StorageError::Conflict),
+                };
+            }
             // Writers of one key take turns on an advisory lock named by
             // it (a row lock cannot hold a key that does not exist yet);
             // the value is read after the lock is granted, in a statement
