@@ -97,10 +97,15 @@ done
 "${PSQL[@]}" -c "CREATE DATABASE stmts" postgres
 "${PSQL[@]}" -c "CREATE EXTENSION pg_stat_statements" stmts
 node "$(config stmts postgres stmts)"; A=$ADDR
+# CPU seconds of every process of a name (the database's share).
+cpu() { ps -eo comm,times | awk -v n="$1" '$1 ~ n {s += $2} END {print s + 0}'; }
 for phase in get put; do
   "${PSQL[@]}" -c "SELECT pg_stat_statements_reset()" stmts > /dev/null
+  pg0=$(cpu '^postgres'); cf0=$(cpu '^coffre')
   # One seeded record: the count is the calls', not the seeding's.
   j=$(bench "$A" 4 "$phase" 1)
+  pg1=$(cpu '^postgres'); cf1=$(cpu '^coffre')
+  echo "$phase: CPU seconds during the run: postgres $((pg1 - pg0)), coffre node and load generator $((cf1 - cf0))"
   calls=$("${PSQL[@]}" -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'stmts' AND query NOT LIKE '%pg_stat_statements%'" stmts)
   echo "$j" | python3 -c '
 import json, sys
