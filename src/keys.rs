@@ -853,7 +853,51 @@ impl Keyring {
             let version = active.version;
             return Ok((active, Some(version)));
         }
-        {
+        if self.store.is_shared() {
+            let mut reserved = key.counter.reserved.lock().await;
+            if after > *reserved {
+                // Nodes on one database reserve blocks of the one count:
+                // each block starts where the stored count is (whatever
+                // other nodes took), so the stored count is never below
+                // the encryptions made.
+                let id = counter_id(&keys.tenant, version);
+                let mut tries = 0;
+                loop {
+                    let raw = self.store.get(Space::Counters, &id).await?;
+                    let stored = raw
+                        .as_deref()
+                        .map(|v| v.try_into().map(u64::from_be_bytes))
+                        .transpose()
+                        .map_err(|_| KeyError::Tampered)?
+                        .unwrap_or(0);
+                    let start = stored.max(after - n);
+                    if start + n > limit {
+                        // Other nodes took the version to its bound.
+                        drop(reserved);
+                        key.counter.count.store(limit, Ordering::Relaxed);
+                        return Box::pin(self.reserve_encryptions(keys, n)).await;
+                    }
+                    // Near the bound, exact (as one node's blocks are).
+                    let next = if start + n + COUNTER_BLOCK > limit {
+                        start + n
+                    } else {
+                        start + n + COUNTER_BLOCK
+                    };
+                    let mut b = Batch::new();
+                    b.expect(Space::Counters, id.clone(), raw);
+                    b.put(Space::Counters, id.clone(), next.to_be_bytes().to_vec());
+                    match self.store.apply(b).await {
+                        Ok(()) => {
+                            key.counter.count.store(start + n, Ordering::Relaxed);
+                            *reserved = next;
+                            break;
+                        }
+                        Err(StorageError::Conflict) if tries < 64 => tries += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        } else {
             let mut reserved = key.counter.reserved.lock().await;
             if after > *reserved {
                 let next = if after + COUNTER_BLOCK > limit {

@@ -10,26 +10,30 @@
 //! [`Cut::scan`]) and [`Storage::count`] counts without holding the entries.
 //!
 //! Layout: `sled.rs` the embedded default (the only file that knows sled),
+//! `postgres.rs` the shared database (the only file that speaks SQL for the
+//! key spaces; the trail's tables are `crate::audit`'s `pg.rs`),
 //! `faulty.rs` the fault-injecting wrapper of the fail-closed tests,
 //! `file.rs` the few files rewritten whole ([`AtomicFile`]). The audit trail
 //! keeps its own files (`crate::audit::log`), asking [`Storage::admit`]
 //! before each write.
 //!
-//! # State kept in this process, and what several nodes will need
+//! # State kept in this process, and how several nodes share it
 //!
-//! A second backend (PostgreSQL, for several stateless nodes behind a load
-//! balancer) implements [`Backend`]; what each node keeps in memory today
-//! must then become shared or checked against the database:
+//! With the PostgreSQL backend several stateless nodes serve one vault
+//! (`crate::cluster`); what a node keeps in memory is then a cache the
+//! database overrules:
 //!
-//! | state | today, one node | with several nodes |
+//! | state | one node (sled) | several nodes (postgres) |
 //! |---|---|---|
-//! | read budgets (`budgets`) | in memory; rebuilt from the principal's events of the last day in the trail; scalars (throttles, break-glass) in `Space::Budgets` | one budget across nodes: spends serialised in the database (a row per principal, updated in the read's transaction with its audit event) |
-//! | sessions (`accounts`) | stored hashed in `Space::Sessions`, cached per node; last use rewritten at most once a minute | the cache must check revocation in the database on every call (a logout on node A refuses the next call on node B) |
-//! | principals, locks (`accounts`) | `Space::Principals`, read on every call | same rows for every node: a lock is seen at once |
-//! | audit head (`audit`) | in memory, from the trail's files at open | one chain serialised by the database (or per-node chains anchored together); a head that moves backwards is refused |
-//! | honeytoken tags (`honeytokens`) | loaded at open, kept in memory | reloaded when another node creates one (a version counter in the database) |
-//! | key jobs (rewrap, reindex) | in-process task, resumable from a cursor in the store | a lease row: one node runs a job, another resumes it when the lease expires |
-//! | tenant keys (`keys`) | the key store file beside the data | a table of wrapped keys, re-read when its version changes |
+//! | read budgets (`budgets`) | in memory; rebuilt from the principal's events of the last day; scalars in `Space::Budgets` | a row per principal (scalars, a version) and a log of the day's reads; each spend a conditional write ([`Op::Expect`]); a node behind rebuilds its copy |
+//! | sessions (`accounts`) | `Space::Sessions`, cached | read from the database on every call (a logout elsewhere counts at once) |
+//! | principals, locks (`accounts`) | `Space::Principals`, read on every call; writes under a process lock | the same rows; every read-modify-write conditional |
+//! | record versions (`records`) | a stripe lock per record | the write conditional on the record as read |
+//! | audit head (`audit`) | in memory, from the trail's files | one chain in the database, its head row locked by each append; a head that moves backwards stops the node |
+//! | honeytoken tags (`honeytokens`) | loaded at open | re-read every second |
+//! | key jobs (rewrap, reindex) | in-process, resumable from a cursor | a lease row; another node resumes a job whose lease expired |
+//! | tenant keys (`keys`) | the key store file | a row changed under a lock; its version read on every call |
+//! | encryption counts (`keys`) | reserved in blocks in `Space::Counters` | each node reserves its blocks from the one stored count by a conditional write: the count may run ahead of the encryptions, never behind |
 //!
 //! The consistent cut a backup needs is [`Storage::cut`]: a brief write
 //! barrier across records, key store and trail.
