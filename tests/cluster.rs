@@ -649,3 +649,66 @@ async fn a_sled_backup_restores_into_postgres_and_serves_on_two_nodes() {
     assert!(e.contains("already holds a vault"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+/// Two states an operator must act on, found by a running node within
+/// seconds: the trail's head gone backwards in the database (a failover to
+/// a standby that lacked acknowledged events) and a schema newer than the
+/// node (another node upgraded). Each makes the node refuse calls
+/// (UNAVAILABLE) and say NOT_SERVING; the first raises a critical alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_gone_backwards_or_a_newer_schema_stops_a_node() {
+    let Some(pg) = pg::shared() else { return };
+    for case in ["head", "schema"] {
+        let v = vault_on(pg, ROOMY_LIMITS);
+        let alerts = v.root.path().join("alerts.jsonl");
+        let text = std::fs::read_to_string(&v.config).unwrap();
+        std::fs::write(
+            &v.config,
+            text.replacen(
+                "dev = true\n",
+                &format!("dev = true\nalert_file = {alerts:?}\n"),
+                1,
+            ),
+        )
+        .unwrap();
+        let a = node(&v);
+        let pw = CLINICIAN_PASSWORD;
+        bin_setup(&a.addr, &[("clinic", "dr_a", pw, pb::Role::Clinician)]).await;
+        let tok = bin_login(&a.addr, "clinic", "dr_a", pw).await;
+        seed(&a.addr, &tok, 3, "h").await;
+        let db = std::fs::read_to_string(&v.config)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("postgres_url = "))
+            .and_then(|u| u.trim_matches('"').rsplit('/').next().map(str::to_string))
+            .unwrap();
+        match case {
+            // The last frames lost, as on a standby that lacked them.
+            "head" => pg.sql(
+                &db,
+                "BEGIN; DELETE FROM coffre_audit_frame WHERE first_seq > (SELECT max(first_seq) - 3 FROM coffre_audit_frame); \
+                 UPDATE coffre_audit_head SET seq = (SELECT max(last_seq) FROM coffre_audit_frame); COMMIT;",
+            ),
+            _ => pg.sql(&db, "INSERT INTO coffre_schema (version) VALUES (99)"),
+        };
+        let took = wait_health(&a.addr, ServingStatus::NotServing, Duration::from_secs(15)).await;
+        let e = RecordsClient::new(chan(&a.addr).await)
+            .get_record(authed(&tok, get("h0000")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::Unauthenticated),
+            "{case}: {e:?}"
+        );
+        if case == "head" {
+            let lines = std::fs::read_to_string(&alerts).unwrap();
+            assert!(lines.contains("trail_head_moved_backwards"), "{lines}");
+        } else {
+            // A node of this build refuses to start on the newer schema.
+            let e = spawn_server(&v.config, &[]).err().expect("refused");
+            assert!(e.contains("newer"), "{e}");
+            assert_eq!(e.trim().lines().count(), 1, "{e}");
+        }
+        println!("cluster: {case}: NOT_SERVING after {took:?}");
+    }
+}

@@ -269,6 +269,8 @@ enum Backing {
 
 pub struct Audit {
     backing: Backing,
+    /// The alert for a head gone backwards was raised.
+    head_alerted: std::sync::atomic::AtomicBool,
     alert_file: Option<Mutex<File>>,
     /// What opening found: migration, a torn tail cut off.
     opened: Opened,
@@ -392,6 +394,7 @@ impl Audit {
             .map_err(|e| Error::Internal(format!("audit writer: {e}")))?;
         Ok(Self {
             backing: Backing::Files(shared),
+            head_alerted: Default::default(),
             alert_file: alert_file.map(append_line).transpose()?,
             opened: Opened {
                 migrated,
@@ -412,6 +415,7 @@ impl Audit {
         let trail = pg::Trail::open(opts, store, key, mirror.map(append_line).transpose()?)?;
         Ok(Self {
             backing: Backing::Pg(trail),
+            head_alerted: Default::default(),
             alert_file: alert_file.map(append_line).transpose()?,
             opened: Opened::default(),
         })
@@ -426,11 +430,44 @@ impl Audit {
     }
 
     /// Re-reads the database's head (postgres), so that a head gone
-    /// backwards stops the trail even on a node with nothing to write.
+    /// backwards stops the trail even on a node with nothing to write. The
+    /// first time it is seen, a critical alert goes to the alert file (the
+    /// trail itself can take no event then).
     pub fn check_head(&self) -> Result<()> {
-        match self.files() {
-            Ok(_) => Ok(()),
-            Err(t) => t.head_now().map(|_| ()),
+        let Err(t) = self.files() else {
+            return Ok(());
+        };
+        let r = t.head_now().map(|_| ());
+        if t.diverged()
+            && !self
+                .head_alerted
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.alert_outside_trail(
+                "trail_head_moved_backwards",
+                "the audit trail's head moved backwards in the database (a failover to a standby that lacked acknowledged events?): this node refuses every call until restarted",
+            );
+        }
+        r
+    }
+
+    /// An alert the trail cannot take: to the log and the alert file only.
+    fn alert_outside_trail(&self, kind: &str, detail: &str) {
+        tracing::error!(kind, "critical alert: {detail}");
+        if let Some(f) = &self.alert_file {
+            let a = Alert {
+                seq: 0,
+                time_unix_ms: now_ms(),
+                severity: Severity::Critical.as_str().into(),
+                tenant: String::new(),
+                principal: String::new(),
+                kind: kind.into(),
+                detail: detail.into(),
+            };
+            let line = format!("{}\n", alert_json(&a));
+            if let Err(err) = f.lock().write_all(line.as_bytes()) {
+                tracing::error!(error = %err, "alert file write failed");
+            }
         }
     }
 
