@@ -212,7 +212,7 @@ impl Node {
 }
 
 /// Nodes whose heartbeat is recent.
-async fn alive_nodes(store: &crate::store::Storage) -> Result<usize> {
+pub async fn alive_nodes(store: &crate::store::Storage) -> Result<usize> {
     let now = now_ms();
     let mut n = 0;
     store

@@ -1325,13 +1325,47 @@ pub fn rotate_master(
 ) -> Result<MasterRotation, KeyError> {
     let file = AtomicFile::new(data_dir.join(KEYRING_FILE));
     let bytes = file.read()?.ok_or(KeyError::Tampered)?;
+    match rewrap_sealed(&bytes, old, new)? {
+        None => Ok(MasterRotation::AlreadyDone),
+        Some((next, keys)) => {
+            file.replace_steps(&next, stop_before)?;
+            Ok(MasterRotation::Rotated { keys })
+        }
+    }
+}
+
+/// [`rotate_master`] of the key store row every node shares (postgres), in
+/// one transaction. Every node must be stopped: a running one holds the
+/// old master key and would refuse the store from then on.
+pub fn rotate_master_row(
+    row: &crate::store::postgres::KeyStoreRow,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<MasterRotation, KeyError> {
+    let (outcome, _) = row.modify(|current| -> Result<_, KeyError> {
+        let bytes = current.ok_or(KeyError::Tampered)?;
+        Ok(match rewrap_sealed(&bytes, old, new)? {
+            None => (bytes, MasterRotation::AlreadyDone),
+            Some((next, keys)) => (next, MasterRotation::Rotated { keys }),
+        })
+    })?;
+    Ok(outcome)
+}
+
+/// The sealed key store `bytes` re-wrapped from `old` to `new` with how many
+/// keys it holds, or `None` if it opens under `new` already.
+fn rewrap_sealed(
+    bytes: &[u8],
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<Option<(Vec<u8>, usize)>, KeyError> {
     let (from, to) = (MasterDerived::of(old), MasterDerived::of(new));
-    match to.open_file(&bytes) {
-        Ok(_) => return Ok(MasterRotation::AlreadyDone),
+    match to.open_file(bytes) {
+        Ok(_) => return Ok(None),
         Err(KeyError::WrongKey) => {}
         Err(e) => return Err(e),
     }
-    let entries = from.open_file(&bytes)?;
+    let entries = from.open_file(bytes)?;
     let mut next = BTreeMap::new();
     let mut keys = 0;
     for (name, value) in entries {
@@ -1345,8 +1379,7 @@ pub fn rotate_master(
         };
         next.insert(name, value);
     }
-    file.replace_steps(&to.seal_file(&next), stop_before)?;
-    Ok(MasterRotation::Rotated { keys })
+    Ok(Some((to.seal_file(&next), keys)))
 }
 
 /// Why a key version cannot be retired.

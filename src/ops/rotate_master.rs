@@ -35,6 +35,15 @@ pub async fn rotate_master(
     }
     let old = crate::keys::load_key_file(&config.master_key_file)?;
     let new = crate::keys::load_key_file(new_key)?;
+    if let (crate::config::StorageBackend::Postgres, Some(url)) =
+        (&config.storage.backend, &config.storage.postgres_url)
+    {
+        let opts = crate::store::PostgresOptions {
+            url: url.expose().to_string(),
+            pool_size: 2,
+        };
+        return rotate_in_database(config, &opts, &old, &new, new_key, operator).await;
+    }
     // Holding the store's lock proves no server is running on this directory.
     let held = crate::store::Storage::open_sled(
         &config.data_dir,
@@ -50,22 +59,7 @@ pub async fn rotate_master(
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
-    // The shred list follows the key it sits beside (unless the config
-    // puts it elsewhere): the new key's list holds every tenant of the old.
-    if config.keys.shred_list_file.is_none() {
-        let old_list = crate::shredlist::ShredList::load(&config.shred_list_path())
-            .map_err(crate::keys::KeyError::from)?;
-        let mut new_list =
-            crate::shredlist::ShredList::load(&crate::shredlist::default_path(new_key))
-                .map_err(crate::keys::KeyError::from)?;
-        for (t, at) in old_list.tenants() {
-            new_list.add(t, at).map_err(crate::keys::KeyError::from)?;
-        }
-    }
-    let keys = match outcome {
-        MasterRotated::Rotated { keys } => keys,
-        MasterRotated::AlreadyDone => 0,
-    };
+    follow_shred_list(config, new_key)?;
     // In the trail like every key operation: opened with the new key, the
     // audit key is the same as before, so the chain simply goes on.
     let ring = crate::keys::Keyring::open(
@@ -85,6 +79,81 @@ pub async fn rotate_master(
         config.alert_file.as_deref(),
     )
     .await?;
+    record(&audit, outcome, operator).await?;
+    Ok(outcome)
+}
+
+/// The shred list follows the key it sits beside (unless the config puts
+/// it elsewhere): the new key's list holds every tenant of the old.
+fn follow_shred_list(config: &Config, new_key: &Path) -> Result<(), OpsError> {
+    if config.keys.shred_list_file.is_none() {
+        let old_list = crate::shredlist::ShredList::load(&config.shred_list_path())
+            .map_err(crate::keys::KeyError::from)?;
+        let mut new_list =
+            crate::shredlist::ShredList::load(&crate::shredlist::default_path(new_key))
+                .map_err(crate::keys::KeyError::from)?;
+        for (t, at) in old_list.tenants() {
+            new_list.add(t, at).map_err(crate::keys::KeyError::from)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`rotate_master`] of a vault on PostgreSQL: every node must be stopped
+/// (no heartbeat in the last seconds), the key store row is re-wrapped in
+/// one transaction, and the event goes to the shared trail.
+async fn rotate_in_database(
+    config: &Config,
+    opts: &crate::store::PostgresOptions,
+    old: &crate::keys::MasterKey,
+    new: &crate::keys::MasterKey,
+    new_key: &Path,
+    operator: &str,
+) -> Result<MasterRotated, OpsError> {
+    let backend = std::sync::Arc::new(crate::store::PostgresBackend::open(opts).await?);
+    let store = crate::store::Storage::new(backend).shared_with_other_nodes();
+    let alive = crate::cluster::alive_nodes(&store).await?;
+    if alive > 0 {
+        return Err(OpsError::Busy(format!(
+            "{alive} node(s) of this vault are running: stop the server first, every node (rotate-master is offline)"
+        )));
+    }
+    let row = crate::store::postgres::KeyStoreRow::new(opts);
+    let outcome = match crate::keys::rotate_master_row(&row, old, new)? {
+        crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
+        crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
+    };
+    follow_shred_list(config, new_key)?;
+    let ring = crate::keys::Keyring::open(
+        store.clone(),
+        crate::keys::KeyHome::Db(row, crate::store::PostgresBackend::pool(opts)?),
+        new,
+        u64::MAX,
+    )
+    .await?;
+    let audit_key = crate::crypto::SecretKey::from_slice(ring.audit_key().expose())
+        .expect("audit key is KEY_LEN bytes");
+    let audit = crate::audit::Audit::open_postgres(
+        opts,
+        store,
+        audit_key,
+        config.audit.mirror_file.as_deref(),
+        config.alert_file.as_deref(),
+    )?;
+    record(&audit, outcome, operator).await?;
+    Ok(outcome)
+}
+
+/// The rotation's event.
+async fn record(
+    audit: &crate::audit::Audit,
+    outcome: MasterRotated,
+    operator: &str,
+) -> Result<(), OpsError> {
+    let keys = match outcome {
+        MasterRotated::Rotated { keys } => keys,
+        MasterRotated::AlreadyDone => 0,
+    };
     audit
         .record(pb::AuditEvent {
             tenant: "system".into(),
@@ -96,5 +165,5 @@ pub async fn rotate_master(
             ..Default::default()
         })
         .await?;
-    Ok(outcome)
+    Ok(())
 }
