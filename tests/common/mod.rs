@@ -7,7 +7,7 @@
 pub mod pg;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -40,7 +40,11 @@ pub fn runs_on(backends: &[&str], why: &str) -> bool {
     if backends.contains(&b.as_str()) {
         return true;
     }
-    eprintln!("\n*** SKIPPED on storage.backend = {b}: {why} ***\n");
+    // Straight to the terminal: the test harness captures `eprintln!`.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED on storage.backend = {b}: {why} ***"
+    );
     false
 }
 
