@@ -25,6 +25,16 @@ use coffre::{
 use common::*;
 
 /// Streams `Admin/Backup` into `path`; the manifest.
+/// Whether this run's backend takes `coffre backup` (the embedded one; a
+/// PostgreSQL vault is backed up with the database's own tools), saying
+/// so when it does not.
+fn backups_here() -> bool {
+    runs_on(
+        &["sled"],
+        "backups of a PostgreSQL vault are the database's own in this release",
+    )
+}
+
 async fn take_backup(s: &TestServer, admin: &str, path: &Path) -> coffre::backup::Manifest {
     let mut st = s
         .admin()
@@ -115,10 +125,7 @@ type Acked = (Instant, String, Vec<(String, String)>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_write() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let s = TestServer::start().await;
@@ -268,10 +275,7 @@ async fn a_backup_taken_while_four_writers_write_restores_every_acknowledged_wri
 
 #[tokio::test]
 async fn a_backup_file_holds_no_value_password_or_token() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let s = TestServer::start().await;
@@ -329,10 +333,7 @@ async fn a_backup_file_holds_no_value_password_or_token() {
 #[tokio::test]
 async fn a_changed_byte_a_truncation_another_key_or_a_full_target_is_refused_with_nothing_written()
 {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let s = TestServer::start().await;
@@ -480,10 +481,7 @@ async fn a_changed_byte_a_truncation_another_key_or_a_full_target_is_refused_wit
 
 #[tokio::test]
 async fn kill_9_during_a_backup_leaves_no_backup_and_the_server_restarts_clean() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -586,10 +584,7 @@ async fn admin_or_auditor(addr: &str) -> String {
 
 #[tokio::test]
 async fn kill_9_during_a_restore_leaves_the_target_empty_and_a_rerun_works() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let s = TestServer::start().await;
@@ -785,10 +780,7 @@ async fn scrub_finds_a_flipped_field_and_a_rolled_back_record_and_passes_a_clean
 
 #[tokio::test]
 async fn a_shredded_tenant_does_not_come_back_from_an_older_backup_unless_overridden() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let s = TestServer::start().await;
@@ -948,10 +940,7 @@ async fn a_shredded_tenant_does_not_come_back_from_an_older_backup_unless_overri
 
 #[tokio::test]
 async fn scheduled_backups_keep_the_last_ones_and_a_failure_is_alerted() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -1043,10 +1032,7 @@ async fn scheduled_backups_keep_the_last_ones_and_a_failure_is_alerted() {
 /// still matches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_after_a_restore_accepts_old_checkpoints_and_the_mirror() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -1142,10 +1128,7 @@ async fn audit_verify_after_a_restore_accepts_old_checkpoints_and_the_mirror() {
 /// stays SERVING — and the first completes.
 #[tokio::test]
 async fn a_second_backup_waits_its_turn_without_hurting_health() {
-    if !runs_on(
-        &["sled"],
-        "backups and restores of a PostgreSQL vault are not in this release",
-    ) {
+    if !backups_here() {
         return;
     }
     use tonic_health::pb::{

@@ -91,6 +91,24 @@ async fn wait_health(addr: &str, want: ServingStatus, within: Duration) -> Durat
     panic!("{addr}: not {want:?} within {within:?}");
 }
 
+/// Makes `system/auditor` through the node at `addr` and logs it in.
+async fn auditor(addr: &str) -> String {
+    let admin = bin_login(addr, "system", "admin", ADMIN_PASSWORD).await;
+    AdminClient::new(chan(addr).await)
+        .create_principal(authed(
+            &admin,
+            pb::CreatePrincipalRequest {
+                tenant: "system".into(),
+                username: "auditor".into(),
+                password: AUDITOR_PASSWORD.into(),
+                role: pb::Role::Auditor as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    bin_login(addr, "system", "auditor", AUDITOR_PASSWORD).await
+}
+
 async fn seed(addr: &str, token: &str, n: usize, prefix: &str) -> Vec<String> {
     let mut r = RecordsClient::new(chan(addr).await);
     let mut ids = Vec::new();
@@ -392,22 +410,7 @@ async fn kill_9_of_one_node_under_load_loses_nothing_acknowledged() {
             .unwrap_or_else(|e| panic!("{id} acknowledged, then lost: {e:?}"));
         assert_eq!(rec.into_inner().record.unwrap().fields["nir"], *id);
     }
-    let aud = {
-        let admin = bin_login(&b.addr, "system", "admin", ADMIN_PASSWORD).await;
-        AdminClient::new(chan(&b.addr).await)
-            .create_principal(authed(
-                &admin,
-                pb::CreatePrincipalRequest {
-                    tenant: "system".into(),
-                    username: "auditor".into(),
-                    password: AUDITOR_PASSWORD.into(),
-                    role: pb::Role::Auditor as i32,
-                },
-            ))
-            .await
-            .unwrap();
-        bin_login(&b.addr, "system", "auditor", AUDITOR_PASSWORD).await
-    };
+    let aud = auditor(&b.addr).await;
     let mut au = pb::audit_client::AuditClient::new(chan(&b.addr).await);
     let v = au
         .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
@@ -621,20 +624,7 @@ async fn a_sled_backup_restores_into_postgres_and_serves_on_two_nodes() {
             .unwrap();
         assert_eq!(rec.fields["nir"], format!("{i}"));
     }
-    let admin = bin_login(&a.addr, "system", "admin", ADMIN_PASSWORD).await;
-    AdminClient::new(chan(&a.addr).await)
-        .create_principal(authed(
-            &admin,
-            pb::CreatePrincipalRequest {
-                tenant: "system".into(),
-                username: "auditor".into(),
-                password: AUDITOR_PASSWORD.into(),
-                role: pb::Role::Auditor as i32,
-            },
-        ))
-        .await
-        .unwrap();
-    let aud = bin_login(&a.addr, "system", "auditor", AUDITOR_PASSWORD).await;
+    let aud = auditor(&a.addr).await;
     let verified = pb::audit_client::AuditClient::new(chan(&b.addr).await)
         .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
         .await
@@ -711,4 +701,56 @@ async fn a_head_gone_backwards_or_a_newer_schema_stops_a_node() {
         }
         println!("cluster: {case}: NOT_SERVING after {took:?}");
     }
+}
+
+/// The other two check-then-acts nodes race on, from 8 at once: a key
+/// job's lease goes to exactly one node, and 8 concurrent changes of the
+/// key store row all land (each made on top of the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_has_one_holder_and_key_store_changes_all_land() {
+    let Some(pg) = pg::shared() else { return };
+    let opts = coffre::store::PostgresOptions {
+        url: pg.new_database(),
+        pool_size: 8,
+    };
+    let backend = Arc::new(coffre::store::PostgresBackend::open(&opts).await.unwrap());
+    let store = coffre::store::Storage::new(backend.clone()).shared_with_other_nodes();
+    let tenant = coffre::model::TenantName::parse("clinic").unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let node = coffre::cluster::Node {
+            id: coffre::crypto::random_array::<16>(),
+            backend: backend.clone(),
+        };
+        let (store, tenant) = (store.clone(), tenant.clone());
+        tasks.push(tokio::spawn(async move {
+            node.take_lease(&store, &tenant).await.unwrap()
+        }));
+    }
+    let mut holders = 0;
+    for t in tasks {
+        holders += usize::from(t.await.unwrap());
+    }
+    assert_eq!(holders, 1, "one node holds a tenant's key job");
+
+    let row = coffre::store::postgres::KeyStoreRow::new(&opts);
+    let mut changes = Vec::new();
+    for i in 0..8u8 {
+        let row = row.clone();
+        changes.push(tokio::task::spawn_blocking(move || {
+            row.modify(|current| {
+                let mut bytes = current.unwrap_or_default();
+                bytes.push(i);
+                Ok::<_, coffre::store::StorageError>((bytes, ()))
+            })
+            .unwrap()
+        }));
+    }
+    for c in changes {
+        c.await.unwrap();
+    }
+    let (version, mut bytes) = row.read().unwrap().unwrap();
+    bytes.sort();
+    assert_eq!(bytes, (0..8).collect::<Vec<u8>>(), "no change lost");
+    assert_eq!(version, 8);
 }

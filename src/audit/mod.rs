@@ -219,6 +219,131 @@ impl Query {
     }
 }
 
+/// One pass of `verify` over the chain, whatever holds the frames (the
+/// trail's files or the database's rows): each frame checked in seq order
+/// from the authenticated base, restores and the auditor's checkpoint
+/// noted on the way, then the verdict.
+struct ChainWalk {
+    head_seq: u64,
+    checkpoint: Option<(u64, [u8; 32])>,
+    /// The hash before the next frame, and that frame's first seq.
+    prev: [u8; 32],
+    expect: u64,
+    checked: u64,
+    restores: Vec<RestoreMark>,
+    note: Option<String>,
+    seen_checkpoint: bool,
+    next_report: u64,
+}
+
+impl ChainWalk {
+    fn new(base: (u64, [u8; 32]), head_seq: u64, checkpoint: Option<(u64, [u8; 32])>) -> Self {
+        Self {
+            head_seq,
+            checkpoint,
+            prev: base.1,
+            expect: base.0,
+            checked: 0,
+            restores: Vec::new(),
+            note: None,
+            // A checkpoint older than the retention window can no longer
+            // be checked; the authenticated base stands in for it.
+            seen_checkpoint: checkpoint.is_none_or(|(cs, _)| cs < base.0),
+            next_report: 1 << 16,
+        }
+    }
+
+    /// The verdict that the chain breaks at `seq`, for `why`.
+    fn bad(&self, seq: u64, why: &str) -> Verification {
+        Verification {
+            ok: false,
+            checked: self.checked,
+            first_bad_seq: seq,
+            head_seq: self.head_seq,
+            head_hash: self.prev,
+            reason: Some(why.to_string()),
+            restores: Vec::new(),
+            note: None,
+        }
+    }
+
+    /// Checks the next frame; `Err` names the first bad seq and why (for
+    /// [`ChainWalk::bad`]).
+    fn frame(
+        &mut self,
+        keys: &log::Keys,
+        frame: &log::RawFrame,
+        progress: &mut impl FnMut(u64),
+    ) -> std::result::Result<(), (u64, &'static str)> {
+        if frame.first_seq != self.expect {
+            return Err((self.expect, "sequence gap or reordering"));
+        }
+        let Some(events) = frame.open(keys, self.prev) else {
+            return Err((self.expect, "event was modified"));
+        };
+        let end: [u8; 32] = events
+            .last()
+            .and_then(|e| e.hash.as_slice().try_into().ok())
+            .unwrap_or(self.prev);
+        if !crypto::ct_eq(&end, &frame.end_hash) {
+            return Err((self.expect, "event was modified"));
+        }
+        self.restores
+            .extend(events.iter().filter_map(RestoreMark::of));
+        if let Some((cs, ch)) = self.checkpoint
+            && (frame.first_seq..=frame.last_seq()).contains(&cs)
+        {
+            let e = &events[(cs - frame.first_seq) as usize];
+            if !crypto::ct_eq(&ch, &e.hash) {
+                // Taken before a restore, past the backup's head: that
+                // stretch was lost with the restore, not tampered with.
+                match self.restores.iter().rev().find(|r| r.backup_head_seq < cs) {
+                    Some(r) => self.note = Some(restore_note(cs, r)),
+                    None => return Err((cs, "checkpoint hash differs")),
+                }
+            }
+            self.seen_checkpoint = true;
+        }
+        self.prev = end;
+        self.expect += frame.count as u64;
+        self.checked += frame.count as u64;
+        if self.checked >= self.next_report {
+            progress(self.checked);
+            self.next_report += 1 << 16;
+        }
+        Ok(())
+    }
+
+    /// The verdict once every frame up to the head was read.
+    fn finish(mut self, mut progress: impl FnMut(u64)) -> Verification {
+        if self.expect <= self.head_seq {
+            return self.bad(self.expect, "events missing at the tail");
+        }
+        if !self.seen_checkpoint
+            && let Some((cs, _)) = self.checkpoint
+            && let Some(r) = self.restores.iter().rev().find(|r| r.backup_head_seq < cs)
+        {
+            self.note = Some(restore_note(cs, r));
+            self.seen_checkpoint = true;
+        }
+        if !self.seen_checkpoint {
+            let cs = self.checkpoint.map_or(0, |c| c.0);
+            return self.bad(cs, "chain no longer reaches the checkpoint (truncated)");
+        }
+        progress(self.checked);
+        Verification {
+            ok: true,
+            checked: self.checked,
+            first_bad_seq: 0,
+            head_seq: self.head_seq,
+            head_hash: self.prev,
+            reason: None,
+            restores: self.restores,
+            note: self.note,
+        }
+    }
+}
+
 fn restore_note(cs: u64, r: &RestoreMark) -> String {
     format!(
         "checkpoint at seq {cs} was taken before the restore at seq {} (backup head seq {}): checked up to the backup's head",
@@ -653,44 +778,23 @@ impl Audit {
         let log = &shared.log;
         let keys = log.keys();
         let metas = log.metas();
-        let (base_seq, base_prev) = (metas[0].first_seq, metas[0].prev_hash);
-        let mut prev = base_prev;
-        let mut expect = base_seq;
-        let mut checked = 0u64;
-        let bad = |seq: u64, why: &str, prev: [u8; 32], checked| {
-            Ok(Verification {
-                ok: false,
-                checked,
-                first_bad_seq: seq,
-                head_seq: head.0,
-                head_hash: prev,
-                reason: Some(why.to_string()),
-                restores: Vec::new(),
-                note: None,
-            })
-        };
-        let mut restores: Vec<RestoreMark> = Vec::new();
-        let mut note = None;
-        // A checkpoint older than the retention window can no longer be
-        // checked; the authenticated base stands in for it.
-        let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
-        let mut next_report = 1u64 << 16;
+        let mut walk = ChainWalk::new((metas[0].first_seq, metas[0].prev_hash), head.0, checkpoint);
         'segments: for meta in &metas {
             let view = log.view(meta)?;
             match log::read_segment_header(keys, &view.file) {
                 Ok((first, p)) => {
-                    if first != expect {
-                        return bad(expect, "sequence gap or reordering", prev, checked);
+                    if first != walk.expect {
+                        return Ok(walk.bad(walk.expect, "sequence gap or reordering"));
                     }
-                    if p != prev {
-                        return bad(expect, "previous hash does not match", prev, checked);
+                    if p != walk.prev {
+                        return Ok(walk.bad(walk.expect, "previous hash does not match"));
                     }
                 }
-                Err(_) => return bad(expect, "segment header fails its MAC", prev, checked),
+                Err(_) => return Ok(walk.bad(walk.expect, "segment header fails its MAC")),
             }
             let mut offset = log::HEADER_LEN;
             loop {
-                if expect > head.0 {
+                if walk.expect > head.0 {
                     // Events appended while we read are for the next run.
                     break 'segments;
                 }
@@ -700,77 +804,15 @@ impl Audit {
                     Err(log::FrameError::Io(e)) => {
                         return Err(Error::Unavailable(StorageError::Io(e.to_string())));
                     }
-                    Err(_) => return bad(expect, "frame damaged", prev, checked),
+                    Err(_) => return Ok(walk.bad(walk.expect, "frame damaged")),
                 };
-                if frame.first_seq != expect {
-                    return bad(expect, "sequence gap or reordering", prev, checked);
-                }
-                let Some(events) = frame.open(keys, prev) else {
-                    return bad(expect, "event was modified", prev, checked);
-                };
-                let end: [u8; 32] = events
-                    .last()
-                    .and_then(|e| e.hash.as_slice().try_into().ok())
-                    .unwrap_or(prev);
-                if !crypto::ct_eq(&end, &frame.end_hash) {
-                    return bad(expect, "event was modified", prev, checked);
-                }
-                restores.extend(events.iter().filter_map(RestoreMark::of));
-                if let Some((cs, ch)) = checkpoint
-                    && (frame.first_seq..=frame.last_seq()).contains(&cs)
-                {
-                    let e = &events[(cs - frame.first_seq) as usize];
-                    if !crypto::ct_eq(&ch, &e.hash) {
-                        // Taken before a restore, past the backup's head:
-                        // that stretch was lost with the restore, not
-                        // tampered with.
-                        match restores.iter().rev().find(|r| r.backup_head_seq < cs) {
-                            Some(r) => note = Some(restore_note(cs, r)),
-                            None => return bad(cs, "checkpoint hash differs", prev, checked),
-                        }
-                    }
-                    seen_checkpoint = true;
-                }
-                prev = end;
-                expect += frame.count as u64;
-                checked += frame.count as u64;
                 offset = frame.next;
-                if checked >= next_report {
-                    progress(checked);
-                    next_report += 1 << 16;
+                if let Err((seq, why)) = walk.frame(keys, &frame, &mut progress) {
+                    return Ok(walk.bad(seq, why));
                 }
             }
         }
-        if expect <= head.0 {
-            return bad(expect, "events missing at the tail", prev, checked);
-        }
-        if !seen_checkpoint
-            && let Some((cs, _)) = checkpoint
-            && let Some(r) = restores.iter().rev().find(|r| r.backup_head_seq < cs)
-        {
-            note = Some(restore_note(cs, r));
-            seen_checkpoint = true;
-        }
-        if !seen_checkpoint {
-            let cs = checkpoint.map_or(0, |c| c.0);
-            return bad(
-                cs,
-                "chain no longer reaches the checkpoint (truncated)",
-                prev,
-                checked,
-            );
-        }
-        progress(checked);
-        Ok(Verification {
-            ok: true,
-            checked,
-            first_bad_seq: 0,
-            head_seq: head.0,
-            head_hash: prev,
-            reason: None,
-            restores,
-            note,
-        })
+        Ok(walk.finish(progress))
     }
 
     /// A snapshot of the trail for a backup: its durable head now, and the

@@ -38,8 +38,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use super::{
-    DURABLE_TIMEOUT, GENESIS, Query, Recorded, RestoreMark, Verification, log, restore_note,
-    retained, to_json,
+    ChainWalk, DURABLE_TIMEOUT, GENESIS, Query, Recorded, Verification, log, retained, to_json,
 };
 use crate::{
     crypto::{self, SecretKey},
@@ -596,104 +595,36 @@ impl Trail {
             ))
         })?;
         self.check_not_behind(head_seq, seen)?;
-        let bad = |seq: u64, why: &str, prev: [u8; 32], checked| {
-            Ok(Verification {
-                ok: false,
-                checked,
-                first_bad_seq: seq,
-                head_seq,
-                head_hash: prev,
-                reason: Some(why.to_string()),
-                restores: Vec::new(),
-                note: None,
-            })
-        };
+        let mut walk = ChainWalk::new((base_seq, base_prev), head_seq, checkpoint);
         let genesis = base_seq == 1 && base_prev == GENESIS;
         let base_ok = base_mac
             .as_deref()
             .is_some_and(|m| crypto::ct_eq(m, &self.keys.segment_mac(base_seq, &base_prev)));
         if !genesis && !base_ok {
-            return bad(base_seq, "trail base fails its MAC", base_prev, 0);
+            return Ok(walk.bad(base_seq, "trail base fails its MAC"));
         }
-        let (mut prev, mut expect, mut checked) = (base_prev, base_seq, 0u64);
-        let mut restores: Vec<RestoreMark> = Vec::new();
-        let mut note = None;
-        let mut seen_checkpoint = checkpoint.is_none_or(|(cs, _)| cs < base_seq);
-        let mut next_report = 1u64 << 16;
-        'pages: while expect <= head_seq {
-            let frames = self.frames(expect, head_seq, false, 0, 0, 64)?;
+        'pages: while walk.expect <= head_seq {
+            let frames = self.frames(walk.expect, head_seq, false, 0, 0, 64)?;
             if frames.is_empty() {
                 break;
             }
             for f in &frames {
                 let Ok(frame) = log::parse_frame(&f.raw) else {
-                    return bad(expect, "frame damaged", prev, checked);
+                    return Ok(walk.bad(walk.expect, "frame damaged"));
                 };
-                if frame.first_seq != expect || f.first_seq != expect {
-                    return bad(expect, "sequence gap or reordering", prev, checked);
+                // The row's key must name the frame its bytes hold.
+                if f.first_seq != walk.expect {
+                    return Ok(walk.bad(walk.expect, "sequence gap or reordering"));
                 }
-                let Some(events) = frame.open(&self.keys, prev) else {
-                    return bad(expect, "event was modified", prev, checked);
-                };
-                let end = events.last().map_or(prev, |e| hash32(&e.hash));
-                if !crypto::ct_eq(&end, &frame.end_hash) {
-                    return bad(expect, "event was modified", prev, checked);
+                if let Err((seq, why)) = walk.frame(&self.keys, &frame, &mut progress) {
+                    return Ok(walk.bad(seq, why));
                 }
-                restores.extend(events.iter().filter_map(RestoreMark::of));
-                if let Some((cs, ch)) = checkpoint
-                    && (frame.first_seq..=frame.last_seq()).contains(&cs)
-                {
-                    let e = &events[(cs - frame.first_seq) as usize];
-                    if !crypto::ct_eq(&ch, &e.hash) {
-                        match restores.iter().rev().find(|r| r.backup_head_seq < cs) {
-                            Some(r) => note = Some(restore_note(cs, r)),
-                            None => return bad(cs, "checkpoint hash differs", prev, checked),
-                        }
-                    }
-                    seen_checkpoint = true;
-                }
-                prev = end;
-                expect += frame.count as u64;
-                checked += frame.count as u64;
-                if checked >= next_report {
-                    progress(checked);
-                    next_report += 1 << 16;
-                }
-                if expect > head_seq {
+                if walk.expect > head_seq {
                     break 'pages;
                 }
             }
         }
-        if expect <= head_seq {
-            return bad(expect, "events missing at the tail", prev, checked);
-        }
-        if !seen_checkpoint
-            && let Some((cs, _)) = checkpoint
-            && let Some(r) = restores.iter().rev().find(|r| r.backup_head_seq < cs)
-        {
-            note = Some(restore_note(cs, r));
-            seen_checkpoint = true;
-        }
-        if !seen_checkpoint {
-            let cs = checkpoint.map_or(0, |c| c.0);
-            return bad(
-                cs,
-                "chain no longer reaches the checkpoint (truncated)",
-                prev,
-                checked,
-            );
-        }
-        progress(checked);
-        Ok(Verification {
-            ok: true,
-            checked,
-            first_bad_seq: 0,
-            head_seq,
-            head_hash: prev,
-            reason: None,
-            restores,
-            note,
-        })
+        Ok(walk.finish(progress))
     }
 
     /// Drops the frames whose events are all older than `before_unix_ms`

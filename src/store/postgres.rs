@@ -71,6 +71,28 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// A conditional batch as one statement: `chk` writes the expected key
+/// (returning a row only if it did), the other deletes ($4, $5) and puts
+/// ($1–$3) happen only then, and `tail` answers how many rows `chk` wrote.
+macro_rules! guarded_writes {
+    ($chk:literal, $tail:literal) => {
+        concat!(
+            "WITH chk AS (",
+            $chk,
+            "), d AS (
+                DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
+                WHERE k.space = x.s AND k.key = x.y AND EXISTS (SELECT 1 FROM chk)
+            ), i AS (
+                INSERT INTO coffre_kv (space, key, value)
+                SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+                WHERE EXISTS (SELECT 1 FROM chk)
+                ON CONFLICT (space, key) DO UPDATE SET value = excluded.value
+            ) ",
+            $tail
+        )
+    };
+}
+
 /// The `Meta` key a restore into PostgreSQL holds while it writes: a node
 /// refuses to start on a database that has it, and a rerun starts over.
 pub const RESTORING: &[u8] = b"restoring";
@@ -504,36 +526,16 @@ impl Backend for PostgresBackend {
                 ps.remove(i);
                 pk.remove(i);
                 let sql = match want {
-                    Some(_) => {
-                        "WITH chk AS (
-                            UPDATE coffre_kv SET value = $7
-                            WHERE space = $6 AND key = $8 AND value = $9 RETURNING 1
-                        ), d AS (
-                            DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
-                            WHERE k.space = x.s AND k.key = x.y AND EXISTS (SELECT 1 FROM chk)
-                        ), i AS (
-                            INSERT INTO coffre_kv (space, key, value)
-                            SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
-                            WHERE EXISTS (SELECT 1 FROM chk)
-                            ON CONFLICT (space, key) DO UPDATE SET value = excluded.value
-                        )
-                        SELECT count(*) FROM chk"
-                    }
-                    None => {
-                        "WITH chk AS (
-                            INSERT INTO coffre_kv (space, key, value) VALUES ($6, $8, $7)
-                            ON CONFLICT (space, key) DO NOTHING RETURNING 1
-                        ), d AS (
-                            DELETE FROM coffre_kv k USING unnest($4::smallint[], $5::bytea[]) AS x(s, y)
-                            WHERE k.space = x.s AND k.key = x.y AND EXISTS (SELECT 1 FROM chk)
-                        ), i AS (
-                            INSERT INTO coffre_kv (space, key, value)
-                            SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
-                            WHERE EXISTS (SELECT 1 FROM chk)
-                            ON CONFLICT (space, key) DO UPDATE SET value = excluded.value
-                        )
-                        SELECT count(*) FROM chk WHERE $9::bytea IS NULL"
-                    }
+                    Some(_) => guarded_writes!(
+                        "UPDATE coffre_kv SET value = $7 \
+                         WHERE space = $6 AND key = $8 AND value = $9 RETURNING 1",
+                        "SELECT count(*) FROM chk"
+                    ),
+                    None => guarded_writes!(
+                        "INSERT INTO coffre_kv (space, key, value) VALUES ($6, $8, $7) \
+                         ON CONFLICT (space, key) DO NOTHING RETURNING 1",
+                        "SELECT count(*) FROM chk WHERE $9::bytea IS NULL"
+                    ),
                 };
                 let st = c.prepare_cached(sql).await.map_err(pg_error)?;
                 let row = c
