@@ -61,8 +61,19 @@ pub struct Hasher {
     params: Argon2Config,
     pepper: SecretKey,
     permits: Semaphore,
+    /// Hashes waiting for a permit (the login queue's depth).
+    waiting: std::sync::atomic::AtomicUsize,
     memory: Mutex<Vec<Vec<Block>>>,
     dummy_phc: String,
+}
+
+/// Counts a hash as waiting until it holds a permit (or gives up).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Hasher {
@@ -134,6 +145,7 @@ impl Hasher {
             params: params.clone(),
             pepper,
             permits: Semaphore::new(concurrency),
+            waiting: Default::default(),
             memory: Mutex::new(Vec::new()),
             dummy_phc: String::new(),
         };
@@ -143,10 +155,22 @@ impl Hasher {
         Ok(Arc::new(h))
     }
 
+    /// Hashes waiting for their turn now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _w = Waiting(&self.waiting);
+        self.permits.acquire().await.map_err(|_| closed())
+    }
+
     /// A PHC string for `password`, bound to `context` (Argon2 associated
     /// data), so a hash moved to another account or record never verifies.
     pub async fn hash(self: &Arc<Self>, password: &Password, context: &[u8]) -> Result<String> {
-        let _permit = self.permits.acquire().await.map_err(|_| closed())?;
+        let _permit = self.turn().await?;
         let me = self.clone();
         let pw = Zeroizing::new(password.expose().to_string());
         let ctx = context.to_vec();
@@ -163,7 +187,7 @@ impl Hasher {
         candidate: &Password,
         context: &[u8],
     ) -> Result<bool> {
-        let _permit = self.permits.acquire().await.map_err(|_| closed())?;
+        let _permit = self.turn().await?;
         let me = self.clone();
         let known = phc.is_some();
         let phc = phc.map(str::to_string);
@@ -474,6 +498,11 @@ impl Accounts {
         self
     }
 
+    /// Password hashes waiting for a free Argon2id slot.
+    pub fn hash_queue(&self) -> usize {
+        self.hasher.queued()
+    }
+
     /// Re-reads a principal and applies `f` to it under the write lock;
     /// `f` returns whether to store the result. `None` when it is gone.
     async fn update<R>(
@@ -617,6 +646,10 @@ impl Accounts {
             // locked account is not counted (the back-off is already on).
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
+        if !ok {
+            self.audit.stats().login_failures.inc();
+        }
+        let role = p.role.clone();
         let outcome = self
             .update(&t, &u, |p| {
                 let now = now_ms();
@@ -641,6 +674,9 @@ impl Accounts {
         match outcome {
             Some(Ok(())) => self.open_session(t, u, now).await,
             Some(Err(Some(failures))) => {
+                self.audit
+                    .stats()
+                    .lock(crate::stats::LockReason::login, &role);
                 self.lock_alert(t.as_str(), &format!("{t}/{u}"), failures)
                     .await?;
                 Err(Error::Unauthenticated(BAD_CREDENTIALS))
@@ -664,6 +700,7 @@ impl Accounts {
                 .as_bytes(),
         );
         self.hasher.verify(None, password, b"coffre/dummy").await?;
+        self.audit.stats().login_failures.inc();
         if let Some((_, until)) = self.unknown_failures.lock().get(&key)
             && *until > now
         {
@@ -682,6 +719,7 @@ impl Accounts {
             e.0
         };
         if failures >= LOCK_AFTER_FAILURES {
+            self.audit.stats().lock(crate::stats::LockReason::login, "");
             // Named only when well-formed (never a password typed as a name).
             let names = TenantName::parse(tenant)
                 .and_then(|t| Username::parse(username).map(|u| (t, u)))

@@ -958,6 +958,7 @@ impl Budgets {
         };
         let principal = caller.principal();
         let tenant = caller.tenant.as_str();
+        self.audit.stats().throttle(caller.role.as_str());
         self.audit
             .record(pb::AuditEvent {
                 tenant: tenant.into(),
@@ -981,6 +982,9 @@ impl Budgets {
                 .await?;
         }
         if lock {
+            self.audit
+                .stats()
+                .lock(crate::stats::LockReason::budget, caller.role.as_str());
             self.lock(
                 caller,
                 "budget_lockout",

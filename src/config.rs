@@ -42,6 +42,7 @@ pub struct Config {
     pub connections: ConnectionsConfig,
     /// `text` or `json`.
     pub log_format: String,
+    pub metrics: MetricsConfig,
     /// Read budgets per role (`[limits.<role>]`, role `clinician` or
     /// `service`), over the built-in defaults of `budgets`.
     pub limits: BTreeMap<String, LimitsConfig>,
@@ -76,6 +77,23 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// With it, clients must present a certificate signed by this CA (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// Client certificates refused although the CA signed them: one serial
+    /// number per line, in hex (`openssl x509 -serial` prints it); `#`
+    /// starts a comment. Reloaded with the certificates on SIGHUP.
+    pub deny_serials_file: Option<PathBuf>,
+}
+
+/// The Prometheus listener (`[metrics]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` serving `/metrics` and the gRPC health service, in
+    /// plaintext; unset: no such listener.
+    pub listen: Option<String>,
+    /// Label per-tenant series with the tenant's name. Off by default: the
+    /// listener is plaintext and tenant names can say which hospital
+    /// services exist.
+    pub tenant_labels: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -294,6 +312,7 @@ impl Default for Config {
             backup: BackupConfig::default(),
             connections: ConnectionsConfig::default(),
             log_format: "text".into(),
+            metrics: MetricsConfig::default(),
             limits: BTreeMap::new(),
             tenants: BTreeMap::new(),
         }
@@ -317,6 +336,7 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("tls.cert", Kind::Str),
     ("tls.key", Kind::Str),
     ("tls.client_ca", Kind::Str),
+    ("tls.deny_serials_file", Kind::Str),
     ("argon2.m_kib", Kind::Int),
     ("argon2.t", Kind::Int),
     ("argon2.p", Kind::Int),
@@ -347,6 +367,8 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("connections.refused_burst", Kind::Int),
     ("connections.refused_summary_secs", Kind::Int),
     ("log_format", Kind::Str),
+    ("metrics.listen", Kind::Str),
+    ("metrics.tenant_labels", Kind::Bool),
     ("limits.clinician.reads_per_second", Kind::Float),
     ("limits.clinician.read_burst", Kind::Int),
     ("limits.clinician.distinct_records_per_hour", Kind::Int),
@@ -453,6 +475,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "session: need idle_secs > 0 and absolute_secs >= idle_secs".into(),
             ));
+        }
+        if let Some(m) = &self.metrics.listen
+            && m.parse::<SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen {m:?} is not host:port"
+            )));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(

@@ -80,19 +80,16 @@ impl Drop for CallGuard {
 }
 
 /// The connection a request arrived on: its peer and its state. Found in
-/// request extensions, directly or inside tonic's `TlsConnectInfo`.
+/// request extensions.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     pub state: Arc<ConnState>,
 }
 
-/// The connection info of a request, with or without TLS.
+/// The connection info of a request.
 pub fn conn_info(ext: &http::Extensions) -> Option<&ConnInfo> {
-    ext.get::<ConnInfo>().or_else(|| {
-        ext.get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()
-            .map(|t| t.get_ref())
-    })
+    ext.get::<ConnInfo>()
 }
 
 /// Timeouts of a connection, from `connections.*`.
@@ -111,9 +108,69 @@ impl From<&ConnectionsConfig> for ConnLimits {
     }
 }
 
-/// An accepted TCP connection that closes itself when silent or idle.
+/// A connection's bytes: plain TCP (dev mode) or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! either {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// An accepted connection that closes itself when silent or idle.
 pub struct TrackedConn {
-    inner: TcpStream,
+    inner: Stream,
     remote: Option<SocketAddr>,
     state: Arc<ConnState>,
     limits: ConnLimits,
@@ -121,8 +178,7 @@ pub struct TrackedConn {
 }
 
 impl TrackedConn {
-    pub fn new(inner: TcpStream, limits: ConnLimits) -> Self {
-        let remote = inner.peer_addr().ok();
+    pub fn new(inner: Stream, remote: Option<SocketAddr>, limits: ConnLimits) -> Self {
         Self {
             inner,
             remote,

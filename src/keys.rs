@@ -821,6 +821,12 @@ impl Keyring {
         })
     }
 
+    /// Encryptions after which a key version rotates
+    /// (`keys.rotate_after_encryptions`).
+    pub fn rotation_bound(&self) -> u64 {
+        self.rotate_after
+    }
+
     /// Counts `n` encryptions under the tenant's active version and returns
     /// that version for the caller to encrypt with. If they would take the
     /// version past `keys.rotate_after_encryptions` (the nonce bound of

@@ -75,6 +75,7 @@ pub mod crypto;
 pub mod error;
 pub mod honeytokens;
 pub mod keys;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod records;
@@ -82,8 +83,10 @@ pub mod report;
 pub mod sample;
 pub mod server;
 pub mod shredlist;
+pub mod stats;
 pub mod store;
 pub mod tenants;
+pub mod tls;
 pub mod vault;
 
 /// Code generated from `proto/coffre/v1/*.proto`.

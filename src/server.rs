@@ -1,5 +1,6 @@
 //! The gRPC server: Coffre's services plus `grpc.health.v1` and reflection,
-//! over TLS (rustls, optionally mTLS) or, in dev mode, plaintext loopback.
+//! over TLS (rustls, optionally mTLS, reloadable: `tls`) or, in dev mode,
+//! plaintext loopback; and the probe listener (`metrics`).
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests start the
 //! server on port 0 and stop it when they like.
@@ -7,17 +8,18 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::{
     api::{AdminService, AuditService, AuthService, FrontLayer, Gate, RecordsService},
-    config::Config,
-    connections::{ConnLimits, TrackedConn},
+    audit::Severity,
+    connections::{ConnLimits, Stream, TrackedConn},
+    metrics::Metrics,
     pb::{
         admin_server::AdminServer, audit_server::AuditServer, auth_server::AuthServer,
         records_server::RecordsServer,
     },
+    tls::Tls,
     vault::Vault,
 };
 
@@ -26,58 +28,103 @@ pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("tls: {0}")]
-    Tls(String),
     #[error("transport: {0}")]
     Transport(String),
 }
 
-/// Reads the TLS identity (and client CA for mTLS) named by the config.
-pub fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
-    if config.dev {
-        return Ok(None);
-    }
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
-    };
-    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
-        return Err(ServeError::Tls("tls.cert and tls.key are required".into()));
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &config.tls.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
+/// What [`run`] serves besides the gRPC port.
+#[derive(Default)]
+pub struct Options {
+    /// Audit retention (`audit.retention_days`), applied hourly.
+    pub retention_days: Option<u32>,
+    /// TLS on the gRPC port (`None`: dev mode, plaintext).
+    pub tls: Option<Arc<Tls>>,
+    /// The probe listener (`metrics.listen`): `/metrics` and health.
+    pub metrics: Option<TcpListener>,
+    /// Tenant names as metric labels (`metrics.tenant_labels`).
+    pub tenant_labels: bool,
 }
 
-/// Accepted connections with Nagle off (tonic's own `tcp_nodelay` applies
-/// only to listeners it binds, and without it a response split in two
-/// segments waits for the client's delayed ACK, about 40 ms), each closing
-/// itself when silent or idle too long.
+/// Accepted connections with Nagle off (without it a response split in
+/// two segments waits for the client's delayed ACK, about 40 ms), each
+/// closing itself when silent or idle too long. With TLS, each handshake
+/// runs in its own task under the handshake timeout, with the
+/// configuration current when it starts (so a reload takes effect at the
+/// next connection and never touches open ones).
 fn incoming(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     limits: ConnLimits,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TrackedConn>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).filter_map(move |conn| {
-        // A failed accept (a reset before we saw it, out of descriptors)
-        // ends that connection, not the server.
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                return None;
+    let (tx, rx) = tokio::sync::mpsc::channel::<TrackedConn>(64);
+    tokio::spawn(async move {
+        loop {
+            let (conn, remote) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // A failed accept (a reset before we saw it, out of
+                        // descriptors) ends that connection, not the server.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            if let Err(e) = conn.set_nodelay(true) {
+                tracing::debug!(error = %e, "nodelay");
             }
-        };
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::debug!(error = %e, "nodelay");
+            let Some(tls) = &tls else {
+                let c = TrackedConn::new(Stream::Plain(conn), Some(remote), limits);
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let acceptor = tls.acceptor();
+            let timeout = tls.handshake_timeout;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
+                    Ok(Ok(s)) => {
+                        let c = TrackedConn::new(Stream::Tls(Box::new(s)), Some(remote), limits);
+                        let _ = tx.send(c).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, %remote, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
         }
-        Some(Ok(TrackedConn::new(conn, limits)))
-    })
+    });
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
+/// Reloads TLS when its files change (a mounted secret updated, a renewal
+/// written in place): checked every few seconds. SIGHUP reloads at once
+/// (`coffre serve`).
+async fn watch_tls(tls: Arc<Tls>) {
+    let mut tick = tokio::time::interval(TLS_POLL);
+    loop {
+        tick.tick().await;
+        match tls.reload_if_changed() {
+            None => {}
+            Some(Ok(l)) => tracing::info!(denied = l.denied, "TLS files changed: reloaded"),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "TLS files changed but do not load: the old ones stay")
+            }
+        }
+    }
+}
+
+/// How often TLS files are looked at for a change.
+pub const TLS_POLL: Duration = Duration::from_secs(2);
+
 /// Every Coffre service and the server as a whole ("") SERVING or not.
-async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+async fn set_health(h: &Health, serving: bool) {
+    let (h, metrics) = h;
+    metrics.set_serving(serving);
     use tonic_health::ServingStatus;
     let status = if serving {
         ServingStatus::Serving
@@ -95,7 +142,7 @@ async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
 /// flush (or a nearly full disk), then, once a second, an attempt to write
 /// one audit event saying storage is writable again; the first that
 /// succeeds makes the server SERVING again, without a restart.
-async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+async fn watch_storage(vault: Arc<Vault>, health: Health) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seen = vault.store.failures();
     let mut healthy = true;
@@ -174,19 +221,68 @@ async fn watch_storage(vault: Arc<Vault>, health: tonic_health::server::HealthRe
     }
 }
 
+/// The health service's reporter, and the metrics that mirror it.
+type Health = (tonic_health::server::HealthReporter, Arc<Metrics>);
+
+/// A failed write to the mirror or alert file becomes a critical alert in
+/// the trail (looked at every 5 s, at most one alert a minute), besides
+/// its counter and log line.
+async fn watch_line_files(vault: Arc<Vault>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut seen = vault.audit.stats().line_failures();
+    let mut last_alert: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let now = vault.audit.stats().line_failures();
+        if now == seen || last_alert.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            continue;
+        }
+        let detail = format!(
+            "{} writes to the audit mirror or alert file failed (disk full, file removed?): the trail has the events, a log shipper misses them",
+            now - seen
+        );
+        if vault
+            .audit
+            .alert(Severity::Critical, "line_file_write_failed", "", "", detail)
+            .await
+            .is_ok()
+        {
+            seen = now;
+            last_alert = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight calls and
 /// flushes storage.
 pub async fn run(
     vault: Arc<Vault>,
-    retention_days: Option<u32>,
-    tls: Option<ServerTlsConfig>,
+    options: Options,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let Options {
+        retention_days,
+        tls,
+        metrics: metrics_listener,
+        tenant_labels,
+    } = options;
+    let metrics = Metrics::new(&vault, tenant_labels);
     let gate = Gate::new(vault.clone());
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health: Health = (reporter, metrics.clone());
     set_health(&health, true).await;
     let watch = tokio::spawn(watch_storage(vault.clone(), health.clone()));
+    let probes = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            Arc::downgrade(&vault),
+            health_service.clone(),
+        ))
+    });
+    let tls_watch = tls.clone().map(|t| tokio::spawn(watch_tls(t)));
+    let lines = tokio::spawn(watch_line_files(vault.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -194,18 +290,13 @@ pub async fn run(
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
     let c = vault.connections.clone();
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .timeout(Duration::from_secs(60))
         .http2_keepalive_interval(Some(Duration::from_secs(c.keepalive_secs)))
         .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs)))
         .max_concurrent_streams(c.max_streams_per_connection)
         .tcp_keepalive(Some(Duration::from_secs(c.keepalive_secs)));
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls.timeout(Duration::from_secs(c.handshake_secs)))
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
-    let front = FrontLayer::new(gate.clone());
+    let front = FrontLayer::new(gate.clone(), metrics.clone());
 
     // Refused calls past a peer's allowance are summed up, one event per
     // peer and period.
@@ -271,10 +362,17 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AuditServer::new(AuditService::new(gate.clone())))
-        .serve_with_incoming_shutdown(incoming(listener, ConnLimits::from(&c)), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener, tls, ConnLimits::from(&c)), shutdown)
         .await
         .map_err(|e| ServeError::Transport(e.to_string()));
     sweeper.abort();
+    if let Some(p) = probes {
+        p.abort();
+    }
+    if let Some(t) = tls_watch {
+        t.abort();
+    }
+    lines.abort();
     backups.abort();
     follow.abort();
     vault.leave().await;

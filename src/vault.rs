@@ -116,8 +116,9 @@ pub struct Vault {
     pub backup: crate::config::BackupConfig,
     /// When the last backup (streamed or scheduled) was taken, unix ms.
     last_backup_ms: std::sync::atomic::AtomicI64,
-    /// Tenants with a key job (rewrap, reindex) running: one at a time.
-    key_jobs: parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+    /// Tenants with a key job (rewrap, reindex) running here, one at a
+    /// time, with its progress.
+    key_jobs: parking_lot::Mutex<std::collections::HashMap<TenantName, JobProgress>>,
     /// This node among others on one database (postgres), if any.
     pub(crate) node: Option<crate::cluster::Node>,
 }
@@ -130,9 +131,17 @@ const JOB_STEP: usize = 16;
 
 /// Frees a tenant's job slot when the job ends, however it ends.
 struct JobSlot<'a>(
-    &'a parking_lot::Mutex<std::collections::HashSet<TenantName>>,
+    &'a parking_lot::Mutex<std::collections::HashMap<TenantName, JobProgress>>,
     TenantName,
 );
+
+/// A key job running on this node: which, and how far (records).
+#[derive(Debug, Clone)]
+pub struct JobProgress {
+    pub job: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
 
 impl Drop for JobSlot<'_> {
     fn drop(&mut self) {
@@ -635,15 +644,24 @@ impl Vault {
     async fn resumable_job(
         &self,
         tenant: &Tenant,
-        name: &str,
+        name: &'static str,
         tag: &[u8],
         job: KeyJob,
         progress: impl Fn(u64, u64),
     ) -> Result<(u64, Option<u32>), Error> {
-        if !self.key_jobs.lock().insert(tenant.name.clone()) {
-            return Err(Error::FailedPrecondition(
-                "a rewrap or index rebuild of this tenant is already running".into(),
-            ));
+        {
+            let mut jobs = self.key_jobs.lock();
+            if jobs.contains_key(&tenant.name) {
+                return Err(Error::FailedPrecondition(
+                    "a rewrap or index rebuild of this tenant is already running".into(),
+                ));
+            }
+            let p = JobProgress {
+                job: name,
+                done: 0,
+                total: 0,
+            };
+            jobs.insert(tenant.name.clone(), p);
         }
         let _running = JobSlot(&self.key_jobs, tenant.name.clone());
         // One node runs a tenant's job: the lease says which, and another
@@ -664,7 +682,13 @@ impl Vault {
 
     /// Whether this node runs a key job of `tenant` now.
     pub(crate) fn job_running_here(&self, tenant: &TenantName) -> bool {
-        self.key_jobs.lock().contains(tenant)
+        self.key_jobs.lock().contains_key(tenant)
+    }
+
+    /// The key jobs running on this node now, with their progress.
+    pub fn key_jobs(&self) -> Vec<(TenantName, JobProgress)> {
+        let jobs = self.key_jobs.lock();
+        jobs.iter().map(|(t, p)| (t.clone(), p.clone())).collect()
     }
 
     /// Resumes a key job another node left (`name`: rewrap or reindex).
@@ -703,6 +727,12 @@ impl Vault {
             _ => (0, Vec::new()),
         };
         let total = self.job_total(tenant, job, done).await?;
+        let progress = |d: u64, t: u64| {
+            if let Some(p) = self.key_jobs.lock().get_mut(&tenant.name) {
+                (p.done, p.total) = (d, t);
+            }
+            progress(d, t);
+        };
         let mut rotated = None;
         progress(done, total);
         loop {
@@ -842,6 +872,9 @@ impl Vault {
     }
 
     async fn honeytoken_tripped(&self, caller: &Caller, action: &str) -> Error {
+        let stats = self.audit.stats();
+        stats.honeytoken_hits.inc();
+        stats.lock(crate::stats::LockReason::honeytoken, caller.role.as_str());
         let detail = format!("honeytoken hit by {action}; account locked");
         match self.budgets.lock(caller, "honeytoken_read", detail).await {
             Ok(()) => Error::PermissionDenied("account locked"),

@@ -85,8 +85,7 @@ pub async fn start_with(
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coffre::server::run(
         vault.clone(),
-        None,
-        None,
+        Default::default(),
         listener,
         async {
             let _ = rx.await;

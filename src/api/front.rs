@@ -13,11 +13,12 @@ use super::*;
 #[derive(Clone)]
 pub struct FrontLayer {
     gate: Gate,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl FrontLayer {
-    pub fn new(gate: Gate) -> Self {
-        Self { gate }
+    pub fn new(gate: Gate, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self { gate, metrics }
     }
 }
 
@@ -27,6 +28,7 @@ impl<S> tower::Layer<S> for FrontLayer {
         Front {
             inner,
             gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -35,6 +37,7 @@ impl<S> tower::Layer<S> for FrontLayer {
 pub struct Front<S> {
     inner: S,
     gate: Gate,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The status of a trailers-only response (an error before any message).
@@ -77,6 +80,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
+        // Every call's gRPC series, here and only here.
+        let observed = self.metrics.begin(req.uri().path());
         Box::pin(async move {
             let info = conn_info(req.extensions()).cloned();
             let call = info.as_ref().map(|i| i.state.begin());
@@ -102,6 +107,7 @@ where
                 let status = gate.refuse_undecodable(route, &meta, peer, code).await;
                 resp = status.into_http();
             }
+            let resp = observed.observe(resp);
             Ok(match call {
                 Some(call) => hold_until_sent(resp, call),
                 None => resp,

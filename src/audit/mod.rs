@@ -16,6 +16,7 @@ use crate::{
     crypto::{self, Context, SecretKey},
     error::{Error, Result},
     pb::{Alert, AuditEvent},
+    stats::{LineFile, Stats},
     store::{Space, Storage, StorageError},
 };
 
@@ -382,7 +383,8 @@ struct Shared {
     /// Held by whoever writes a frame: the writer thread or a caller.
     committer: Mutex<()>,
     store: Storage,
-    mirror: Option<Mutex<File>>,
+    mirror: Option<Arc<Lines>>,
+    stats: Arc<Stats>,
 }
 
 /// Where the trail lives: its own files beside the data (sled), or the
@@ -396,7 +398,9 @@ pub struct Audit {
     backing: Backing,
     /// The alert for a head gone backwards was raised.
     head_alerted: std::sync::atomic::AtomicBool,
-    alert_file: Option<Mutex<File>>,
+    alert_file: Option<Arc<Lines>>,
+    mirror: Option<Arc<Lines>>,
+    stats: Arc<Stats>,
     /// What opening found: migration, a torn tail cut off.
     opened: Opened,
 }
@@ -429,22 +433,61 @@ impl Severity {
 /// Opens a JSON-lines file for appending, created 0600: it names who read
 /// which record, which is no one else's business on the host. An existing
 /// file readable by group or others is narrowed to 0600.
-fn append_line(path: &Path) -> Result<Mutex<File>> {
+fn open_append(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", path.display()));
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    let mode = f.metadata().map_err(io)?.permissions().mode();
-    if mode & 0o077 != 0 {
+        .open(path)?;
+    let meta = f.metadata()?;
+    // Only a regular file is narrowed: a FIFO or a device (a log shipper's
+    // pipe) keeps the modes its owner gave it.
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
         tracing::warn!(path = %path.display(), "narrowing permissions to 0600");
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(Mutex::new(f))
+    Ok(f)
+}
+
+/// A JSON-lines file (the mirror, the alert file) for a log shipper: one
+/// whole line per write, reopened by path on SIGHUP so that logrotate can
+/// move it away. A failed write is counted (`coffre_line_write_failures`)
+/// and logged; the server raises an alert for it.
+pub struct Lines {
+    path: std::path::PathBuf,
+    file: Mutex<File>,
+    which: crate::stats::LineFile,
+    stats: Arc<Stats>,
+}
+
+impl Lines {
+    fn open(path: &Path, which: crate::stats::LineFile, stats: &Arc<Stats>) -> Result<Arc<Self>> {
+        let file =
+            open_append(path).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            which,
+            stats: stats.clone(),
+        }))
+    }
+
+    /// Appends `lines` (each ending in a newline) in one write.
+    fn write(&self, lines: &str) {
+        if let Err(err) = self.file.lock().write_all(lines.as_bytes()) {
+            self.stats.line_failed(self.which.clone());
+            tracing::error!(error = %err, file = ?self.which, "line file write failed");
+        }
+    }
+
+    /// Opens the path again (after logrotate moved the file away); on
+    /// failure the old file is kept.
+    fn reopen(&self) -> std::io::Result<()> {
+        let f = open_append(&self.path)?;
+        *self.file.lock() = f;
+        Ok(())
+    }
 }
 
 /// The bytes the chain MACs for one event (everything but the hashes).
@@ -496,6 +539,10 @@ impl Audit {
             );
         }
         let head = (rec.head_seq, rec.head_hash, rec.head_time);
+        let stats = Arc::new(Stats::default());
+        let mirror = mirror
+            .map(|p| Lines::open(p, LineFile::mirror, &stats))
+            .transpose()?;
         let shared = Arc::new(Shared {
             log,
             state: Mutex::new(State {
@@ -510,7 +557,8 @@ impl Audit {
             wake: Condvar::new(),
             committer: Mutex::new(()),
             store,
-            mirror: mirror.map(append_line).transpose()?,
+            mirror: mirror.clone(),
+            stats: stats.clone(),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -520,7 +568,11 @@ impl Audit {
         Ok(Self {
             backing: Backing::Files(shared),
             head_alerted: Default::default(),
-            alert_file: alert_file.map(append_line).transpose()?,
+            alert_file: alert_file
+                .map(|p| Lines::open(p, LineFile::alert, &stats))
+                .transpose()?,
+            mirror,
+            stats,
             opened: Opened {
                 migrated,
                 torn_bytes: rec.torn_bytes,
@@ -537,11 +589,19 @@ impl Audit {
         mirror: Option<&Path>,
         alert_file: Option<&Path>,
     ) -> Result<Self> {
-        let trail = pg::Trail::open(opts, store, key, mirror.map(append_line).transpose()?)?;
+        let stats = Arc::new(Stats::default());
+        let mirror = mirror
+            .map(|p| Lines::open(p, LineFile::mirror, &stats))
+            .transpose()?;
+        let trail = pg::Trail::open(opts, store, key, mirror.clone(), stats.clone())?;
         Ok(Self {
             backing: Backing::Pg(trail),
             head_alerted: Default::default(),
-            alert_file: alert_file.map(append_line).transpose()?,
+            alert_file: alert_file
+                .map(|p| Lines::open(p, LineFile::alert, &stats))
+                .transpose()?,
+            mirror,
+            stats,
             opened: Opened::default(),
         })
     }
@@ -589,11 +649,24 @@ impl Audit {
                 kind: kind.into(),
                 detail: detail.into(),
             };
-            let line = format!("{}\n", alert_json(&a));
-            if let Err(err) = f.lock().write_all(line.as_bytes()) {
-                tracing::error!(error = %err, "alert file write failed");
-            }
+            f.write(&format!("{}\n", alert_json(&a)));
         }
+    }
+
+    /// What the core counted (appends, throttles, locks, hits).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Reopens the mirror and alert files by path (SIGHUP, after
+    /// logrotate). A file that cannot be opened keeps the old one; the
+    /// error names the path.
+    pub fn reopen_files(&self) -> std::result::Result<(), String> {
+        for l in self.mirror.iter().chain(&self.alert_file) {
+            l.reopen()
+                .map_err(|e| format!("{}: {e}", l.path.display()))?;
+        }
+        Ok(())
     }
 
     /// Whether the trail stopped because the database's head went
@@ -639,7 +712,22 @@ impl Audit {
         self.append(e, Some(t)).await
     }
 
-    async fn append(&self, mut e: AuditEvent, at: Option<i64>) -> Result<Recorded> {
+    async fn append(&self, e: AuditEvent, at: Option<i64>) -> Result<Recorded> {
+        let started = std::time::Instant::now();
+        let r = self.append_timed(e, at).await;
+        match &r {
+            Ok(_) => self
+                .stats
+                .audit_append_seconds
+                .observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                self.stats.audit_append_failures.inc();
+            }
+        }
+        r
+    }
+
+    async fn append_timed(&self, mut e: AuditEvent, at: Option<i64>) -> Result<Recorded> {
         let shared = match self.files() {
             Ok(s) => s,
             // The database's clock stamps events: `at` does not apply.
@@ -721,10 +809,7 @@ impl Audit {
         (a.seq, a.time_unix_ms) = (r.seq, r.time_unix_ms);
         tracing::warn!(kind, severity = severity.as_str(), principal, "alert");
         if let Some(f) = &self.alert_file {
-            let line = format!("{}\n", alert_json(&a));
-            if let Err(err) = f.lock().write_all(line.as_bytes()) {
-                tracing::error!(error = %err, "alert file write failed");
-            }
+            f.write(&format!("{}\n", alert_json(&a)));
         }
         Ok(r)
     }
@@ -1164,19 +1249,15 @@ impl Shared {
             .and_then(|()| self.log.append(&events));
         match result {
             Ok(()) => {
+                self.stats
+                    .audit_group_commit_events
+                    .observe(events.len() as f64);
                 // The mirror line before the answer: a caller that reads the
-                // mirror after its call finds its event there.
+                // mirror after its call finds its event there. The trail has
+                // the events already; a mirror failure is counted and
+                // alerted, not fatal, and `verify --mirror` shows the gap.
                 if let Some(m) = &self.mirror {
-                    let mut lines = String::new();
-                    for e in &events {
-                        lines.push_str(&to_json(e).to_string());
-                        lines.push('\n');
-                    }
-                    // The trail has the events already; a mirror failure is
-                    // logged, not fatal, and `verify --mirror` shows the gap.
-                    if let Err(err) = m.lock().write_all(lines.as_bytes()) {
-                        tracing::error!(error = %err, "audit mirror write failed");
-                    }
+                    m.write(&mirror_lines(&events));
                 }
                 // Visible to queries only now: whatever a query returns is in
                 // the mirror already.
@@ -1237,6 +1318,16 @@ pub fn alert_json(a: &Alert) -> serde_json::Value {
         "kind": a.kind,
         "detail": a.detail,
     })
+}
+
+/// Events as mirror lines, one JSON object each.
+fn mirror_lines(events: &[AuditEvent]) -> String {
+    let mut lines = String::new();
+    for e in events {
+        lines.push_str(&to_json(e).to_string());
+        lines.push('\n');
+    }
+    lines
 }
 
 /// One event as a JSON object (hashes in hex), for the mirror and exports.

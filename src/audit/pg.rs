@@ -24,13 +24,9 @@
 //! the synchronous callers (the writer thread, queries from blocking
 //! threads) never block a runtime that drives them.
 
-use std::{
-    fs::File,
-    io::Write,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use deadpool_postgres::Pool;
@@ -38,12 +34,14 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use super::{
-    ChainWalk, DURABLE_TIMEOUT, GENESIS, Query, Recorded, Verification, log, retained, to_json,
+    ChainWalk, DURABLE_TIMEOUT, GENESIS, Lines, Query, Recorded, Verification, log, mirror_lines,
+    retained,
 };
 use crate::{
     crypto::{self, SecretKey},
     error::{Error, Result},
     pb::AuditEvent,
+    stats::Stats,
     store::{
         Space, Storage, StorageError,
         postgres::{PostgresBackend, PostgresOptions, pg_error, pool_error, timed},
@@ -73,7 +71,8 @@ pub struct Trail {
     /// The head went backwards: the trail refuses every append.
     diverged: AtomicBool,
     store: Storage,
-    mirror: Option<Mutex<File>>,
+    mirror: Option<Arc<Lines>>,
+    stats: Arc<Stats>,
 }
 
 /// A frame row: its first seq, the hash before it, its bytes.
@@ -93,7 +92,8 @@ impl Trail {
         opts: &PostgresOptions,
         store: Storage,
         key: SecretKey,
-        mirror: Option<Mutex<File>>,
+        mirror: Option<Arc<Lines>>,
+        stats: Arc<Stats>,
     ) -> Result<Arc<Self>> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -118,6 +118,7 @@ impl Trail {
             diverged: AtomicBool::new(false),
             store,
             mirror,
+            stats,
         });
         let (seq, hash) = t.read_head()?;
         t.seen.store(seq, Ordering::SeqCst);
@@ -254,15 +255,11 @@ impl Trail {
             };
             match result {
                 Ok(events) => {
+                    self.stats
+                        .audit_group_commit_events
+                        .observe(events.len() as f64);
                     if let Some(m) = &self.mirror {
-                        let mut lines = String::new();
-                        for e in &events {
-                            lines.push_str(&to_json(e).to_string());
-                            lines.push('\n');
-                        }
-                        if let Err(err) = m.lock().write_all(lines.as_bytes()) {
-                            tracing::error!(error = %err, "audit mirror write failed");
-                        }
+                        m.write(&mirror_lines(&events));
                     }
                     for (e, w) in events.iter().zip(waiters) {
                         let _ = w.send(Ok(Recorded {

@@ -38,15 +38,28 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
             "coffre: created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}"
         );
     }
-    let tls = crate::server::tls_config(&config).map_err(err)?;
+    let tls = crate::tls::Tls::load(&config).map_err(err)?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr())
         .await
         .map_err(|e| err(format!("listen on {}: {e}", config.listen)))?;
+    let probes = crate::metrics::bind(config.metrics.listen.as_deref())
+        .await
+        .map_err(|e| {
+            err(format!(
+                "metrics.listen {}: {e}",
+                config.metrics.listen.as_deref().unwrap_or("")
+            ))
+        })?;
     let local = listener.local_addr().map_err(err)?;
     let scheme = if config.dev { "http" } else { "https" };
     println!("coffre: listening on {scheme}://{local}");
+    if let Some(p) = &probes {
+        let at = p.local_addr().map_err(err)?;
+        println!("coffre: metrics and health on http://{at}/metrics");
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %local, dev = config.dev, "serving");
+    let hangup = tokio::spawn(reload_on_hangup(tls.clone(), vault.clone()));
     // SIGTERM stops accepting and drains; a client that keeps its
     // connection open must not hold the exit past the 10 s operators expect.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -65,14 +78,47 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        r = crate::server::run(vault, config.audit.retention_days, tls, listener, shutdown) => r.map_err(err)?,
+        r = crate::server::run(vault, crate::server::Options {
+            retention_days: config.audit.retention_days,
+            tls,
+            metrics: probes,
+            tenant_labels: config.metrics.tenant_labels,
+        }, listener, shutdown) => r.map_err(err)?,
         _ = drain_deadline => {
             tracing::warn!("drain timed out; closing remaining connections");
             store.flush_blocking().map_err(err)?;
         }
     }
+    hangup.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: reload the TLS files (certificate, key, client CA, deny list)
+/// and reopen the audit mirror and alert files (after logrotate moved
+/// them). Open connections and calls are not touched.
+async fn reload_on_hangup(
+    tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    vault: std::sync::Arc<Vault>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(l) => tracing::info!(denied = l.denied, mtls = l.mtls, "SIGHUP: TLS reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS not reloaded, the old files stay")
+                }
+            }
+        }
+        match vault.audit.reopen_files() {
+            Ok(()) => tracing::info!("SIGHUP: mirror and alert files reopened"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: a line file did not reopen"),
+        }
+    }
 }
 
 /// How long SIGTERM waits for in-flight calls before closing connections.

@@ -84,6 +84,9 @@ impl Backend for FaultyBackend {
     async fn flush(&self) -> Result<(), StorageError> {
         self.inner.flush().await
     }
+    async fn size_bytes(&self) -> Option<u64> {
+        self.inner.size_bytes().await
+    }
     fn admit(&self, space: Space) -> Result<(), StorageError> {
         if self.failing.lock().contains(&space) {
             return Err(StorageError::Io("injected fault".into()));

@@ -182,6 +182,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn last(&self, space: Space) -> Result<Option<Entry>, StorageError>;
     /// Makes every applied batch durable.
     async fn flush(&self) -> Result<(), StorageError>;
+    /// Bytes the store takes where it lives (files or database), if it
+    /// can tell.
+    async fn size_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Asked before a write to state kept outside the backend (the audit
     /// trail's files): fault injection answers here.
     fn admit(&self, _space: Space) -> Result<(), StorageError> {
@@ -290,6 +295,18 @@ impl Storage {
     pub fn with_space_guard(mut self, guard: SpaceGuard) -> Self {
         self.space = Some(Arc::new(guard));
         self
+    }
+
+    /// Bytes the store takes (sled's files; the whole database on
+    /// PostgreSQL), if it can tell.
+    pub async fn size_bytes(&self) -> Option<u64> {
+        self.backend.size_bytes().await
+    }
+
+    /// Free bytes of the data directory's filesystem for the vault (the
+    /// embedded store only).
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.space.as_ref()?.free()
     }
 
     /// How many writes or flushes have failed since the start.

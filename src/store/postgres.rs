@@ -608,6 +608,20 @@ impl Backend for PostgresBackend {
     fn admit(&self, _space: Space) -> Result<(), StorageError> {
         self.ready()
     }
+
+    async fn size_bytes(&self) -> Option<u64> {
+        timed(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let row = c
+                .query_one("SELECT pg_database_size(current_database())", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get::<_, i64>(0))
+        })
+        .await
+        .ok()
+        .map(|n| n as u64)
+    }
 }
 
 /// The key store's row (`coffre_keystore`): the sealed key store file's

@@ -169,4 +169,7 @@ impl Backend for SledBackend {
     async fn flush(&self) -> Result<(), StorageError> {
         self.db.flush().map(|_| ()).map_err(io)
     }
+    async fn size_bytes(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
 }

@@ -113,6 +113,8 @@ pub struct TestServer {
     pub root: tempfile::TempDir,
     pub config: Config,
     pub addr: String,
+    /// `host:port` of the probe listener, with `metrics.listen` set.
+    pub metrics_addr: Option<String>,
     pub vault: Option<Arc<Vault>>,
     /// With `start_faulty`, the switch that makes storage writes fail.
     pub faults: Option<Arc<coffre::store::FaultyBackend>>,
@@ -143,6 +145,7 @@ impl TestServer {
             root,
             config,
             addr: String::new(),
+            metrics_addr: None,
             vault: None,
             faults: None,
             want_faults: false,
@@ -180,13 +183,28 @@ impl TestServer {
             }
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tls = coffre::server::tls_config(&self.config).unwrap();
+        let tls = coffre::tls::Tls::load(&self.config).unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         self.addr = format!("{scheme}://{}", listener.local_addr().unwrap());
+        // The probe listener on a port of its own, when the config asks.
+        let metrics = match &self.config.metrics.listen {
+            Some(_) => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                self.metrics_addr = Some(l.local_addr().unwrap().to_string());
+                Some(l)
+            }
+            None => None,
+        };
+        let options = coffre::server::Options {
+            tls,
+            metrics,
+            tenant_labels: self.config.metrics.tenant_labels,
+            ..Default::default()
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let v = vault.clone();
         self.task = Some(tokio::spawn(async move {
-            coffre::server::run(v, None, tls, listener, async {
+            coffre::server::run(v, options, listener, async {
                 let _ = rx.await;
             })
             .await
