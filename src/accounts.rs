@@ -641,13 +641,13 @@ impl Accounts {
         };
         let ctx = password_context(&t, &u);
         let ok = self.hasher.verify(Some(&p.phc), &password, &ctx).await?;
+        if !ok {
+            self.audit.stats().login_failures.inc();
+        }
         if p.locked_at(now) {
             // The same work and answer as a wrong password; a guess at a
             // locked account is not counted (the back-off is already on).
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
-        }
-        if !ok {
-            self.audit.stats().login_failures.inc();
         }
         let role = p.role.clone();
         let outcome = self

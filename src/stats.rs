@@ -30,6 +30,14 @@ pub enum Role {
 }
 
 impl Role {
+    const ALL: [Role; 5] = [
+        Role::clinician,
+        Role::service,
+        Role::admin,
+        Role::auditor,
+        Role::other,
+    ];
+
     pub fn of(role: &str) -> Self {
         match role {
             "clinician" => Role::clinician,
@@ -95,7 +103,7 @@ pub struct Stats {
 
 impl Default for Stats {
     fn default() -> Self {
-        Self {
+        let s = Self {
             audit_append_seconds: Histogram::new(APPEND_BUCKETS),
             audit_append_failures: Counter::default(),
             audit_group_commit_events: Histogram::new(GROUP_BUCKETS),
@@ -104,7 +112,28 @@ impl Default for Stats {
             locks: Family::default(),
             login_failures: Counter::default(),
             honeytoken_hits: Counter::default(),
+        };
+        // Every series of the closed label sets exists from the start at 0,
+        // so that a rule's rate() or increase() sees the first event.
+        for role in Role::ALL {
+            let _ = s
+                .budget_throttles
+                .get_or_create(&RoleLabels { role: role.clone() });
+            for reason in [
+                LockReason::budget,
+                LockReason::login,
+                LockReason::honeytoken,
+            ] {
+                let _ = s.locks.get_or_create(&LockLabels {
+                    reason,
+                    role: role.clone(),
+                });
+            }
         }
+        for file in [LineFile::mirror, LineFile::alert] {
+            let _ = s.line_write_failures.get_or_create(&FileLabels { file });
+        }
+        s
     }
 }
 

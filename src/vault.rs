@@ -149,6 +149,9 @@ impl Drop for JobSlot<'_> {
     }
 }
 
+/// `Meta` key of the time of the last backup written whole.
+const LAST_BACKUP_KEY: &[u8] = b"last_backup_ms";
+
 /// Name of the first administrator made on an empty data directory.
 pub const BOOTSTRAP_ADMIN: &str = "admin";
 pub const BOOTSTRAP_PASSWORD_ENV: &str = "COFFRE_BOOTSTRAP_ADMIN_PASSWORD";
@@ -286,6 +289,10 @@ impl Vault {
             crate::crypto::SecretKey::from_slice(k.expose())
                 .expect("derived keys are KEY_LEN bytes")
         };
+        let last_backup = match store.get(Space::Meta, LAST_BACKUP_KEY).await? {
+            Some(v) if v.len() == 8 => i64::from_be_bytes(v.try_into().expect("8 bytes")),
+            _ => 0,
+        };
         let vault = Arc::new(Self {
             budgets: Budgets::new(
                 store.clone(),
@@ -303,7 +310,7 @@ impl Vault {
             store,
             connections: config.connections.clone(),
             backup: config.backup.clone(),
-            last_backup_ms: Default::default(),
+            last_backup_ms: std::sync::atomic::AtomicI64::new(last_backup),
             key_jobs: Default::default(),
             node,
         });
@@ -391,13 +398,23 @@ impl Vault {
         }
     }
 
-    /// Notes a backup written whole (its creation time).
-    pub fn note_backup(&self, created_unix_ms: i64) {
+    /// Notes a backup written whole (its creation time), durably, so that
+    /// the "no backup for a day" alert survives a restart.
+    pub async fn note_backup(&self, created_unix_ms: i64) {
         self.last_backup_ms
             .fetch_max(created_unix_ms, std::sync::atomic::Ordering::Relaxed);
+        let mut b = Batch::new();
+        b.put(
+            Space::Meta,
+            LAST_BACKUP_KEY.to_vec(),
+            self.last_backup_ms().to_be_bytes().to_vec(),
+        );
+        if let Err(e) = self.store.commit(b).await {
+            tracing::warn!(error = %e, "time of the last backup not stored");
+        }
     }
 
-    /// When the last backup written whole was taken (0: none since start).
+    /// When the last backup written whole was taken (0: none recorded).
     pub fn last_backup_ms(&self) -> i64 {
         self.last_backup_ms
             .load(std::sync::atomic::Ordering::Relaxed)

@@ -376,7 +376,7 @@ impl admin_server::Admin for AdminService {
                 let vault = v.clone();
                 tokio::spawn(async move {
                     match started.stream(&tx).await {
-                        Ok(m) => vault.note_backup(m.created_unix_ms),
+                        Ok(m) => vault.note_backup(m.created_unix_ms).await,
                         Err(e) => {
                             tracing::error!(error = %e, "backup stream failed");
                             let _ = fail.send(to_status(e.into()));

@@ -353,7 +353,7 @@ pub async fn schedule(vault: Arc<Vault>) {
         tokio::time::sleep(every).await;
         match write_to_dir(&vault, &dir, keep).await {
             Ok(w) => {
-                vault.note_backup(w.manifest.created_unix_ms);
+                vault.note_backup(w.manifest.created_unix_ms).await;
                 tracing::info!(
                     path = %w.path.display(),
                     bytes = w.bytes,
