@@ -12,29 +12,40 @@ struct Pki {
     ca: String,
     server: (String, String),
     client: (String, String),
+    /// A second client, serial 0x0B0B.
+    other_client: (String, String),
 }
+
+/// The serial number of `Pki::client`.
+const CLIENT_SERIAL: [u8; 3] = [0x00, 0xc1, 0x1e];
 
 fn pki() -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>| {
+    let leaf = |names: Vec<String>, serial: Option<&[u8]>| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(s));
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         (cert.pem(), key.serialize_pem())
     };
     Pki {
         ca: ca.pem(),
-        server: leaf(vec!["localhost".into()]),
-        client: leaf(vec!["hospital-app".into()]),
+        server: leaf(vec!["localhost".into()], None),
+        client: leaf(vec!["hospital-app".into()], Some(&CLIENT_SERIAL)),
+        other_client: leaf(vec!["lab-app".into()], Some(&[0x0b, 0x0b])),
     }
 }
 
 async fn tls_server(mtls: bool) -> (TestServer, Pki) {
+    tls_server_with(mtls, "").await
+}
+
+/// A TLS server whose config ends with `extra`; its files are
+/// `server.pem`, `server.key`, `ca.pem` and `deny.txt` in its root.
+async fn tls_server_with(mtls: bool, extra: &str) -> (TestServer, Pki) {
     let root = tempfile::tempdir().unwrap();
     let p = pki();
     let w = |name: &str, text: &str| {
@@ -52,9 +63,13 @@ async fn tls_server(mtls: bool) -> (TestServer, Pki) {
         root.path().join("master.key"),
     );
     if mtls {
-        text.push_str(&format!("client_ca = {ca:?}\n"));
+        let deny = w("deny.txt", "# client certificates refused\n");
+        text.push_str(&format!(
+            "client_ca = {ca:?}\ndeny_serials_file = {deny:?}\n"
+        ));
     }
     text.push_str("[argon2]\nm_kib = 64\nt = 1\np = 1\n");
+    text.push_str(extra);
     let cfg_path = w("coffre.toml", &text);
     // Outside dev mode the key file must exist already.
     coffre::keys::generate_key_file(&root.path().join("master.key")).unwrap();
@@ -63,11 +78,19 @@ async fn tls_server(mtls: bool) -> (TestServer, Pki) {
 }
 
 async fn tls_channel(s: &TestServer, p: &Pki, client_cert: bool) -> Result<Channel, String> {
+    tls_channel_as(s, &p.ca, client_cert.then_some(&p.client)).await
+}
+
+async fn tls_channel_as(
+    s: &TestServer,
+    ca: &str,
+    client: Option<&(String, String)>,
+) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&p.ca))
+        .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
-    if client_cert {
-        tls = tls.identity(Identity::from_pem(&p.client.0, &p.client.1));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
     }
     Channel::from_shared(s.addr.clone())
         .unwrap()
@@ -182,4 +205,114 @@ async fn tls_failures_name_their_cause_and_the_fix() {
     let tls_to_plain = dev.addr.replace("http://", "https://");
     let (ok, err) = cli_login(&tls_to_plain, Some(&ca), d);
     assert!(!ok && err.contains("does not speak TLS"), "{err}");
+}
+
+/// Whether a fresh connection as `client` (trusting `ca`) can log in.
+async fn admitted(s: &TestServer, ca: &str, client: Option<&(String, String)>) -> bool {
+    match tls_channel_as(s, ca, client).await {
+        Ok(ch) => try_login(ch).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Waits (a few reload polls) until `admitted` answers `want`.
+async fn until_admitted(s: &TestServer, ca: &str, client: Option<&(String, String)>, want: bool) {
+    let deadline = std::time::Instant::now() + coffre::server::TLS_POLL * 5;
+    while admitted(s, ca, client).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} after the files changed",
+            if want { "refused" } else { "admitted" }
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_dropping_open_connections() {
+    let (s, old) = tls_server(true).await;
+    let open = tls_channel(&s, &old, true).await.unwrap();
+    let mut auth = pb::auth_client::AuthClient::new(open.clone());
+    try_login(open.clone()).await.unwrap();
+    // A renewal from a new CA: server certificate, key and client CA.
+    let new = pki();
+    let root = s.root.path();
+    // A half-written certificate is refused and the old files keep serving.
+    std::fs::write(
+        root.join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\ntrunc",
+    )
+    .unwrap();
+    tokio::time::sleep(coffre::server::TLS_POLL * 2).await;
+    assert!(
+        admitted(&s, &old.ca, Some(&old.client)).await,
+        "old files still serve"
+    );
+    std::fs::write(root.join("server.key"), &new.server.1).unwrap();
+    std::fs::write(root.join("ca.pem"), &new.ca).unwrap();
+    std::fs::write(root.join("server.pem"), &new.server.0).unwrap();
+    until_admitted(&s, &new.ca, Some(&new.client), true).await;
+    // The old chain is refused on new connections ...
+    assert!(!admitted(&s, &old.ca, Some(&old.client)).await);
+    assert!(
+        !admitted(&s, &new.ca, Some(&old.client)).await,
+        "old client CA gone"
+    );
+    // ... and the connection opened before the reload still serves calls.
+    for _ in 0..3 {
+        auth.login(pb::LoginRequest {
+            tenant: "system".into(),
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("an open connection survives the reload");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_on_the_deny_list_is_refused() {
+    let (s, p) = tls_server(true).await;
+    assert!(admitted(&s, &p.ca, Some(&p.client)).await);
+    assert!(admitted(&s, &p.ca, Some(&p.other_client)).await);
+    // As `openssl x509 -serial` prints it, with the leading zero byte.
+    std::fs::write(
+        s.root.path().join("deny.txt"),
+        format!(
+            "# lost laptop\nserial={}\n",
+            hex::encode_upper(CLIENT_SERIAL)
+        ),
+    )
+    .unwrap();
+    until_admitted(&s, &p.ca, Some(&p.client), false).await;
+    assert!(
+        admitted(&s, &p.ca, Some(&p.other_client)).await,
+        "others unaffected"
+    );
+    // Off the list again: admitted again, without a restart.
+    std::fs::write(s.root.path().join("deny.txt"), "\n").unwrap();
+    until_admitted(&s, &p.ca, Some(&p.client), true).await;
+}
+
+#[tokio::test]
+async fn probes_need_no_client_certificate_on_the_probe_port() {
+    let (s, p) = tls_server_with(true, "[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
+    assert!(
+        !admitted(&s, &p.ca, None).await,
+        "the gRPC port wants a certificate"
+    );
+    let probe = format!("http://{}", s.metrics_addr.clone().unwrap());
+    let mut h = tonic_health::pb::health_client::HealthClient::new(chan(&probe).await);
+    let st = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "coffre.v1.Records".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        st,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }
