@@ -153,6 +153,21 @@ fn route_of(action: &str) -> Route {
         })
 }
 
+/// The call's request id: the client's `x-request-id` when it is a short
+/// token (letters, digits, `-_.:`), else a new one. Logged with the call
+/// and returned in the response's metadata.
+fn request_id(meta: &MetadataMap) -> String {
+    meta.get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
 /// Shared by the services: the vault, plus the per-RPC envelope.
 #[derive(Clone)]
 pub struct Gate {
@@ -442,6 +457,7 @@ impl Gate {
     where
         T: Reply,
     {
+        let started = std::time::Instant::now();
         let need = route_of(action).need;
         let auth = self.authorize(meta, need).await;
         let mut note = Note::default();
@@ -507,13 +523,6 @@ impl Gate {
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
             ..Default::default()
         };
-        tracing::info!(
-            action,
-            principal = %event.principal,
-            peer = %event.peer,
-            outcome = %event.outcome,
-            "rpc"
-        );
         // Only a stream needs to name its caller again (if it is dropped).
         let what = if T::STREAM {
             StreamOf {
@@ -526,16 +535,55 @@ impl Gate {
         } else {
             StreamOf::default()
         };
-        if let Err(e) = self.vault.audit.record(event).await {
-            tracing::error!(action, error = %e, "audit event not stored: failing the call");
-            return Err(to_status(match e {
-                Error::Unavailable(s) => Error::Unavailable(s),
-                _ => Error::Unavailable(crate::store::StorageError::Io("audit".into())),
-            }));
+        // One line per call: who, what, how it ended, and the audit event
+        // that holds it; never a value.
+        let request_id = request_id(meta);
+        let (principal, peer, outcome) = (
+            event.principal.clone(),
+            event.peer.clone(),
+            event.outcome.clone(),
+        );
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let recorded = self.vault.audit.record(event).await;
+        let tag = |mut meta: MetadataMap| {
+            if let Ok(v) = request_id.parse() {
+                meta.insert("x-request-id", v);
+            }
+            meta
+        };
+        match recorded {
+            Ok(r) => tracing::info!(
+                request_id,
+                action,
+                principal,
+                peer,
+                outcome,
+                ms,
+                audit_seq = r.seq,
+                "rpc"
+            ),
+            Err(e) => {
+                tracing::error!(request_id, action, principal, peer, error = %e, "audit event not stored: failing the call");
+                let mut status = to_status(match e {
+                    Error::Unavailable(s) => Error::Unavailable(s),
+                    _ => Error::Unavailable(crate::store::StorageError::Io("audit".into())),
+                });
+                *status.metadata_mut() = tag(std::mem::take(status.metadata_mut()));
+                return Err(status);
+            }
         }
-        result
-            .map(|r| Response::new(r.hold(self, permit, what)))
-            .map_err(to_status)
+        match result {
+            Ok(r) => {
+                let mut resp = Response::new(r.hold(self, permit, what));
+                *resp.metadata_mut() = tag(std::mem::take(resp.metadata_mut()));
+                Ok(resp)
+            }
+            Err(e) => {
+                let mut status = to_status(e);
+                *status.metadata_mut() = tag(std::mem::take(status.metadata_mut()));
+                Err(status)
+            }
+        }
     }
 
     /// Streams `source` to the client through a small buffer; a reader

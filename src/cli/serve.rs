@@ -21,11 +21,20 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
         Err(_) => Bootstrap::Refuse,
     };
     let (vault, report) = Vault::open(&config, bootstrap).await.map_err(err)?;
+    // Notices for the operator: plain lines on stderr, or log events when
+    // the log is JSON (so that every line of it stays one JSON object).
+    let notice = |msg: String| {
+        if config.log_format == "json" {
+            tracing::warn!("{msg}");
+        } else {
+            eprintln!("coffre: {msg}");
+        }
+    };
     if let Some(p) = &report.generated_key {
-        eprintln!(
-            "coffre: dev mode: generated a new master key at {} (keep it; without it the data is unreadable)",
+        notice(format!(
+            "dev mode: generated a new master key at {} (keep it; without it the data is unreadable)",
             p.display()
-        );
+        ));
     }
     if let Some(pw) = &report.bootstrap_password {
         // Printed once, to the operator's terminal, never to the log.
@@ -34,9 +43,9 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
             &**pw
         );
     } else if report.bootstrapped {
-        eprintln!(
-            "coffre: created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}"
-        );
+        notice(format!(
+            "created administrator system/admin with the password from {BOOTSTRAP_PASSWORD_ENV}"
+        ));
     }
     let tls = crate::tls::Tls::load(&config).map_err(err)?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr())
@@ -148,7 +157,14 @@ pub(super) fn init_tracing(config: &Config) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if config.log_format == "json" {
-        let _ = b.json().try_init();
+        // One flat JSON object per line (a log shipper's unit), the
+        // event's fields beside level, time and target.
+        let _ = b
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init();
     } else {
         let _ = b.try_init();
     }
