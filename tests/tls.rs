@@ -27,7 +27,7 @@ fn pki() -> Pki {
     let leaf = |names: Vec<String>, serial: Option<&[u8]>| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
-        params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(s));
+        params.serial_number = serial.map(rcgen::SerialNumber::from_slice);
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         (cert.pem(), key.serialize_pem())
     };
