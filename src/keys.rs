@@ -53,9 +53,13 @@ pub enum KeyError {
     #[error("master key file {0}: {1}")]
     File(String, String),
     #[error(
-        "master key file {path} is accessible by group or others (mode {mode:o}); run: chmod 600 {path}"
+        "master key file {path} is accessible by group or others (mode {mode:o}, {why}); run: chmod 600 {path}"
     )]
-    Permissions { path: String, mode: u32 },
+    Permissions {
+        path: String,
+        mode: u32,
+        why: &'static str,
+    },
     #[error("master key file {0} is not a Coffre master key")]
     Malformed(String),
     #[error("the master key does not match this data directory (key-check value differs)")]
@@ -99,13 +103,63 @@ pub fn generate_key_file(path: &Path) -> Result<(), KeyError> {
         .map_err(|e| KeyError::File(path.display().to_string(), e.to_string()))
 }
 
-/// Reads the master key, refusing a file that group or others can access.
+/// Whether only the server (and root) can read a key file: mode 0600 or
+/// 0400; or 0440/0640 when the file belongs to root or the server and its
+/// group is the server's own group with no other members. The second form
+/// is how Kubernetes mounts a Secret once the pod has an `fsGroup` (files
+/// root-owned, group-readable by the pod's group), and how a host can give
+/// a root-owned key to a dedicated service group. Others never have any
+/// bit; the group never writes.
+pub fn private_enough(meta: &fs::Metadata) -> Result<(), &'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err("others have access");
+    }
+    if mode & 0o070 == 0 {
+        return Ok(());
+    }
+    if mode & 0o030 != 0 {
+        return Err("its group may write or execute it");
+    }
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Err("it belongs to another user");
+    }
+    if meta.gid() != gid {
+        return Err("its group is not the server's own group");
+    }
+    // A group listed with members is shared with other accounts.
+    match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) {
+        Ok(Some(g))
+            if g.mem.iter().any(|m| {
+                nix::unistd::User::from_name(m)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|u| u.uid.as_raw() != uid)
+            }) =>
+        {
+            Err("its group has other members")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads the master key, refusing a file that others can read (see
+/// [`private_enough`]).
 pub fn load_key_file(path: &Path) -> Result<MasterKey, KeyError> {
     let shown = path.display().to_string();
     let meta = fs::metadata(path).map_err(|e| KeyError::File(shown.clone(), e.to_string()))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions { path: shown, mode });
+    if let Err(why) = private_enough(&meta) {
+        return Err(KeyError::Permissions {
+            path: shown,
+            mode,
+            why,
+        });
     }
     let text = Zeroizing::new(
         fs::read_to_string(path).map_err(|e| KeyError::File(shown.clone(), e.to_string()))?,
@@ -1447,9 +1501,50 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert!(generate_key_file(&path).is_err(), "never overwrites");
         load_key_file(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        for refused in [0o644, 0o604, 0o660, 0o670, 0o601] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(refused)).unwrap();
+            let err = load_key_file(&path).unwrap_err().to_string();
+            assert!(err.contains("chmod 600"), "{refused:o}: {err}");
+        }
+        for ok in [0o400, 0o600] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(ok)).unwrap();
+            load_key_file(&path).unwrap();
+        }
+    }
+
+    /// A Secret mounted by Kubernetes with the pod's `fsGroup`: root owns
+    /// the file, mode 0440 (defaultMode 0400 plus the group's read bit),
+    /// group = the pod's group = the server's own group. Accepted; the
+    /// same modes with another group are refused.
+    #[test]
+    fn a_secret_mounted_with_the_pods_fs_group_is_accepted() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.key");
+        generate_key_file(&path).unwrap();
+        let me = nix::unistd::getegid();
+        let uid = nix::unistd::geteuid();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).unwrap();
+        nix::unistd::chown(&path, None, Some(me)).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().gid(), me.as_raw());
+        let members = nix::unistd::Group::from_gid(me)
+            .unwrap()
+            .map_or(0, |g| g.mem.len());
+        if members == 0 {
+            load_key_file(&path).expect("0440 with the server's own group");
+        }
+        if !uid.is_root() {
+            eprintln!("*** SKIPPED the other-group half: needs root to chown ***");
+            return;
+        }
+        // Root can give it any group: another group is refused.
+        nix::unistd::chown(&path, None, Some(nix::unistd::Gid::from_raw(4242))).unwrap();
         let err = load_key_file(&path).unwrap_err().to_string();
-        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("not the server's own group"), "{err}");
+        // Another owner than root or the server is refused too.
+        nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(4242)), Some(me)).unwrap();
+        let err = load_key_file(&path).unwrap_err().to_string();
+        assert!(err.contains("another user"), "{err}");
     }
 
     #[tokio::test]
