@@ -4,10 +4,26 @@ use super::*;
 
 /// Opens a channel to the server named by `--addr`.
 pub(super) async fn connect(g: &Global) -> Result<Channel, CliError> {
-    connect_to(&g.addr, g.ca.as_deref()).await
+    let identity = match (&g.client_cert, &g.client_key) {
+        (Some(c), Some(k)) => {
+            let read =
+                |p: &Path| std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())));
+            Some(Identity::from_pem(read(c)?, read(k)?))
+        }
+        _ => None,
+    };
+    connect_with(&g.addr, g.ca.as_deref(), identity).await
 }
 
 pub(crate) async fn connect_to(addr: &str, ca: Option<&Path>) -> Result<Channel, CliError> {
+    connect_with(addr, ca, None).await
+}
+
+async fn connect_with(
+    addr: &str,
+    ca: Option<&Path>,
+    identity: Option<Identity>,
+) -> Result<Channel, CliError> {
     if !addr.contains("://") {
         return Err(err(format!(
             "--addr {addr} needs a scheme: http://{addr} in dev mode, https://{addr} with TLS"
@@ -19,9 +35,11 @@ pub(crate) async fn connect_to(addr: &str, ca: Option<&Path>) -> Result<Channel,
     if addr.starts_with("https://") {
         let ca = ca.ok_or_else(|| err("https needs the server's CA: --ca FILE or COFFRE_CA"))?;
         let pem = std::fs::read(ca).map_err(|e| err(format!("{}: {e}", ca.display())))?;
-        ep = ep
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-            .map_err(err)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        ep = ep.tls_config(tls).map_err(err)?;
     }
     ep.connect().await.map_err(|e| {
         let chain = error_chain(&e);

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use tonic::{
     Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use zeroize::Zeroizing;
@@ -53,6 +53,22 @@ struct Global {
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, global = true, env = "COFFRE_CA")]
     ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires one (mTLS).
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// Where `coffre login` keeps the token (0600); COFFRE_TOKEN wins over it.
     #[arg(long, global = true, env = "COFFRE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -63,6 +79,14 @@ struct Global {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Ask a server's health service (on its gRPC port, or on
+    /// metrics.listen as http://host:port): exit 0 only when SERVING. For
+    /// container health checks and scripts.
+    Health {
+        /// A service name (coffre.v1.Records, ...); empty: the server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Run the server.
     Serve {
         #[arg(long)]
@@ -486,6 +510,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
     let _ = ADDR.set(g.addr.clone());
     match cli.command {
         Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Health { service } => health(&g, &service).await,
         Command::Keygen { out } => {
             crate::keys::generate_key_file(&out).map_err(err)?;
             say(
@@ -522,6 +547,39 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             reason,
         } => backup::restore(&g, config.as_deref(), &from, restore_shredded, reason).await,
         Command::Scrub => backup::scrub(&g).await,
+    }
+}
+
+async fn health(g: &Global, service: &str) -> Result<(), CliError> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let ch = connect(g).await?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        h.check(HealthCheckRequest {
+            service: service.to_string(),
+        }),
+    )
+    .await
+    .map_err(|_| err("no answer within 5 s"))?
+    .map_err(|s| err(format!("health check refused: {}", s.message())))?
+    .into_inner()
+    .status;
+    let name = ServingStatus::try_from(status)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN");
+    say(g, name, json!({"service": service, "status": name}));
+    if status == ServingStatus::Serving as i32 {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "{} is {name}",
+            if service.is_empty() {
+                "the server"
+            } else {
+                service
+            }
+        )))
     }
 }
 
