@@ -543,7 +543,8 @@ impl Gate {
             event.peer.clone(),
             event.outcome.clone(),
         );
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Milliseconds to the microsecond.
+        let ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let recorded = self.vault.audit.record(event).await;
         let tag = |mut meta: MetadataMap| {
             if let Ok(v) = request_id.parse() {

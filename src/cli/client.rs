@@ -96,6 +96,25 @@ pub(super) fn transport_hint(chain: &str, addr: &str) -> Option<String> {
             "the server expects TLS: use {} with --ca FILE",
             addr.replacen("http://", "https://", 1)
         )
+    } else if chain.contains("CertificateRequired") {
+        "the server requires a client certificate (mTLS): pass --client-cert FILE --client-key FILE (or COFFRE_CLIENT_CERT, COFFRE_CLIENT_KEY)".to_string()
+    } else if chain.contains("CertificateRevoked") {
+        "the server refused this client certificate: its serial is on the server's deny list"
+            .to_string()
+    } else if chain.contains("UnknownCA")
+        || chain.contains("BadCertificate")
+        || chain.contains("CertificateUnknown")
+    {
+        "the server does not accept this client certificate: it is not signed by the server's client CA (tls.client_ca)".to_string()
+    } else if !plain
+        && (chain.contains("broken pipe")
+            || chain.contains("connection was not ready")
+            || chain.contains("connection closed")
+            || chain.contains("reset"))
+    {
+        // TLS 1.3: the client's side of the handshake ends before the
+        // server has checked its certificate; a refusal arrives as a close.
+        "the server closed the connection after the TLS handshake: it requires a client certificate (--client-cert FILE --client-key FILE) or refuses the one given (not signed by its client CA, or on its deny list)".to_string()
     } else if chain.contains("Connection refused") || chain.contains("connection refused") {
         "nothing listens there: is `coffre serve` running, and is --addr (COFFRE_ADDR) right?"
             .to_string()

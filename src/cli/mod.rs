@@ -562,7 +562,7 @@ async fn health(g: &Global, service: &str) -> Result<(), CliError> {
     )
     .await
     .map_err(|_| err("no answer within 5 s"))?
-    .map_err(|s| err(format!("health check refused: {}", s.message())))?
+    .map_err(status_err)?
     .into_inner()
     .status;
     let name = ServingStatus::try_from(status)
