@@ -682,3 +682,42 @@ async fn coffre_health_answers_from_the_probe_port_and_fails_when_nothing_listen
     let err = String::from_utf8_lossy(&down.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// The documents point at things that exist: every test the compliance map
+/// names, and every runbook anchor an alert rule names.
+#[test]
+fn documents_name_only_tests_and_sections_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let map = std::fs::read_to_string(root.join("docs/compliance.md")).unwrap();
+    let mut named = 0;
+    for cite in map.split('`').skip(1).step_by(2) {
+        let Some((file, test)) = cite.split_once("::") else { continue };
+        if !file.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') || test.contains(':') {
+            continue;
+        }
+        let Ok(src) = std::fs::read_to_string(root.join("tests").join(format!("{file}.rs"))) else {
+            continue;
+        };
+        named += 1;
+        assert!(src.contains(&format!("fn {test}(")), "docs/compliance.md names {cite}, which does not exist");
+    }
+    assert!(named >= 30, "{named}");
+    // Runbook anchors of the alert rules are headings of operations.md.
+    let ops = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let anchors: BTreeSet<String> = ops
+        .lines()
+        .filter_map(|l| l.strip_prefix("### "))
+        .map(|h| {
+            h.to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .collect::<String>()
+                .replace(' ', "-")
+        })
+        .collect();
+    let rules = std::fs::read_to_string(deploy("prometheus/coffre-rules.yml")).unwrap();
+    for line in rules.lines().filter(|l| l.contains("runbook:")) {
+        let anchor = line.split('#').nth(1).unwrap().trim_end_matches('"');
+        assert!(anchors.contains(anchor), "runbook #{anchor} is no heading of docs/operations.md");
+    }
+}
