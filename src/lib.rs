@@ -47,7 +47,15 @@
 //!   `mod.rs` (authorization, audit, stream caps, refused-call limits, the
 //!   one error→status mapping); the front layer that audits requests tonic
 //!   cannot decode (`front.rs`).
-//! - [`server`]: `run(listener, shutdown)` — TLS, health, reflection.
+//! - [`server`]: `run(vault, options, listener, shutdown)` — health,
+//!   reflection, the accept loop (TLS handshakes off it), the watchers.
+//! - [`tls`]: the gRPC port's TLS (rustls): certificate, key, client CA and
+//!   a deny list of client serials, swapped whole on reload.
+//! - [`stats`]: what the core counts as it works (appends, throttles,
+//!   locks, honeytoken hits, failed line writes), updated where it happens.
+//! - [`metrics`]: the Prometheus registry (gRPC series recorded by the
+//!   front layer, the core's stats, gauges read at scrape) and the probe
+//!   listener serving `/metrics` and health.
 //! - [`connections`]: what a slow, idle or silent client may hold: idle and
 //!   handshake timeouts per connection, calls counted per connection.
 //! - [`config`]: the TOML file and its `COFFRE_*` overrides.

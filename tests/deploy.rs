@@ -691,7 +691,9 @@ fn documents_name_only_tests_and_sections_that_exist() {
     let map = std::fs::read_to_string(root.join("docs/compliance.md")).unwrap();
     let mut named = 0;
     for cite in map.split('`').skip(1).step_by(2) {
-        let Some((file, test)) = cite.split_once("::") else { continue };
+        let Some((file, test)) = cite.split_once("::") else {
+            continue;
+        };
         if !file.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') || test.contains(':') {
             continue;
         }
@@ -699,7 +701,10 @@ fn documents_name_only_tests_and_sections_that_exist() {
             continue;
         };
         named += 1;
-        assert!(src.contains(&format!("fn {test}(")), "docs/compliance.md names {cite}, which does not exist");
+        assert!(
+            src.contains(&format!("fn {test}(")),
+            "docs/compliance.md names {cite}, which does not exist"
+        );
     }
     assert!(named >= 30, "{named}");
     // Runbook anchors of the alert rules are headings of operations.md.
@@ -718,6 +723,9 @@ fn documents_name_only_tests_and_sections_that_exist() {
     let rules = std::fs::read_to_string(deploy("prometheus/coffre-rules.yml")).unwrap();
     for line in rules.lines().filter(|l| l.contains("runbook:")) {
         let anchor = line.split('#').nth(1).unwrap().trim_end_matches('"');
-        assert!(anchors.contains(anchor), "runbook #{anchor} is no heading of docs/operations.md");
+        assert!(
+            anchors.contains(anchor),
+            "runbook #{anchor} is no heading of docs/operations.md"
+        );
     }
 }
