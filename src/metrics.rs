@@ -118,7 +118,7 @@ pub struct Metrics {
     job_total: Family<JobLabels, Gauge>,
     last_backup: Gauge,
     storage_bytes: Gauge,
-    storage_free: Gauge,
+    storage_free: FloatGauge,
     trail_bytes: Gauge,
 }
 
@@ -141,7 +141,7 @@ impl Metrics {
             job_total: Family::default(),
             last_backup: Gauge::default(),
             storage_bytes: Gauge::default(),
-            storage_free: Gauge::default(),
+            storage_free: FloatGauge::default(),
             trail_bytes: Gauge::default(),
         };
         let r = &mut m.registry;
@@ -248,7 +248,7 @@ impl Metrics {
         );
         r.register(
             "coffre_storage_free_bytes",
-            "Free bytes on the data directory's filesystem.",
+            "Free bytes on the data directory's filesystem (NaN where unknown: on PostgreSQL, watch the database host's disk).",
             m.storage_free.clone(),
         );
         r.register(
@@ -270,6 +270,7 @@ impl Metrics {
         m.registry
             .register("coffre_build_info", "The running build.", build);
         m.serving.set(1);
+        m.storage_free.set(f64::NAN);
         Arc::new(m)
     }
 
@@ -368,9 +369,9 @@ impl Metrics {
         if let Some(n) = vault.store.size_bytes().await {
             self.storage_bytes.set(to_i64(n));
         }
-        if let Some(n) = vault.store.free_bytes() {
-            self.storage_free.set(to_i64(n));
-        }
+        // NaN, not 0, where unknown: a disk-filling rule must not fire on it.
+        self.storage_free
+            .set(vault.store.free_bytes().map_or(f64::NAN, |n| n as f64));
         self.trail_bytes.set(to_i64(vault.audit.disk_bytes()));
     }
 }

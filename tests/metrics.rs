@@ -160,6 +160,13 @@ async fn metrics_move_with_calls_and_carry_no_id_principal_or_value() {
     );
     assert_eq!(value(&after, "coffre_serving", &[]), 1.0);
     assert!(value(&after, "coffre_storage_bytes", &[]) > 0.0);
+    // Free space: known on the embedded store, NaN (never 0) elsewhere.
+    let free = value(&after, "coffre_storage_free_bytes", &[]);
+    if test_backend() == "sled" {
+        assert!(free > 0.0, "{free}");
+    } else {
+        assert!(free.is_nan(), "{free}");
+    }
     assert!(
         value(&after, "coffre_key_encryptions", &[]) >= 6.0,
         "2 fields × 3 puts"
