@@ -131,20 +131,17 @@ fn the_systemd_unit_is_hardened_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("coffre.service");
     std::fs::write(&unit, text.replace("/usr/local/bin/coffre", bin())).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", unit.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_ok(Command::new("systemd-analyze").args(["verify", unit.to_str().unwrap()]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(
         !err.contains("coffre.service"),
         "systemd-analyze verify complains: {err}"
     );
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", unit.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_ok(Command::new("systemd-analyze").args([
+        "security",
+        "--offline=true",
+        unit.to_str().unwrap(),
+    ]));
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     let level: f64 = report
         .lines()
@@ -179,30 +176,14 @@ fn sysusers_and_tmpfiles_make_the_user_and_private_directories() {
     }
     std::fs::create_dir_all(r.join("etc")).unwrap();
     let root_arg = format!("--root={}", r.display());
-    let st = Command::new("systemd-sysusers")
-        .arg(&root_arg)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    run_ok(Command::new("systemd-sysusers").arg(&root_arg));
     let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
     let line = passwd.lines().find(|l| l.starts_with("coffre:")).unwrap();
     let f: Vec<&str> = line.split(':').collect();
     assert!(f[6].ends_with("nologin"), "{line}");
     let uid: u32 = f[2].parse().unwrap();
     assert!(uid > 0 && uid < 1000, "a system account: {line}");
-    let st = Command::new("systemd-tmpfiles")
-        .args([&root_arg, "--create"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    run_ok(Command::new("systemd-tmpfiles").args([&root_arg, "--create"]));
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // Every writable directory exists, the service's own, private.
     for d in config_writable_dirs() {
@@ -570,16 +551,11 @@ async fn make_certs_gives_a_working_mtls_setup() {
     }
     let root = tempfile::tempdir().unwrap();
     let tls = root.path().join("tls");
-    let out = Command::new("bash")
-        .arg(deploy("make-certs.sh"))
-        .arg(&tls)
-        .args(["localhost", "127.0.0.1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("bash")
+            .arg(deploy("make-certs.sh"))
+            .arg(&tls)
+            .args(["localhost", "127.0.0.1"]),
     );
     // Never over existing keys.
     let again = Command::new("bash")

@@ -82,6 +82,19 @@ fn record(id: &str) -> pb::PutRecordRequest {
     put(id, &[("name", PATIENT), ("nir", NIR)])
 }
 
+/// A clinician of tenant `maternite` who has stored `patient-1`; its token.
+async fn one_record(s: &TestServer) -> String {
+    let token = s
+        .tenant_with("maternite", "dr-lefebvre", pb::Role::Clinician)
+        .await;
+    s.records()
+        .await
+        .put_record(authed(&token, record("patient-1")))
+        .await
+        .expect("stored (a mirror that fails does not fail the call)");
+    token
+}
+
 #[tokio::test]
 async fn metrics_move_with_calls_and_carry_no_id_principal_or_value() {
     let s = metrics_server(
@@ -285,14 +298,7 @@ impl tonic::codec::Decoder for EmptyCodec {
 #[tokio::test]
 async fn tenant_labels_only_when_switched_on() {
     let s = metrics_server("tenant_labels = true\n").await;
-    let token = s
-        .tenant_with("maternite", "dr-lefebvre", pb::Role::Clinician)
-        .await;
-    s.records()
-        .await
-        .put_record(authed(&token, record("patient-1")))
-        .await
-        .unwrap();
+    one_record(&s).await;
     let text = scrape(&s).await;
     assert!(
         value(&text, "coffre_key_encryptions", &[("tenant", "maternite")]) >= 2.0,
@@ -350,14 +356,7 @@ async fn the_probe_listener_serves_health_and_nothing_else() {
 async fn a_failed_mirror_write_is_counted_and_alerted() {
     // /dev/full takes the open and refuses every write (ENOSPC).
     let s = metrics_server("[audit]\nmirror_file = \"/dev/full\"\n").await;
-    let token = s
-        .tenant_with("maternite", "dr-lefebvre", pb::Role::Clinician)
-        .await;
-    s.records()
-        .await
-        .put_record(authed(&token, record("patient-1")))
-        .await
-        .expect("the trail has the event: the call succeeds");
+    one_record(&s).await;
     let text = scrape(&s).await;
     assert!(
         value(
@@ -433,42 +432,22 @@ async fn alert_rules_name_live_series_and_promtool_accepts_them() {
         );
         return;
     };
-    let out = std::process::Command::new(&promtool)
-        .args(["check", "rules", rules_path])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(std::process::Command::new(&promtool).args(["check", "rules", rules_path]));
     let tests = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/prometheus/coffre-rules.test.yml"
     );
-    let out = std::process::Command::new(&promtool)
-        .args(["test", "rules", tests])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(std::process::Command::new(&promtool).args(["test", "rules", tests]));
     let config = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/prometheus/prometheus.yml"
     );
-    let out = std::process::Command::new(&promtool)
-        .args(["check", "config", "--syntax-only", config])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(std::process::Command::new(&promtool).args([
+        "check",
+        "config",
+        "--syntax-only",
+        config,
+    ]));
 }
 
 fn which(cmd: &str) -> Option<std::path::PathBuf> {

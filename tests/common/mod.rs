@@ -455,6 +455,18 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `cmd` to its end and panics with its output unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_coffre")
 }
