@@ -68,12 +68,15 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
     }
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %local, dev = config.dev, "serving");
-    let hangup = tokio::spawn(reload_on_hangup(tls.clone(), vault.clone()));
+    // As a service (no terminal), SIGHUP reloads; on a terminal it is the
+    // terminal going away, and stops the server like SIGTERM.
+    let on_terminal = std::io::stderr().is_terminal();
+    let hangup = (!on_terminal).then(|| tokio::spawn(reload_on_hangup(tls.clone(), vault.clone())));
     // SIGTERM stops accepting and drains; a client that keeps its
     // connection open must not hold the exit past the 10 s operators expect.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
-        shutdown_signal().await;
+        shutdown_signal(on_terminal).await;
         let _ = stop_tx.send(true);
     };
     let store = vault.store.clone();
@@ -98,7 +101,9 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
             store.flush_blocking().map_err(err)?;
         }
     }
-    hangup.abort();
+    if let Some(h) = hangup {
+        h.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -133,11 +138,14 @@ async fn reload_on_hangup(
 /// How long SIGTERM waits for in-flight calls before closing connections.
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
 
-pub(super) async fn shutdown_signal() {
+/// SIGTERM or SIGINT; and SIGHUP when `hup_stops` (a server on a terminal
+/// stops when its terminal goes away, as a foreground program should).
+pub(super) async fn shutdown_signal(hup_stops: bool) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers, run until killed.
         return std::future::pending().await;
@@ -145,6 +153,13 @@ pub(super) async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+        _ = async {
+            if hup_stops {
+                hup.recv().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {},
     }
     tracing::info!("shutting down: draining calls");
 }
