@@ -87,6 +87,7 @@ pub(super) fn transport_hint(chain: &str, addr: &str) -> Option<String> {
         )
     } else if plain
         && (chain.contains("connection closed")
+            || chain.contains("connection was not ready")
             || chain.contains("frame")
             || chain.contains("h2 protocol")
             || chain.contains("broken pipe")
