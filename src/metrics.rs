@@ -52,17 +52,6 @@ const SERVER_STREAMS: &[&str] = &[
     "Watch",
 ];
 
-/// Services whose methods are labelled by name; any other path counts as
-/// `unknown`, so that a client cannot create series at will.
-const KNOWN_SERVICES: &[&str] = &[
-    "coffre.v1.Auth",
-    "coffre.v1.Records",
-    "coffre.v1.Admin",
-    "coffre.v1.Audit",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-];
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
     grpc_type: &'static str,
@@ -108,6 +97,10 @@ pub struct Metrics {
     started: Family<GrpcLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: Family<GrpcLabels, Histogram, fn() -> Histogram>,
+    /// The series of each known method, looked up by path without a lock
+    /// or an allocation; every other path shares `unknown`.
+    routes: std::collections::HashMap<String, Arc<RouteSeries>>,
+    unknown: Arc<RouteSeries>,
     serving: Gauge,
     serving_now: AtomicBool,
     hash_queue: Gauge,
@@ -123,14 +116,29 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The series of `vault`, its core counters registered.
-    pub fn new(vault: &Vault, tenant_labels: bool) -> Arc<Self> {
+    /// The series of `vault`, its core counters registered. `known_paths`
+    /// (`/pkg.Service/Method`) are the methods counted by name.
+    pub fn new<'a>(
+        vault: &Vault,
+        tenant_labels: bool,
+        known_paths: impl IntoIterator<Item = &'a str>,
+    ) -> Arc<Self> {
+        let routes = known_paths
+            .into_iter()
+            .filter_map(|p| Some((p.to_string(), Arc::new(RouteSeries::new(labels_of(p)?)))))
+            .collect();
         let mut m = Self {
             registry: Registry::default(),
             tenant_labels,
             started: Family::default(),
             handled: Family::default(),
             handling: Family::new_with_constructor(handling_histogram),
+            routes,
+            unknown: Arc::new(RouteSeries::new(GrpcLabels {
+                grpc_type: "unary",
+                grpc_service: "unknown".into(),
+                grpc_method: "unknown".into(),
+            })),
             serving: Gauge::default(),
             serving_now: AtomicBool::new(true),
             hash_queue: Gauge::default(),
@@ -286,11 +294,14 @@ impl Metrics {
 
     /// Starts the series of one call to `path` (`/pkg.Service/Method`).
     pub fn begin(self: &Arc<Self>, path: &str) -> GrpcCall {
-        let labels = labels_of(path);
-        self.started.get_or_create(&labels).inc();
+        let route = self.routes.get(path).unwrap_or(&self.unknown).clone();
+        route
+            .started
+            .get_or_init(|| self.started.get_or_create(&route.labels).clone())
+            .inc();
         GrpcCall {
             metrics: self.clone(),
-            labels,
+            route,
             started: Instant::now(),
             done: false,
         }
@@ -388,35 +399,39 @@ fn ratio(n: u64, bound: u64) -> f64 {
     }
 }
 
-/// The labels of a request path; any path outside the known services is
-/// `unknown` (bounded cardinality whatever clients send).
-fn labels_of(path: &str) -> GrpcLabels {
-    let known = path
-        .strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .filter(|(service, method)| {
-            KNOWN_SERVICES.contains(service)
-                && !method.is_empty()
-                && method.len() <= 64
-                && method.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-    match known {
-        Some((service, method)) => GrpcLabels {
-            grpc_type: if SERVER_STREAMS.contains(&method) {
-                "server_stream"
-            } else if service.starts_with("grpc.reflection") {
-                "bidi_stream"
-            } else {
-                "unary"
-            },
-            grpc_service: service.to_string(),
-            grpc_method: method.to_string(),
+/// The labels of a method's path (`/pkg.Service/Method`).
+fn labels_of(path: &str) -> Option<GrpcLabels> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    Some(GrpcLabels {
+        grpc_type: if SERVER_STREAMS.contains(&method) {
+            "server_stream"
+        } else if service.starts_with("grpc.reflection") {
+            "bidi_stream"
+        } else {
+            "unary"
         },
-        None => GrpcLabels {
-            grpc_type: "unary",
-            grpc_service: "unknown".into(),
-            grpc_method: "unknown".into(),
-        },
+        grpc_service: service.to_string(),
+        grpc_method: method.to_string(),
+    })
+}
+
+/// One method's series, fetched from their families on first use and kept.
+struct RouteSeries {
+    labels: GrpcLabels,
+    started: std::sync::OnceLock<Counter>,
+    handling: std::sync::OnceLock<Histogram>,
+    /// By `tonic::Code` (0..=16).
+    handled: [std::sync::OnceLock<Counter>; 17],
+}
+
+impl RouteSeries {
+    fn new(labels: GrpcLabels) -> Self {
+        Self {
+            labels,
+            started: Default::default(),
+            handling: Default::default(),
+            handled: Default::default(),
+        }
     }
 }
 
@@ -449,7 +464,7 @@ fn code_name(code: tonic::Code) -> &'static str {
 /// when its response ends (or `Canceled` when it is dropped unfinished).
 pub struct GrpcCall {
     metrics: Arc<Metrics>,
-    labels: GrpcLabels,
+    route: Arc<RouteSeries>,
     started: Instant,
     done: bool,
 }
@@ -459,19 +474,23 @@ impl GrpcCall {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let l = &self.labels;
-        self.metrics
-            .handled
-            .get_or_create(&HandledLabels {
-                grpc_type: l.grpc_type,
-                grpc_service: l.grpc_service.clone(),
-                grpc_method: l.grpc_method.clone(),
-                grpc_code: code_name(code),
+        let (m, r) = (&self.metrics, &self.route);
+        let l = &r.labels;
+        let slot = (code as usize).min(r.handled.len() - 1);
+        r.handled[slot]
+            .get_or_init(|| {
+                m.handled
+                    .get_or_create(&HandledLabels {
+                        grpc_type: l.grpc_type,
+                        grpc_service: l.grpc_service.clone(),
+                        grpc_method: l.grpc_method.clone(),
+                        grpc_code: code_name(code),
+                    })
+                    .clone()
             })
             .inc();
-        self.metrics
-            .handling
-            .get_or_create(l)
+        r.handling
+            .get_or_init(|| m.handling.get_or_create(l).clone())
             .observe(self.started.elapsed().as_secs_f64());
     }
 

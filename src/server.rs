@@ -267,7 +267,8 @@ pub async fn run(
         metrics: metrics_listener,
         tenant_labels,
     } = options;
-    let metrics = Metrics::new(&vault, tenant_labels);
+    let known = crate::api::known_paths();
+    let metrics = Metrics::new(&vault, tenant_labels, known.iter().map(String::as_str));
     let gate = Gate::new(vault.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health: Health = (reporter, metrics.clone());

@@ -69,6 +69,7 @@ async fn json_logs_name_the_request_and_principal_never_a_value() {
         .unwrap()
         .to_string();
     assert_eq!(made.len(), 32, "{made}");
+    assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
 
     let log = || std::fs::read_to_string(&p.stderr_path).unwrap();
     wait_for("the call's log line", || log().contains(&made)).await;

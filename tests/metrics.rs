@@ -188,14 +188,21 @@ async fn metrics_move_with_calls_and_carry_no_id_principal_or_value() {
     // An unknown path counts as unknown, not as a new series of its name.
     let mut raw = tonic::client::Grpc::new(s.channel().await);
     raw.ready().await.unwrap();
-    let odd: Result<tonic::Response<()>, _> = raw
-        .unary(
-            tonic::Request::new(()),
-            http::uri::PathAndQuery::from_static("/coffre.v1.Records/patient-0-exfil"),
-            EmptyCodec,
-        )
-        .await;
-    assert!(odd.is_err());
+    // (a method name of a known service is no way in either)
+    for path in [
+        "/coffre.v1.Records/patient-0-exfil",
+        "/coffre.v1.Records/GetRecordZ9",
+    ] {
+        raw.ready().await.unwrap();
+        let odd: Result<tonic::Response<()>, _> = raw
+            .unary(
+                tonic::Request::new(()),
+                http::uri::PathAndQuery::from_static(path),
+                EmptyCodec,
+            )
+            .await;
+        assert!(odd.is_err());
+    }
 
     // Throttles and the budget lock, by role; then a honeytoken hit.
     for i in 0..8 {
@@ -240,8 +247,9 @@ async fn metrics_move_with_calls_and_carry_no_id_principal_or_value() {
             "grpc_server_started_total",
             &[("grpc_service", "unknown"), ("grpc_method", "unknown")]
         ),
-        1.0
+        2.0
     );
+    assert!(!last.contains("GetRecordZ9"));
 
     // Nothing that names a patient, a record, a person or a tenant.
     for text in [&after, &last] {

@@ -135,6 +135,24 @@ fn writes(action: &str) -> bool {
     )
 }
 
+/// Every method the server answers, as request paths: Coffre's, health's
+/// and reflection's (the metrics count these by name, any other as
+/// unknown).
+pub fn known_paths() -> Vec<String> {
+    ROUTES
+        .iter()
+        .map(|r| format!("/{}", r.action))
+        .chain(
+            [
+                "/grpc.health.v1.Health/Check",
+                "/grpc.health.v1.Health/Watch",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            ]
+            .map(String::from),
+        )
+        .collect()
+}
+
 /// The route of a request path (`/coffre.v1.Records/GetRecord`).
 pub fn route(path: &str) -> Option<Route> {
     let action = path.strip_prefix('/')?;
@@ -165,7 +183,20 @@ fn request_id(meta: &MetadataMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+        .unwrap_or_else(new_request_id)
+}
+
+/// A new request id: 64 random bits drawn once per process, then a
+/// counter (unique, and no system call per call).
+fn new_request_id() -> String {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    };
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| u64::from_be_bytes(crate::crypto::random_array::<8>()));
+    format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Shared by the services: the vault, plus the per-RPC envelope.
