@@ -7,23 +7,16 @@
 #
 #   bash benches/cpu_ab.sh /path/to/coffre-A /path/to/coffre-B [ROUNDS] [SECONDS]
 set -euo pipefail
+source "$(dirname "$0")/support/server.sh"
 A=${1:?}; B=${2:?}; ROUNDS=${3:-4}; SECS=${4:-6}; RECORDS=2000
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
-PASS="violet anchor 8812 meadow crane"
 TCK=$(getconf CLK_TCK)
 for r in $(seq 1 "$ROUNDS"); do
   for who in A B; do
     BIN=$A; [ $who = B ] && BIN=$B
-    D=$WORK/$who$r; mkdir -p "$D"
-    sed -e "s#coffre-bench-data#$D/data#" -e "s#keys/bench-master.key#$D/master.key#" \
-        -e 's#127.0.0.1:50051#127.0.0.1:0#' "$ROOT/deploy/coffre.bench.toml" > "$D/c.toml"
-    COFFRE_BOOTSTRAP_ADMIN_PASSWORD="$PASS" COFFRE_LOG=error "$BIN" serve --config "$D/c.toml" \
-      > "$D/out.log" 2> "$D/err.log" &
-    PID=$!
-    for _ in $(seq 50); do grep -q "http://" "$D/out.log" 2>/dev/null && break; sleep 0.1; done
-    ADDR=$(grep -o "http://[0-9.:]*" "$D/out.log" | head -1)
-    echo "$PASS" | COFFRE_TOKEN_FILE=$D/token "$BIN" --addr "$ADDR" login > /dev/null
+    D=$WORK/$who$r
+    start_server "$BIN" "$D"
     t0=$(awk '{print $14+$15}' /proc/$PID/stat)
     COFFRE_TOKEN_FILE=$D/token "$BIN" --json --addr "$ADDR" bench --clients 16 --seconds "$SECS" \
       --records $RECORDS --phase get 2>/dev/null > "$D/bench.json"

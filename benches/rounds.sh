@@ -9,6 +9,7 @@
 #     cargo build --release --locked --manifest-path ../shared/limits/nullserver/Cargo.toml
 #   bash benches/rounds.sh [ROUNDS] [SECONDS]
 set -euo pipefail
+source "$(dirname "$0")/support/server.sh"
 ROUNDS=${1:-5}
 SECS=${2:-6}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +17,6 @@ BIN=${COFFRE_BIN:-$ROOT/target/release/coffre}
 NULL=${NULLSERVER:-/tmp/nulltarget/release/nullserver}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-PASS="violet anchor 8812 meadow crane"
 ratio() { python3 -c 'import json,sys
 d=json.loads(sys.stdin.read()); r={p["phase"]:p for p in d["phases"]}
 h=r["health_check"]["req_per_s"]
@@ -31,18 +31,11 @@ for round in $(seq 1 "$ROUNDS"); do
       --seconds "$SECS" --records 2000 2>/dev/null | ratio | tee -a "$WORK/null.txt" | sed "s/^/null   round $round: /"
     kill $NPID; wait $NPID 2>/dev/null || true
   fi
-  D=$WORK/c$round; mkdir -p "$D"
-  sed -e "s#coffre-bench-data#$D/data#" -e "s#keys/bench-master.key#$D/master.key#" \
-      -e 's#127.0.0.1:50051#127.0.0.1:0#' "$ROOT/deploy/coffre.bench.toml" > "$D/c.toml"
-  COFFRE_BOOTSTRAP_ADMIN_PASSWORD="$PASS" COFFRE_LOG=error "$BIN" serve --config "$D/c.toml" \
-    > "$D/out.log" 2> "$D/err.log" &
-  CPID=$!
-  for _ in $(seq 50); do grep -q "http://" "$D/out.log" 2>/dev/null && break; sleep 0.1; done
-  ADDR=$(grep -o "http://[0-9.:]*" "$D/out.log" | head -1)
-  echo "$PASS" | COFFRE_TOKEN_FILE=$D/token "$BIN" --addr "$ADDR" login > /dev/null
+  D=$WORK/c$round
+  start_server "$BIN" "$D"
   COFFRE_TOKEN_FILE=$D/token "$BIN" --json --addr "$ADDR" bench --clients 16 --seconds "$SECS" \
     --records 2000 2>/dev/null | ratio | tee -a "$WORK/coffre.txt" | sed "s/^/coffre round $round: /"
-  kill $CPID; wait $CPID 2>/dev/null || true
+  kill $PID; wait $PID 2>/dev/null || true
 done
 echo "columns: health/s get/s put/s get/health put/health"
 for who in null coffre; do

@@ -116,6 +116,7 @@ pub struct Vault {
     pub backup: crate::config::BackupConfig,
     /// When the last backup (streamed or scheduled) was taken, unix ms.
     last_backup_ms: std::sync::atomic::AtomicI64,
+    backup_note: tokio::sync::Mutex<()>,
     /// Tenants with a key job (rewrap, reindex) running here, one at a
     /// time, with its progress.
     key_jobs: parking_lot::Mutex<std::collections::HashMap<TenantName, JobProgress>>,
@@ -311,6 +312,7 @@ impl Vault {
             connections: config.connections.clone(),
             backup: config.backup.clone(),
             last_backup_ms: std::sync::atomic::AtomicI64::new(last_backup),
+            backup_note: Default::default(),
             key_jobs: Default::default(),
             node,
         });
@@ -401,6 +403,9 @@ impl Vault {
     /// Notes a backup written whole (its creation time), durably, so that
     /// the "no backup for a day" alert survives a restart.
     pub async fn note_backup(&self, created_unix_ms: i64) {
+        // One at a time from the max to its write: the stored time never
+        // goes back behind a slower, older note.
+        let _turn = self.backup_note.lock().await;
         self.last_backup_ms
             .fetch_max(created_unix_ms, std::sync::atomic::Ordering::Relaxed);
         let mut b = Batch::new();

@@ -1181,3 +1181,32 @@ async fn a_second_backup_waits_its_turn_without_hurting_health() {
         300
     );
 }
+
+/// Backups finishing at once (streamed ones, a scheduled one) each note
+/// their time: the stored time is the latest of them, also after a
+/// restart (what `coffre_last_backup_timestamp_seconds` and the 26-hour
+/// alert read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_backup_notes_keep_the_latest_time() {
+    let mut s = TestServer::start().await;
+    let v = s.vault.clone().unwrap();
+    let mut tasks = Vec::new();
+    // Newest first among 32 notes, so a slow old one would land last.
+    for t in (1..=32i64).rev() {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            v.note_backup(1_800_000_000_000 + t).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(v.last_backup_ms(), 1_800_000_000_032);
+    drop(v);
+    s.restart().await;
+    assert_eq!(
+        s.vault.as_ref().unwrap().last_backup_ms(),
+        1_800_000_000_032,
+        "the stored time is the latest"
+    );
+}

@@ -329,20 +329,10 @@ async fn tenant_labels_only_when_switched_on() {
 async fn the_probe_listener_serves_health_and_nothing_else() {
     let s = metrics_server("").await;
     let addr = s.metrics_addr.clone().unwrap();
-    let ch = chan(&format!("http://{addr}")).await;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
     for service in ["", "coffre.v1.Records"] {
-        let st = h
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            st,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        assert!(
+            serving(&format!("http://{addr}"), service).await,
+            "{service}"
         );
     }
     // No Coffre RPC on the probe port.

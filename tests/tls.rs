@@ -302,17 +302,5 @@ async fn probes_need_no_client_certificate_on_the_probe_port() {
         "the gRPC port wants a certificate"
     );
     let probe = format!("http://{}", s.metrics_addr.clone().unwrap());
-    let mut h = tonic_health::pb::health_client::HealthClient::new(chan(&probe).await);
-    let st = h
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "coffre.v1.Records".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(
-        st,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert!(serving(&probe, "coffre.v1.Records").await);
 }

@@ -490,6 +490,26 @@ impl Lines {
     }
 }
 
+/// What every trail reports to besides itself: the core's counters, the
+/// mirror file and the alert file.
+struct Outlets {
+    stats: Arc<Stats>,
+    mirror: Option<Arc<Lines>>,
+    alert_file: Option<Arc<Lines>>,
+}
+
+impl Outlets {
+    fn open(mirror: Option<&Path>, alert_file: Option<&Path>) -> Result<Self> {
+        let stats = Arc::new(Stats::default());
+        let open = |p: Option<&Path>, which| p.map(|p| Lines::open(p, which, &stats)).transpose();
+        Ok(Self {
+            mirror: open(mirror, LineFile::mirror)?,
+            alert_file: open(alert_file, LineFile::alert)?,
+            stats,
+        })
+    }
+}
+
 /// The bytes the chain MACs for one event (everything but the hashes).
 pub fn canonical(e: &AuditEvent) -> Vec<u8> {
     let mut c = Context::new("coffre/audit/v1");
@@ -539,10 +559,7 @@ impl Audit {
             );
         }
         let head = (rec.head_seq, rec.head_hash, rec.head_time);
-        let stats = Arc::new(Stats::default());
-        let mirror = mirror
-            .map(|p| Lines::open(p, LineFile::mirror, &stats))
-            .transpose()?;
+        let out = Outlets::open(mirror, alert_file)?;
         let shared = Arc::new(Shared {
             log,
             state: Mutex::new(State {
@@ -557,28 +574,20 @@ impl Audit {
             wake: Condvar::new(),
             committer: Mutex::new(()),
             store,
-            mirror: mirror.clone(),
-            stats: stats.clone(),
+            mirror: out.mirror.clone(),
+            stats: out.stats.clone(),
         });
         let s = shared.clone();
         std::thread::Builder::new()
             .name("coffre-audit".into())
             .spawn(move || s.writer())
             .map_err(|e| Error::Internal(format!("audit writer: {e}")))?;
-        Ok(Self {
-            backing: Backing::Files(shared),
-            head_alerted: Default::default(),
-            alert_file: alert_file
-                .map(|p| Lines::open(p, LineFile::alert, &stats))
-                .transpose()?,
-            mirror,
-            stats,
-            opened: Opened {
-                migrated,
-                torn_bytes: rec.torn_bytes,
-                reindexed: rec.reindexed,
-            },
-        })
+        let opened = Opened {
+            migrated,
+            torn_bytes: rec.torn_bytes,
+            reindexed: rec.reindexed,
+        };
+        Ok(Self::with(Backing::Files(shared), out, opened))
     }
 
     /// Opens the trail in the PostgreSQL database of `opts`.
@@ -589,21 +598,20 @@ impl Audit {
         mirror: Option<&Path>,
         alert_file: Option<&Path>,
     ) -> Result<Self> {
-        let stats = Arc::new(Stats::default());
-        let mirror = mirror
-            .map(|p| Lines::open(p, LineFile::mirror, &stats))
-            .transpose()?;
-        let trail = pg::Trail::open(opts, store, key, mirror.clone(), stats.clone())?;
-        Ok(Self {
-            backing: Backing::Pg(trail),
+        let out = Outlets::open(mirror, alert_file)?;
+        let trail = pg::Trail::open(opts, store, key, out.mirror.clone(), out.stats.clone())?;
+        Ok(Self::with(Backing::Pg(trail), out, Opened::default()))
+    }
+
+    fn with(backing: Backing, out: Outlets, opened: Opened) -> Self {
+        Self {
+            backing,
             head_alerted: Default::default(),
-            alert_file: alert_file
-                .map(|p| Lines::open(p, LineFile::alert, &stats))
-                .transpose()?,
-            mirror,
-            stats,
-            opened: Opened::default(),
-        })
+            alert_file: out.alert_file,
+            mirror: out.mirror,
+            stats: out.stats,
+            opened,
+        }
     }
 
     /// The files' shared state, or the trail in the database.

@@ -455,6 +455,21 @@ impl Drop for Proc {
     }
 }
 
+/// Whether the health service at `addr` (a URL) says `service` is
+/// SERVING.
+pub async fn serving(addr: &str, service: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    tonic_health::pb::health_client::HealthClient::new(chan(addr).await)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        == ServingStatus::Serving as i32
+}
+
 /// Runs `cmd` to its end and panics with its output unless it succeeded.
 pub fn run_ok(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
