@@ -83,6 +83,7 @@ fn rss_mib(pid: u32) -> f64 {
 async fn login(addr: &str, t: &str, u: &str, pw: &str) -> String {
     AuthClient::new(chan(addr).await)
         .login(pb::LoginRequest {
+            otp: Default::default(),
             tenant: t.into(),
             username: u.into(),
             password: pw.into(),
@@ -108,6 +109,7 @@ async fn setup(addr: &str) -> String {
     a.create_principal(authed(
         &admin,
         pb::CreatePrincipalRequest {
+            oidc: Default::default(),
             tenant: "clinic".into(),
             username: "dr".into(),
             password: CLIN.into(),

@@ -303,6 +303,23 @@ struct StoredPrincipal {
     /// answer "locked" while it lasts and are gone after an unlock.
     #[prost(int64, tag = "8")]
     sessions_from_ms: i64,
+    /// The OpenID Connect identity bound to it (`provider:subject`).
+    #[prost(string, tag = "9")]
+    oidc: String,
+    /// The TOTP secret, sealed; empty until enrolment is confirmed.
+    #[prost(bytes = "vec", tag = "10")]
+    totp_sealed: Vec<u8>,
+    /// A secret enrolled but not confirmed yet.
+    #[prost(bytes = "vec", tag = "11")]
+    totp_pending_sealed: Vec<u8>,
+    /// The step of the last TOTP code accepted: only later ones are.
+    #[prost(int64, tag = "12")]
+    totp_last_step: i64,
+    /// Argon2id hashes of the recovery codes, by slot; empty once used.
+    #[prost(string, repeated, tag = "13")]
+    recovery: Vec<String>,
+    #[prost(string, repeated, tag = "14")]
+    recovery_pending: Vec<String>,
 }
 
 impl StoredPrincipal {
@@ -326,6 +343,10 @@ struct StoredSession {
     /// Revoked or expired: kept only to attribute later calls.
     #[prost(bool, tag = "6")]
     revoked: bool,
+    /// Opened by a principal that must enrol a second factor first: it
+    /// can only enrol (and log out).
+    #[prost(bool, tag = "7")]
+    enroll_only: bool,
 }
 
 /// A token that was refused, and whose it was when the token was once
@@ -379,6 +400,8 @@ pub struct Caller {
     pub tenant: TenantName,
     pub username: Username,
     pub role: Role,
+    /// A session that can only enrol a second factor.
+    pub enroll_only: bool,
     token_hash: [u8; 32],
 }
 
@@ -396,6 +419,77 @@ struct CachedSession {
     expires_ms: i64,
     last_used_ms: AtomicI64,
     persisted_ms: AtomicI64,
+    enroll_only: bool,
+}
+
+/// What a login's second factor came to.
+enum Factor {
+    /// The principal has no second factor.
+    NotEnrolled,
+    /// A TOTP code of this step.
+    Totp(i64),
+    /// The recovery code of this slot, whose stored hash is this.
+    Recovery(usize, String),
+    /// Missing or wrong.
+    Wrong,
+}
+
+/// A new TOTP enrolment: shown once to the principal, then never again.
+pub struct Enrolment {
+    pub uri: Zeroizing<String>,
+    pub recovery_codes: Vec<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Enrolment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Enrolment([redacted])")
+    }
+}
+
+/// An id token that opened no session: why (for the trail), whose it
+/// was when known, or the error that stopped the check.
+#[derive(Debug)]
+pub struct IdentityRefused {
+    pub reason: crate::oidc::Refusal,
+    pub who: Option<String>,
+    /// Storage failed: not a refusal of the token.
+    pub error: Option<Error>,
+}
+
+impl IdentityRefused {
+    fn error(e: Error) -> Self {
+        Self {
+            reason: crate::oidc::Refusal::KeysUnavailable,
+            who: None,
+            error: Some(e),
+        }
+    }
+}
+
+/// Where spent id tokens are remembered (in `Meta`, until they would
+/// expire anyway).
+const REPLAY_PREFIX: &[u8] = b"oidc-spent\0";
+
+fn recovery_candidate(code: &str) -> Result<Password> {
+    Password::candidate(crate::totp::normalize_recovery(code).to_string())
+        .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))
+}
+
+fn recovery_context(tenant: &TenantName, username: &Username, slot: usize) -> Vec<u8> {
+    crypto::Context::new("coffre/recovery-code/v1")
+        .with(tenant.as_str().as_bytes())
+        .with(username.as_str().as_bytes())
+        .with(&[slot as u8])
+        .as_bytes()
+        .to_vec()
+}
+
+fn totp_aad(tenant: &TenantName, username: &Username) -> Vec<u8> {
+    crypto::Context::new("coffre/totp-secret/v1")
+        .with(tenant.as_str().as_bytes())
+        .with(username.as_str().as_bytes())
+        .as_bytes()
+        .to_vec()
 }
 
 /// A successful login.
@@ -432,6 +526,10 @@ pub struct Accounts {
     /// write-back re-reads, so it can neither lose a failure nor undo a
     /// lock raised meanwhile (a budget, a honeytoken, an administrator).
     principal_writes: tokio::sync::Mutex<()>,
+    /// Roles that log in with a second factor.
+    mfa_roles: Vec<Role>,
+    /// Seals TOTP secrets (derived from the pepper).
+    totp_key: SecretKey,
 }
 
 /// A login's turn on its name; gives the slot back when no one else waits.
@@ -488,7 +586,18 @@ impl Accounts {
             unknown_failures: Mutex::new(HashMap::new()),
             login_turns: Mutex::new(HashMap::new()),
             principal_writes: tokio::sync::Mutex::new(()),
+            mfa_roles: Vec::new(),
+            // Replaced by `with_mfa` (the vault's key); until then nothing
+            // sealed survives a restart.
+            totp_key: SecretKey::random(),
         }
+    }
+
+    /// Roles that need a second factor, and the key sealing TOTP secrets.
+    pub fn with_mfa(mut self, roles: Vec<Role>, totp_key: SecretKey) -> Self {
+        self.mfa_roles = roles;
+        self.totp_key = totp_key;
+        self
     }
 
     /// For a node that shares its database with others: every call reads
@@ -582,48 +691,86 @@ impl Accounts {
     }
 
     /// Creates a principal; the password has passed the policy already.
+    /// With a binding, the principal also (or only, without a password)
+    /// logs in by single sign-on; an identity binds one principal at most.
     pub async fn create(
         &self,
         tenant: &TenantName,
         username: &Username,
-        password: &Password,
+        password: Option<&Password>,
         role: Role,
+        oidc: Option<&crate::oidc::Binding>,
     ) -> Result<()> {
         if self.exists(tenant, username).await? {
             return Err(Error::AlreadyExists("principal already exists".into()));
         }
-        let phc = self
-            .hasher
-            .hash(password, &password_context(tenant, username))
-            .await?;
+        let phc = match password {
+            Some(pw) => {
+                self.hasher
+                    .hash(pw, &password_context(tenant, username))
+                    .await?
+            }
+            // Never matches: a password login costs the same and fails.
+            None => String::new(),
+        };
+        if let Some(b) = oidc {
+            // Claimed first, atomically: two principals never share one.
+            let mut claim = Batch::new();
+            claim.expect(Space::Meta, b.key(), None);
+            claim.put(
+                Space::Meta,
+                b.key(),
+                crate::oidc::principal_value(tenant, username),
+            );
+            match self.store.commit(claim).await {
+                Err(StorageError::Conflict) => {
+                    return Err(Error::AlreadyExists(
+                        "this identity is bound to another principal".into(),
+                    ));
+                }
+                r => r?,
+            }
+        }
         let p = StoredPrincipal {
             role: role.as_str().into(),
             phc,
-            failed_logins: 0,
-            locked_until_ms: 0,
-            admin_locked: false,
             created_ms: now_ms(),
-            lock_reason: String::new(),
-            sessions_from_ms: 0,
+            oidc: oidc.map(|b| b.to_string()).unwrap_or_default(),
+            ..Default::default()
         };
         let key = principal_key(tenant, username);
         let mut b = Batch::new();
         // Two nodes creating the same name: one wins, the other is told.
         b.expect(Space::Principals, key.clone(), None);
         b.put(Space::Principals, key, p.encode_to_vec());
-        match self.store.commit(b).await {
+        let created = match self.store.commit(b).await {
             Err(StorageError::Conflict) => {
                 Err(Error::AlreadyExists("principal already exists".into()))
             }
             r => Ok(r?),
+        };
+        if created.is_err()
+            && let Some(b) = oidc
+        {
+            let mut undo = Batch::new();
+            undo.delete(Space::Meta, b.key());
+            self.store.commit(undo).await?;
         }
+        created
     }
 
-    /// Checks credentials and opens a session. Every failure answers the
-    /// same, after the same work: a wrong password, an unknown user, a
-    /// locked account. Logins to one name take turns, so parallel guesses
-    /// count exactly as sequential ones.
-    pub async fn login(&self, tenant: &str, username: &str, password: &str) -> Result<Login> {
+    /// Checks credentials (and the second factor, where the role or an
+    /// enrolment asks for one) and opens a session. Every failure answers
+    /// the same, after the same work: a wrong password, a wrong or missing
+    /// code, an unknown user, a locked account. Logins to one name take
+    /// turns, so parallel guesses count exactly as sequential ones.
+    pub async fn login(
+        &self,
+        tenant: &str,
+        username: &str,
+        password: &str,
+        otp: &str,
+    ) -> Result<Login> {
         let password = Password::candidate(password.to_string())
             .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
         // The guard drops after the turn, which gives the slot back.
@@ -636,11 +783,48 @@ impl Accounts {
             Some((t, u)) => self.load(t, u).await?,
             None => None,
         };
+        let recovery = crate::totp::recovery_slot(otp);
         let Some(((t, u), p)) = names.clone().zip(stored) else {
+            if recovery.is_some() {
+                // The same work as checking a recovery code.
+                self.hasher
+                    .verify(None, &recovery_candidate(otp)?, b"coffre/dummy")
+                    .await?;
+            }
             return self.fail_unknown(tenant, username, &password, now).await;
         };
         let ctx = password_context(&t, &u);
-        let ok = self.hasher.verify(Some(&p.phc), &password, &ctx).await?;
+        let phc = (!p.phc.is_empty()).then_some(p.phc.as_str());
+        let password_ok = self.hasher.verify(phc, &password, &ctx).await?;
+        // The second factor is checked whatever the password gave, so its
+        // cost says nothing about the password.
+        let enrolled = !p.totp_sealed.is_empty();
+        let factor = if let Some(slot) = recovery {
+            let stored = p.recovery.get(slot).filter(|h| !h.is_empty() && enrolled);
+            let ok = self
+                .hasher
+                .verify(
+                    stored.map(String::as_str),
+                    &recovery_candidate(otp)?,
+                    &recovery_context(&t, &u, slot),
+                )
+                .await?;
+            match stored {
+                Some(h) if ok => Factor::Recovery(slot, h.clone()),
+                _ => Factor::Wrong,
+            }
+        } else if enrolled {
+            let secret = self.open_totp(&t, &u, &p.totp_sealed)?;
+            match secret.check(otp, now, p.totp_last_step) {
+                Some(step) => Factor::Totp(step),
+                None => Factor::Wrong,
+            }
+        } else {
+            Factor::NotEnrolled
+        };
+        let role = p.role.clone();
+        let needs_factor = Role::parse(&role).is_ok_and(|r| self.mfa_roles.contains(&r));
+        let ok = password_ok && !matches!(factor, Factor::Wrong);
         if !ok {
             self.audit.stats().login_failures.inc();
         }
@@ -649,11 +833,17 @@ impl Accounts {
             // locked account is not counted (the back-off is already on).
             return Err(Error::Unauthenticated(BAD_CREDENTIALS));
         }
-        let role = p.role.clone();
         let outcome = self
             .update(&t, &u, |p| {
                 let now = now_ms();
-                if !ok {
+                // A code another login used meanwhile counts as wrong.
+                let factor_ok = match &factor {
+                    Factor::Totp(step) => *step > p.totp_last_step,
+                    Factor::Recovery(slot, h) => p.recovery.get(*slot) == Some(h),
+                    Factor::NotEnrolled => p.totp_sealed.is_empty(),
+                    Factor::Wrong => false,
+                };
+                if !(ok && factor_ok) {
                     p.failed_logins = p.failed_logins.saturating_add(1);
                     let locked = p.failed_logins >= LOCK_AFTER_FAILURES;
                     if locked {
@@ -665,14 +855,39 @@ impl Accounts {
                     // Locked while the hash ran: a lock is never undone here.
                     return (false, Err(None));
                 }
-                let write = p.failed_logins != 0;
+                let mut write = p.failed_logins != 0;
+                match &factor {
+                    Factor::Totp(step) => {
+                        p.totp_last_step = *step;
+                        write = true;
+                    }
+                    Factor::Recovery(slot, _) => {
+                        p.recovery[*slot].clear();
+                        write = true;
+                    }
+                    _ => {}
+                }
                 p.failed_logins = 0;
                 p.locked_until_ms = 0;
                 (write, Ok(()))
             })
             .await?;
         match outcome {
-            Some(Ok(())) => self.open_session(t, u, now).await,
+            Some(Ok(())) => {
+                if let Factor::Recovery(..) = factor {
+                    self.audit
+                        .alert(
+                            Severity::Warning,
+                            "recovery_code_used",
+                            t.as_str(),
+                            &format!("{t}/{u}"),
+                            "logged in with a one-time recovery code".into(),
+                        )
+                        .await?;
+                }
+                let enroll_only = needs_factor && matches!(factor, Factor::NotEnrolled);
+                self.open_session(t, u, now, enroll_only).await
+            }
             Some(Err(Some(failures))) => {
                 self.audit
                     .stats()
@@ -683,6 +898,163 @@ impl Accounts {
             }
             Some(Err(None)) | None => Err(Error::Unauthenticated(BAD_CREDENTIALS)),
         }
+    }
+
+    /// Opens a session for the principal an id token's identity is bound
+    /// to. The token has passed every check of `oidc`; here it is spent
+    /// (single use, across restarts and nodes) and its binding looked up.
+    pub async fn login_identity(
+        &self,
+        id: &crate::oidc::Identity,
+    ) -> Result<(Login, String), IdentityRefused> {
+        use crate::oidc::Refusal;
+        let refused = |r: Refusal, who: Option<String>| IdentityRefused {
+            reason: r,
+            who,
+            error: None,
+        };
+        let now = now_ms();
+        // Spent first: a replay is caught whatever else is wrong with it.
+        let mut key = REPLAY_PREFIX.to_vec();
+        key.extend_from_slice(&id.replay_key);
+        let mut b = Batch::new();
+        b.expect(Space::Meta, key.clone(), None);
+        b.put(Space::Meta, key, id.replay_until_ms.to_be_bytes().to_vec());
+        match self.store.commit(b).await {
+            Ok(()) => {}
+            Err(StorageError::Conflict) => return Err(refused(Refusal::Replayed, None)),
+            Err(e) => return Err(IdentityRefused::error(e.into())),
+        }
+        let binding = crate::oidc::Binding {
+            provider: id.provider.clone(),
+            subject: id.subject.clone(),
+        };
+        let bound = self
+            .store
+            .get(Space::Meta, &binding.key())
+            .await
+            .map_err(|e| IdentityRefused::error(e.into()))?;
+        let Some((t, u)) = bound.and_then(|v| {
+            let (t, u) = v.split_at(v.iter().position(|&c| c == 0)?);
+            Some((
+                TenantName::parse(std::str::from_utf8(t).ok()?).ok()?,
+                Username::parse(std::str::from_utf8(&u[1..]).ok()?).ok()?,
+            ))
+        }) else {
+            return Err(refused(Refusal::UnboundSubject, None));
+        };
+        let who = format!("{t}/{u}");
+        if t != id.tenant {
+            return Err(refused(Refusal::UnboundSubject, None));
+        }
+        let p = self.load(&t, &u).await.map_err(IdentityRefused::error)?;
+        let Some(p) = p.filter(|p| p.oidc == binding.to_string()) else {
+            return Err(refused(Refusal::UnboundSubject, None));
+        };
+        if p.locked_at(now) {
+            return Err(refused(Refusal::Locked, Some(who)));
+        }
+        let login = self
+            .open_session(t, u, now, false)
+            .await
+            .map_err(IdentityRefused::error)?;
+        Ok((login, who))
+    }
+
+    /// Starts TOTP enrolment of `caller`: a new secret and recovery codes,
+    /// kept pending until [`Accounts::confirm_totp`].
+    pub async fn enroll_totp(&self, caller: &Caller) -> Result<Enrolment> {
+        let (t, u) = (&caller.tenant, &caller.username);
+        let secret = crate::totp::TotpSecret::random();
+        let codes = crate::totp::new_recovery_codes();
+        let mut hashes = Vec::new();
+        for (slot, code) in codes.iter().enumerate() {
+            let pw = recovery_candidate(code)?;
+            hashes.push(self.hasher.hash(&pw, &recovery_context(t, u, slot)).await?);
+        }
+        let sealed = self.totp_key.aead().seal(&totp_aad(t, u), secret.expose());
+        self.update(t, u, |p| {
+            p.totp_pending_sealed = sealed.clone();
+            p.recovery_pending = hashes.clone();
+            (true, ())
+        })
+        .await?
+        .ok_or(Error::NotFound)?;
+        Ok(Enrolment {
+            uri: secret.uri("Coffre", &caller.principal()),
+            recovery_codes: codes,
+        })
+    }
+
+    /// Makes the pending enrolment of `caller` active, given a code of it.
+    pub async fn confirm_totp(&self, caller: &Caller, otp: &str) -> Result<()> {
+        let (t, u) = (&caller.tenant, &caller.username);
+        let p = self.load(t, u).await?.ok_or(Error::NotFound)?;
+        if p.totp_pending_sealed.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "no enrolment in progress: run coffre mfa enroll first".into(),
+            ));
+        }
+        let secret = self.open_totp(t, u, &p.totp_pending_sealed)?;
+        let step = secret.check(otp, now_ms(), 0).ok_or_else(|| {
+            Error::InvalidArgument(
+                "the code does not match the enrolment (check the device's clock)".into(),
+            )
+        })?;
+        let pending = p.totp_pending_sealed.clone();
+        self.update(t, u, |p| {
+            if p.totp_pending_sealed != pending {
+                return (false, false);
+            }
+            p.totp_sealed = std::mem::take(&mut p.totp_pending_sealed);
+            p.recovery = std::mem::take(&mut p.recovery_pending);
+            p.totp_last_step = step;
+            (true, true)
+        })
+        .await?
+        .filter(|confirmed| *confirmed)
+        .ok_or_else(|| {
+            Error::FailedPrecondition("the enrolment changed meanwhile: enrol again".into())
+        })?;
+        Ok(())
+    }
+
+    /// Clears a principal's second factor (a lost device) and ends its
+    /// sessions: it enrols again at its next login.
+    pub async fn reset_mfa(&self, tenant: &TenantName, username: &Username) -> Result<()> {
+        self.update(tenant, username, |p| {
+            p.totp_sealed.clear();
+            p.totp_pending_sealed.clear();
+            p.recovery.clear();
+            p.recovery_pending.clear();
+            p.totp_last_step = 0;
+            p.sessions_from_ms = now_ms() + 1;
+            (true, ())
+        })
+        .await?
+        .ok_or(Error::NotFound)?;
+        self.audit
+            .alert(
+                Severity::Warning,
+                "mfa_reset",
+                tenant.as_str(),
+                &format!("{tenant}/{username}"),
+                "second factor reset by an administrator; enrols again at next login".into(),
+            )
+            .await
+    }
+
+    fn open_totp(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        sealed: &[u8],
+    ) -> Result<crate::totp::TotpSecret> {
+        let raw = self
+            .totp_key
+            .aead()
+            .open(&totp_aad(tenant, username), sealed)?;
+        Ok(crate::totp::TotpSecret::from_bytes(raw))
     }
 
     async fn fail_unknown(
@@ -738,6 +1110,7 @@ impl Accounts {
         tenant: TenantName,
         username: Username,
         now: i64,
+        enroll_only: bool,
     ) -> Result<Login> {
         let raw = Zeroizing::new(crypto::random_array::<32>());
         let token = Zeroizing::new(format!(
@@ -753,6 +1126,7 @@ impl Accounts {
             expires_ms,
             last_used_ms: now,
             revoked: false,
+            enroll_only,
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), s.encode_to_vec());
@@ -766,6 +1140,7 @@ impl Accounts {
                 expires_ms,
                 last_used_ms: AtomicI64::new(now),
                 persisted_ms: AtomicI64::new(now),
+                enroll_only,
             }),
         );
         Ok(Login {
@@ -803,6 +1178,7 @@ impl Accounts {
                     expires_ms: st.expires_ms,
                     last_used_ms: AtomicI64::new(st.last_used_ms),
                     persisted_ms: AtomicI64::new(st.last_used_ms),
+                    enroll_only: st.enroll_only,
                 });
                 if st.revoked {
                     let role = self
@@ -851,6 +1227,7 @@ impl Accounts {
                 expires_ms: s.expires_ms,
                 last_used_ms: now,
                 revoked: false,
+                enroll_only: s.enroll_only,
             };
             let mut b = Batch::new();
             b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
@@ -861,6 +1238,7 @@ impl Accounts {
             tenant: s.tenant.clone(),
             username: s.username.clone(),
             role,
+            enroll_only: s.enroll_only,
             token_hash: hash,
         })
     }
@@ -877,6 +1255,7 @@ impl Accounts {
             expires_ms: s.expires_ms,
             last_used_ms: s.last_used_ms.load(Ordering::Relaxed),
             revoked: true,
+            enroll_only: s.enroll_only,
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
@@ -1105,6 +1484,17 @@ impl Accounts {
             let ended_at = s.expires_ms.min(cached_last + idle_ms);
             if ended && now - ended_at > REVOKED_KEPT_MS {
                 b.delete(Space::Sessions, k);
+            }
+        }
+        // Spent id tokens past the time they would be refused anyway.
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Meta, REPLAY_PREFIX, usize::MAX)
+            .await?
+        {
+            let until = <[u8; 8]>::try_from(&v[..]).map_or(0, i64::from_be_bytes);
+            if until < now {
+                b.delete(Space::Meta, k);
             }
         }
         let n = b.0.len();

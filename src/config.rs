@@ -49,7 +49,80 @@ pub struct Config {
     /// Per-tenant overrides (`[tenants.<name>.limits.<role>]`), over
     /// `limits`.
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// OpenID Connect providers whose id tokens log in (`[oidc.<name>]`).
+    pub oidc: BTreeMap<String, OidcProviderConfig>,
+    /// The second factor (`[mfa]`).
+    pub mfa: MfaConfig,
+    /// The two-person rule (`[approval]`).
+    pub approval: ApprovalConfig,
 }
+
+/// One OpenID Connect provider (`[oidc.<name>]`): Pro Santé Connect, or the
+/// hospital's own (Keycloak, ADFS, Entra ID).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcProviderConfig {
+    /// The `iss` its id tokens carry, exactly.
+    pub issuer: String,
+    /// The `aud` they must carry: Coffre's client id at the provider.
+    pub audience: String,
+    /// Where its signing keys are published (HTTPS; plain HTTP only to a
+    /// loopback address). One of `jwks_url` and `jwks_file`.
+    pub jwks_url: Option<String>,
+    /// The JWKS as a file (re-read when a token names an unknown key).
+    pub jwks_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) for `jwks_url`, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The tenant whose principals this provider logs in.
+    pub tenant: String,
+    /// The claim that names the person (default `sub`).
+    pub subject_claim: Option<String>,
+    /// Accepted signature algorithms: RS256, PS256, ES256 (default all
+    /// three). Never `none`, never HMAC.
+    pub algorithms: Option<Vec<String>>,
+    /// If set, the token's `acr` must be one of these.
+    pub required_acr: Vec<String>,
+    /// Oldest `iat` accepted, in seconds (default 300).
+    pub max_age_secs: Option<u64>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (default 30).
+    pub leeway_secs: Option<u64>,
+}
+
+/// `[mfa]`: which roles log in with a TOTP code.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MfaConfig {
+    /// Default `["admin", "auditor"]`, and `[]` in dev mode.
+    pub required_roles: Option<Vec<String>>,
+}
+
+/// `[approval]`: the actions a second admin must approve.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// Any of `shred_tenant`, `retire_key_version`, `reset_mfa`,
+    /// `export_grant`; default all four, and `[]` in dev mode.
+    pub required_for: Option<Vec<String>>,
+    /// How long a request may wait for, then use, its approval.
+    pub ttl_minutes: f64,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> Self {
+        Self {
+            required_for: None,
+            ttl_minutes: 60.0,
+        }
+    }
+}
+
+/// The actions the two-person rule can guard.
+pub const APPROVAL_ACTIONS: &[&str] = &[
+    "shred_tenant",
+    "retire_key_version",
+    "reset_mfa",
+    "export_grant",
+];
 
 /// Read-budget settings of one role; an absent key keeps the value below it
 /// (tenant over `[limits]` over the built-in default).
@@ -315,6 +388,9 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             limits: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            oidc: BTreeMap::new(),
+            mfa: MfaConfig::default(),
+            approval: ApprovalConfig::default(),
         }
     }
 }
@@ -369,6 +445,7 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("log_format", Kind::Str),
     ("metrics.listen", Kind::Str),
     ("metrics.tenant_labels", Kind::Bool),
+    ("approval.ttl_minutes", Kind::Float),
     ("limits.clinician.reads_per_second", Kind::Float),
     ("limits.clinician.read_burst", Kind::Int),
     ("limits.clinician.distinct_records_per_hour", Kind::Int),
@@ -396,6 +473,24 @@ impl Config {
             .shred_list_file
             .clone()
             .unwrap_or_else(|| crate::shredlist::default_path(&self.master_key_file))
+    }
+
+    /// The roles that log in with a second factor.
+    pub fn mfa_roles(&self) -> Vec<String> {
+        match &self.mfa.required_roles {
+            Some(r) => r.clone(),
+            None if self.dev => Vec::new(),
+            None => vec!["admin".into(), "auditor".into()],
+        }
+    }
+
+    /// The actions a second admin must approve.
+    pub fn approval_actions(&self) -> Vec<String> {
+        match &self.approval.required_for {
+            Some(a) => a.clone(),
+            None if self.dev => Vec::new(),
+            None => APPROVAL_ACTIONS.iter().map(|a| a.to_string()).collect(),
+        }
     }
 
     /// Reads `file` (if any), applies environment overrides, and checks the
@@ -511,6 +606,29 @@ impl Config {
                     "connections.{key} must be at least 1"
                 )));
             }
+        }
+        for r in self.mfa_roles() {
+            if crate::model::Role::parse(&r).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "mfa.required_roles: {r:?} is not a role (admin, clinician, service, auditor)"
+                )));
+            }
+        }
+        for a in self.approval_actions() {
+            if !APPROVAL_ACTIONS.contains(&a.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "approval.required_for: {a:?} is not one of {}",
+                    APPROVAL_ACTIONS.join(", ")
+                )));
+            }
+        }
+        if !(self.approval.ttl_minutes.is_finite() && self.approval.ttl_minutes > 0.0) {
+            return Err(ConfigError::Invalid(
+                "approval.ttl_minutes must be above 0".into(),
+            ));
+        }
+        for (name, p) in &self.oidc {
+            crate::oidc::check_config(name, p).map_err(ConfigError::Invalid)?;
         }
         if !(self.backup.interval_hours.is_finite() && self.backup.interval_hours > 0.0)
             || self.backup.keep == 0

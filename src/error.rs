@@ -24,6 +24,10 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The two-person rule: a second admin must approve this request (its
+    /// id) before the same call succeeds. FAILED_PRECONDITION.
+    #[error("approval required: {0}")]
+    ApprovalRequired(String),
     /// A read budget is spent: how long until the next read may succeed.
     #[error("read budget exhausted ({limit}); retry in {} s", retry_after_ms.div_ceil(1000))]
     OverBudget {

@@ -26,7 +26,12 @@
 //! - [`model`]: parsed input — names, ids, purposes, records within the
 //!   limits; roles; password policy.
 //! - [`accounts`]: principals, Argon2id hashing off the runtime, login with
-//!   lockout, sessions and bearer tokens.
+//!   lockout and second factor, sessions and bearer tokens, OIDC bindings.
+//! - [`oidc`]: trusted OpenID Connect providers, their cached signing keys
+//!   (JWKS), and the checks an id token passes.
+//! - [`totp`]: the TOTP second factor (RFC 6238) and recovery codes.
+//! - [`approvals`]: the two-person rule — requests, approvals, expiry.
+//! - [`grants`]: export grants — reads beyond a budget for one purpose.
 //! - [`tenants`], [`records`]: the record core — field encryption, blind
 //!   index, secrets.
 //! - [`budgets`]: read budgets per principal — token bucket, distinct-record
@@ -71,6 +76,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod approvals;
 pub mod audit;
 pub mod backup;
 pub mod budgets;
@@ -81,10 +87,12 @@ pub mod config;
 pub mod connections;
 pub mod crypto;
 pub mod error;
+pub mod grants;
 pub mod honeytokens;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod oidc;
 pub mod ops;
 pub mod records;
 pub mod report;
@@ -95,6 +103,7 @@ pub mod stats;
 pub mod store;
 pub mod tenants;
 pub mod tls;
+pub mod totp;
 pub mod vault;
 
 /// Code generated from `proto/coffre/v1/*.proto`.

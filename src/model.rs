@@ -333,6 +333,7 @@ mod tests {
     fn messages_with_secrets_print_redacted() {
         use crate::pb;
         let login = pb::LoginRequest {
+            otp: Default::default(),
             tenant: "t".into(),
             username: "u".into(),
             password: "hunter2 hunter2".into(),

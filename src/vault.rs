@@ -110,6 +110,12 @@ pub struct Vault {
     pub records: Records,
     pub budgets: Budgets,
     pub honeytokens: Honeytokens,
+    /// Trusted OpenID Connect providers.
+    pub oidc: crate::oidc::Oidc,
+    /// The two-person rule.
+    pub approvals: crate::approvals::Approvals,
+    /// Export grants (reads beyond a budget, for one purpose).
+    pub grants: crate::grants::Grants,
     /// Bounds on connections, streams and refused calls (`connections.*`).
     pub connections: crate::config::ConnectionsConfig,
     /// Scheduled backups (`backup.*`).
@@ -148,6 +154,13 @@ impl Drop for JobSlot<'_> {
     fn drop(&mut self) {
         self.0.lock().remove(&self.1);
     }
+}
+
+/// A reading call under way: the caller's tenant, and the export grant
+/// records reserved for it, if its purpose is a grant's.
+pub struct Reads {
+    pub tenant: Arc<Tenant>,
+    grant: Option<crate::grants::Reservation>,
 }
 
 /// `Meta` key of the time of the last backup written whole.
@@ -268,11 +281,20 @@ impl Vault {
             }
         };
         let audit = Arc::new(audit);
+        let mfa_roles = config
+            .mfa_roles()
+            .iter()
+            .filter_map(|r| Role::parse(r).ok())
+            .collect();
         let mut accounts = Accounts::new(
             store.clone(),
             hasher.clone(),
             config.session.clone(),
             audit.clone(),
+        )
+        .with_mfa(
+            mfa_roles,
+            crate::crypto::derive_key(keys.pepper(), "coffre/totp-secrets/v1"),
         );
         if pg.is_some() {
             accounts = accounts.shared();
@@ -303,6 +325,14 @@ impl Vault {
                 Policy::from_config(config),
             ),
             honeytokens: Honeytokens::open(store.clone(), derived(keys.honeytoken_key())).await?,
+            oidc: crate::oidc::Oidc::new(&config.oidc).map_err(StartError::Bootstrap)?,
+            approvals: crate::approvals::Approvals::new(
+                store.clone(),
+                audit.clone(),
+                config.approval_actions(),
+                config.approval.ttl_minutes,
+            ),
+            grants: crate::grants::Grants::new(store.clone(), audit.clone()),
             audit,
             accounts,
             tenants: Tenants::new(store.clone(), keys.clone()),
@@ -330,7 +360,7 @@ impl Vault {
                 )
                 .await?;
             let name = TenantName::parse(&t)?;
-            vault.shred_tenant(&name, &t).await?;
+            vault.shred_tenant_data(&name).await?;
             report.reshredded.push(t);
         }
         report.migrated_records = vault.migrate_records().await?;
@@ -476,14 +506,23 @@ impl Vault {
     /// purpose: `break_glass` opens its hour of doubled budget. Returns the
     /// caller's tenant, which every read needs, so no read path can skip
     /// this step.
+    ///
+    /// `records`: how many records the call may read. With the purpose of
+    /// a live export grant of the caller, that many of the grant's records
+    /// are reserved for the call, and its reads spend them, not the budget.
     pub async fn begin_reads(
         &self,
         caller: &Caller,
         purpose: &crate::model::Purpose,
-    ) -> Result<Arc<Tenant>, Error> {
+        records: usize,
+    ) -> Result<Reads, Error> {
         let tenant = self.tenants.get(&caller.tenant).await?;
-        self.budgets.begin(caller, purpose).await?;
-        Ok(tenant)
+        let wanted = u32::try_from(records).unwrap_or(u32::MAX);
+        let grant = self.grants.reserve(caller, purpose, wanted).await?;
+        if grant.is_none() {
+            self.budgets.begin(caller, purpose).await?;
+        }
+        Ok(Reads { tenant, grant })
     }
 
     /// Locks or unlocks a principal (an administrator's call). An unlock
@@ -510,7 +549,12 @@ impl Vault {
     }
 
     /// Retires (destroys) a data key version no field uses any more.
-    pub async fn retire_key_version(&self, tenant: &Tenant, version: u32) -> Result<(), Error> {
+    pub async fn retire_key_version(
+        &self,
+        tenant: &Tenant,
+        version: u32,
+        by: &Caller,
+    ) -> Result<(), Error> {
         // Usage only falls for a version that no longer encrypts (rewraps
         // move fields off it; writes use the active one): counted first,
         // it is an upper bound when the version is destroyed.
@@ -521,6 +565,21 @@ impl Vault {
             .get(&version)
             .copied()
             .unwrap_or(0);
+        // A second admin is asked only for a retirement that can happen.
+        let live = tenant
+            .keys
+            .encryption_counts()
+            .iter()
+            .any(|(v, _)| *v == version);
+        if live && used == 0 && tenant.keys.active_version() != version {
+            self.approvals
+                .check(
+                    "retire_key_version",
+                    &format!("tenant={} version={version}", tenant.name),
+                    by,
+                )
+                .await?;
+        }
         self.keys
             .retire::<Error>(&tenant.keys, version, || Ok(used))
             .await?;
@@ -534,11 +593,12 @@ impl Vault {
     pub async fn read_record(
         &self,
         caller: &Caller,
-        tenant: &Tenant,
+        reads: &Reads,
         id: &RecordId,
         projection: &[FieldName],
         action: &str,
     ) -> Result<PlainRecord, Error> {
+        let tenant = &*reads.tenant;
         if self.honeytokens.is_canary(&tenant.name, id) {
             return Err(self.honeytoken_tripped(caller, action).await);
         }
@@ -547,8 +607,20 @@ impl Vault {
             Some(_) => Read::Record(id),
             None => Read::Missing,
         };
-        if let Err(refused) = self.budgets.spend_read(caller, read).await? {
-            return Err(self.budgets.throttled(caller, action, refused).await);
+        match &reads.grant {
+            Some(g) if g.take() => {}
+            // The grant's purpose reads under the grant only.
+            Some(_) => {
+                return Err(Error::OverBudget {
+                    limit: "export grant used up",
+                    retry_after_ms: 0,
+                });
+            }
+            None => {
+                if let Err(refused) = self.budgets.spend_read(caller, read).await? {
+                    return Err(self.budgets.throttled(caller, action, refused).await);
+                }
+            }
         }
         let sealed = sealed.ok_or(Error::NotFound)?;
         match sealed.open(tenant, projection) {
@@ -795,7 +867,12 @@ impl Vault {
     /// sessions and budgets are deleted. Its audit events stay (they hold
     /// no values, and the chain must verify). Runs again to finish after a
     /// crash. Returns the number of records deleted.
-    pub async fn shred_tenant(&self, name: &TenantName, confirm: &str) -> Result<u64, Error> {
+    pub async fn shred_tenant(
+        &self,
+        name: &TenantName,
+        confirm: &str,
+        by: &Caller,
+    ) -> Result<u64, Error> {
         if name.is_system() {
             return Err(Error::InvalidArgument(
                 "tenant system cannot be shredded".into(),
@@ -809,6 +886,15 @@ impl Vault {
         if !self.tenants.exists(name).await? && !self.keys.is_shredded(name.as_str()) {
             return Err(Error::NotFound);
         }
+        self.approvals
+            .check("shred_tenant", &format!("tenant={name}"), by)
+            .await?;
+        self.shred_tenant_data(name).await
+    }
+
+    /// Destroys a tenant's keys and deletes its data: the shred itself,
+    /// once decided (or again, for a shredded tenant that came back).
+    async fn shred_tenant_data(&self, name: &TenantName) -> Result<u64, Error> {
         self.keys.shred_tenant(name.as_str()).await?;
         self.tenants.delete(name).await?;
         let mut prefix = name.as_str().as_bytes().to_vec();
@@ -850,6 +936,94 @@ impl Vault {
             )
             .await?;
         Ok(records)
+    }
+
+    /// Logs in with an OpenID Connect id token of `provider`.
+    pub async fn login_oidc(
+        &self,
+        provider: &str,
+        token: &str,
+    ) -> Result<(crate::accounts::Login, String), crate::accounts::IdentityRefused> {
+        let id = self.oidc.verify(provider, token).await.map_err(|reason| {
+            crate::accounts::IdentityRefused {
+                reason,
+                who: None,
+                error: None,
+            }
+        })?;
+        self.accounts.login_identity(&id).await
+    }
+
+    /// Checks an identity to bind to a principal of `tenant`: its provider
+    /// is configured and logs in to that tenant.
+    pub fn check_binding(
+        &self,
+        tenant: &TenantName,
+        raw: &str,
+    ) -> Result<crate::oidc::Binding, Error> {
+        let b = crate::oidc::Binding::parse(raw).map_err(Error::InvalidArgument)?;
+        match self.oidc.tenant_of(&b.provider) {
+            None => Err(Error::InvalidArgument(format!(
+                "no provider {:?} in this server's [oidc] config",
+                b.provider
+            ))),
+            Some(t) if t != tenant => Err(Error::InvalidArgument(format!(
+                "provider {:?} logs in to tenant {t}, not {tenant}",
+                b.provider
+            ))),
+            Some(_) => Ok(b),
+        }
+    }
+
+    /// Clears a principal's second factor, with a second admin's approval.
+    pub async fn reset_mfa(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        by: &Caller,
+    ) -> Result<(), Error> {
+        if !self.accounts.exists(tenant, username).await? {
+            return Err(Error::NotFound);
+        }
+        self.approvals
+            .check(
+                "reset_mfa",
+                &format!("tenant={tenant} username={username}"),
+                by,
+            )
+            .await?;
+        self.accounts.reset_mfa(tenant, username).await
+    }
+
+    /// Opens an export grant, with a second admin's approval.
+    pub async fn grant_export(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        max_records: u32,
+        purpose: &crate::model::Purpose,
+        hours: u32,
+        by: &Caller,
+    ) -> Result<(), Error> {
+        if purpose.is_empty() {
+            return Err(Error::InvalidArgument("purpose is required".into()));
+        }
+        if !self.accounts.exists(tenant, username).await? {
+            return Err(Error::NotFound);
+        }
+        self.approvals
+            .check(
+                "export_grant",
+                &format!(
+                    "tenant={tenant} username={username} max_records={max_records} hours={hours} purpose={:?}",
+                    purpose.as_str()
+                ),
+                by,
+            )
+            .await?;
+        self.grants
+            .grant(tenant, username, max_records, purpose, hours, by)
+            .await
     }
 
     /// Records an automatic rotation (the nonce bound of AES-GCM) in the trail.
@@ -940,7 +1114,7 @@ impl Vault {
             report.bootstrap_password = None;
         } else {
             self.accounts
-                .create(&system, &admin, &password, Role::Admin)
+                .create(&system, &admin, Some(&password), Role::Admin, None)
                 .await?;
         }
         self.tenants.create(&system, &[]).await?;

@@ -364,6 +364,7 @@ async fn passwords_follow_the_policy_and_change() {
             .create_principal(authed(
                 &admin,
                 pb::CreatePrincipalRequest {
+                    oidc: Default::default(),
                     tenant: "clinic".into(),
                     username: "dr_b".into(),
                     password: pw.into(),

@@ -276,6 +276,7 @@ async fn every_rpc_allowed_or_refused_makes_exactly_one_event() {
                     code(
                         AuthClient::new(ch)
                             .login(pb::LoginRequest {
+                                otp: Default::default(),
                                 tenant: "clinic".into(),
                                 username: "dr_a".into(),
                                 password: CLINICIAN_PASSWORD.into(),
@@ -297,6 +298,7 @@ async fn every_rpc_allowed_or_refused_makes_exactly_one_event() {
                     code(
                         AuthClient::new(ch)
                             .login(pb::LoginRequest {
+                                otp: Default::default(),
                                 tenant: "clinic".into(),
                                 username: "ghost".into(),
                                 password: "wrong password".into(),
@@ -727,6 +729,7 @@ async fn no_value_password_or_token_reaches_events_mirror_or_logs() {
     // A wrong password and a password typed as a username.
     let _ = AuthClient::new(chan(&p.addr).await)
         .login(pb::LoginRequest {
+            otp: Default::default(),
             tenant: "clinic".into(),
             username: "canarypasswordasuser".into(),
             password: "CanaryWrongPassword".into(),

@@ -572,6 +572,7 @@ async fn admin_or_auditor(addr: &str) -> String {
         .create_principal(authed(
             &admin,
             pb::CreatePrincipalRequest {
+                oidc: Default::default(),
                 tenant: "system".into(),
                 username: "aud".into(),
                 password: AUDITOR_PASSWORD.into(),

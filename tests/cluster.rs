@@ -98,6 +98,7 @@ async fn auditor(addr: &str) -> String {
         .create_principal(authed(
             &admin,
             pb::CreatePrincipalRequest {
+                oidc: Default::default(),
                 tenant: "system".into(),
                 username: "auditor".into(),
                 password: AUDITOR_PASSWORD.into(),
@@ -189,6 +190,7 @@ async fn exfiltration_split_over_two_nodes_reads_one_budget() {
         );
         let e = AuthClient::new(chan(&n.addr).await)
             .login(pb::LoginRequest {
+                otp: Default::default(),
                 tenant: "clinic".into(),
                 username: "dr_x".into(),
                 password: pw.into(),

@@ -59,6 +59,7 @@ async fn reads_go_on_during_a_login_flood() {
         logins.push(tokio::spawn(async move {
             pb::auth_client::AuthClient::new(ch)
                 .login(pb::LoginRequest {
+                    otp: Default::default(),
                     tenant: "clinic".into(),
                     username: format!("guess{i}"),
                     password: "not the password at all".into(),

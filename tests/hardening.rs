@@ -59,6 +59,7 @@ async fn parallel_logins(s: &TestServer, n: usize, password: &str) -> Vec<Code> 
         tasks.push(tokio::spawn(async move {
             AuthClient::new(ch)
                 .login(pb::LoginRequest {
+                    otp: Default::default(),
                     tenant: "clinic".into(),
                     username: "dr_a".into(),
                     password: pw,
@@ -130,6 +131,7 @@ async fn a_honeytoken_lock_survives_concurrent_logins() {
                 tokio::spawn(async move {
                     AuthClient::new(ch)
                         .login(pb::LoginRequest {
+                            otp: Default::default(),
                             tenant: "clinic".into(),
                             username: "dr_a".into(),
                             password: CLINICIAN_PASSWORD.into(),

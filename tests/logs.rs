@@ -134,6 +134,7 @@ async fn mirror_and_alert_files_reopen_on_sighup() {
     for _ in 0..5 {
         let _ = pb::auth_client::AuthClient::new(chan(&p.addr).await)
             .login(pb::LoginRequest {
+                otp: Default::default(),
                 tenant: "system".into(),
                 username: "intruder".into(),
                 password: "not the password at all".into(),

@@ -104,6 +104,7 @@ async fn tls_channel_as(
 async fn try_login(ch: Channel) -> Result<String, tonic::Status> {
     pb::auth_client::AuthClient::new(ch)
         .login(pb::LoginRequest {
+            otp: Default::default(),
             tenant: "system".into(),
             username: "admin".into(),
             password: ADMIN_PASSWORD.into(),
@@ -261,6 +262,7 @@ async fn certificates_reload_without_dropping_open_connections() {
     // ... and the connection opened before the reload still serves calls.
     for _ in 0..3 {
         auth.login(pb::LoginRequest {
+            otp: Default::default(),
             tenant: "system".into(),
             username: "admin".into(),
             password: ADMIN_PASSWORD.into(),

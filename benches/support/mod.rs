@@ -93,6 +93,7 @@ pub async fn start_with(
     ));
     let ch = connect(&addr).await;
     let login = |t: &str, u: &str| pb::LoginRequest {
+        otp: Default::default(),
         tenant: t.into(),
         username: u.into(),
         password: PW.into(),
@@ -116,6 +117,7 @@ pub async fn start_with(
     a.create_principal(authed(
         &admin,
         pb::CreatePrincipalRequest {
+            oidc: Default::default(),
             tenant: "b".into(),
             username: "c".into(),
             password: PW.into(),

@@ -111,10 +111,24 @@ impl admin_server::Admin for AdminService {
                 if !v.tenants.exists(&tenant).await? {
                     return Err(Error::NotFound);
                 }
-                let password =
-                    Password::new_checked(m.password, &[username.as_str(), tenant.as_str()])?;
+                let oidc = if m.oidc.is_empty() {
+                    None
+                } else {
+                    let b = v.check_binding(&tenant, &m.oidc)?;
+                    n.fields.push(format!("oidc={}", b.provider));
+                    Some(b)
+                };
+                // A principal bound to an identity may sign in only by it.
+                let password = if m.password.is_empty() && oidc.is_some() {
+                    None
+                } else {
+                    Some(Password::new_checked(
+                        m.password,
+                        &[username.as_str(), tenant.as_str()],
+                    )?)
+                };
                 v.accounts
-                    .create(&tenant, &username, &password, role)
+                    .create(&tenant, &username, password.as_ref(), role, oidc.as_ref())
                     .await?;
                 Ok(pb::CreatePrincipalResponse {})
             }
@@ -261,10 +275,10 @@ impl admin_server::Admin for AdminService {
             self,
             req,
             "Admin/RetireKeyVersion",
-            async |_c: Option<Caller>, m: pb::RetireKeyVersionRequest, n: &mut Note| {
+            async |c: Option<Caller>, m: pb::RetireKeyVersionRequest, n: &mut Note| {
                 let tenant = admin_target(&v, &m.tenant, n).await?;
                 n.fields = vec![format!("version={}", m.version)];
-                v.retire_key_version(&tenant, m.version).await?;
+                v.retire_key_version(&tenant, m.version, &must(c)?).await?;
                 Ok(pb::RetireKeyVersionResponse {})
             }
         )
@@ -300,10 +314,10 @@ impl admin_server::Admin for AdminService {
             self,
             req,
             "Admin/ShredTenant",
-            async |_c: Option<Caller>, m: pb::ShredTenantRequest, n: &mut Note| {
+            async |c: Option<Caller>, m: pb::ShredTenantRequest, n: &mut Note| {
                 let name = TenantName::parse(&m.tenant)?;
                 n.tenant = Some(name.to_string());
-                let records = v.shred_tenant(&name, &m.confirm).await?;
+                let records = v.shred_tenant(&name, &m.confirm, &must(c)?).await?;
                 n.fields = vec![format!("records_deleted={records}")];
                 Ok(pb::ShredTenantResponse {})
             }
@@ -437,4 +451,143 @@ impl admin_server::Admin for AdminService {
             }
         )
     }
+
+    async fn reset_mfa(
+        &self,
+        req: Request<pb::ResetMfaRequest>,
+    ) -> Result<Response<pb::ResetMfaResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/ResetMfa",
+            async |c: Option<Caller>, m: pb::ResetMfaRequest, n: &mut Note| {
+                let tenant = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(tenant.to_string());
+                let username = Username::parse(&m.username)?;
+                n.fields = vec![format!("username={username}")];
+                v.reset_mfa(&tenant, &username, &must(c)?).await?;
+                Ok(pb::ResetMfaResponse {})
+            }
+        )
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/ListApprovals",
+            async |_c: Option<Caller>, _m: pb::ListApprovalsRequest, _n: &mut Note| {
+                let now = crate::clock::now_ms();
+                let approvals = v
+                    .approvals
+                    .list()
+                    .await?
+                    .into_iter()
+                    .map(|a| pb::Approval {
+                        state: a.state_at(now).to_string(),
+                        id: a.id,
+                        action: a.action,
+                        target: a.target,
+                        requested_by: a.requested_by,
+                        requested_at_unix_ms: a.requested_ms,
+                        expires_at_unix_ms: a.expires_ms,
+                        decided_by: a.decided_by,
+                    })
+                    .collect();
+                Ok(pb::ListApprovalsResponse { approvals })
+            }
+        )
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::ApproveResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/Approve",
+            async |c: Option<Caller>, m: pb::ApproveRequest, n: &mut Note| {
+                decide(&v, c, &m.id, n, true).await?;
+                Ok(pb::ApproveResponse {})
+            }
+        )
+    }
+
+    async fn deny(
+        &self,
+        req: Request<pb::DenyRequest>,
+    ) -> Result<Response<pb::DenyResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/Deny",
+            async |c: Option<Caller>, m: pb::DenyRequest, n: &mut Note| {
+                decide(&v, c, &m.id, n, false).await?;
+                Ok(pb::DenyResponse {})
+            }
+        )
+    }
+
+    async fn grant_export(
+        &self,
+        req: Request<pb::GrantExportRequest>,
+    ) -> Result<Response<pb::GrantExportResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Admin/GrantExport",
+            async |c: Option<Caller>, m: pb::GrantExportRequest, n: &mut Note| {
+                let tenant = TenantName::parse(&m.tenant)?;
+                n.tenant = Some(tenant.to_string());
+                let username = Username::parse(&m.username)?;
+                n.fields = vec![
+                    format!("username={username}"),
+                    format!("max_records={}", m.max_records),
+                    format!("hours={}", m.hours),
+                ];
+                let purpose = Purpose::parse_required(&m.purpose)?;
+                n.purpose = purpose.as_str().to_string();
+                v.grant_export(
+                    &tenant,
+                    &username,
+                    m.max_records,
+                    &purpose,
+                    m.hours,
+                    &must(c)?,
+                )
+                .await?;
+                Ok(pb::GrantExportResponse {})
+            }
+        )
+    }
+}
+
+/// Approves or denies an approval request; the trail names it.
+async fn decide(
+    v: &Vault,
+    c: Option<Caller>,
+    id: &str,
+    n: &mut Note,
+    yes: bool,
+) -> Result<(), Error> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(Error::InvalidArgument("approval id is ap-<hex>".into()));
+    }
+    n.fields = vec![format!("approval={id}")];
+    let a = v.approvals.decide(id, &must(c)?, yes).await?;
+    n.fields.push(format!("action={}", a.action));
+    if let Some(t) = a.target.split(' ').find_map(|p| p.strip_prefix("tenant=")) {
+        n.tenant = Some(t.to_string());
+    }
+    Ok(())
 }

@@ -35,7 +35,7 @@ impl auth_server::Auth for AuthService {
                 });
                 let l = v
                     .accounts
-                    .login(&m.tenant, &m.username, &m.password)
+                    .login(&m.tenant, &m.username, &m.password, &m.otp)
                     .await?;
                 Ok(pb::LoginResponse {
                     token: l.token.to_string(),
@@ -75,6 +75,81 @@ impl auth_server::Auth for AuthService {
                     .change_password(&must(c)?, &m.old_password, m.new_password)
                     .await?;
                 Ok(pb::ChangePasswordResponse {})
+            }
+        )
+    }
+
+    async fn login_oidc(
+        &self,
+        req: Request<pb::LoginOidcRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Auth/LoginOidc",
+            async |_c: Option<Caller>, m: pb::LoginOidcRequest, n: &mut Note| {
+                // The provider is named only when configured (never a
+                // token pasted into the wrong box).
+                let provider = if v.oidc.tenant_of(&m.provider).is_some() {
+                    m.provider.clone()
+                } else {
+                    "(unknown)".into()
+                };
+                n.fields = vec![format!("provider={provider}")];
+                n.tenant = v.oidc.tenant_of(&m.provider).map(|t| t.to_string());
+                match v.login_oidc(&m.provider, &m.id_token).await {
+                    Ok((l, who)) => {
+                        n.principal = Some(who);
+                        Ok(pb::LoginResponse {
+                            token: l.token.to_string(),
+                            expires_at_unix: l.expires_at_unix,
+                        })
+                    }
+                    Err(r) => {
+                        if let Some(e) = r.error {
+                            return Err(e);
+                        }
+                        n.principal = r.who;
+                        n.fields.push(format!("reason={}", r.reason.as_str()));
+                        Err(Error::Unauthenticated(crate::accounts::BAD_CREDENTIALS))
+                    }
+                }
+            }
+        )
+    }
+
+    async fn enroll_totp(
+        &self,
+        req: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Auth/EnrollTotp",
+            async |c: Option<Caller>, _m: pb::EnrollTotpRequest, _n: &mut Note| {
+                let e = v.accounts.enroll_totp(&must(c)?).await?;
+                Ok(pb::EnrollTotpResponse {
+                    otpauth_uri: e.uri.to_string(),
+                    recovery_codes: e.recovery_codes.iter().map(|c| c.to_string()).collect(),
+                })
+            }
+        )
+    }
+
+    async fn confirm_totp(
+        &self,
+        req: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        let v = self.gate.vault.clone();
+        envelope!(
+            self,
+            req,
+            "Auth/ConfirmTotp",
+            async |c: Option<Caller>, m: pb::ConfirmTotpRequest, _n: &mut Note| {
+                v.accounts.confirm_totp(&must(c)?, &m.otp).await?;
+                Ok(pb::ConfirmTotpResponse {})
             }
         )
     }

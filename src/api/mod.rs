@@ -43,6 +43,11 @@ pub fn to_status(e: Error) -> Status {
         _ => {}
     }
     let mut status = Status::new(status_code(&e), e.to_string());
+    if let Error::ApprovalRequired(id) = &e
+        && let Ok(v) = id.parse()
+    {
+        status.metadata_mut().insert("coffre-approval-id", v);
+    }
     if let Error::OverBudget { retry_after_ms, .. } = e {
         // What clients back off by, in whole seconds as HTTP's Retry-After.
         if let Ok(v) = retry_after_ms.div_ceil(1000).to_string().parse() {
@@ -66,6 +71,9 @@ pub enum Need {
     Auditor,
     /// Admins, and auditors (whose scope the handler checks).
     AdminOrAuditor,
+    /// Any valid token, including a session that may only enrol a second
+    /// factor.
+    Enrolling,
 }
 
 /// A Coffre RPC as the front layer sees it before decoding: its audit
@@ -89,6 +97,9 @@ routes! {
     "Auth/Login" => Nobody;
     "Auth/Logout" => Anyone;
     "Auth/ChangePassword" => Anyone;
+    "Auth/LoginOidc" => Nobody;
+    "Auth/EnrollTotp" => Enrolling;
+    "Auth/ConfirmTotp" => Enrolling;
     "Records/PutRecord" => RecordReader;
     "Records/GetRecord" => RecordReader;
     "Records/DeleteRecord" => RecordReader;
@@ -109,6 +120,11 @@ routes! {
     "Admin/ListPrincipals" => AdminOrAuditor;
     "Admin/Backup" => Admin;
     "Admin/Scrub" => Admin;
+    "Admin/ResetMfa" => Admin;
+    "Admin/ListApprovals" => Admin;
+    "Admin/Approve" => Admin;
+    "Admin/Deny" => Admin;
+    "Admin/GrantExport" => Admin;
     "Audit/QueryAudit" => Auditor;
     "Audit/VerifyAudit" => Auditor;
     "Audit/ListAlerts" => Auditor;
@@ -131,6 +147,10 @@ fn writes(action: &str) -> bool {
                 | "Admin/RotateTenantKey"
                 | "Admin/RetireKeyVersion"
                 | "Admin/ShredTenant"
+                | "Admin/ResetMfa"
+                | "Admin/GrantExport"
+                | "Auth/ConfirmTotp"
+                | "Auth/EnrollTotp"
         )
     )
 }
@@ -345,7 +365,7 @@ impl Gate {
     /// The caller (if a token was given and is valid), and whether `need`
     /// admits it. The principal is kept even when refused (a wrong role, a
     /// revoked or expired token), so the refusal is attributed.
-    async fn authorize(&self, meta: &MetadataMap, need: Need) -> Authorized {
+    async fn authorize(&self, meta: &MetadataMap, action: &str, need: Need) -> Authorized {
         let mut a = Authorized {
             caller: None,
             principal: None,
@@ -373,7 +393,7 @@ impl Gate {
             }
         };
         let allowed = match need {
-            Need::Nobody | Need::Anyone => true,
+            Need::Nobody | Need::Anyone | Need::Enrolling => true,
             Need::RecordReader => caller.role.reads_records(),
             Need::Admin => caller.role == Role::Admin && caller.tenant.is_system(),
             Need::Auditor => caller.role == Role::Auditor,
@@ -387,6 +407,13 @@ impl Gate {
         a.role = caller.role.as_str().to_string();
         if !allowed {
             a.result = Err(Error::PermissionDenied("role not allowed for this call"));
+        } else if caller.enroll_only
+            && !matches!(need, Need::Enrolling)
+            && action != "coffre.v1.Auth/Logout"
+        {
+            a.result = Err(Error::PermissionDenied(
+                "a second factor is required: enrol (coffre mfa enroll, then coffre mfa confirm) and log in again with a code",
+            ));
         }
         a.caller = Some(caller);
         a
@@ -490,7 +517,7 @@ impl Gate {
     {
         let started = std::time::Instant::now();
         let need = route_of(action).need;
-        let auth = self.authorize(meta, need).await;
+        let auth = self.authorize(meta, action, need).await;
         let mut note = Note::default();
         let outcome_of = |r: &Result<T, Error>| match r {
             Ok(_) => "ok".to_string(),
@@ -531,6 +558,9 @@ impl Gate {
             Err(e) => Err(e),
         };
         let outcome = outcome_of(&result);
+        if let Err(Error::ApprovalRequired(id)) = &result {
+            note.fields.push(format!("approval={id}"));
+        }
         note.bound();
         if let Err(Error::Unavailable(_)) = &result {
             // Whatever path failed to write, health hears of it.
@@ -706,6 +736,13 @@ unary_replies!(
     pb::ShredTenantResponse,
     pb::ListPrincipalsResponse,
     pb::VerifyAuditResponse,
+    pb::EnrollTotpResponse,
+    pb::ConfirmTotpResponse,
+    pb::ResetMfaResponse,
+    pb::ListApprovalsResponse,
+    pb::ApproveResponse,
+    pb::DenyResponse,
+    pb::GrantExportResponse,
 );
 
 impl<X: Send + 'static> Reply for BoxStream<X> {
@@ -746,7 +783,7 @@ fn status_code(e: &Error) -> tonic::Code {
         Error::NotFound => Code::NotFound,
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::FailedPrecondition(_) | Error::ApprovalRequired(_) => Code::FailedPrecondition,
         Error::OverBudget { .. } | Error::TooManyCalls | Error::TooManyRefused => {
             Code::ResourceExhausted
         }

@@ -138,9 +138,9 @@ impl records_server::Records for RecordsService {
                 let fields = parse_field_list(&m.fields)?;
                 n.fields = fields.iter().map(|f| f.to_string()).collect();
                 let purpose = Purpose::parse(&m.purpose)?;
-                let tenant = v.begin_reads(&caller, &purpose).await?;
+                let reads = v.begin_reads(&caller, &purpose, 1).await?;
                 let rec = v
-                    .read_record(&caller, &tenant, &id, &fields, GET_RECORD)
+                    .read_record(&caller, &reads, &id, &fields, GET_RECORD)
                     .await?;
                 Ok(pb::GetRecordResponse {
                     record: Some(to_pb(rec)),
@@ -186,9 +186,9 @@ impl records_server::Records for RecordsService {
                 let field = crate::model::FieldName::parse(&m.field)?;
                 n.fields = vec![field.to_string()];
                 let purpose = Purpose::parse(&m.purpose)?;
-                let tenant = v.begin_reads(&caller, &purpose).await?;
+                let reads = v.begin_reads(&caller, &purpose, 0).await?;
                 let ids = v
-                    .find_records(&caller, &tenant, &field, &m.value, FIND_RECORDS)
+                    .find_records(&caller, &reads.tenant, &field, &m.value, FIND_RECORDS)
                     .await?;
                 n.record_ids = ids.iter().map(|i| i.to_string()).collect();
                 Ok(pb::FindRecordsResponse {
@@ -226,7 +226,7 @@ impl records_server::Records for RecordsService {
                 n.fields = fields.iter().map(|f| f.to_string()).collect();
                 n.purpose = m.purpose.clone();
                 let purpose = Purpose::parse_required(&m.purpose)?;
-                let tenant = v.begin_reads(&caller, &purpose).await?;
+                let reads = v.begin_reads(&caller, &purpose, ids.len()).await?;
                 // Records go out in small groups. What they spend needs no
                 // write: the call's event, durable before the stream
                 // starts, names every id (a restart counts them all). The
@@ -239,7 +239,7 @@ impl records_server::Records for RecordsService {
                     let mut end = None;
                     for id in ids {
                         match vault
-                            .read_record(&caller, &tenant, &id, &fields, BULK_READ)
+                            .read_record(&caller, &reads, &id, &fields, BULK_READ)
                             .await
                         {
                             Ok(r) => {

@@ -95,6 +95,7 @@ pub(super) async fn run(
             with_token(
                 &admin_token,
                 pb::CreatePrincipalRequest {
+                    oidc: String::new(),
                     tenant: tenant.clone(),
                     username: "bench".into(),
                     password: password.clone(),
@@ -107,6 +108,7 @@ pub(super) async fn run(
         .map_err(st)?;
     let token = AuthClient::new(ch.clone())
         .login(pb::LoginRequest {
+            otp: String::new(),
             tenant: tenant.clone(),
             username: "bench".into(),
             password,

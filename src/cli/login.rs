@@ -7,22 +7,47 @@ pub(super) async fn login(
     tenant: &str,
     username: &str,
     print: bool,
+    otp: Option<String>,
+    oidc: Option<String>,
 ) -> Result<(), CliError> {
-    let password = read_secret("password: ", false)?;
     let mut c = AuthClient::new(connect(g).await?);
-    let resp = c
-        .login(pb::LoginRequest {
-            tenant: tenant.into(),
-            username: username.into(),
-            password: password.to_string(),
-        })
-        .await
+    let (tenant, username) = match &oidc {
+        Some(p) => (format!("(oidc {p})"), String::new()),
+        None => (tenant.to_string(), username.to_string()),
+    };
+    let (tenant, username) = (tenant.as_str(), username.as_str());
+    let sent = match oidc {
+        Some(provider) => {
+            let id_token = read_secret("id token: ", false)?;
+            c.login_oidc(pb::LoginOidcRequest {
+                provider,
+                id_token: id_token.to_string(),
+            })
+            .await
+        }
+        None => {
+            let password = read_secret("password: ", false)?;
+            let otp = match otp {
+                Some(code) if code.is_empty() => read_secret("code: ", false)?,
+                Some(code) => Zeroizing::new(code),
+                None => Zeroizing::new(String::new()),
+            };
+            c.login(pb::LoginRequest {
+                tenant: tenant.into(),
+                username: username.into(),
+                password: password.to_string(),
+                otp: otp.to_string(),
+            })
+            .await
+        }
+    };
+    let resp = sent
         .map_err(|s| {
             if s.code() == tonic::Code::Unauthenticated {
                 // A locked account answers like a wrong password (so a
                 // guesser learns nothing): say what a person can do.
                 CliError(format!(
-                    "{}; if it persists, the account may be locked: ask an administrator (coffre principal list)",
+                    "{}; admins and auditors also need --otp (a code of their authenticator app); if it persists, the account may be locked: ask an administrator (coffre principal list)",
                     status_err(s)
                 ))
             } else {

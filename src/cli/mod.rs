@@ -106,6 +106,14 @@ enum Command {
         /// Also print the token (for `export COFFRE_TOKEN=...`).
         #[arg(long)]
         print_token: bool,
+        /// The second factor: a TOTP code or a recovery code. `--otp`
+        /// alone prompts for it (or reads the next line of stdin).
+        #[arg(long, num_args = 0..=1, default_missing_value = "")]
+        otp: Option<String>,
+        /// Single sign-on: log in with an id token of this `[oidc.<name>]`
+        /// provider, read from stdin (no password).
+        #[arg(long, conflicts_with_all = ["otp", "tenant", "username"])]
+        oidc: Option<String>,
     },
     /// Revoke the current token.
     Logout,
@@ -152,6 +160,67 @@ enum Command {
     Scrub,
     /// Load generator: N concurrent clients against a running server.
     Bench(BenchArgs),
+    /// The second factor (TOTP): enrol, confirm, reset someone's.
+    #[command(subcommand)]
+    Mfa(MfaCmd),
+    /// The two-person rule: list, approve or deny requests (admins).
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// Export grants: an honest bulk read beyond a budget (admins;
+    /// two-person).
+    #[command(subcommand)]
+    Export(ExportCmd),
+}
+
+#[derive(Subcommand)]
+enum MfaCmd {
+    /// Start enrolment of the logged-in principal: prints the otpauth URI,
+    /// a QR code to scan, and ten one-time recovery codes (shown once).
+    Enroll,
+    /// Finish enrolment with a code from the authenticator app (prompted,
+    /// or read from stdin), then log in again with --otp.
+    Confirm {
+        #[arg(long)]
+        otp: Option<String>,
+    },
+    /// Clear a principal's second factor (a lost phone): it enrols again
+    /// at its next login. Needs a second admin's approval.
+    Reset {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Requests of the last 30 days and their state.
+    List,
+    /// Approve another admin's request; the requester then repeats the
+    /// command once.
+    Approve { id: String },
+    /// Deny a request (or withdraw one's own).
+    Deny { id: String },
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Let a principal read up to --max-records records beyond its budget,
+    /// with exactly --purpose, within --hours. Needs a second admin's
+    /// approval; alerted when used, listed in `coffre audit report`.
+    Grant {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        max_records: u32,
+        #[arg(long)]
+        purpose: String,
+        #[arg(long)]
+        hours: u32,
+    },
 }
 
 #[derive(Args)]
@@ -263,6 +332,10 @@ enum PrincipalCmd {
         username: String,
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// Bind an OpenID Connect identity, `<provider>:<subject>`: the
+        /// principal signs in by that provider only (no password asked).
+        #[arg(long)]
+        oidc: Option<String>,
     },
     /// Lock a principal: its tokens stop at once, login is refused.
     Lock {
@@ -475,6 +548,15 @@ fn status_err(s: tonic::Status) -> CliError {
         }
         return CliError(format!("cannot reach {addr}: {chain}"));
     }
+    if let Some(id) = s
+        .metadata()
+        .get("coffre-approval-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        return CliError(format!(
+            "approval required: {id}; a second admin runs `coffre approvals approve {id}`, then run this command again (once, before the approval expires)"
+        ));
+    }
     let code = format!("{:?}", s.code());
     if s.message().is_empty() {
         CliError(code)
@@ -524,7 +606,12 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             tenant,
             username,
             print_token,
-        } => login(&g, &tenant, &username, print_token).await,
+            otp,
+            oidc,
+        } => login(&g, &tenant, &username, print_token, otp, oidc).await,
+        Command::Mfa(cmd) => mfa(&g, cmd).await,
+        Command::Approvals(cmd) => approvals(&g, cmd).await,
+        Command::Export(cmd) => export(&g, cmd).await,
         Command::Logout => logout(&g).await,
         Command::Passwd => passwd(&g).await,
         Command::Tenant(cmd) => tenant(&g, cmd).await,
@@ -597,6 +684,7 @@ mod bench;
 mod client;
 mod keys;
 mod login;
+mod mfa;
 mod principal;
 mod record;
 mod serve;
@@ -607,6 +695,7 @@ use bench::*;
 use client::*;
 use keys::*;
 use login::*;
+use mfa::*;
 use principal::*;
 use record::*;
 use serve::*;

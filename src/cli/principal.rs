@@ -9,6 +9,7 @@ pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliEr
             tenant,
             username,
             role,
+            oidc,
         } => {
             let (role, pb_role) = match role {
                 RoleArg::Admin => (crate::model::Role::Admin, pb::Role::Admin),
@@ -16,10 +17,15 @@ pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliEr
                 RoleArg::Service => (crate::model::Role::Service, pb::Role::Service),
                 RoleArg::Auditor => (crate::model::Role::Auditor, pb::Role::Auditor),
             };
-            let password = read_secret("new password: ", true)?;
+            // A principal bound to an identity signs in by it only.
+            let password = match oidc {
+                Some(_) => Zeroizing::new(String::new()),
+                None => read_secret("new password: ", true)?,
+            };
             c.create_principal(authed(
                 g,
                 pb::CreatePrincipalRequest {
+                    oidc: oidc.clone().unwrap_or_default(),
                     tenant: tenant.clone(),
                     username: username.clone(),
                     password: password.to_string(),

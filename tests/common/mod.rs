@@ -292,6 +292,7 @@ impl TestServer {
     ) -> Result<String, tonic::Status> {
         AuthClient::new(self.channel().await)
             .login(pb::LoginRequest {
+                otp: Default::default(),
                 tenant: tenant.into(),
                 username: user.into(),
                 password: password.into(),
@@ -320,6 +321,7 @@ impl TestServer {
             .create_principal(authed(
                 &admin,
                 pb::CreatePrincipalRequest {
+                    oidc: Default::default(),
                     tenant: tenant.into(),
                     username: user.into(),
                     password: password.into(),
@@ -377,6 +379,7 @@ impl TestServer {
         a.create_principal(authed(
             &admin,
             pb::CreatePrincipalRequest {
+                oidc: Default::default(),
                 tenant: tenant.into(),
                 username: user.into(),
                 password: CLINICIAN_PASSWORD.into(),
@@ -583,6 +586,7 @@ pub async fn chan(addr: &str) -> Channel {
 pub async fn bin_login(addr: &str, tenant: &str, user: &str, pw: &str) -> String {
     AuthClient::new(chan(addr).await)
         .login(pb::LoginRequest {
+            otp: Default::default(),
             tenant: tenant.into(),
             username: user.into(),
             password: pw.into(),
@@ -722,6 +726,7 @@ pub async fn bin_setup(addr: &str, principals: &[(&str, &str, &str, pb::Role)]) 
         a.create_principal(authed(
             &admin,
             pb::CreatePrincipalRequest {
+                oidc: Default::default(),
                 tenant: tenant.to_string(),
                 username: user.to_string(),
                 password: password.to_string(),

@@ -1,0 +1,273 @@
+//! The two-person rule: an action in `approval.required_for` (shredding a
+//! tenant, retiring a key version, resetting someone's second factor,
+//! granting an export) runs only after a second admin approved it.
+//!
+//! The first call is refused with an approval id; another admin approves
+//! (or denies) it; the requester then repeats the same call with the same
+//! arguments, which spends the approval and runs once. Approvals expire
+//! `approval.ttl_minutes` after the request. Each step is an alert.
+//!
+//! Approvals live in `Meta` (backed up, shared by nodes); every change of
+//! one is conditional on what was read, so two nodes cannot both spend it.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::{
+    accounts::Caller,
+    audit::{Audit, Severity},
+    clock::now_ms,
+    error::{Error, Result},
+    store::{Batch, Space, Storage, StorageError},
+};
+
+const PREFIX: &[u8] = b"approval\0";
+/// Decided, used or expired approvals are listed this long, then dropped.
+const KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
+const RETRIES: usize = 16;
+
+/// An approval as `ListApprovals` shows it.
+#[derive(Clone, PartialEq, Message)]
+pub struct Approval {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub action: String,
+    #[prost(string, tag = "3")]
+    pub target: String,
+    #[prost(string, tag = "4")]
+    pub requested_by: String,
+    #[prost(int64, tag = "5")]
+    pub requested_ms: i64,
+    #[prost(int64, tag = "6")]
+    pub expires_ms: i64,
+    /// `pending`, `approved`, `denied`, `used` (`expired` is computed).
+    #[prost(string, tag = "7")]
+    pub state: String,
+    #[prost(string, tag = "8")]
+    pub decided_by: String,
+}
+
+impl Approval {
+    /// The state as of `now` (a pending or approved one past its time is
+    /// `expired`).
+    pub fn state_at(&self, now: i64) -> &str {
+        match self.state.as_str() {
+            "pending" | "approved" if now >= self.expires_ms => "expired",
+            s => s,
+        }
+    }
+}
+
+pub struct Approvals {
+    store: Storage,
+    audit: Arc<Audit>,
+    required: Vec<String>,
+    ttl_ms: i64,
+    /// Orders this node's changes; other nodes' are caught by conditions.
+    writes: tokio::sync::Mutex<()>,
+}
+
+fn key(id: &str) -> Vec<u8> {
+    let mut k = PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+impl Approvals {
+    pub fn new(store: Storage, audit: Arc<Audit>, required: Vec<String>, ttl_minutes: f64) -> Self {
+        Self {
+            store,
+            audit,
+            required,
+            ttl_ms: (ttl_minutes * 60_000.0) as i64,
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether `action` needs a second admin.
+    pub fn required(&self, action: &str) -> bool {
+        self.required.iter().any(|a| a == action)
+    }
+
+    /// Lets `caller` run `action` on `target` if a second admin approved
+    /// exactly that (the approval is spent); otherwise answers
+    /// [`Error::ApprovalRequired`] with the id of a pending request (made
+    /// now, or the one already waiting).
+    pub async fn check(&self, action: &str, target: &str, caller: &Caller) -> Result<()> {
+        if !self.required(action) {
+            return Ok(());
+        }
+        let me = caller.principal();
+        let _w = self.writes.lock().await;
+        for _ in 0..RETRIES {
+            let now = now_ms();
+            let mut waiting = None;
+            let mut spend = None;
+            for (k, raw) in self
+                .store
+                .scan_prefix(Space::Meta, PREFIX, usize::MAX)
+                .await?
+            {
+                let a = Approval::decode(&raw[..])?;
+                if a.action != action || a.target != target || a.requested_by != me {
+                    continue;
+                }
+                match a.state_at(now) {
+                    "approved" => spend = Some((k, raw, a)),
+                    "pending" => waiting = Some(a.id),
+                    _ => {}
+                }
+            }
+            if let Some((k, raw, mut a)) = spend {
+                a.state = "used".into();
+                let mut b = Batch::new();
+                b.expect(Space::Meta, k.clone(), Some(raw));
+                b.put(Space::Meta, k, a.encode_to_vec());
+                match self.store.commit(b).await {
+                    Ok(()) => {
+                        self.alert(
+                            &a,
+                            "approval_used",
+                            format!(
+                                "{} on {} by {} under approval {} of {}",
+                                a.action, a.target, a.requested_by, a.id, a.decided_by
+                            ),
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                    Err(StorageError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(id) = waiting {
+                return Err(Error::ApprovalRequired(id));
+            }
+            let a = Approval {
+                id: format!("ap-{}", hex::encode(crate::crypto::random_array::<6>())),
+                action: action.into(),
+                target: target.into(),
+                requested_by: me.clone(),
+                requested_ms: now,
+                expires_ms: now + self.ttl_ms,
+                state: "pending".into(),
+                decided_by: String::new(),
+            };
+            let mut b = Batch::new();
+            b.expect(Space::Meta, key(&a.id), None);
+            b.put(Space::Meta, key(&a.id), a.encode_to_vec());
+            match self.store.commit(b).await {
+                Ok(()) => {}
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            self.alert(
+                &a,
+                "approval_requested",
+                format!(
+                    "{} on {} requested by {}; a second admin runs: coffre approvals approve {}",
+                    a.action, a.target, a.requested_by, a.id
+                ),
+            )
+            .await?;
+            return Err(Error::ApprovalRequired(a.id));
+        }
+        Err(Error::Unavailable(StorageError::Busy(
+            "approvals changed under too many concurrent writes",
+        )))
+    }
+
+    /// Approves (`yes`) or denies request `id` as `caller`. Nobody
+    /// approves their own request; anyone may deny (withdraw) one.
+    pub async fn decide(&self, id: &str, caller: &Caller, yes: bool) -> Result<Approval> {
+        let me = caller.principal();
+        let _w = self.writes.lock().await;
+        for _ in 0..RETRIES {
+            let k = key(id);
+            let Some(raw) = self.store.get(Space::Meta, &k).await? else {
+                return Err(Error::NotFound);
+            };
+            let mut a = Approval::decode(&raw[..])?;
+            if yes && a.requested_by == me {
+                return Err(Error::PermissionDenied(
+                    "approving one's own request is not allowed: another admin must",
+                ));
+            }
+            match a.state_at(now_ms()) {
+                "pending" => {}
+                s => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "approval {id} is {s}, not pending"
+                    )));
+                }
+            }
+            a.state = if yes { "approved" } else { "denied" }.into();
+            a.decided_by = me.clone();
+            let mut b = Batch::new();
+            b.expect(Space::Meta, k.clone(), Some(raw));
+            b.put(Space::Meta, k, a.encode_to_vec());
+            match self.store.commit(b).await {
+                Ok(()) => {}
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let (kind, verb) = if yes {
+                ("approval_granted", "approved")
+            } else {
+                ("approval_denied", "denied")
+            };
+            self.alert(
+                &a,
+                kind,
+                format!(
+                    "{} on {} requested by {}: {verb} by {me}",
+                    a.action, a.target, a.requested_by
+                ),
+            )
+            .await?;
+            return Ok(a);
+        }
+        Err(Error::Unavailable(StorageError::Busy(
+            "an approval changed under too many concurrent writes",
+        )))
+    }
+
+    /// Every approval of the last 30 days, oldest first; older ones are
+    /// dropped.
+    pub async fn list(&self) -> Result<Vec<Approval>> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut old = Batch::new();
+        for (k, raw) in self
+            .store
+            .scan_prefix(Space::Meta, PREFIX, usize::MAX)
+            .await?
+        {
+            let a = Approval::decode(&raw[..])?;
+            if now - a.expires_ms > KEPT_MS {
+                old.delete(Space::Meta, k);
+            } else {
+                out.push(a);
+            }
+        }
+        if !old.is_empty() {
+            self.store.apply(old).await?;
+        }
+        out.sort_by_key(|a| a.requested_ms);
+        Ok(out)
+    }
+
+    async fn alert(&self, a: &Approval, kind: &str, detail: String) -> Result<()> {
+        // The target names a tenant when there is one (`tenant=<name>`).
+        let tenant = a
+            .target
+            .split(' ')
+            .find_map(|p| p.strip_prefix("tenant="))
+            .unwrap_or("");
+        self.audit
+            .alert(Severity::Warning, kind, tenant, &a.requested_by, detail)
+            .await
+    }
+}

@@ -1,0 +1,207 @@
+//! Export grants: the honest bulk read. An admin (with a second admin's
+//! approval) lets one principal read up to `max_records` records beyond
+//! its budget, with one stated purpose, for a few hours.
+//!
+//! A reading call with exactly the grant's purpose reserves, in one
+//! conditional write, as many of the grant's records as it asks for; its
+//! reads then spend the reservation instead of the budget. Past the grant
+//! a call with its purpose is refused (the grant's bound is the bound);
+//! every other call keeps the budget. Reserved records a call did not read
+//! are not given back: the bound errs on the side of fewer reads.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
+};
+
+use prost::Message;
+
+use crate::{
+    accounts::Caller,
+    audit::{Audit, Severity},
+    clock::now_ms,
+    error::{Error, Result},
+    model::{Purpose, TenantName, Username},
+    store::{Batch, Space, Storage, StorageError},
+};
+
+const PREFIX: &[u8] = b"grant\0";
+const RETRIES: usize = 64;
+/// The longest window a grant may open.
+pub const MAX_HOURS: u32 = 24 * 30;
+/// The most records one grant may allow.
+pub const MAX_RECORDS: u32 = 10_000_000;
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredGrant {
+    #[prost(string, tag = "1")]
+    purpose: String,
+    #[prost(uint32, tag = "2")]
+    max_records: u32,
+    #[prost(uint32, tag = "3")]
+    used: u32,
+    #[prost(int64, tag = "4")]
+    expires_ms: i64,
+    #[prost(string, tag = "5")]
+    granted_by: String,
+}
+
+/// Records of a grant reserved by one call.
+#[derive(Debug)]
+pub struct Reservation {
+    left: AtomicU32,
+}
+
+impl Reservation {
+    /// Takes one record of the reservation, if one is left.
+    pub fn take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+pub struct Grants {
+    store: Storage,
+    audit: Arc<Audit>,
+    writes: tokio::sync::Mutex<()>,
+}
+
+fn key(tenant: &TenantName, username: &Username) -> Vec<u8> {
+    let mut k = PREFIX.to_vec();
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(username.as_str().as_bytes());
+    k
+}
+
+impl Grants {
+    pub fn new(store: Storage, audit: Arc<Audit>) -> Self {
+        Self {
+            store,
+            audit,
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Opens a grant (replacing any earlier one of that principal).
+    pub async fn grant(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        max_records: u32,
+        purpose: &Purpose,
+        hours: u32,
+        by: &Caller,
+    ) -> Result<()> {
+        if max_records == 0 || max_records > MAX_RECORDS {
+            return Err(Error::InvalidArgument(format!(
+                "max_records must be 1 to {MAX_RECORDS}"
+            )));
+        }
+        if hours == 0 || hours > MAX_HOURS {
+            return Err(Error::InvalidArgument(format!(
+                "hours must be 1 to {MAX_HOURS}"
+            )));
+        }
+        let g = StoredGrant {
+            purpose: purpose.as_str().into(),
+            max_records,
+            used: 0,
+            expires_ms: now_ms() + i64::from(hours) * 3_600_000,
+            granted_by: by.principal(),
+        };
+        let _w = self.writes.lock().await;
+        let mut b = Batch::new();
+        b.put(Space::Meta, key(tenant, username), g.encode_to_vec());
+        self.store.commit(b).await?;
+        self.audit
+            .alert(
+                Severity::Warning,
+                "export_granted",
+                tenant.as_str(),
+                &format!("{tenant}/{username}"),
+                format!(
+                    "export grant: up to {max_records} records beyond the budget, purpose {:?}, for {hours} h, granted by {}",
+                    purpose.as_str(),
+                    g.granted_by
+                ),
+            )
+            .await
+    }
+
+    /// For a reading call of `caller` with `purpose` that may read up to
+    /// `wanted` records: `None` when no live grant has that purpose (the
+    /// budget applies), else a reservation of what is left of the grant,
+    /// up to `wanted` (empty when the grant is used up).
+    pub async fn reserve(
+        &self,
+        caller: &Caller,
+        purpose: &Purpose,
+        wanted: u32,
+    ) -> Result<Option<Reservation>> {
+        if wanted == 0 || purpose.as_str().is_empty() {
+            return Ok(None);
+        }
+        let k = key(&caller.tenant, &caller.username);
+        let Some(raw) = self.store.get(Space::Meta, &k).await? else {
+            return Ok(None);
+        };
+        let g = StoredGrant::decode(&raw[..])?;
+        if g.purpose != purpose.as_str() || now_ms() >= g.expires_ms {
+            return Ok(None);
+        }
+        let _w = self.writes.lock().await;
+        let mut raw = Some(raw);
+        for _ in 0..RETRIES {
+            let current = match raw.take() {
+                Some(r) => r,
+                None => match self.store.get(Space::Meta, &k).await? {
+                    Some(r) => r,
+                    None => return Ok(None),
+                },
+            };
+            let mut g = StoredGrant::decode(&current[..])?;
+            if g.purpose != purpose.as_str() || now_ms() >= g.expires_ms {
+                return Ok(None);
+            }
+            let n = wanted.min(g.max_records - g.used.min(g.max_records));
+            if n == 0 {
+                return Ok(Some(Reservation {
+                    left: AtomicU32::new(0),
+                }));
+            }
+            let first = g.used == 0;
+            g.used += n;
+            let mut b = Batch::new();
+            b.expect(Space::Meta, k.clone(), Some(current));
+            b.put(Space::Meta, k.clone(), g.encode_to_vec());
+            match self.store.commit(b).await {
+                Ok(()) => {}
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if first || g.used == g.max_records {
+                let what = if first { "first use" } else { "used up" };
+                self.audit
+                    .alert(
+                        Severity::Warning,
+                        "export_grant_used",
+                        caller.tenant.as_str(),
+                        &caller.principal(),
+                        format!(
+                            "export grant {what}: {} of {} records read or reserved, purpose {:?}",
+                            g.used, g.max_records, g.purpose
+                        ),
+                    )
+                    .await?;
+            }
+            return Ok(Some(Reservation {
+                left: AtomicU32::new(n),
+            }));
+        }
+        Err(Error::Unavailable(StorageError::Busy(
+            "an export grant changed under too many concurrent reads",
+        )))
+    }
+}
