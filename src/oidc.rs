@@ -247,9 +247,28 @@ struct Provider {
     leeway_secs: u64,
     source: Source,
     keys: RwLock<Arc<Keys>>,
-    /// Held while fetching; remembers the last attempt, so concurrent
-    /// misses fetch once and floods fetch once a minute.
-    fetching: tokio::sync::Mutex<Option<Instant>>,
+    /// Held while fetching: concurrent misses wait for one fetch.
+    fetching: tokio::sync::Mutex<Fetches>,
+}
+
+/// When keys were last asked for, and why.
+#[derive(Default)]
+struct Fetches {
+    /// Any attempt, successful or not.
+    attempt: Option<Instant>,
+    /// The last attempt an unknown `kid` caused.
+    unknown_kid: Option<Instant>,
+}
+
+/// Why keys are fetched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// At start-up.
+    Start,
+    /// They are older than [`KEYS_MAX_AGE`] (or were never fetched).
+    Stale,
+    /// A token names a key not among them.
+    UnknownKid,
 }
 
 enum Source {
@@ -310,7 +329,7 @@ impl Oidc {
                     leeway_secs: p.leeway_secs.unwrap_or(DEFAULT_LEEWAY_SECS),
                     source,
                     keys: RwLock::new(Arc::new(Keys::default())),
-                    fetching: tokio::sync::Mutex::new(None),
+                    fetching: tokio::sync::Mutex::new(Fetches::default()),
                 },
             );
         }
@@ -331,7 +350,7 @@ impl Oidc {
     /// does not wait); failures are logged and retried on use.
     pub async fn warm_up(&self) {
         for p in self.providers.values() {
-            if let Err(e) = p.refresh(true).await {
+            if let Err(e) = p.refresh(Why::Start).await {
                 tracing::warn!(provider = %p.name, error = %e, "OIDC signing keys not fetched yet");
             }
         }
@@ -362,12 +381,12 @@ impl Oidc {
             .fetched
             .is_none_or(|t| t.elapsed() > KEYS_MAX_AGE);
         if stale {
-            let _ = p.refresh(false).await;
+            let _ = p.refresh(Why::Stale).await;
         }
         let mut found = p.key(&kid);
         if found.is_none() {
             // A key the provider rotated in since the last fetch.
-            let _ = p.refresh(false).await;
+            let _ = p.refresh(Why::UnknownKid).await;
             found = p.key(&kid);
         }
         let Some((key, key_alg)) = found else {
@@ -477,15 +496,27 @@ impl Provider {
         }
     }
 
-    /// Fetches the keys again unless that was tried less than
-    /// [`REFETCH_EVERY`] ago (`force`: at start-up). Concurrent callers
-    /// wait for one fetch.
-    async fn refresh(&self, force: bool) -> Result<(), String> {
-        let mut last = self.fetching.lock().await;
-        if !force && last.is_some_and(|t| t.elapsed() < REFETCH_EVERY) {
+    /// Fetches the keys, unless `why` is already answered: an unknown
+    /// `kid` fetches at most once per [`REFETCH_EVERY`] (a flood of made-up
+    /// `kid`s costs one fetch a minute), stale keys are retried at most as
+    /// often, and callers that waited for a fetch in progress use its
+    /// result.
+    async fn refresh(&self, why: Why) -> Result<(), String> {
+        let seen = self.keys.read().fetched;
+        let mut f = self.fetching.lock().await;
+        if why != Why::Start && self.keys.read().fetched != seen {
+            // Fetched while this caller waited.
             return Ok(());
         }
-        *last = Some(Instant::now());
+        let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < REFETCH_EVERY);
+        match why {
+            Why::Start => {}
+            Why::Stale if recent(f.attempt) => return Ok(()),
+            Why::UnknownKid if recent(f.unknown_kid) => return Ok(()),
+            Why::UnknownKid => f.unknown_kid = Some(Instant::now()),
+            Why::Stale => {}
+        }
+        f.attempt = Some(Instant::now());
         let raw = match &self.source {
             Source::Url { uri, tls } => fetch(uri, tls.clone()).await?,
             Source::File(path) => {

@@ -30,6 +30,27 @@ pub struct Report {
     pub off_hours_reads: BTreeMap<String, u64>,
     /// Principals above `factor ×` their role's median distinct records.
     pub outliers: Vec<String>,
+    /// Export grants given in the period, with what was read under each.
+    pub export_grants: Vec<ExportGrant>,
+}
+
+/// An export grant and the reads made with its purpose after it.
+#[derive(Debug, Serialize)]
+pub struct ExportGrant {
+    pub principal: String,
+    pub purpose: String,
+    pub max_records: u64,
+    pub hours: u64,
+    pub granted_by: String,
+    pub granted_unix_ms: i64,
+    pub records_read: u64,
+}
+
+/// The value of `key=` among an event's fields.
+fn field<'a>(e: &'a AuditEvent, key: &str) -> Option<&'a str> {
+    e.fields
+        .iter()
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn is_read(action: &str) -> bool {
@@ -88,6 +109,27 @@ pub fn build(events: &[AuditEvent], office_hours: OfficeHours, factor: f64) -> R
             }
         }
     }
+    let mut export_grants: Vec<ExportGrant> = events
+        .iter()
+        .filter(|e| e.action == "coffre.v1.Admin/GrantExport" && e.outcome == "ok")
+        .map(|e| ExportGrant {
+            principal: format!("{}/{}", e.tenant, field(e, "username").unwrap_or("")),
+            purpose: e.purpose.clone(),
+            max_records: field(e, "max_records").and_then(|v| v.parse().ok()).unwrap_or(0),
+            hours: field(e, "hours").and_then(|v| v.parse().ok()).unwrap_or(0),
+            granted_by: e.principal.clone(),
+            granted_unix_ms: e.time_unix_ms,
+            records_read: 0,
+        })
+        .collect();
+    for e in events.iter().filter(|e| is_read(&e.action) && e.outcome == "ok") {
+        // The latest grant before the read with its principal and purpose.
+        if let Some(g) = export_grants.iter_mut().rev().find(|g| {
+            g.principal == e.principal && g.purpose == e.purpose && g.granted_unix_ms <= e.time_unix_ms
+        }) {
+            g.records_read += e.record_ids.len() as u64;
+        }
+    }
     let mut ranked: Vec<PrincipalReads> = reads
         .into_iter()
         .map(|(p, (role, n, ids))| PrincipalReads {
@@ -130,6 +172,7 @@ pub fn build(events: &[AuditEvent], office_hours: OfficeHours, factor: f64) -> R
         lockouts,
         off_hours_reads: off_hours,
         outliers,
+        export_grants,
     }
 }
 
@@ -177,6 +220,18 @@ pub fn render(r: &Report) -> String {
             r.outliers.join(", ")
         }
     );
+    let _ = writeln!(
+        s,
+        "\nexport grants:{}",
+        if r.export_grants.is_empty() { " none" } else { "" }
+    );
+    for g in &r.export_grants {
+        let _ = writeln!(
+            s,
+            "  {} purpose {:?}: {} of {} records read; granted by {} for {} h",
+            g.principal, g.purpose, g.records_read, g.max_records, g.granted_by, g.hours
+        );
+    }
     s
 }
 

@@ -315,6 +315,13 @@ pub async fn run(
         })
     };
 
+    // The identity providers' signing keys, before the first login needs
+    // them.
+    if !vault.oidc.is_empty() {
+        let v = vault.clone();
+        tokio::spawn(async move { v.oidc.warm_up().await });
+    }
+
     let sweeper = {
         let vault = vault.clone();
         tokio::spawn(async move {
