@@ -1,0 +1,332 @@
+//! The second factor, end to end: codes are computed here, by the test's
+//! own RFC 6238 implementation, from the secret in the enrolment URI.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use coffre::pb::{self, auth_client::AuthClient};
+use common::*;
+use hmac::{Hmac, Mac};
+
+const BAD: &str = "invalid tenant, username or password";
+
+/// A server (dev mode) where admins and auditors need a second factor.
+async fn server() -> TestServer {
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config_with(
+        root.path(),
+        &format!("{ROOMY_LIMITS}\n[mfa]\nrequired_roles = [\"admin\", \"auditor\"]\n"),
+    );
+    TestServer::start_with(root, config).await
+}
+
+/// The secret of an otpauth URI (base32 → bytes).
+fn secret_of(uri: &str) -> Vec<u8> {
+    let b32 = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut out, mut buf, mut bits) = (Vec::new(), 0u64, 0);
+    for c in b32.bytes() {
+        buf = (buf << 5) | alphabet.iter().position(|&a| a == c).unwrap() as u64;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// RFC 4226/6238: HMAC-SHA-1, dynamic truncation, 6 digits.
+fn code(secret: &[u8], step: i64) -> String {
+    let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(secret).unwrap();
+    mac.update(&(step as u64).to_be_bytes());
+    let h = mac.finalize().into_bytes();
+    let o = (h[19] & 15) as usize;
+    let n = u32::from_be_bytes([h[o] & 0x7f, h[o + 1], h[o + 2], h[o + 3]]) % 1_000_000;
+    format!("{n:06}")
+}
+
+fn step_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 30
+}
+
+async fn login(s: &TestServer, user: &str, pw: &str, otp: &str) -> Result<String, tonic::Status> {
+    AuthClient::new(s.channel().await)
+        .login(pb::LoginRequest {
+            tenant: "system".into(),
+            username: user.into(),
+            password: pw.into(),
+            otp: otp.into(),
+        })
+        .await
+        .map(|r| r.into_inner().token)
+}
+
+async fn enroll(s: &TestServer, token: &str) -> pb::EnrollTotpResponse {
+    AuthClient::new(s.channel().await)
+        .enroll_totp(authed(token, pb::EnrollTotpRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn confirm(s: &TestServer, token: &str, otp: &str) -> Result<(), tonic::Status> {
+    AuthClient::new(s.channel().await)
+        .confirm_totp(authed(token, pb::ConfirmTotpRequest { otp: otp.into() }))
+        .await
+        .map(|_| ())
+}
+
+async fn create_tenant(s: &TestServer, token: &str, name: &str) -> Result<(), tonic::Status> {
+    s.admin()
+        .await
+        .create_tenant(authed(
+            token,
+            pb::CreateTenantRequest {
+                name: name.into(),
+                indexed_fields: vec![],
+            },
+        ))
+        .await
+        .map(|_| ())
+}
+
+fn refused_like_a_bad_password(r: Result<String, tonic::Status>, why: &str) {
+    let e = r.expect_err(why);
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::Unauthenticated, BAD),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
+    let s = server().await;
+    // Not enrolled: the password opens a session that can only enrol.
+    let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
+    let e = create_tenant(&s, &t, "clinic").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("coffre mfa enroll"), "{}", e.message());
+    let e = s
+        .admin()
+        .await
+        .list_principals(authed(
+            &t,
+            pb::ListPrincipalsRequest {
+                tenant: "system".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    let en = enroll(&s, &t).await;
+    assert!(
+        en.otpauth_uri.starts_with("otpauth://totp/Coffre:system%2Fadmin?secret="),
+        "{}",
+        en.otpauth_uri
+    );
+    assert!(en.otpauth_uri.contains("algorithm=SHA1&digits=6&period=30"));
+    assert_eq!(en.recovery_codes.len(), 10);
+    let secret = secret_of(&en.otpauth_uri);
+    assert_eq!(secret.len(), 20);
+    // Pending until confirmed: a login still gets an enrol-only session.
+    let t2 = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
+    assert_eq!(
+        create_tenant(&s, &t2, "clinic").await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let now = step_now();
+    let wrong = code(&secret, now + 7);
+    assert_eq!(
+        confirm(&s, &t, &wrong).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    confirm(&s, &t, &code(&secret, now)).await.unwrap();
+    // Enrolment ended the enrol-only session's purpose, not the session:
+    // it still cannot do anything else.
+    assert_eq!(
+        create_tenant(&s, &t, "clinic").await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+
+    // Enrolled: no code, a wrong code, a reused code: like a bad password.
+    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, "").await, "no code");
+    refused_like_a_bad_password(
+        login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 5)).await,
+        "wrong code",
+    );
+    let next = code(&secret, now + 1);
+    let full = login(&s, "admin", ADMIN_PASSWORD, &next).await.unwrap();
+    create_tenant(&s, &full, "clinic").await.unwrap();
+    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &next).await, "reused");
+    // The code confirmed at enrolment was spent there too.
+    refused_like_a_bad_password(
+        login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now)).await,
+        "code of the enrolment",
+    );
+    // A right code with a wrong password is still a bad password.
+    refused_like_a_bad_password(
+        login(&s, "admin", "not the password at all", &code(&secret, now + 1)).await,
+        "wrong password",
+    );
+
+    // Recovery codes: each works once, in place of a code.
+    let rc = &en.recovery_codes;
+    login(&s, "admin", ADMIN_PASSWORD, &rc[3]).await.unwrap();
+    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &rc[3]).await, "recovery reused");
+    login(&s, "admin", ADMIN_PASSWORD, &rc[7].to_lowercase())
+        .await
+        .unwrap();
+    // Same shape, wrong code.
+    let forged = format!("{}AAAAA-AAAAA", &rc[0][..2]);
+    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &forged).await, "forged recovery");
+
+    // Five wrong codes in a row lock the account; then even a good
+    // recovery code is refused.
+    for i in 0..5 {
+        refused_like_a_bad_password(
+            login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 10 + i)).await,
+            "wrong code",
+        );
+    }
+    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &rc[1]).await, "locked");
+    // The lock stops the session already open too.
+    let e = s
+        .admin()
+        .await
+        .list_principals(authed(
+            &full,
+            pb::ListPrincipalsRequest {
+                tenant: "system".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn one_code_opens_one_session_under_parallel_logins() {
+    let s = server().await;
+    let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
+    let secret = secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let now = step_now();
+    confirm(&s, &t, &code(&secret, now - 1)).await.unwrap();
+    let c = code(&secret, now + 1);
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let ch = s.channel().await;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            AuthClient::new(ch)
+                .login(pb::LoginRequest {
+                    tenant: "system".into(),
+                    username: "admin".into(),
+                    password: ADMIN_PASSWORD.into(),
+                    otp: c,
+                })
+                .await
+                .is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap());
+    }
+    assert_eq!(ok, 1, "a code is accepted once, whatever the concurrency");
+}
+
+#[tokio::test]
+async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again() {
+    let s = server().await;
+    // The bootstrap admin enrols and creates a second admin and an auditor.
+    let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
+    let secret = secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let now = step_now();
+    confirm(&s, &t, &code(&secret, now)).await.unwrap();
+    let full = login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 1))
+        .await
+        .unwrap();
+    for (user, role) in [("admin-b", pb::Role::Admin), ("auditor", pb::Role::Auditor)] {
+        s.admin()
+            .await
+            .create_principal(authed(
+                &full,
+                pb::CreatePrincipalRequest {
+                    tenant: "system".into(),
+                    username: user.into(),
+                    password: AUDITOR_PASSWORD.into(),
+                    role: role as i32,
+                    oidc: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    // An unenrolled auditor can only enrol too.
+    let aud = login(&s, "auditor", AUDITOR_PASSWORD, "").await.unwrap();
+    let e = pb::audit_client::AuditClient::new(s.channel().await)
+        .verify_audit(authed(&aud, pb::VerifyAuditRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    // admin-b enrols, then resets the first admin's factor.
+    let tb = login(&s, "admin-b", AUDITOR_PASSWORD, "").await.unwrap();
+    let sb = secret_of(&enroll(&s, &tb).await.otpauth_uri);
+    confirm(&s, &tb, &code(&sb, now)).await.unwrap();
+    let full_b = login(&s, "admin-b", AUDITOR_PASSWORD, &code(&sb, now + 1))
+        .await
+        .unwrap();
+    s.admin()
+        .await
+        .reset_mfa(authed(
+            &full_b,
+            pb::ResetMfaRequest {
+                tenant: "system".into(),
+                username: "admin".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    // Its sessions ended; its next login can only enrol again.
+    assert_eq!(
+        create_tenant(&s, &full, "x").await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let again = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
+    assert_eq!(
+        create_tenant(&s, &again, "x").await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let fresh = secret_of(&enroll(&s, &again).await.otpauth_uri);
+    assert_ne!(fresh, secret);
+    // The alert says who was reset.
+    let alerts = {
+        let na = secret_of(&enroll(&s, &aud).await.otpauth_uri);
+        confirm(&s, &aud, &code(&na, now)).await.unwrap();
+        let aud = login(&s, "auditor", AUDITOR_PASSWORD, &code(&na, now + 1))
+            .await
+            .unwrap();
+        s.alerts(&aud).await
+    };
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "mfa_reset" && a.principal == "system/admin"),
+        "{alerts:?}"
+    );
+}
