@@ -351,7 +351,14 @@ impl State {
         };
         trail.query_each(&q, |e| {
             let t = e.time_unix_ms;
+            // Reads under an export grant spent the grant, not the budget.
+            let granted = e
+                .fields
+                .first()
+                .is_some_and(|f| f == crate::grants::GRANT_MARK);
             match (e.action.as_str(), e.outcome.as_str()) {
+                ("coffre.v1.Records/GetRecord" | "coffre.v1.Records/BulkRead", "ok") if granted => {
+                }
                 ("coffre.v1.Records/GetRecord" | "coffre.v1.Records/BulkRead", "ok") => {
                     last_read = last_read.max(t);
                     reads.extend(e.record_ids.iter().map(|id| (t, tag_of(id))));

@@ -3,11 +3,11 @@
 //! its budget, with one stated purpose, for a few hours.
 //!
 //! A reading call with exactly the grant's purpose reserves, in one
-//! conditional write, as many of the grant's records as it asks for; its
-//! reads then spend the reservation instead of the budget. Past the grant
-//! a call with its purpose is refused (the grant's bound is the bound);
-//! every other call keeps the budget. Reserved records a call did not read
-//! are not given back: the bound errs on the side of fewer reads.
+//! conditional write, all the records it asks for, or is refused
+//! (RESOURCE_EXHAUSTED) when fewer are left; its reads then spend the
+//! reservation instead of the budget. Every other call keeps the budget.
+//! Reserved records a call did not read (missing ids, a client gone) are
+//! not given back: the bound errs on the side of fewer reads.
 
 use std::sync::{
     Arc,
@@ -26,6 +26,9 @@ use crate::{
 };
 
 const PREFIX: &[u8] = b"grant\0";
+/// First of the `fields` of a read's audit event when the read spent an
+/// export grant (budgets rebuilt from the trail leave it out).
+pub const GRANT_MARK: &str = "grant=export";
 const RETRIES: usize = 64;
 /// The longest window a grant may open.
 pub const MAX_HOURS: u32 = 24 * 30;
@@ -132,8 +135,8 @@ impl Grants {
 
     /// For a reading call of `caller` with `purpose` that may read up to
     /// `wanted` records: `None` when no live grant has that purpose (the
-    /// budget applies), else a reservation of what is left of the grant,
-    /// up to `wanted` (empty when the grant is used up).
+    /// budget applies), else a reservation of `wanted` records of the
+    /// grant — or RESOURCE_EXHAUSTED if fewer are left.
     pub async fn reserve(
         &self,
         caller: &Caller,
@@ -165,12 +168,16 @@ impl Grants {
             if g.purpose != purpose.as_str() || now_ms() >= g.expires_ms {
                 return Ok(None);
             }
-            let n = wanted.min(g.max_records - g.used.min(g.max_records));
-            if n == 0 {
-                return Ok(Some(Reservation {
-                    left: AtomicU32::new(0),
-                }));
+            // All or nothing: a call is audited with every id it asks
+            // for, so it runs only if the grant covers them all.
+            let left = g.max_records - g.used.min(g.max_records);
+            if left < wanted {
+                return Err(Error::OverBudget {
+                    limit: "export grant: fewer records left than this call asks for",
+                    retry_after_ms: 0,
+                });
             }
+            let n = wanted;
             let first = g.used == 0;
             g.used += n;
             let mut b = Batch::new();

@@ -115,17 +115,24 @@ pub fn build(events: &[AuditEvent], office_hours: OfficeHours, factor: f64) -> R
         .map(|e| ExportGrant {
             principal: format!("{}/{}", e.tenant, field(e, "username").unwrap_or("")),
             purpose: e.purpose.clone(),
-            max_records: field(e, "max_records").and_then(|v| v.parse().ok()).unwrap_or(0),
+            max_records: field(e, "max_records")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             hours: field(e, "hours").and_then(|v| v.parse().ok()).unwrap_or(0),
             granted_by: e.principal.clone(),
             granted_unix_ms: e.time_unix_ms,
             records_read: 0,
         })
         .collect();
-    for e in events.iter().filter(|e| is_read(&e.action) && e.outcome == "ok") {
+    for e in events
+        .iter()
+        .filter(|e| is_read(&e.action) && e.outcome == "ok")
+    {
         // The latest grant before the read with its principal and purpose.
         if let Some(g) = export_grants.iter_mut().rev().find(|g| {
-            g.principal == e.principal && g.purpose == e.purpose && g.granted_unix_ms <= e.time_unix_ms
+            g.principal == e.principal
+                && g.purpose == e.purpose
+                && g.granted_unix_ms <= e.time_unix_ms
         }) {
             g.records_read += e.record_ids.len() as u64;
         }
@@ -223,7 +230,11 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(
         s,
         "\nexport grants:{}",
-        if r.export_grants.is_empty() { " none" } else { "" }
+        if r.export_grants.is_empty() {
+            " none"
+        } else {
+            ""
+        }
     );
     for g in &r.export_grants {
         let _ = writeln!(

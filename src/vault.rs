@@ -163,6 +163,13 @@ pub struct Reads {
     grant: Option<crate::grants::Reservation>,
 }
 
+impl Reads {
+    /// Whether the call reads under an export grant.
+    pub fn granted(&self) -> bool {
+        self.grant.is_some()
+    }
+}
+
 /// `Meta` key of the time of the last backup written whole.
 const LAST_BACKUP_KEY: &[u8] = b"last_backup_ms";
 

@@ -134,7 +134,8 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
 
     let en = enroll(&s, &t).await;
     assert!(
-        en.otpauth_uri.starts_with("otpauth://totp/Coffre:system%2Fadmin?secret="),
+        en.otpauth_uri
+            .starts_with("otpauth://totp/Coffre:system%2Fadmin?secret="),
         "{}",
         en.otpauth_uri
     );
@@ -179,20 +180,32 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     );
     // A right code with a wrong password is still a bad password.
     refused_like_a_bad_password(
-        login(&s, "admin", "not the password at all", &code(&secret, now + 1)).await,
+        login(
+            &s,
+            "admin",
+            "not the password at all",
+            &code(&secret, now + 1),
+        )
+        .await,
         "wrong password",
     );
 
     // Recovery codes: each works once, in place of a code.
     let rc = &en.recovery_codes;
     login(&s, "admin", ADMIN_PASSWORD, &rc[3]).await.unwrap();
-    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &rc[3]).await, "recovery reused");
+    refused_like_a_bad_password(
+        login(&s, "admin", ADMIN_PASSWORD, &rc[3]).await,
+        "recovery reused",
+    );
     login(&s, "admin", ADMIN_PASSWORD, &rc[7].to_lowercase())
         .await
         .unwrap();
     // Same shape, wrong code.
     let forged = format!("{}AAAAA-AAAAA", &rc[0][..2]);
-    refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &forged).await, "forged recovery");
+    refused_like_a_bad_password(
+        login(&s, "admin", ADMIN_PASSWORD, &forged).await,
+        "forged recovery",
+    );
 
     // Five wrong codes in a row lock the account; then even a good
     // recovery code is refused.

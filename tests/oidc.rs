@@ -264,23 +264,52 @@ async fn an_id_token_logs_in_only_when_every_check_passes() {
         format!("{body}.{}", B64.encode(sig))
     };
     let cases: Vec<(&str, String)> = vec![
-        ("expired", key.sign(&with(with(claims(SUBJECT), "exp", json!(now() - 60)), "iat", json!(now() - 100)))),
-        ("not_yet_valid", key.sign(&with(claims(SUBJECT), "nbf", json!(now() + 600)))),
-        ("too_old", key.sign(&with(claims(SUBJECT), "iat", json!(now() - 600)))),
-        ("wrong_issuer", key.sign(&with(claims(SUBJECT), "iss", json!("https://evil.example")))),
-        ("wrong_audience", key.sign(&with(claims(SUBJECT), "aud", json!("another-app")))),
+        (
+            "expired",
+            key.sign(&with(
+                with(claims(SUBJECT), "exp", json!(now() - 60)),
+                "iat",
+                json!(now() - 100),
+            )),
+        ),
+        (
+            "not_yet_valid",
+            key.sign(&with(claims(SUBJECT), "nbf", json!(now() + 600))),
+        ),
+        (
+            "too_old",
+            key.sign(&with(claims(SUBJECT), "iat", json!(now() - 600))),
+        ),
+        (
+            "wrong_issuer",
+            key.sign(&with(claims(SUBJECT), "iss", json!("https://evil.example"))),
+        ),
+        (
+            "wrong_audience",
+            key.sign(&with(claims(SUBJECT), "aud", json!("another-app"))),
+        ),
         ("algorithm_not_allowed", none),
         ("algorithm_not_allowed", confused),
         ("unknown_key", stranger.sign(&claims(SUBJECT))),
         ("bad_signature", flipped),
-        ("acr_not_accepted", key.sign(&without(claims(SUBJECT), "acr"))),
-        ("acr_not_accepted", key.sign(&with(claims(SUBJECT), "acr", json!("eidas1")))),
+        (
+            "acr_not_accepted",
+            key.sign(&without(claims(SUBJECT), "acr")),
+        ),
+        (
+            "acr_not_accepted",
+            key.sign(&with(claims(SUBJECT), "acr", json!("eidas1"))),
+        ),
         ("unbound_subject", key.sign(&claims("899999999999"))),
         ("replayed", good.clone()),
         ("unknown_provider", key.sign(&claims(SUBJECT))),
     ];
     for (why, token) in &cases {
-        let provider = if *why == "unknown_provider" { "keycloak" } else { "psc" };
+        let provider = if *why == "unknown_provider" {
+            "keycloak"
+        } else {
+            "psc"
+        };
         let e = login_oidc(&s, provider, token).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{why}");
         assert_eq!(e.message(), BAD, "{why}: the same answer as a bad password");
@@ -299,7 +328,10 @@ async fn an_id_token_logs_in_only_when_every_check_passes() {
     s.restart().await;
     let e = login_oidc(&s, "psc", &good).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let auditor = s.login("system", "auditor", AUDITOR_PASSWORD).await.unwrap();
+    let auditor = s
+        .login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap();
     assert_eq!(reasons(&s, &auditor).await.last().unwrap(), "replayed");
 
     // A locked principal's good token opens nothing.
@@ -320,7 +352,10 @@ async fn an_id_token_logs_in_only_when_every_check_passes() {
         .await
         .unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::Unauthenticated, BAD));
-    assert_eq!(reasons(&s, &auditor).await.last().unwrap(), "account_locked");
+    assert_eq!(
+        reasons(&s, &auditor).await.last().unwrap(),
+        "account_locked"
+    );
 
     // A principal bound to an identity and without a password cannot log
     // in with an empty password.

@@ -139,6 +139,7 @@ impl records_server::Records for RecordsService {
                 n.fields = fields.iter().map(|f| f.to_string()).collect();
                 let purpose = Purpose::parse(&m.purpose)?;
                 let reads = v.begin_reads(&caller, &purpose, 1).await?;
+                mark_grant(&reads, n);
                 let rec = v
                     .read_record(&caller, &reads, &id, &fields, GET_RECORD)
                     .await?;
@@ -227,6 +228,7 @@ impl records_server::Records for RecordsService {
                 n.purpose = m.purpose.clone();
                 let purpose = Purpose::parse_required(&m.purpose)?;
                 let reads = v.begin_reads(&caller, &purpose, ids.len()).await?;
+                mark_grant(&reads, n);
                 // Records go out in small groups. What they spend needs no
                 // write: the call's event, durable before the stream
                 // starts, names every id (a restart counts them all). The
@@ -316,5 +318,13 @@ impl records_server::Records for RecordsService {
                 Ok(pb::VerifySecretResponse { ok })
             }
         )
+    }
+}
+
+/// Names a read under an export grant as such in its event (first of its
+/// fields, so that no cut of the list drops it).
+fn mark_grant(reads: &crate::vault::Reads, n: &mut Note) {
+    if reads.granted() {
+        n.fields.insert(0, crate::grants::GRANT_MARK.into());
     }
 }

@@ -1,0 +1,451 @@
+//! The two-person rule and export grants, on a real server: what one admin
+//! asks, another approves; an approval is spent once, expires, or is
+//! denied; an export grant lets one principal read exactly its records
+//! beyond its budget, for its purpose only, and shows in alerts and the
+//! report.
+
+mod common;
+
+use coffre::pb::{self, admin_client::AdminClient};
+use common::*;
+use tonic::transport::Channel;
+
+const B_PASSWORD: &str = "orchard violet 7730 basalt wren";
+
+/// A server where every guarded action needs a second admin (approvals
+/// last `ttl_minutes`), with a second admin `admin-b` and tenant `clinic`.
+async fn server(ttl_minutes: f64, extra: &str) -> (TestServer, String, String) {
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config_with(
+        root.path(),
+        &format!(
+            "{extra}\n[approval]\nrequired_for = [\"shred_tenant\", \"retire_key_version\", \"reset_mfa\", \"export_grant\"]\nttl_minutes = {ttl_minutes}\n"
+        ),
+    );
+    let s = TestServer::start_with(root, config).await;
+    s.principal("system", "admin-b", pb::Role::Admin, B_PASSWORD)
+        .await;
+    let a = s.admin_token().await;
+    let b = s.login("system", "admin-b", B_PASSWORD).await.unwrap();
+    for t in ["clinic", "doomed", "kept"] {
+        s.admin()
+            .await
+            .create_tenant(authed(
+                &a,
+                pb::CreateTenantRequest {
+                    name: t.into(),
+                    indexed_fields: vec![],
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    (s, a, b)
+}
+
+async fn shred(s: &TestServer, token: &str, t: &str) -> Result<(), tonic::Status> {
+    s.admin()
+        .await
+        .shred_tenant(authed(
+            token,
+            pb::ShredTenantRequest {
+                tenant: t.into(),
+                confirm: t.into(),
+            },
+        ))
+        .await
+        .map(|_| ())
+}
+
+/// The approval id a refused call names, checked against its message.
+fn approval_id(e: &tonic::Status) -> String {
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let id = e
+        .metadata()
+        .get("coffre-approval-id")
+        .expect("the id in metadata")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(e.message(), format!("approval required: {id}"));
+    id
+}
+
+async fn decide(s: &TestServer, token: &str, id: &str, yes: bool) -> Result<(), tonic::Status> {
+    let mut a = s.admin().await;
+    if yes {
+        a.approve(authed(token, pb::ApproveRequest { id: id.into() }))
+            .await
+            .map(|_| ())
+    } else {
+        a.deny(authed(token, pb::DenyRequest { id: id.into() }))
+            .await
+            .map(|_| ())
+    }
+}
+
+async fn approvals(s: &TestServer, token: &str) -> Vec<pb::Approval> {
+    s.admin()
+        .await
+        .list_approvals(authed(token, pb::ListApprovalsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals
+}
+
+async fn tenant_exists(a: &mut AdminClient<Channel>, token: &str, t: &str) -> bool {
+    a.key_status(authed(token, pb::KeyStatusRequest { tenant: t.into() }))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn shredding_needs_a_second_admin_and_an_approval_is_spent_once() {
+    let (s, a, b) = server(60.0, ROOMY_LIMITS).await;
+    let mut adm = s.admin().await;
+    let e = shred(&s, &a, "doomed").await.unwrap_err();
+    let id = approval_id(&e);
+    assert!(tenant_exists(&mut adm, &a, "doomed").await);
+    // Asking again before a decision names the same request.
+    assert_eq!(approval_id(&shred(&s, &a, "doomed").await.unwrap_err()), id);
+    // Nobody approves their own request.
+    let e = decide(&s, &a, &id, true).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let listed = approvals(&s, &b).await;
+    assert_eq!(listed.len(), 1);
+    let p = &listed[0];
+    assert_eq!(
+        (
+            p.action.as_str(),
+            p.target.as_str(),
+            p.requested_by.as_str(),
+            p.state.as_str()
+        ),
+        ("shred_tenant", "tenant=doomed", "system/admin", "pending")
+    );
+    assert!(p.expires_at_unix_ms - p.requested_at_unix_ms == 3_600_000);
+    // Another admin approves: the requester's repeat runs, once.
+    decide(&s, &b, &id, true).await.unwrap();
+    // An approval of one target does not cover another.
+    approval_id(&shred(&s, &a, "kept").await.unwrap_err());
+    // Nor does it let the approver run it.
+    approval_id(&shred(&s, &b, "doomed").await.unwrap_err());
+    shred(&s, &a, "doomed").await.unwrap();
+    assert!(!tenant_exists(&mut adm, &a, "doomed").await);
+    let listed = approvals(&s, &a).await;
+    let used = listed.iter().find(|x| x.id == id).unwrap();
+    assert_eq!(
+        (used.state.as_str(), used.decided_by.as_str()),
+        ("used", "system/admin-b")
+    );
+    // Deciding a spent approval again is refused.
+    assert_eq!(
+        decide(&s, &b, &id, true).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+
+    // A denied request does nothing: the repeat asks anew.
+    let kept = approval_id(&shred(&s, &a, "kept").await.unwrap_err());
+    decide(&s, &b, &kept, false).await.unwrap();
+    let again = approval_id(&shred(&s, &a, "kept").await.unwrap_err());
+    assert_ne!(again, kept);
+    assert!(tenant_exists(&mut adm, &a, "kept").await);
+    assert_eq!(
+        decide(&s, &b, &kept, true).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition,
+        "a denied request cannot be approved after"
+    );
+
+    // Every step is audited and alerted.
+    let auditor = system_auditor(&s).await;
+    let kinds: Vec<String> = s
+        .alerts(&auditor)
+        .await
+        .into_iter()
+        .map(|a| a.kind)
+        .collect();
+    for k in [
+        "approval_requested",
+        "approval_granted",
+        "approval_used",
+        "approval_denied",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
+    }
+    let ev = events(
+        &s,
+        &auditor,
+        pb::QueryAuditRequest {
+            action: "coffre.v1.Admin/ShredTenant".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = &ev[0];
+    assert_eq!(first.outcome, "failed_precondition");
+    assert!(
+        first.fields.contains(&format!("approval={id}")),
+        "{first:?}"
+    );
+    let approve = events(
+        &s,
+        &auditor,
+        pb::QueryAuditRequest {
+            action: "coffre.v1.Admin/Approve".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(approve.iter().any(|e| e.outcome == "ok"
+        && e.principal == "system/admin-b"
+        && e.fields.contains(&format!("approval={id}"))));
+    assert!(
+        approve
+            .iter()
+            .any(|e| e.outcome == "permission_denied" && e.principal == "system/admin")
+    );
+}
+
+#[tokio::test]
+async fn an_expired_approval_does_nothing() {
+    // 1.2 s approvals.
+    let (s, a, b) = server(0.02, ROOMY_LIMITS).await;
+    let mut adm = s.admin().await;
+    let id = approval_id(&shred(&s, &a, "doomed").await.unwrap_err());
+    decide(&s, &b, &id, true).await.unwrap();
+    let late = approval_id(&shred(&s, &a, "kept").await.unwrap_err());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let again = approval_id(&shred(&s, &a, "doomed").await.unwrap_err());
+    assert_ne!(again, id);
+    assert!(tenant_exists(&mut adm, &a, "doomed").await);
+    // Too late to approve, too.
+    assert_eq!(
+        decide(&s, &b, &late, true).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let states: Vec<_> = approvals(&s, &a)
+        .await
+        .into_iter()
+        .filter(|x| x.id == id || x.id == late)
+        .map(|x| x.state)
+        .collect();
+    assert_eq!(states, vec!["expired", "expired"]);
+}
+
+#[tokio::test]
+async fn one_approval_lets_exactly_one_of_parallel_repeats_through() {
+    let (s, a, b) = server(60.0, ROOMY_LIMITS).await;
+    s.principal("clinic", "reader", pb::Role::Clinician, CLINICIAN_PASSWORD)
+        .await;
+    let grant = || pb::GrantExportRequest {
+        tenant: "clinic".into(),
+        username: "reader".into(),
+        max_records: 10,
+        purpose: "transfer to CHU Lyon".into(),
+        hours: 1,
+    };
+    let e = s
+        .admin()
+        .await
+        .grant_export(authed(&a, grant()))
+        .await
+        .unwrap_err();
+    let id = approval_id(&e);
+    decide(&s, &b, &id, true).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let mut c = s.admin().await;
+        let (a, g) = (a.clone(), grant());
+        tasks.push(tokio::spawn(async move {
+            c.grant_export(authed(&a, g)).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap());
+    }
+    assert_eq!(ok, 1);
+}
+
+/// Budget of a clinician here: 5 records at once, 20 an hour.
+const TIGHT: &str = "[limits.clinician]\nreads_per_second = 1.0\nread_burst = 5\n\
+    distinct_records_per_hour = 20\ndistinct_records_per_day = 40\nlock_after_throttles = 1000\n";
+const PURPOSE: &str = "research extract, protocol 2026-114";
+
+#[tokio::test]
+async fn an_export_grant_reads_its_records_beyond_the_budget_and_no_more() {
+    let (s, a, b) = server(60.0, TIGHT).await;
+    let researcher = s
+        .tenant_with("clinic", "researcher", pb::Role::Clinician)
+        .await;
+    s.principal("clinic", "other", pb::Role::Clinician, CLINICIAN_PASSWORD)
+        .await;
+    let other = s
+        .login("clinic", "other", CLINICIAN_PASSWORD)
+        .await
+        .unwrap();
+    // 1,010 records (writes spend no read budget).
+    let mut rec = s.records().await;
+    let ids: Vec<String> = (0..1010).map(|i| format!("p{i:04}")).collect();
+    for id in &ids {
+        rec.put_record(authed(&researcher, put(id, &[("name", "Patient")])))
+            .await
+            .unwrap();
+    }
+    // The grant: two admins.
+    let grant = pb::GrantExportRequest {
+        tenant: "clinic".into(),
+        username: "researcher".into(),
+        max_records: 1000,
+        purpose: PURPOSE.into(),
+        hours: 2,
+    };
+    let id = approval_id(
+        &s.admin()
+            .await
+            .grant_export(authed(&a, grant.clone()))
+            .await
+            .unwrap_err(),
+    );
+    decide(&s, &b, &id, true).await.unwrap();
+    s.admin()
+        .await
+        .grant_export(authed(&a, grant))
+        .await
+        .unwrap();
+
+    let bulk = |token: &str, ids: &[String], purpose: &str| {
+        let req = authed(
+            token,
+            pb::BulkReadRequest {
+                ids: ids.to_vec(),
+                fields: vec![],
+                purpose: purpose.into(),
+            },
+        );
+        let mut rec = rec.clone();
+        async move {
+            let mut st = match rec.bulk_read(req).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => return (0, Some(e.code())),
+            };
+            let mut n = 0;
+            loop {
+                match st.message().await {
+                    Ok(Some(_)) => n += 1,
+                    Ok(None) => return (n, None),
+                    Err(e) => return (n, Some(e.code())),
+                }
+            }
+        }
+    };
+    // With the purpose, 1,000 records in one call, far past the budget.
+    assert_eq!(bulk(&researcher, &ids[..1000], PURPOSE).await, (1000, None));
+    // Then no more under the grant.
+    let (n, code) = bulk(&researcher, &ids[1000..], PURPOSE).await;
+    assert_eq!((n, code), (0, Some(tonic::Code::ResourceExhausted)));
+    // Its own budget is untouched: other purposes read 5 at once, as before.
+    let (n, code) = bulk(&researcher, &ids[1000..], "care").await;
+    assert_eq!((n, code), (5, Some(tonic::Code::ResourceExhausted)));
+    // Another clinician with the same purpose has only its budget.
+    let (n, code) = bulk(&other, &ids[..10], PURPOSE).await;
+    assert_eq!((n, code), (5, Some(tonic::Code::ResourceExhausted)));
+
+    // The alert and the report show it.
+    let auditor = system_auditor(&s).await;
+    let alerts = s.alerts(&auditor).await;
+    for kind in ["export_granted", "export_grant_used"] {
+        let al = alerts
+            .iter()
+            .find(|x| x.kind == kind && x.principal == "clinic/researcher")
+            .unwrap_or_else(|| panic!("{kind} in {alerts:?}"));
+        assert!(al.detail.contains(PURPOSE), "{al:?}");
+    }
+    let all = events(&s, &auditor, pb::QueryAuditRequest::default()).await;
+    let report = coffre::report::build(
+        &all,
+        coffre::report::OfficeHours {
+            start: 0,
+            end: 24,
+            tz: chrono_tz::UTC,
+        },
+        3.0,
+    );
+    assert_eq!(report.export_grants.len(), 1);
+    let g = &report.export_grants[0];
+    assert_eq!(
+        (
+            g.principal.as_str(),
+            g.purpose.as_str(),
+            g.max_records,
+            g.records_read,
+            g.granted_by.as_str()
+        ),
+        ("clinic/researcher", PURPOSE, 1000, 1000, "system/admin")
+    );
+    assert!(coffre::report::render(&report).contains("1000 of 1000 records read"));
+}
+
+#[tokio::test]
+async fn parallel_reads_under_one_grant_never_pass_its_bound() {
+    let (s, a, b) = server(60.0, TIGHT).await;
+    let researcher = s
+        .tenant_with("clinic", "researcher", pb::Role::Clinician)
+        .await;
+    let mut rec = s.records().await;
+    let ids: Vec<String> = (0..300).map(|i| format!("q{i:03}")).collect();
+    for id in &ids {
+        rec.put_record(authed(&researcher, put(id, &[("name", "Patient")])))
+            .await
+            .unwrap();
+    }
+    let grant = pb::GrantExportRequest {
+        tenant: "clinic".into(),
+        username: "researcher".into(),
+        max_records: 500,
+        purpose: PURPOSE.into(),
+        hours: 1,
+    };
+    let id = approval_id(
+        &s.admin()
+            .await
+            .grant_export(authed(&a, grant.clone()))
+            .await
+            .unwrap_err(),
+    );
+    decide(&s, &b, &id, true).await.unwrap();
+    s.admin()
+        .await
+        .grant_export(authed(&a, grant))
+        .await
+        .unwrap();
+    // Eight readers of 100 records each, at once: 800 asked, 500 allowed.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut rec = s.records().await;
+        let req = authed(
+            &researcher,
+            pb::BulkReadRequest {
+                ids: ids[i * 25..i * 25 + 100].to_vec(),
+                fields: vec![],
+                purpose: PURPOSE.into(),
+            },
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            if let Ok(r) = rec.bulk_read(req).await {
+                let mut st = r.into_inner();
+                while let Ok(Some(_)) = st.message().await {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 500);
+}
