@@ -401,6 +401,8 @@ enum Kind {
     Int,
     Float,
     Bool,
+    /// Comma-separated (empty: an empty list).
+    List,
 }
 
 /// Every scalar key an environment variable may override.
@@ -446,6 +448,8 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("metrics.listen", Kind::Str),
     ("metrics.tenant_labels", Kind::Bool),
     ("approval.ttl_minutes", Kind::Float),
+    ("approval.required_for", Kind::List),
+    ("mfa.required_roles", Kind::List),
     ("limits.clinician.reads_per_second", Kind::Float),
     ("limits.clinician.read_burst", Kind::Int),
     ("limits.clinician.distinct_records_per_hour", Kind::Int),
@@ -526,6 +530,13 @@ impl Config {
                             ConfigError::Invalid(format!("{name} must be a number"))
                         })?)
                     }
+                    Kind::List => toml::Value::Array(
+                        raw.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| toml::Value::String(s.to_string()))
+                            .collect(),
+                    ),
                     Kind::Bool => toml::Value::Boolean(match raw.trim() {
                         "1" | "true" | "yes" => true,
                         "0" | "false" | "no" => false,

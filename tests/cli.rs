@@ -596,3 +596,162 @@ async fn rotate_master_offline_then_serve_on_the_new_key() {
     assert!(e.purpose.contains("re-wrapped"), "{}", e.purpose);
     bin_login(&p.addr, "clinic", "dr_a", CLINICIAN_PASSWORD).await;
 }
+
+/// The identity walk-through of the README with the real binary: the
+/// bootstrap admin enrols a second factor, guarded commands print the
+/// approval id and the second admin's command, and a clinician signs in
+/// with an id token (keys from a JWKS file).
+#[tokio::test]
+async fn second_factor_two_person_rule_and_single_sign_on_from_the_cli() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+    let root = tempfile::tempdir().unwrap();
+    // The identity provider's key and its published JWKS (as a file).
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("kc-1".into());
+    let jwks = root.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+    let cfg = write_config(
+        root.path(),
+        &format!(
+            "[mfa]\nrequired_roles = [\"admin\", \"auditor\"]\n\
+             [approval]\nrequired_for = [\"shred_tenant\", \"retire_key_version\", \"reset_mfa\", \"export_grant\"]\n\
+             [oidc.keycloak]\nissuer = \"https://sso.chu.example/realms/staff\"\naudience = \"coffre\"\n\
+             jwks_file = {jwks:?}\ntenant = \"clinic\"\n"
+        ),
+    );
+    let p = spawn_server(&cfg, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]).unwrap();
+    let tok = root.path().join("token");
+    let tok_b = root.path().join("token-b");
+    let run = |args: &[&str], stdin: &str| coffre(&p.addr, &tok, args, stdin);
+    let run_b = |args: &[&str], stdin: &str| coffre(&p.addr, &tok_b, args, stdin);
+
+    // Enrol: the first login can only enrol; the enrolment prints a QR
+    // code, the URI and ten recovery codes.
+    let enrol = |run: &dyn Fn(&[&str], &str) -> Output, user: &str, pw: &str| -> Vec<u8> {
+        ok(&run(&["login", "--username", user], &format!("{pw}\n")));
+        let e = fails(&run(&["tenant", "create", "never"], ""));
+        assert!(e.contains("coffre mfa enroll"), "{e}");
+        let out = ok(&run(&["mfa", "enroll"], ""));
+        assert!(out.contains('█') || out.contains('▀'), "a QR code: {out}");
+        let uri = out.lines().find(|l| l.starts_with("otpauth://")).unwrap();
+        let codes: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.len() == 13 && l.as_bytes()[1] == b'-')
+            .collect();
+        assert_eq!(codes.len(), 10, "{out}");
+        let secret = totp_secret_of(uri);
+        let now = totp_step_now();
+        ok(&run(
+            &["mfa", "confirm"],
+            &format!("{}\n", totp_code(&secret, now)),
+        ));
+        // Password and code on two lines of stdin.
+        ok(&run(
+            &["login", "--username", user, "--otp"],
+            &format!("{pw}\n{}\n", totp_code(&secret, now + 1)),
+        ));
+        secret
+    };
+    enrol(&run, "admin", ADMIN_PASSWORD);
+    ok(&run(&["tenant", "create", "clinic"], ""));
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "system",
+            "--username",
+            "admin-b",
+            "--role",
+            "admin",
+        ],
+        &format!("{AUDITOR_PASSWORD}\n"),
+    ));
+    enrol(&run_b, "admin-b", AUDITOR_PASSWORD);
+
+    // Two people: the first asks, the command says what the second runs.
+    let e = fails(&run(
+        &["tenant", "shred", "clinic", "--confirm", "clinic"],
+        "",
+    ));
+    let id = e
+        .split("approval required: ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&format!("coffre approvals approve {id}")), "{e}");
+    let e = fails(&run(&["approvals", "approve", &id], ""));
+    assert!(e.contains("own request"), "{e}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&run_b(&["--json", "approvals", "list"], ""))).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["state"], "pending");
+    assert!(ok(&run_b(&["approvals", "approve", &id], "")).contains("approved"));
+
+    // Single sign-on for a clinician bound to the provider's subject.
+    ok(&run(
+        &[
+            "principal",
+            "create",
+            "--tenant",
+            "clinic",
+            "--username",
+            "dr-house",
+            "--role",
+            "clinician",
+            "--oidc",
+            "keycloak:f81d4fae-7dec",
+        ],
+        "",
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("kc-1".into());
+    let id_token = jsonwebtoken::encode(
+        &h,
+        &serde_json::json!({
+            "iss": "https://sso.chu.example/realms/staff", "aud": "coffre",
+            "sub": "f81d4fae-7dec", "iat": now, "exp": now + 300, "jti": "j-1",
+        }),
+        &enc,
+    )
+    .unwrap();
+    let tok_c = root.path().join("token-c");
+    let out = ok(&coffre(
+        &p.addr,
+        &tok_c,
+        &["login", "--oidc", "keycloak"],
+        &format!("{id_token}\n"),
+    ));
+    assert!(out.contains("keycloak"), "{out}");
+    ok(&coffre(
+        &p.addr,
+        &tok_c,
+        &["record", "put"],
+        r#"{"id": "p-1", "fields": {"family_name": "Durand"}}"#,
+    ));
+    // The same token again: refused in one line, like a bad password.
+    let e = fails(&coffre(
+        &p.addr,
+        &tok_c,
+        &["login", "--oidc", "keycloak"],
+        &format!("{id_token}\n"),
+    ));
+    assert!(e.contains("invalid tenant, username or password"), "{e}");
+
+    // The approved shred runs once.
+    assert!(
+        ok(&run(
+            &["tenant", "shred", "clinic", "--confirm", "clinic"],
+            ""
+        ))
+        .contains("shredded")
+    );
+}

@@ -3,11 +3,8 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use coffre::pb::{self, auth_client::AuthClient};
 use common::*;
-use hmac::{Hmac, Mac};
 
 const BAD: &str = "invalid tenant, username or password";
 
@@ -19,46 +16,6 @@ async fn server() -> TestServer {
         &format!("{ROOMY_LIMITS}\n[mfa]\nrequired_roles = [\"admin\", \"auditor\"]\n"),
     );
     TestServer::start_with(root, config).await
-}
-
-/// The secret of an otpauth URI (base32 → bytes).
-fn secret_of(uri: &str) -> Vec<u8> {
-    let b32 = uri
-        .split("secret=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut out, mut buf, mut bits) = (Vec::new(), 0u64, 0);
-    for c in b32.bytes() {
-        buf = (buf << 5) | alphabet.iter().position(|&a| a == c).unwrap() as u64;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    out
-}
-
-/// RFC 4226/6238: HMAC-SHA-1, dynamic truncation, 6 digits.
-fn code(secret: &[u8], step: i64) -> String {
-    let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(secret).unwrap();
-    mac.update(&(step as u64).to_be_bytes());
-    let h = mac.finalize().into_bytes();
-    let o = (h[19] & 15) as usize;
-    let n = u32::from_be_bytes([h[o] & 0x7f, h[o + 1], h[o + 2], h[o + 3]]) % 1_000_000;
-    format!("{n:06}")
-}
-
-fn step_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        / 30
 }
 
 async fn login(s: &TestServer, user: &str, pw: &str, otp: &str) -> Result<String, tonic::Status> {
@@ -141,7 +98,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     );
     assert!(en.otpauth_uri.contains("algorithm=SHA1&digits=6&period=30"));
     assert_eq!(en.recovery_codes.len(), 10);
-    let secret = secret_of(&en.otpauth_uri);
+    let secret = totp_secret_of(&en.otpauth_uri);
     assert_eq!(secret.len(), 20);
     // Pending until confirmed: a login still gets an enrol-only session.
     let t2 = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
@@ -149,13 +106,13 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
         create_tenant(&s, &t2, "clinic").await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    let now = step_now();
-    let wrong = code(&secret, now + 7);
+    let now = totp_step_now();
+    let wrong = totp_code(&secret, now + 7);
     assert_eq!(
         confirm(&s, &t, &wrong).await.unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
-    confirm(&s, &t, &code(&secret, now)).await.unwrap();
+    confirm(&s, &t, &totp_code(&secret, now)).await.unwrap();
     // Enrolment ended the enrol-only session's purpose, not the session:
     // it still cannot do anything else.
     assert_eq!(
@@ -166,16 +123,16 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     // Enrolled: no code, a wrong code, a reused code: like a bad password.
     refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, "").await, "no code");
     refused_like_a_bad_password(
-        login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 5)).await,
+        login(&s, "admin", ADMIN_PASSWORD, &totp_code(&secret, now + 5)).await,
         "wrong code",
     );
-    let next = code(&secret, now + 1);
+    let next = totp_code(&secret, now + 1);
     let full = login(&s, "admin", ADMIN_PASSWORD, &next).await.unwrap();
     create_tenant(&s, &full, "clinic").await.unwrap();
     refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &next).await, "reused");
     // The code confirmed at enrolment was spent there too.
     refused_like_a_bad_password(
-        login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now)).await,
+        login(&s, "admin", ADMIN_PASSWORD, &totp_code(&secret, now)).await,
         "code of the enrolment",
     );
     // A right code with a wrong password is still a bad password.
@@ -184,7 +141,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
             &s,
             "admin",
             "not the password at all",
-            &code(&secret, now + 1),
+            &totp_code(&secret, now + 1),
         )
         .await,
         "wrong password",
@@ -211,7 +168,13 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     // recovery code is refused.
     for i in 0..5 {
         refused_like_a_bad_password(
-            login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 10 + i)).await,
+            login(
+                &s,
+                "admin",
+                ADMIN_PASSWORD,
+                &totp_code(&secret, now + 10 + i),
+            )
+            .await,
             "wrong code",
         );
     }
@@ -235,10 +198,10 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
 async fn one_code_opens_one_session_under_parallel_logins() {
     let s = server().await;
     let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
-    let secret = secret_of(&enroll(&s, &t).await.otpauth_uri);
-    let now = step_now();
-    confirm(&s, &t, &code(&secret, now - 1)).await.unwrap();
-    let c = code(&secret, now + 1);
+    let secret = totp_secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let now = totp_step_now();
+    confirm(&s, &t, &totp_code(&secret, now - 1)).await.unwrap();
+    let c = totp_code(&secret, now + 1);
     let mut tasks = Vec::new();
     for _ in 0..12 {
         let ch = s.channel().await;
@@ -267,10 +230,10 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
     let s = server().await;
     // The bootstrap admin enrols and creates a second admin and an auditor.
     let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
-    let secret = secret_of(&enroll(&s, &t).await.otpauth_uri);
-    let now = step_now();
-    confirm(&s, &t, &code(&secret, now)).await.unwrap();
-    let full = login(&s, "admin", ADMIN_PASSWORD, &code(&secret, now + 1))
+    let secret = totp_secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let now = totp_step_now();
+    confirm(&s, &t, &totp_code(&secret, now)).await.unwrap();
+    let full = login(&s, "admin", ADMIN_PASSWORD, &totp_code(&secret, now + 1))
         .await
         .unwrap();
     for (user, role) in [("admin-b", pb::Role::Admin), ("auditor", pb::Role::Auditor)] {
@@ -299,9 +262,9 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
 
     // admin-b enrols, then resets the first admin's factor.
     let tb = login(&s, "admin-b", AUDITOR_PASSWORD, "").await.unwrap();
-    let sb = secret_of(&enroll(&s, &tb).await.otpauth_uri);
-    confirm(&s, &tb, &code(&sb, now)).await.unwrap();
-    let full_b = login(&s, "admin-b", AUDITOR_PASSWORD, &code(&sb, now + 1))
+    let sb = totp_secret_of(&enroll(&s, &tb).await.otpauth_uri);
+    confirm(&s, &tb, &totp_code(&sb, now)).await.unwrap();
+    let full_b = login(&s, "admin-b", AUDITOR_PASSWORD, &totp_code(&sb, now + 1))
         .await
         .unwrap();
     s.admin()
@@ -325,13 +288,13 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         create_tenant(&s, &again, "x").await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    let fresh = secret_of(&enroll(&s, &again).await.otpauth_uri);
+    let fresh = totp_secret_of(&enroll(&s, &again).await.otpauth_uri);
     assert_ne!(fresh, secret);
     // The alert says who was reset.
     let alerts = {
-        let na = secret_of(&enroll(&s, &aud).await.otpauth_uri);
-        confirm(&s, &aud, &code(&na, now)).await.unwrap();
-        let aud = login(&s, "auditor", AUDITOR_PASSWORD, &code(&na, now + 1))
+        let na = totp_secret_of(&enroll(&s, &aud).await.otpauth_uri);
+        confirm(&s, &aud, &totp_code(&na, now)).await.unwrap();
+        let aud = login(&s, "auditor", AUDITOR_PASSWORD, &totp_code(&na, now + 1))
             .await
             .unwrap();
         s.alerts(&aud).await

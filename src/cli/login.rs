@@ -11,11 +11,12 @@ pub(super) async fn login(
     oidc: Option<String>,
 ) -> Result<(), CliError> {
     let mut c = AuthClient::new(connect(g).await?);
-    let (tenant, username) = match &oidc {
-        Some(p) => (format!("(oidc {p})"), String::new()),
-        None => (tenant.to_string(), username.to_string()),
+    // With single sign-on the server, not the command line, knows who.
+    let who = match &oidc {
+        Some(p) => format!("through {p}"),
+        None => format!("as {tenant}/{username}"),
     };
-    let (tenant, username) = (tenant.as_str(), username.as_str());
+    let oidc_provider = oidc.clone();
     let sent = match oidc {
         Some(provider) => {
             let id_token = read_secret("id token: ", false)?;
@@ -69,7 +70,12 @@ pub(super) async fn login(
         .map_err(|e| err(format!("{}: {e}", path.display())))?;
     f.write_all(token.as_bytes()).map_err(err)?;
     if g.json {
-        let mut v = json!({"tenant": tenant, "username": username, "expires_at_unix": resp.expires_at_unix});
+        let mut v = match &oidc_provider {
+            Some(p) => json!({"provider": p, "expires_at_unix": resp.expires_at_unix}),
+            None => {
+                json!({"tenant": tenant, "username": username, "expires_at_unix": resp.expires_at_unix})
+            }
+        };
         if print {
             v["token"] = json!(&*token);
         }
@@ -77,10 +83,7 @@ pub(super) async fn login(
     } else if print {
         println!("{}", &*token);
     } else {
-        println!(
-            "logged in as {tenant}/{username}; token saved to {}",
-            path.display()
-        );
+        println!("logged in {who}; token saved to {}", path.display());
     }
     Ok(())
 }
