@@ -233,6 +233,10 @@ fn is_loopback(host: &str) -> bool {
 /// The trusted providers.
 pub struct Oidc {
     providers: HashMap<String, Provider>,
+    /// Signatures are checked on the blocking pool, this many at once
+    /// (one less than the cores): a flood of forged tokens queues there
+    /// instead of taking every core from the other calls.
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 struct Provider {
@@ -333,7 +337,11 @@ impl Oidc {
                 },
             );
         }
-        Ok(Self { providers })
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self {
+            providers,
+            verifying: Arc::new(tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))),
+        })
     }
 
     /// The tenant a provider logs in to, if the provider is configured.
@@ -406,20 +414,31 @@ impl Oidc {
         v.set_issuer(&[&p.issuer]);
         v.set_audience(&[&p.audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let data =
-            jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &v)
-                .map_err(|e| match e.kind() {
-                    ErrorKind::InvalidSignature => Refusal::BadSignature,
-                    ErrorKind::ExpiredSignature => Refusal::Expired,
-                    ErrorKind::ImmatureSignature => Refusal::NotYetValid,
-                    ErrorKind::InvalidIssuer => Refusal::WrongIssuer,
-                    ErrorKind::InvalidAudience => Refusal::WrongAudience,
-                    ErrorKind::MissingRequiredClaim(_) => Refusal::MissingClaim,
-                    ErrorKind::InvalidAlgorithm
-                    | ErrorKind::InvalidAlgorithmName
-                    | ErrorKind::UnsupportedAlgorithm => Refusal::AlgorithmNotAllowed,
-                    _ => Refusal::Malformed,
-                })?;
+        let data = {
+            let _permit = self
+                .verifying
+                .acquire()
+                .await
+                .map_err(|_| Refusal::KeysUnavailable)?;
+            let token = token.to_string();
+            tokio::task::spawn_blocking(move || {
+                jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(&token, &key, &v)
+            })
+            .await
+            .map_err(|_| Refusal::Malformed)?
+        }
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => Refusal::BadSignature,
+            ErrorKind::ExpiredSignature => Refusal::Expired,
+            ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+            ErrorKind::InvalidIssuer => Refusal::WrongIssuer,
+            ErrorKind::InvalidAudience => Refusal::WrongAudience,
+            ErrorKind::MissingRequiredClaim(_) => Refusal::MissingClaim,
+            ErrorKind::InvalidAlgorithm
+            | ErrorKind::InvalidAlgorithmName
+            | ErrorKind::UnsupportedAlgorithm => Refusal::AlgorithmNotAllowed,
+            _ => Refusal::Malformed,
+        })?;
         let claims = data.claims;
         let now = now_ms() / 1000;
         let leeway = p.leeway_secs as i64;
