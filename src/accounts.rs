@@ -1460,6 +1460,24 @@ impl Accounts {
         Ok(self.store.apply_each(b).await?)
     }
 
+    /// Forgets the identities bound to a tenant's principals (a shredded
+    /// tenant): a tenant made again later starts with none.
+    pub async fn forget_bindings(&self, tenant: &TenantName) -> Result<()> {
+        let mut owner = tenant.as_str().as_bytes().to_vec();
+        owner.push(0);
+        let mut b = Batch::new();
+        for (k, v) in self
+            .store
+            .scan_prefix(Space::Meta, crate::oidc::BINDING_PREFIX, usize::MAX)
+            .await?
+        {
+            if v.starts_with(&owner) {
+                b.delete(Space::Meta, k);
+            }
+        }
+        Ok(self.store.apply_each(b).await?)
+    }
+
     /// Drops expired sessions from memory and storage.
     pub async fn sweep_expired(&self) -> Result<usize> {
         let now = now_ms();

@@ -50,6 +50,16 @@ pub struct Approval {
 }
 
 impl Approval {
+    /// The principal the request acts on (`tenant/username`), if any.
+    pub fn subject(&self) -> Option<String> {
+        let field = |k: &str| {
+            self.target
+                .split(' ')
+                .find_map(|p| p.strip_prefix(k)?.strip_prefix('='))
+        };
+        Some(format!("{}/{}", field("tenant")?, field("username")?))
+    }
+
     /// The state as of `now` (a pending or approved one past its time is
     /// `expired`).
     pub fn state_at(&self, now: i64) -> &str {
@@ -180,7 +190,8 @@ impl Approvals {
     }
 
     /// Approves (`yes`) or denies request `id` as `caller`. Nobody
-    /// approves their own request; anyone may deny (withdraw) one.
+    /// approves their own request, nor one acting on themselves (a reset of
+    /// their own second factor); anyone may deny (withdraw) one.
     pub async fn decide(&self, id: &str, caller: &Caller, yes: bool) -> Result<Approval> {
         let me = caller.principal();
         let _w = self.writes.lock().await;
@@ -193,6 +204,11 @@ impl Approvals {
             if yes && a.requested_by == me {
                 return Err(Error::PermissionDenied(
                     "approving one's own request is not allowed: another admin must",
+                ));
+            }
+            if yes && a.subject().as_deref() == Some(me.as_str()) {
+                return Err(Error::PermissionDenied(
+                    "the principal a request acts on cannot approve it: another admin must",
                 ));
             }
             match a.state_at(now_ms()) {

@@ -836,6 +836,40 @@ mod tests {
         assert_eq!(env, keys);
     }
 
+    /// Outside dev mode admins and auditors need a second factor and
+    /// every guarded action a second admin; dev mode asks neither unless
+    /// told; lists come from the environment too.
+    #[test]
+    fn identity_defaults_depend_on_dev_mode() {
+        let prod = Config::default();
+        assert_eq!(prod.mfa_roles(), vec!["admin", "auditor"]);
+        assert_eq!(prod.approval_actions(), APPROVAL_ACTIONS.to_vec());
+        let dev = Config {
+            dev: true,
+            ..Config::default()
+        };
+        assert!(dev.mfa_roles().is_empty() && dev.approval_actions().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "dev = true\n").unwrap();
+        let c = Config::load_with_env(Some(&f), |k| match k {
+            "COFFRE_MFA_REQUIRED_ROLES" => Some("admin, auditor".into()),
+            "COFFRE_APPROVAL_REQUIRED_FOR" => Some("shred_tenant".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.mfa_roles(), vec!["admin", "auditor"]);
+        assert_eq!(c.approval_actions(), vec!["shred_tenant"]);
+        let bad = Config::load_with_env(Some(&f), |k| {
+            (k == "COFFRE_APPROVAL_REQUIRED_FOR").then(|| "shred_everything".into())
+        });
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("approval.required_for")
+        );
+    }
+
     #[test]
     fn env_overrides_file_and_types_are_checked() {
         let dir = tempfile::tempdir().unwrap();

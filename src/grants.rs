@@ -87,6 +87,22 @@ impl Grants {
         }
     }
 
+    /// Forgets a shredded tenant's grants.
+    pub async fn forget_tenant(&self, tenant: &TenantName) -> Result<()> {
+        let mut prefix = PREFIX.to_vec();
+        prefix.extend_from_slice(tenant.as_str().as_bytes());
+        prefix.push(0);
+        let mut b = Batch::new();
+        for (k, _) in self
+            .store
+            .scan_prefix(Space::Meta, &prefix, usize::MAX)
+            .await?
+        {
+            b.delete(Space::Meta, k);
+        }
+        Ok(self.store.apply_each(b).await?)
+    }
+
     /// Opens a grant (replacing any earlier one of that principal).
     pub async fn grant(
         &self,

@@ -110,6 +110,10 @@ pub struct Identity {
     pub replay_until_ms: i64,
 }
 
+/// Where bindings are stored (in `Meta`): `oidc\0<provider>\0<subject>`
+/// → `<tenant>\0<username>`.
+pub const BINDING_PREFIX: &[u8] = b"oidc\0";
+
 /// An identity bound to a principal: `<provider>:<subject>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
@@ -138,7 +142,7 @@ impl Binding {
 
     /// The key of the binding in storage.
     pub fn key(&self) -> Vec<u8> {
-        let mut k = b"oidc\0".to_vec();
+        let mut k = BINDING_PREFIX.to_vec();
         k.extend_from_slice(self.provider.as_bytes());
         k.push(0);
         k.extend_from_slice(self.subject.as_bytes());

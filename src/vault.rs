@@ -931,6 +931,8 @@ impl Vault {
             }
         }
         self.accounts.forget_tenant(name).await?;
+        self.accounts.forget_bindings(name).await?;
+        self.grants.forget_tenant(name).await?;
         self.budgets.forget_tenant(name);
         self.store.sync().await?;
         self.audit

@@ -449,3 +449,88 @@ async fn parallel_reads_under_one_grant_never_pass_its_bound() {
     }
     assert_eq!(total, 500);
 }
+
+#[tokio::test]
+async fn retiring_a_key_version_and_resetting_a_second_factor_need_a_second_admin() {
+    let (s, a, b) = server(60.0, ROOMY_LIMITS).await;
+    let mut adm = s.admin().await;
+    // Version 1 of `clinic`, no longer active and used by no field.
+    adm.rotate_tenant_key(authed(
+        &a,
+        pb::RotateTenantKeyRequest {
+            tenant: "clinic".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let retire = || pb::RetireKeyVersionRequest {
+        tenant: "clinic".into(),
+        version: 1,
+    };
+    // The active version cannot be retired: no approval is asked for it.
+    let e = adm
+        .retire_key_version(authed(
+            &a,
+            pb::RetireKeyVersionRequest {
+                tenant: "clinic".into(),
+                version: 2,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.metadata().get("coffre-approval-id").is_none(), "{e:?}");
+    let id = approval_id(
+        &adm.retire_key_version(authed(&a, retire()))
+            .await
+            .unwrap_err(),
+    );
+    let listed = approvals(&s, &b).await;
+    assert_eq!(listed[0].target, "tenant=clinic version=1");
+    decide(&s, &b, &id, true).await.unwrap();
+    adm.retire_key_version(authed(&a, retire())).await.unwrap();
+    let st = adm
+        .key_status(authed(
+            &a,
+            pb::KeyStatusRequest {
+                tenant: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.versions.iter().any(|v| v.version == 1 && v.retired));
+
+    // Resetting B's second factor: A asks; B, the subject, cannot approve
+    // it; a third admin can.
+    s.principal("system", "admin-c", pb::Role::Admin, B_PASSWORD)
+        .await;
+    let c = s.login("system", "admin-c", B_PASSWORD).await.unwrap();
+    let reset = || pb::ResetMfaRequest {
+        tenant: "system".into(),
+        username: "admin-b".into(),
+    };
+    let id = approval_id(&adm.reset_mfa(authed(&a, reset())).await.unwrap_err());
+    assert_eq!(
+        approvals(&s, &a)
+            .await
+            .iter()
+            .find(|x| x.id == id)
+            .unwrap()
+            .target,
+        "tenant=system username=admin-b"
+    );
+    assert_eq!(
+        decide(&s, &b, &id, true).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    decide(&s, &c, &id, true).await.unwrap();
+    adm.reset_mfa(authed(&a, reset())).await.unwrap();
+    // The reset ended B's sessions.
+    assert_eq!(
+        decide(&s, &b, "ap-000000000000", true)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+}

@@ -520,4 +520,31 @@ async fn bindings_name_a_configured_provider_of_the_tenant_and_one_principal_eac
     let names: Vec<_> = list.iter().map(|p| p.username.as_str()).collect();
     assert_eq!(names.iter().filter(|n| n.starts_with("new")).count(), 1);
     assert!(!names.iter().any(|n| n.starts_with("dup")));
+
+    // A shredded tenant leaves no binding behind (they name its
+    // principals), and its identities open nothing.
+    s.admin()
+        .await
+        .shred_tenant(authed(
+            &admin,
+            pb::ShredTenantRequest {
+                tenant: "clinic".into(),
+                confirm: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let e = login_oidc(&s, "psc", &key.sign(&claims(SUBJECT)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let left = s
+        .vault
+        .as_ref()
+        .unwrap()
+        .store
+        .scan_prefix(coffre::store::Space::Meta, b"oidc\0", usize::MAX)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{} bindings left", left.len());
 }
