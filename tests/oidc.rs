@@ -55,6 +55,9 @@ impl SigningKey {
     }
 }
 
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 /// The issuer's JWKS endpoint: serves whatever keys it holds now, counting
 /// the fetches.
 struct Issuer {
@@ -65,18 +68,61 @@ struct Issuer {
 
 impl Issuer {
     async fn start(keys: &[&SigningKey]) -> Self {
+        Self::serve(keys, None).await
+    }
+
+    /// Over HTTPS, with a certificate for `localhost` signed by a CA made
+    /// here; returns the CA (PEM) Coffre must trust.
+    async fn start_tls(keys: &[&SigningKey]) -> (Self, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::serve(keys, Some(acceptor)).await, ca.pem())
+    }
+
+    async fn serve(keys: &[&SigningKey], tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/jwks"),
+            None => format!("http://127.0.0.1:{port}/jwks"),
+        };
         let held = Arc::new(Mutex::new(keys.iter().map(|k| k.jwk.clone()).collect()));
         let fetches = Arc::new(AtomicUsize::new(0));
         let (k, f) = (held.clone(), fetches.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
+                let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (k, f) = (k.clone(), f.clone());
+                let (k, f, tls) = (k.clone(), f.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let mut sock: Box<dyn Stream> = match tls {
+                        Some(t) => match t.accept(tcp).await {
+                            Ok(s) => Box::new(s),
+                            Err(_) => return,
+                        },
+                        None => Box::new(tcp),
+                    };
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
                     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -141,13 +187,18 @@ fn without(mut c: Value, key: &str) -> Value {
 /// `clinic/dr-house` is bound to the issuer's `SUBJECT` (and has no
 /// password).
 async fn server(issuer: &Issuer) -> TestServer {
+    server_with(issuer, "").await
+}
+
+/// [`server`] with `extra` lines in `[oidc.psc]`.
+async fn server_with(issuer: &Issuer, extra: &str) -> TestServer {
     let root = tempfile::tempdir().unwrap();
     let config = test_config_with(
         root.path(),
         &format!(
             "{ROOMY_LIMITS}\n[oidc.psc]\nissuer = {ISSUER:?}\naudience = {AUDIENCE:?}\n\
              jwks_url = {:?}\ntenant = \"clinic\"\nrequired_acr = [\"eidas3\"]\n\
-             max_age_secs = 120\nleeway_secs = 5\n",
+             max_age_secs = 120\nleeway_secs = 5\n{extra}",
             issuer.url
         ),
     );
@@ -547,4 +598,31 @@ async fn bindings_name_a_configured_provider_of_the_tenant_and_one_principal_eac
         .await
         .unwrap();
     assert!(left.is_empty(), "{} bindings left", left.len());
+}
+
+#[tokio::test]
+async fn keys_come_over_https_from_a_provider_signed_by_the_configured_ca() {
+    let key = SigningKey::new("k1");
+    let (issuer, ca) = Issuer::start_tls(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("idp-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let s = server_with(&issuer, &format!("ca_file = {ca_file:?}\n")).await;
+    login_oidc(&s, "psc", &key.sign(&claims(SUBJECT)))
+        .await
+        .unwrap();
+    assert!(issuer.fetches.load(Ordering::SeqCst) >= 1);
+
+    // Without the CA, the provider's certificate is not trusted: no keys,
+    // no login (and the trail says why).
+    let key2 = SigningKey::new("k1");
+    let (issuer2, _) = Issuer::start_tls(&[&key2]).await;
+    let s2 = server(&issuer2).await;
+    let e = login_oidc(&s2, "psc", &key2.sign(&claims(SUBJECT)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(issuer2.fetches.load(Ordering::SeqCst), 0);
+    let auditor = system_auditor(&s2).await;
+    assert_eq!(reasons(&s2, &auditor).await, vec!["keys_unavailable"]);
 }
