@@ -273,6 +273,38 @@ const TIGHT: &str = "[limits.clinician]\nreads_per_second = 1.0\nread_burst = 5\
     distinct_records_per_hour = 20\ndistinct_records_per_day = 40\nlock_after_throttles = 1000\n";
 const PURPOSE: &str = "research extract, protocol 2026-114";
 
+/// `n` records with ids `<prefix>0000…`, written by `token`.
+async fn records(s: &TestServer, token: &str, prefix: &str, n: usize) -> Vec<String> {
+    let mut rec = s.records().await;
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}{i:04}")).collect();
+    for id in &ids {
+        rec.put_record(authed(token, put(id, &[("name", "Patient")])))
+            .await
+            .unwrap();
+    }
+    ids
+}
+
+/// A grant of `max_records` to `clinic/researcher` for [`PURPOSE`]: asked
+/// by `a`, approved by `b`, then given.
+async fn grant_by_two(s: &TestServer, a: &str, b: &str, max_records: u32, hours: u32) {
+    let grant = pb::GrantExportRequest {
+        tenant: "clinic".into(),
+        username: "researcher".into(),
+        max_records,
+        purpose: PURPOSE.into(),
+        hours,
+    };
+    let mut adm = s.admin().await;
+    let id = approval_id(
+        &adm.grant_export(authed(a, grant.clone()))
+            .await
+            .unwrap_err(),
+    );
+    decide(s, b, &id, true).await.unwrap();
+    adm.grant_export(authed(a, grant)).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_export_grant_reads_its_records_beyond_the_budget_and_no_more() {
     let (s, a, b) = server(60.0, TIGHT).await;
@@ -286,34 +318,9 @@ async fn an_export_grant_reads_its_records_beyond_the_budget_and_no_more() {
         .await
         .unwrap();
     // 1,010 records (writes spend no read budget).
-    let mut rec = s.records().await;
-    let ids: Vec<String> = (0..1010).map(|i| format!("p{i:04}")).collect();
-    for id in &ids {
-        rec.put_record(authed(&researcher, put(id, &[("name", "Patient")])))
-            .await
-            .unwrap();
-    }
-    // The grant: two admins.
-    let grant = pb::GrantExportRequest {
-        tenant: "clinic".into(),
-        username: "researcher".into(),
-        max_records: 1000,
-        purpose: PURPOSE.into(),
-        hours: 2,
-    };
-    let id = approval_id(
-        &s.admin()
-            .await
-            .grant_export(authed(&a, grant.clone()))
-            .await
-            .unwrap_err(),
-    );
-    decide(&s, &b, &id, true).await.unwrap();
-    s.admin()
-        .await
-        .grant_export(authed(&a, grant))
-        .await
-        .unwrap();
+    let rec = s.records().await;
+    let ids = records(&s, &researcher, "p", 1010).await;
+    grant_by_two(&s, &a, &b, 1000, 2).await;
 
     let bulk = |token: &str, ids: &[String], purpose: &str| {
         let req = authed(
@@ -393,33 +400,8 @@ async fn parallel_reads_under_one_grant_never_pass_its_bound() {
     let researcher = s
         .tenant_with("clinic", "researcher", pb::Role::Clinician)
         .await;
-    let mut rec = s.records().await;
-    let ids: Vec<String> = (0..300).map(|i| format!("q{i:03}")).collect();
-    for id in &ids {
-        rec.put_record(authed(&researcher, put(id, &[("name", "Patient")])))
-            .await
-            .unwrap();
-    }
-    let grant = pb::GrantExportRequest {
-        tenant: "clinic".into(),
-        username: "researcher".into(),
-        max_records: 500,
-        purpose: PURPOSE.into(),
-        hours: 1,
-    };
-    let id = approval_id(
-        &s.admin()
-            .await
-            .grant_export(authed(&a, grant.clone()))
-            .await
-            .unwrap_err(),
-    );
-    decide(&s, &b, &id, true).await.unwrap();
-    s.admin()
-        .await
-        .grant_export(authed(&a, grant))
-        .await
-        .unwrap();
+    let ids = records(&s, &researcher, "q", 300).await;
+    grant_by_two(&s, &a, &b, 500, 1).await;
     // Eight readers of 100 records each, at once: 800 asked, 500 allowed.
     let mut tasks = Vec::new();
     for i in 0..8 {

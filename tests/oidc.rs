@@ -518,32 +518,22 @@ async fn bindings_name_a_configured_provider_of_the_tenant_and_one_principal_eac
         let mut a = s.admin().await;
         let admin = admin.clone();
         tasks.push(tokio::spawn(async move {
-            let taken = a
-                .create_principal(authed(
+            let mut bind = async |user: String, oidc: &str| {
+                a.create_principal(authed(
                     &admin,
                     pb::CreatePrincipalRequest {
                         tenant: "clinic".into(),
-                        username: format!("dup{i}"),
+                        username: user,
                         password: String::new(),
                         role: pb::Role::Clinician as i32,
-                        oidc: format!("psc:{SUBJECT}"),
+                        oidc: oidc.into(),
                     },
                 ))
                 .await
-                .is_ok();
-            let fresh = a
-                .create_principal(authed(
-                    &admin,
-                    pb::CreatePrincipalRequest {
-                        tenant: "clinic".into(),
-                        username: format!("new{i}"),
-                        password: String::new(),
-                        role: pb::Role::Clinician as i32,
-                        oidc: "psc:700000000001".into(),
-                    },
-                ))
-                .await
-                .is_ok();
+                .is_ok()
+            };
+            let taken = bind(format!("dup{i}"), &format!("psc:{SUBJECT}")).await;
+            let fresh = bind(format!("new{i}"), "psc:700000000001").await;
             (taken, fresh)
         }));
     }
