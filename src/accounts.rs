@@ -1002,6 +1002,7 @@ impl Accounts {
             )
         })?;
         let pending = p.totp_pending_sealed.clone();
+        let replacing = !p.totp_sealed.is_empty();
         self.update(t, u, |p| {
             if p.totp_pending_sealed != pending {
                 return (false, false);
@@ -1016,6 +1017,18 @@ impl Accounts {
         .ok_or_else(|| {
             Error::FailedPrecondition("the enrolment changed meanwhile: enrol again".into())
         })?;
+        if replacing {
+            // A stolen session could swap the factor: its owner should hear.
+            self.audit
+                .alert(
+                    Severity::Warning,
+                    "mfa_replaced",
+                    t.as_str(),
+                    &caller.principal(),
+                    "second factor replaced by a new enrolment".into(),
+                )
+                .await?;
+        }
         Ok(())
     }
 

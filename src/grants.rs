@@ -68,7 +68,16 @@ pub struct Grants {
     store: Storage,
     audit: Arc<Audit>,
     writes: tokio::sync::Mutex<()>,
+    /// Principals found without a grant, and when: for [`NO_GRANT_TTL`]
+    /// their reads skip the lookup (a storage round trip on PostgreSQL).
+    /// A grant given on this node clears its entry at once; one given on
+    /// another node is seen within the TTL (until then the budget applies,
+    /// which errs on the safe side).
+    none: parking_lot::Mutex<std::collections::HashMap<Vec<u8>, std::time::Instant>>,
 }
+
+const NO_GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+const NO_GRANT_TRACKED: usize = 100_000;
 
 fn key(tenant: &TenantName, username: &Username) -> Vec<u8> {
     let mut k = PREFIX.to_vec();
@@ -84,6 +93,7 @@ impl Grants {
             store,
             audit,
             writes: tokio::sync::Mutex::new(()),
+            none: Default::default(),
         }
     }
 
@@ -131,9 +141,11 @@ impl Grants {
             granted_by: by.principal(),
         };
         let _w = self.writes.lock().await;
+        let k = key(tenant, username);
         let mut b = Batch::new();
-        b.put(Space::Meta, key(tenant, username), g.encode_to_vec());
+        b.put(Space::Meta, k.clone(), g.encode_to_vec());
         self.store.commit(b).await?;
+        self.none.lock().remove(&k);
         self.audit
             .alert(
                 Severity::Warning,
@@ -163,7 +175,20 @@ impl Grants {
             return Ok(None);
         }
         let k = key(&caller.tenant, &caller.username);
+        if self
+            .none
+            .lock()
+            .get(&k)
+            .is_some_and(|t| t.elapsed() < NO_GRANT_TTL)
+        {
+            return Ok(None);
+        }
         let Some(raw) = self.store.get(Space::Meta, &k).await? else {
+            let mut none = self.none.lock();
+            if none.len() >= NO_GRANT_TRACKED {
+                none.clear();
+            }
+            none.insert(k, std::time::Instant::now());
             return Ok(None);
         };
         let g = StoredGrant::decode(&raw[..])?;

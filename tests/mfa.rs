@@ -278,6 +278,10 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         ))
         .await
         .unwrap();
+    // admin-b replaces its own factor from a full session: allowed, and
+    // alerted (a stolen session could do the same).
+    let nb = totp_secret_of(&enroll(&s, &full_b).await.otpauth_uri);
+    confirm(&s, &full_b, &totp_code(&nb, now)).await.unwrap();
     // Its sessions ended; its next login can only enrol again.
     assert_eq!(
         create_tenant(&s, &full, "x").await.unwrap_err().code(),
@@ -303,6 +307,12 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         alerts
             .iter()
             .any(|a| a.kind == "mfa_reset" && a.principal == "system/admin"),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "mfa_replaced" && a.principal == "system/admin-b"),
         "{alerts:?}"
     );
 }

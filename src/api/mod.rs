@@ -149,6 +149,8 @@ fn writes(action: &str) -> bool {
                 | "Admin/ShredTenant"
                 | "Admin/ResetMfa"
                 | "Admin/GrantExport"
+                | "Admin/Approve"
+                | "Admin/Deny"
                 | "Auth/ConfirmTotp"
                 | "Auth/EnrollTotp"
         )
