@@ -316,7 +316,7 @@ impl Oidc {
                     Source::Url { uri, tls }
                 }
                 (None, Some(f)) => Source::File(f.clone()),
-                (None, None) => unreachable!("check_config requires one source"),
+                (None, None) => return Err(format!("oidc.{name}: set jwks_url or jwks_file")),
             };
             let algorithms = match &p.algorithms {
                 Some(a) => a.iter().filter_map(|a| parse_algorithm(a)).collect(),
