@@ -139,7 +139,7 @@ impl Approvals {
                     Ok(()) => {
                         self.alert(
                             &a,
-                            "approval_used",
+                            "used",
                             format!(
                                 "{} on {} by {} under approval {} of {}",
                                 a.action, a.target, a.requested_by, a.id, a.decided_by
@@ -175,7 +175,7 @@ impl Approvals {
             }
             self.alert(
                 &a,
-                "approval_requested",
+                "requested",
                 format!(
                     "{} on {} requested by {}; a second admin runs: coffre approvals approve {}",
                     a.action, a.target, a.requested_by, a.id
@@ -230,9 +230,9 @@ impl Approvals {
                 Err(e) => return Err(e.into()),
             }
             let (kind, verb) = if yes {
-                ("approval_granted", "approved")
+                ("granted", "approved")
             } else {
-                ("approval_denied", "denied")
+                ("denied", "denied")
             };
             self.alert(
                 &a,
@@ -275,7 +275,10 @@ impl Approvals {
         Ok(out)
     }
 
-    async fn alert(&self, a: &Approval, kind: &str, detail: String) -> Result<()> {
+    /// Alerts `approval_<step>` and counts the step.
+    async fn alert(&self, a: &Approval, step: &'static str, detail: String) -> Result<()> {
+        self.audit.stats().approval(step);
+        let kind = format!("approval_{step}");
         // The target names a tenant when there is one (`tenant=<name>`).
         let tenant = a
             .target
@@ -283,7 +286,7 @@ impl Approvals {
             .find_map(|p| p.strip_prefix("tenant="))
             .unwrap_or("");
         self.audit
-            .alert(Severity::Warning, kind, tenant, &a.requested_by, detail)
+            .alert(Severity::Warning, &kind, tenant, &a.requested_by, detail)
             .await
     }
 }

@@ -229,6 +229,7 @@ impl Grants {
                 Err(StorageError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }
+            self.audit.stats().export_grant_records.inc_by(u64::from(n));
             if first || g.used == g.max_records {
                 let what = if first { "first use" } else { "used up" };
                 self.audit

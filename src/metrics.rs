@@ -210,6 +210,21 @@ impl Metrics {
             s.honeytoken_hits.clone(),
         );
         r.register(
+            "coffre_oidc_refusals",
+            "OpenID Connect id tokens refused, by reason (as in the trail).",
+            s.oidc_refusals.clone(),
+        );
+        r.register(
+            "coffre_approvals",
+            "Two-person requests, by step (requested, granted, denied, used).",
+            s.approvals.clone(),
+        );
+        r.register(
+            "coffre_export_grant_records",
+            "Records read or reserved beyond a read budget under an export grant.",
+            s.export_grant_records.clone(),
+        );
+        r.register(
             "coffre_serving",
             "1 while the health service says SERVING, else 0.",
             m.serving.clone(),

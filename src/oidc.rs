@@ -70,6 +70,28 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every reason, for series that exist before the first refusal.
+    pub const ALL: [Refusal; 18] = [
+        Refusal::UnknownProvider,
+        Refusal::Malformed,
+        Refusal::AlgorithmNotAllowed,
+        Refusal::UnknownKey,
+        Refusal::KeysUnavailable,
+        Refusal::BadSignature,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+        Refusal::TooOld,
+        Refusal::IssuedInFuture,
+        Refusal::WrongIssuer,
+        Refusal::WrongAudience,
+        Refusal::MissingClaim,
+        Refusal::AcrNotAccepted,
+        Refusal::NoSubject,
+        Refusal::UnboundSubject,
+        Refusal::Replayed,
+        Refusal::Locked,
+    ];
+
     /// The reason as the trail names it (`reason=<this>`).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -84,6 +84,22 @@ pub struct FileLabels {
     pub file: LineFile,
 }
 
+/// Why an OpenID Connect token was refused (`reason=` in the trail).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// A step of a two-person request: `requested`, `granted`, `denied`,
+/// `used`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: &'static str,
+}
+
+/// The steps of a two-person request, as counted.
+pub const APPROVAL_STEPS: [&str; 4] = ["requested", "granted", "denied", "used"];
+
 /// The core's counters. Cheap to update (atomics); cloned handles share
 /// their values.
 pub struct Stats {
@@ -99,6 +115,12 @@ pub struct Stats {
     pub locks: Family<LockLabels, Counter>,
     pub login_failures: Counter,
     pub honeytoken_hits: Counter,
+    /// Id tokens refused, by reason.
+    pub oidc_refusals: Family<ReasonLabels, Counter>,
+    /// Two-person requests, by step.
+    pub approvals: Family<StepLabels, Counter>,
+    /// Records read (or reserved) beyond a budget under an export grant.
+    pub export_grant_records: Counter,
 }
 
 impl Default for Stats {
@@ -112,6 +134,9 @@ impl Default for Stats {
             locks: Family::default(),
             login_failures: Counter::default(),
             honeytoken_hits: Counter::default(),
+            oidc_refusals: Family::default(),
+            approvals: Family::default(),
+            export_grant_records: Counter::default(),
         };
         // Every series of the closed label sets exists from the start at 0,
         // so that a rule's rate() or increase() sees the first event.
@@ -133,6 +158,14 @@ impl Default for Stats {
         for file in [LineFile::mirror, LineFile::alert] {
             let _ = s.line_write_failures.get_or_create(&FileLabels { file });
         }
+        for r in crate::oidc::Refusal::ALL {
+            let _ = s
+                .oidc_refusals
+                .get_or_create(&ReasonLabels { reason: r.as_str() });
+        }
+        for step in APPROVAL_STEPS {
+            let _ = s.approvals.get_or_create(&StepLabels { step });
+        }
         s
     }
 }
@@ -153,6 +186,19 @@ impl Stats {
                 role: Role::of(role),
             })
             .inc();
+    }
+
+    pub fn oidc_refused(&self, reason: crate::oidc::Refusal) {
+        self.oidc_refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a two-person step; `step` is one of [`APPROVAL_STEPS`].
+    pub fn approval(&self, step: &'static str) {
+        self.approvals.get_or_create(&StepLabels { step }).inc();
     }
 
     pub fn line_failed(&self, file: LineFile) {

@@ -953,14 +953,21 @@ impl Vault {
         provider: &str,
         token: &str,
     ) -> Result<(crate::accounts::Login, String), crate::accounts::IdentityRefused> {
-        let id = self.oidc.verify(provider, token).await.map_err(|reason| {
-            crate::accounts::IdentityRefused {
+        let r = match self.oidc.verify(provider, token).await {
+            Ok(id) => self.accounts.login_identity(&id).await,
+            Err(reason) => Err(crate::accounts::IdentityRefused {
                 reason,
                 who: None,
                 error: None,
+            }),
+        };
+        if let Err(e) = &r {
+            // A storage error is not a refusal of the token.
+            if e.error.is_none() {
+                self.audit.stats().oidc_refused(e.reason);
             }
-        })?;
-        self.accounts.login_identity(&id).await
+        }
+        r
     }
 
     /// Checks an identity to bind to a principal of `tenant`: its provider

@@ -57,20 +57,6 @@ async fn shred(s: &TestServer, token: &str, t: &str) -> Result<(), tonic::Status
         .map(|_| ())
 }
 
-/// The approval id a refused call names, checked against its message.
-fn approval_id(e: &tonic::Status) -> String {
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    let id = e
-        .metadata()
-        .get("coffre-approval-id")
-        .expect("the id in metadata")
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(e.message(), format!("approval required: {id}"));
-    id
-}
-
 async fn decide(s: &TestServer, token: &str, id: &str, yes: bool) -> Result<(), tonic::Status> {
     let mut a = s.admin().await;
     if yes {

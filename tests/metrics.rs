@@ -380,6 +380,124 @@ async fn a_failed_mirror_write_is_counted_and_alerted() {
 /// promtool (Debian's `prometheus` package) accepts the rules and passes
 /// their unit tests.
 #[tokio::test]
+async fn identity_series_count_refused_tokens_two_person_steps_and_grant_reads() {
+    let s =
+        metrics_server("[approval]\nrequired_for = [\"export_grant\", \"shred_tenant\"]\n").await;
+    const B: &str = "orchard violet 7730 basalt wren";
+    s.principal("system", "admin-b", pb::Role::Admin, B).await;
+    let a = s.admin_token().await;
+    let b = s.login("system", "admin-b", B).await.unwrap();
+    let researcher = s
+        .tenant_with("clinic", "researcher", pb::Role::Clinician)
+        .await;
+    let before = scrape(&s).await;
+    for step in ["requested", "granted", "denied", "used"] {
+        assert_eq!(
+            value(&before, "coffre_approvals_total", &[("step", step)]),
+            0.0,
+            "{step}: series exist at 0 before the first request"
+        );
+    }
+
+    // Two tokens for a provider this server does not have.
+    for _ in 0..2 {
+        let e = coffre::pb::auth_client::AuthClient::new(s.channel().await)
+            .login_oidc(pb::LoginOidcRequest {
+                provider: "nowhere".into(),
+                id_token: "a.b.c".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+
+    // A grant asked, approved, given; a shred asked and denied.
+    let grant = pb::GrantExportRequest {
+        tenant: "clinic".into(),
+        username: "researcher".into(),
+        max_records: 20,
+        purpose: "research extract".into(),
+        hours: 1,
+    };
+    let mut adm = s.admin().await;
+    let id = approval_id(
+        &adm.grant_export(authed(&a, grant.clone()))
+            .await
+            .unwrap_err(),
+    );
+    adm.approve(authed(&b, pb::ApproveRequest { id }))
+        .await
+        .unwrap();
+    adm.grant_export(authed(&a, grant)).await.unwrap();
+    let e = adm
+        .shred_tenant(authed(
+            &a,
+            pb::ShredTenantRequest {
+                tenant: "clinic".into(),
+                confirm: "clinic".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    let id = approval_id(&e);
+    adm.deny(authed(&b, pb::DenyRequest { id })).await.unwrap();
+
+    // Eight records read under the grant.
+    let mut rec = s.records().await;
+    let ids: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+    for id in &ids {
+        rec.put_record(authed(&researcher, record(id)))
+            .await
+            .unwrap();
+    }
+    let mut st = rec
+        .bulk_read(authed(
+            &researcher,
+            pb::BulkReadRequest {
+                ids: ids.clone(),
+                fields: vec![],
+                purpose: "research extract".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while st.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 8);
+
+    let text = scrape(&s).await;
+    assert_eq!(
+        value(
+            &text,
+            "coffre_oidc_refusals_total",
+            &[("reason", "unknown_provider")]
+        ),
+        2.0
+    );
+    assert_eq!(value(&text, "coffre_oidc_refusals_total", &[]), 2.0);
+    for (step, want) in [
+        ("requested", 2.0),
+        ("granted", 1.0),
+        ("denied", 1.0),
+        ("used", 1.0),
+    ] {
+        assert_eq!(
+            value(&text, "coffre_approvals_total", &[("step", step)]),
+            want,
+            "{step}"
+        );
+    }
+    assert_eq!(value(&text, "coffre_export_grant_records_total", &[]), 8.0);
+    // Nothing of the token, the purpose or the principals in the series.
+    for secret in ["a.b.c", "research extract", "researcher", "admin-b"] {
+        assert!(!text.contains(secret), "{secret} in the metrics");
+    }
+}
+
+#[tokio::test]
 async fn alert_rules_name_live_series_and_promtool_accepts_them() {
     let rules_path = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -878,3 +878,17 @@ pub fn totp_step_now() -> i64 {
         .as_secs() as i64
         / 30
 }
+
+/// The approval id a refused call names, checked against its message.
+pub fn approval_id(e: &tonic::Status) -> String {
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let id = e
+        .metadata()
+        .get("coffre-approval-id")
+        .expect("the id in metadata")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(e.message(), format!("approval required: {id}"));
+    id
+}
