@@ -392,6 +392,10 @@ pub struct PrincipalInfo {
     pub lock_reason: String,
     pub locked_until_ms: i64,
     pub failed_logins: u32,
+    pub mfa_enrolled: bool,
+    pub recovery_codes_left: u32,
+    /// `provider:subject`, or empty.
+    pub oidc: String,
 }
 
 /// Who is calling, established from a valid token.
@@ -1450,6 +1454,14 @@ impl Accounts {
                 lock_reason,
                 locked_until_ms: if backoff { p.locked_until_ms } else { 0 },
                 failed_logins: p.failed_logins,
+                mfa_enrolled: !p.totp_sealed.is_empty(),
+                recovery_codes_left: if p.totp_sealed.is_empty() {
+                    0
+                } else {
+                    u32::try_from(p.recovery.iter().filter(|h| !h.is_empty()).count())
+                        .unwrap_or(u32::MAX)
+                },
+                oidc: p.oidc.clone(),
             });
         }
         Ok(out)

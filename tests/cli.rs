@@ -737,6 +737,22 @@ async fn second_factor_two_person_rule_and_single_sign_on_from_the_cli() {
         &["record", "put"],
         r#"{"id": "p-1", "fields": {"family_name": "Durand"}}"#,
     ));
+    // The list shows the binding, and the admins' second factors.
+    let out = ok(&run(&["principal", "list", "--tenant", "clinic"], ""));
+    let row = out.lines().find(|l| l.starts_with("dr-house")).unwrap();
+    assert!(row.contains("keycloak:f81d4fae-7dec"), "{out}");
+    let sys: Vec<serde_json::Value> = ok(&run(
+        &["--json", "principal", "list", "--tenant", "system"],
+        "",
+    ))
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    for p in &sys {
+        assert_eq!(p["mfa_enrolled"], true, "{p}");
+        assert_eq!(p["recovery_codes_left"], 10, "{p}");
+    }
+    assert_eq!(sys.len(), 2);
     // The same token again: refused in one line, like a bad password.
     let e = fails(&coffre(
         &p.addr,

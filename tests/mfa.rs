@@ -30,6 +30,23 @@ async fn login(s: &TestServer, user: &str, pw: &str, otp: &str) -> Result<String
         .map(|r| r.into_inner().token)
 }
 
+/// The principals of `system`, as `token` sees them.
+async fn system_principals(
+    s: &TestServer,
+    token: &str,
+) -> Result<Vec<pb::PrincipalInfo>, tonic::Status> {
+    s.admin()
+        .await
+        .list_principals(authed(
+            token,
+            pb::ListPrincipalsRequest {
+                tenant: "system".into(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().principals)
+}
+
 async fn enroll(s: &TestServer, token: &str) -> pb::EnrollTotpResponse {
     AuthClient::new(s.channel().await)
         .enroll_totp(authed(token, pb::EnrollTotpRequest {}))
@@ -76,17 +93,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     let e = create_tenant(&s, &t, "clinic").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("coffre mfa enroll"), "{}", e.message());
-    let e = s
-        .admin()
-        .await
-        .list_principals(authed(
-            &t,
-            pb::ListPrincipalsRequest {
-                tenant: "system".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let e = system_principals(&s, &t).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
     let en = enroll(&s, &t).await;
@@ -157,6 +164,15 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     login(&s, "admin", ADMIN_PASSWORD, &rc[7].to_lowercase())
         .await
         .unwrap();
+    // An administrator sees the factor and the codes left, no more.
+    let me = system_principals(&s, &full)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.username == "admin")
+        .unwrap();
+    assert_eq!((me.mfa_enrolled, me.recovery_codes_left), (true, 8));
+    assert_eq!(me.oidc, "");
     // Same shape, wrong code.
     let forged = format!("{}AAAAA-AAAAA", &rc[0][..2]);
     refused_like_a_bad_password(
@@ -180,17 +196,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     }
     refused_like_a_bad_password(login(&s, "admin", ADMIN_PASSWORD, &rc[1]).await, "locked");
     // The lock stops the session already open too.
-    let e = s
-        .admin()
-        .await
-        .list_principals(authed(
-            &full,
-            pb::ListPrincipalsRequest {
-                tenant: "system".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let e = system_principals(&s, &full).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
 

@@ -561,6 +561,18 @@ async fn bindings_name_a_configured_provider_of_the_tenant_and_one_principal_eac
     let names: Vec<_> = list.iter().map(|p| p.username.as_str()).collect();
     assert_eq!(names.iter().filter(|n| n.starts_with("new")).count(), 1);
     assert!(!names.iter().any(|n| n.starts_with("dup")));
+    // The list shows each binding.
+    let bound: Vec<_> = list
+        .iter()
+        .filter(|p| p.username.starts_with("new") || p.username == "dr-house")
+        .map(|p| p.oidc.as_str())
+        .collect();
+    assert_eq!(bound.len(), 2, "{list:?}");
+    assert!(bound.contains(&"psc:700000000001"), "{list:?}");
+    assert!(
+        bound.contains(&format!("psc:{SUBJECT}").as_str()),
+        "{list:?}"
+    );
 
     // A shredded tenant leaves no binding behind (they name its
     // principals), and its identities open nothing.

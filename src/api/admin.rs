@@ -361,6 +361,9 @@ impl admin_server::Admin for AdminService {
                         lock_reason: p.lock_reason,
                         locked_until_unix_ms: p.locked_until_ms,
                         failed_logins: p.failed_logins,
+                        mfa_enrolled: p.mfa_enrolled,
+                        recovery_codes_left: p.recovery_codes_left,
+                        oidc: p.oidc,
                     })
                     .collect();
                 Ok(pb::ListPrincipalsResponse { principals })

@@ -79,17 +79,32 @@ pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliEr
                             "lock_reason": p.lock_reason,
                             "locked_until_unix_ms": p.locked_until_unix_ms,
                             "failed_logins": p.failed_logins,
+                            "mfa_enrolled": p.mfa_enrolled,
+                            "recovery_codes_left": p.recovery_codes_left,
+                            "oidc": p.oidc,
                         })
                     );
                 }
             } else {
-                println!("{:<32} {:<10} {:<7} REASON", "USERNAME", "ROLE", "LOCKED");
+                println!(
+                    "{:<32} {:<10} {:<7} {:<9} {:<24} REASON",
+                    "USERNAME", "ROLE", "LOCKED", "TOTP", "SSO"
+                );
                 for p in &list {
+                    // TOTP: "no", or "yes (N)" with the recovery codes left.
+                    let totp = if p.mfa_enrolled {
+                        format!("yes ({})", p.recovery_codes_left)
+                    } else {
+                        "no".to_string()
+                    };
+                    let sso = if p.oidc.is_empty() { "-" } else { &p.oidc };
                     println!(
-                        "{:<32} {:<10} {:<7} {}",
+                        "{:<32} {:<10} {:<7} {:<9} {:<24} {}",
                         p.username,
                         p.role,
                         if p.locked { "yes" } else { "no" },
+                        totp,
+                        sso,
                         p.lock_reason
                     );
                 }
