@@ -1,9 +1,9 @@
 //! Single sign-on cost: `Auth/LoginOidc` latency with the provider's keys
-//! cached (ES256 id tokens, each single use), and an honest client's
-//! GetRecord p99 while a flood of invalid id tokens (right `kid`, bad
-//! signature: the most expensive to refuse) runs from 16 clients — with the
-//! default per-address limit of refused calls, and with it lifted (a flood
-//! spread over many addresses).
+//! cached (ES256 and RS256 id tokens, each single use), and an honest
+//! client's GetRecord p99 while a flood of invalid id tokens (right `kid`,
+//! bad signature: the most expensive to refuse) runs from 16 clients — with
+//! the default per-address limit of refused calls, and with it lifted (a
+//! flood spread over many addresses).
 //!
 //! `cargo bench --bench identity`; figures go to BENCHMARKS.md by hand.
 
@@ -25,6 +25,8 @@ const ISSUER: &str = "https://sso.bench.example/realms/staff";
 
 struct Signer {
     enc: EncodingKey,
+    alg: Algorithm,
+    kid: &'static str,
 }
 
 impl Signer {
@@ -33,8 +35,8 @@ impl Signer {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("k1".into());
+        let mut h = Header::new(self.alg);
+        h.kid = Some(self.kid.into());
         jsonwebtoken::encode(
             &h,
             &serde_json::json!({
@@ -165,18 +167,41 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let kp = rcgen::KeyPair::generate().unwrap();
-        let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
-        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
-        jwk.common.key_id = Some("k1".into());
+        let es = Signer {
+            enc: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            alg: Algorithm::ES256,
+            kid: "k1",
+        };
+        let rs = {
+            use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+            let key = rsa::PrivateKey::new(&mut rand_rsa::rng(), 2048).unwrap();
+            let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+            Signer {
+                enc: EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+                alg: Algorithm::RS256,
+                kid: "r1",
+            }
+        };
+        let jwk = |s: &Signer| {
+            let mut j = Jwk::from_encoding_key(&s.enc, s.alg).unwrap();
+            j.common.key_id = Some(s.kid.into());
+            j
+        };
         let jwks = dir.path().join("jwks.json");
-        std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
-        let signer = Signer { enc };
+        std::fs::write(
+            &jwks,
+            serde_json::json!({ "keys": [jwk(&es), jwk(&rs)] }).to_string(),
+        )
+        .unwrap();
+        let signer = es;
 
         let b = server(&jwks, true).await;
         // Warm up: keys read, connections open.
         login_latency(&b, &signer, 0, 50).await;
         let (p50, p90, p99) = login_latency(&b, &signer, 1000, 2000).await;
         println!("LoginOidc, ES256, keys cached, 2000 sequential logins: p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms");
+        let (p50, p90, p99) = login_latency(&b, &rs, 10_000, 2000).await;
+        println!("LoginOidc, RS256 (2048), keys cached, 2000 sequential logins: p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms");
         let (quiet, during, sent) = flood(&b, &signer, 5, 5000).await;
         println!(
             "invalid-token flood at 5,000/s, default refused-call limit: GetRecord p99 {:.2} → {:.2} ms ({:.2}×), p50 {:.2} → {:.2} ms, {} flood calls",
@@ -186,10 +211,10 @@ fn main() {
 
         let b = server(&jwks, false).await;
         login_latency(&b, &signer, 0, 50).await;
-        for rate in [1000, 5000] {
-            let (quiet, during, sent) = flood(&b, &signer, 5, rate).await;
+        for (rate, signer, alg) in [(1000, &signer, "ES256"), (5000, &signer, "ES256"), (5000, &rs, "RS256")] {
+            let (quiet, during, sent) = flood(&b, signer, 5, rate).await;
             println!(
-                "invalid-token flood at {rate}/s, refused-call limit lifted: GetRecord p99 {:.2} → {:.2} ms ({:.2}×), p50 {:.2} → {:.2} ms, {} flood calls",
+                "invalid {alg} token flood at {rate}/s, refused-call limit lifted: GetRecord p99 {:.2} → {:.2} ms ({:.2}×), p50 {:.2} → {:.2} ms, {} flood calls",
                 quiet.p99_ms, during.p99_ms, during.p99_ms / quiet.p99_ms, quiet.p50_ms, during.p50_ms, sent
             );
         }

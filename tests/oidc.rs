@@ -26,9 +26,11 @@ const AUDIENCE: &str = "coffre-clinic";
 const SUBJECT: &str = "810001234567";
 const BAD: &str = "invalid tenant, username or password";
 
-/// A signing key of the issuer: ES256 (P-256), generated here.
+/// A signing key of the issuer, generated here: ES256 (P-256) or RS256
+/// (RSA 2048, as Pro Santé Connect signs).
 struct SigningKey {
     kid: String,
+    alg: Algorithm,
     enc: EncodingKey,
     public_pem: String,
     jwk: Jwk,
@@ -42,14 +44,34 @@ impl SigningKey {
         jwk.common.key_id = Some(kid.into());
         Self {
             kid: kid.into(),
+            alg: Algorithm::ES256,
             enc,
             public_pem: kp.public_key_pem(),
             jwk,
         }
     }
 
+    fn rsa(kid: &str) -> Self {
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let key = rsa::PrivateKey::new(&mut rand_rsa::rng(), 2048).unwrap();
+        let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let enc = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        Self {
+            kid: kid.into(),
+            alg: Algorithm::RS256,
+            enc,
+            public_pem: key
+                .to_public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap(),
+            jwk,
+        }
+    }
+
     fn sign(&self, claims: &Value) -> String {
-        let mut h = Header::new(Algorithm::ES256);
+        let mut h = Header::new(self.alg);
         h.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&h, claims, &self.enc).unwrap()
     }
@@ -412,6 +434,70 @@ async fn an_id_token_logs_in_only_when_every_check_passes() {
     // in with an empty password.
     let e = s.login("clinic", "dr-house", "").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn rsa_signed_tokens_as_pro_sante_connect_issues_them() {
+    let rsa = SigningKey::rsa("psc-rs");
+    let ec = SigningKey::new("k1");
+    // A provider that publishes an RSA key without its `alg`.
+    let mut bare = SigningKey::rsa("psc-bare");
+    bare.jwk.common.key_algorithm = None;
+    let issuer = Issuer::start(&[&rsa, &ec, &bare]).await;
+    let s = server(&issuer).await;
+    let auditor = system_auditor(&s).await;
+
+    let good = rsa.sign(&claims(SUBJECT));
+    login_oidc(&s, "psc", &good).await.unwrap();
+    // PS256 with the key that names no algorithm: RSA all the same.
+    let mut h = Header::new(Algorithm::PS256);
+    h.kid = Some("psc-bare".into());
+    let pss = jsonwebtoken::encode(&h, &claims(SUBJECT), &bare.enc).unwrap();
+    login_oidc(&s, "psc", &pss).await.unwrap();
+
+    let sign_as = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims(SUBJECT), key).unwrap()
+    };
+    let cases: Vec<(&str, String)> = vec![
+        // HS256 keyed with the RSA public key: the classic confusion.
+        (
+            "algorithm_not_allowed",
+            sign_as(
+                Algorithm::HS256,
+                "psc-rs",
+                &EncodingKey::from_secret(rsa.public_pem.as_bytes()).unwrap(),
+            ),
+        ),
+        // An RSA signature presented under the EC key's id.
+        (
+            "algorithm_not_allowed",
+            sign_as(Algorithm::RS256, "k1", &rsa.enc),
+        ),
+        // PS256 under a key published for RS256 only.
+        (
+            "algorithm_not_allowed",
+            sign_as(Algorithm::PS256, "psc-rs", &rsa.enc),
+        ),
+        // Signed by the bare key, presented as the published RS256 one.
+        (
+            "bad_signature",
+            sign_as(Algorithm::RS256, "psc-rs", &bare.enc),
+        ),
+        ("replayed", good),
+    ];
+    for (why, token) in &cases {
+        let e = login_oidc(&s, "psc", token).await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::Unauthenticated, BAD),
+            "{why}"
+        );
+    }
+    let mut want = vec!["ok".to_string(), "ok".to_string()];
+    want.extend(cases.iter().map(|(w, _)| w.to_string()));
+    assert_eq!(reasons(&s, &auditor).await, want);
 }
 
 #[tokio::test]
