@@ -560,6 +560,15 @@ fn principal_key(tenant: &TenantName, username: &Username) -> Vec<u8> {
     k
 }
 
+/// The names a [`principal_key`] holds (an identity's binding stores one).
+fn parse_principal_key(k: &[u8]) -> Option<(TenantName, Username)> {
+    let (t, u) = k.split_at(k.iter().position(|&c| c == 0)?);
+    Some((
+        TenantName::parse(std::str::from_utf8(t).ok()?).ok()?,
+        Username::parse(std::str::from_utf8(&u[1..]).ok()?).ok()?,
+    ))
+}
+
 fn password_context(tenant: &TenantName, username: &Username) -> Vec<u8> {
     crypto::Context::new("coffre/password/v1")
         .with(tenant.as_str().as_bytes())
@@ -721,11 +730,7 @@ impl Accounts {
             // Claimed first, atomically: two principals never share one.
             let mut claim = Batch::new();
             claim.expect(Space::Meta, b.key(), None);
-            claim.put(
-                Space::Meta,
-                b.key(),
-                crate::oidc::principal_value(tenant, username),
-            );
+            claim.put(Space::Meta, b.key(), principal_key(tenant, username));
             match self.store.commit(claim).await {
                 Err(StorageError::Conflict) => {
                     return Err(Error::AlreadyExists(
@@ -938,13 +943,7 @@ impl Accounts {
             .get(Space::Meta, &binding.key())
             .await
             .map_err(|e| IdentityRefused::error(e.into()))?;
-        let Some((t, u)) = bound.and_then(|v| {
-            let (t, u) = v.split_at(v.iter().position(|&c| c == 0)?);
-            Some((
-                TenantName::parse(std::str::from_utf8(t).ok()?).ok()?,
-                Username::parse(std::str::from_utf8(&u[1..]).ok()?).ok()?,
-            ))
-        }) else {
+        let Some((t, u)) = bound.as_deref().and_then(parse_principal_key) else {
             return Err(refused(Refusal::UnboundSubject, None));
         };
         let who = format!("{t}/{u}");

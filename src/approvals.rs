@@ -52,12 +52,18 @@ pub struct Approval {
 impl Approval {
     /// The principal the request acts on (`tenant/username`), if any.
     pub fn subject(&self) -> Option<String> {
-        let field = |k: &str| {
-            self.target
-                .split(' ')
-                .find_map(|p| p.strip_prefix(k)?.strip_prefix('='))
-        };
-        Some(format!("{}/{}", field("tenant")?, field("username")?))
+        Some(format!(
+            "{}/{}",
+            self.target_field("tenant")?,
+            self.target_field("username")?
+        ))
+    }
+
+    /// `<key>=<value>` of the target (`tenant=T version=N`): the value.
+    pub fn target_field(&self, key: &str) -> Option<&str> {
+        self.target
+            .split(' ')
+            .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
     }
 
     /// The state as of `now` (a pending or approved one past its time is
@@ -279,12 +285,7 @@ impl Approvals {
     async fn alert(&self, a: &Approval, step: &'static str, detail: String) -> Result<()> {
         self.audit.stats().approval(step);
         let kind = format!("approval_{step}");
-        // The target names a tenant when there is one (`tenant=<name>`).
-        let tenant = a
-            .target
-            .split(' ')
-            .find_map(|p| p.strip_prefix("tenant="))
-            .unwrap_or("");
+        let tenant = a.target_field("tenant").unwrap_or("");
         self.audit
             .alert(Severity::Warning, &kind, tenant, &a.requested_by, detail)
             .await

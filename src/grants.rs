@@ -79,6 +79,22 @@ pub struct Grants {
 const NO_GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 const NO_GRANT_TRACKED: usize = 100_000;
 
+/// The bounds of a grant's size and window, checked before anyone is
+/// asked to approve it.
+pub fn check_bounds(max_records: u32, hours: u32) -> Result<()> {
+    if max_records == 0 || max_records > MAX_RECORDS {
+        return Err(Error::InvalidArgument(format!(
+            "max_records must be 1 to {MAX_RECORDS}"
+        )));
+    }
+    if hours == 0 || hours > MAX_HOURS {
+        return Err(Error::InvalidArgument(format!(
+            "hours must be 1 to {MAX_HOURS}"
+        )));
+    }
+    Ok(())
+}
+
 fn key(tenant: &TenantName, username: &Username) -> Vec<u8> {
     let mut k = PREFIX.to_vec();
     k.extend_from_slice(tenant.as_str().as_bytes());
@@ -123,16 +139,7 @@ impl Grants {
         hours: u32,
         by: &Caller,
     ) -> Result<()> {
-        if max_records == 0 || max_records > MAX_RECORDS {
-            return Err(Error::InvalidArgument(format!(
-                "max_records must be 1 to {MAX_RECORDS}"
-            )));
-        }
-        if hours == 0 || hours > MAX_HOURS {
-            return Err(Error::InvalidArgument(format!(
-                "hours must be 1 to {MAX_HOURS}"
-            )));
-        }
+        check_bounds(max_records, hours)?;
         let g = StoredGrant {
             purpose: purpose.as_str().into(),
             max_records,

@@ -1035,6 +1035,20 @@ impl Keyring {
     /// reused) and its unwrapped key is dropped, which zeroizes it.
     /// `in_use` counts the fields the version still seals; it runs with
     /// every write of the tenant held off.
+    /// Whether `version` could be retired now as far as the keys know: a
+    /// live version, not the active one (what uses it is the caller's to
+    /// count).
+    pub fn retirable(&self, keys: &TenantKeys, version: u32) -> Result<(), RetireError> {
+        let v = keys.versions.read();
+        if v.active == version {
+            return Err(RetireError::Active);
+        }
+        if !v.data.contains_key(&version) {
+            return Err(RetireError::Unknown);
+        }
+        Ok(())
+    }
+
     pub async fn retire<E: From<RetireError>>(
         &self,
         keys: &TenantKeys,
@@ -1042,15 +1056,7 @@ impl Keyring {
         in_use: impl FnOnce() -> Result<u64, E>,
     ) -> Result<(), E> {
         let _no_writes = keys.writes.write().await;
-        {
-            let v = keys.versions.read();
-            if v.active == version {
-                return Err(RetireError::Active.into());
-            }
-            if !v.data.contains_key(&version) {
-                return Err(RetireError::Unknown.into());
-            }
-        }
+        self.retirable(keys, version)?;
         let n = in_use()?;
         if n > 0 {
             return Err(RetireError::InUse(n).into());

@@ -24,12 +24,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
 use parking_lot::RwLock;
 
-use crate::{
-    clock::now_ms,
-    config::OidcProviderConfig,
-    crypto,
-    model::{TenantName, Username},
-};
+use crate::{clock::now_ms, config::OidcProviderConfig, crypto, model::TenantName};
 
 /// Unknown `kid`s refetch the JWKS at most this often.
 pub const REFETCH_EVERY: Duration = Duration::from_secs(60);
@@ -643,13 +638,17 @@ async fn fetch_inner(
 ) -> Result<Vec<u8>, String> {
     use http_body_util::BodyExt;
     let host = uri.host().ok_or("no host")?.to_string();
+    // An IPv6 literal without its brackets, for the socket and TLS.
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri
         .port_u16()
         .unwrap_or(if tls.is_some() { 443 } else { 80 });
-    let tcp =
-        tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
-            .await
-            .map_err(|e| format!("{uri}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
+        .await
+        .map_err(|e| format!("{uri}: {e}"))?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let req = http::Request::get(path)
         .header(
@@ -674,12 +673,8 @@ async fn fetch_inner(
     }
     let resp = match tls {
         Some(cfg) => {
-            let name = rustls::pki_types::ServerName::try_from(
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string(),
-            )
-            .map_err(|_| format!("{uri}: bad host name"))?;
+            let name = rustls::pki_types::ServerName::try_from(bare)
+                .map_err(|_| format!("{uri}: bad host name"))?;
             let stream = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await
@@ -696,14 +691,6 @@ async fn fetch_inner(
         .await
         .map_err(|_| format!("{uri}: body unreadable or larger than 1 MiB"))?;
     Ok(body.to_bytes().to_vec())
-}
-
-/// The principal a binding names, as stored: `tenant\0username`.
-pub fn principal_value(tenant: &TenantName, username: &Username) -> Vec<u8> {
-    let mut v = tenant.as_str().as_bytes().to_vec();
-    v.push(0);
-    v.extend_from_slice(username.as_str().as_bytes());
-    v
 }
 
 #[cfg(test)]

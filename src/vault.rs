@@ -573,20 +573,17 @@ impl Vault {
             .copied()
             .unwrap_or(0);
         // A second admin is asked only for a retirement that can happen.
-        let live = tenant
-            .keys
-            .encryption_counts()
-            .iter()
-            .any(|(v, _)| *v == version);
-        if live && used == 0 && tenant.keys.active_version() != version {
-            self.approvals
-                .check(
-                    "retire_key_version",
-                    &format!("tenant={} version={version}", tenant.name),
-                    by,
-                )
-                .await?;
+        self.keys.retirable(&tenant.keys, version)?;
+        if used > 0 {
+            return Err(crate::keys::RetireError::InUse(used).into());
         }
+        self.approvals
+            .check(
+                "retire_key_version",
+                &format!("tenant={} version={version}", tenant.name),
+                by,
+            )
+            .await?;
         self.keys
             .retire::<Error>(&tenant.keys, version, || Ok(used))
             .await?;

@@ -589,8 +589,6 @@ async fn decide(
     n.fields = vec![format!("approval={id}")];
     let a = v.approvals.decide(id, &must(c)?, yes).await?;
     n.fields.push(format!("action={}", a.action));
-    if let Some(t) = a.target.split(' ').find_map(|p| p.strip_prefix("tenant=")) {
-        n.tenant = Some(t.to_string());
-    }
+    n.tenant = a.target_field("tenant").map(str::to_string);
     Ok(())
 }

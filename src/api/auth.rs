@@ -91,13 +91,12 @@ impl auth_server::Auth for AuthService {
             async |_c: Option<Caller>, m: pb::LoginOidcRequest, n: &mut Note| {
                 // The provider is named only when configured (never a
                 // token pasted into the wrong box).
-                let provider = if v.oidc.tenant_of(&m.provider).is_some() {
-                    m.provider.clone()
-                } else {
-                    "(unknown)".into()
+                n.tenant = v.oidc.tenant_of(&m.provider).map(|t| t.to_string());
+                let provider = match n.tenant {
+                    Some(_) => m.provider.as_str(),
+                    None => "(unknown)",
                 };
                 n.fields = vec![format!("provider={provider}")];
-                n.tenant = v.oidc.tenant_of(&m.provider).map(|t| t.to_string());
                 match v.login_oidc(&m.provider, &m.id_token).await {
                     Ok((l, who)) => {
                         n.principal = Some(who);

@@ -343,16 +343,11 @@ async fn verify(
             hex::encode(&v.head_hash)
         );
         for r in &v.restores {
-            let when = |ms: i64| {
-                chrono::DateTime::from_timestamp_millis(ms)
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                    .unwrap_or_default()
-            };
             println!(
                 "restore at seq {} ({}) from a backup made {} (head seq {}): events the old vault wrote after seq {} are not in this trail",
                 r.seq,
-                when(r.time_unix_ms),
-                when(r.backup_created_unix_ms),
+                utc_time(r.time_unix_ms),
+                utc_time(r.backup_created_unix_ms),
                 r.backup_head_seq,
                 r.backup_head_seq
             );

@@ -53,12 +53,6 @@ fn tenant_counts_json(t: &[crate::backup::TenantCounts]) -> serde_json::Value {
         .collect()
 }
 
-fn created(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
-}
-
 /// `coffre backup --out FILE`: the stream of `Admin/Backup` into
 /// `FILE.partial` (0600, never over an existing file), fsynced, then
 /// renamed to `FILE`: a backup cut short never carries the final name.
@@ -177,7 +171,7 @@ pub(super) async fn verify(g: &Global, config: Option<&Path>, file: &Path) -> Re
         println!(
             "{}: OK — made {} under master key {}, audit events {}..={}",
             file.display(),
-            created(m.created_unix_ms),
+            utc_time(m.created_unix_ms),
             m.key_id(),
             m.audit_first_seq,
             m.audit_head_seq
@@ -231,7 +225,7 @@ pub(super) async fn restore(
             into,
             r.verified.records,
             m.audit_head_seq,
-            created(m.created_unix_ms),
+            utc_time(m.created_unix_ms),
             r.restore_seq,
             if r.dropped.is_empty() {
                 String::new()

@@ -156,6 +156,13 @@ pub(crate) fn with_token<T>(token: &str, msg: T) -> Result<Request<T>, CliError>
     Ok(req)
 }
 
+/// A unix-ms time as UTC RFC 3339 to the second (`2026-12-02T13:00:00Z`).
+pub(super) fn utc_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
 /// Reads a secret from the terminal without echo, or one line of stdin.
 pub(super) fn read_secret(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, CliError> {
     if std::io::stdin().is_terminal() {

@@ -16,12 +16,11 @@ pub(super) async fn login(
         Some(p) => format!("through {p}"),
         None => format!("as {tenant}/{username}"),
     };
-    let oidc_provider = oidc.clone();
-    let sent = match oidc {
+    let sent = match &oidc {
         Some(provider) => {
             let id_token = read_secret("id token: ", false)?;
             c.login_oidc(pb::LoginOidcRequest {
-                provider,
+                provider: provider.clone(),
                 id_token: id_token.to_string(),
             })
             .await
@@ -70,7 +69,7 @@ pub(super) async fn login(
         .map_err(|e| err(format!("{}: {e}", path.display())))?;
     f.write_all(token.as_bytes()).map_err(err)?;
     if g.json {
-        let mut v = match &oidc_provider {
+        let mut v = match &oidc {
             Some(p) => json!({"provider": p, "expires_at_unix": resp.expires_at_unix}),
             None => {
                 json!({"tenant": tenant, "username": username, "expires_at_unix": resp.expires_at_unix})

@@ -126,8 +126,8 @@ pub(super) async fn approvals(g: &Global, cmd: ApprovalsCmd) -> Result<(), CliEr
                         a.action,
                         a.target,
                         a.requested_by,
-                        iso(a.requested_at_unix_ms),
-                        iso(a.expires_at_unix_ms)
+                        utc_time(a.requested_at_unix_ms),
+                        utc_time(a.expires_at_unix_ms)
                     );
                 }
             }
@@ -185,11 +185,4 @@ pub(super) async fn export(g: &Global, cmd: ExportCmd) -> Result<(), CliError> {
         json!({"tenant": tenant, "username": username, "max_records": max_records, "purpose": purpose, "hours": hours}),
     );
     Ok(())
-}
-
-/// A unix-ms time as UTC ISO 8601.
-fn iso(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
 }
