@@ -1021,6 +1021,7 @@ impl Vault {
         if purpose.is_empty() {
             return Err(Error::InvalidArgument("purpose is required".into()));
         }
+        crate::grants::check_bounds(max_records, hours)?;
         if !self.accounts.exists(tenant, username).await? {
             return Err(Error::NotFound);
         }

@@ -220,6 +220,44 @@ async fn an_expired_approval_does_nothing() {
 }
 
 #[tokio::test]
+async fn parallel_decisions_on_one_request_settle_it_once() {
+    let (s, a, b) = server(60.0, "").await;
+    s.principal("system", "admin-c", pb::Role::Admin, B_PASSWORD)
+        .await;
+    let c = s.login("system", "admin-c", B_PASSWORD).await.unwrap();
+    let id = approval_id(&shred(&s, &a, "doomed").await.unwrap_err());
+    // Two admins, eight approvals and eight denials at once.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s_token = if i % 2 == 0 { b.clone() } else { c.clone() };
+        let yes = i % 4 < 2;
+        let mut adm = s.admin().await;
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let ok = if yes {
+                adm.approve(authed(&s_token, pb::ApproveRequest { id }))
+                    .await
+                    .is_ok()
+            } else {
+                adm.deny(authed(&s_token, pb::DenyRequest { id }))
+                    .await
+                    .is_ok()
+            };
+            ok.then_some(yes)
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        won.extend(t.await.unwrap());
+    }
+    assert_eq!(won.len(), 1, "exactly one decision lands: {won:?}");
+    let state = &approvals(&s, &b).await[0].state;
+    assert_eq!(state, if won[0] { "approved" } else { "denied" });
+    // And the shred follows that one decision.
+    assert_eq!(shred(&s, &a, "doomed").await.is_ok(), won[0]);
+}
+
+#[tokio::test]
 async fn one_approval_lets_exactly_one_of_parallel_repeats_through() {
     let (s, a, b) = server(60.0, ROOMY_LIMITS).await;
     s.principal("clinic", "reader", pb::Role::Clinician, CLINICIAN_PASSWORD)
@@ -303,6 +341,31 @@ async fn an_export_grant_reads_its_records_beyond_the_budget_and_no_more() {
         .login("clinic", "other", CLINICIAN_PASSWORD)
         .await
         .unwrap();
+    // A grant out of bounds is refused before anyone is asked.
+    for (max_records, hours) in [(0, 2), (1000, 0), (1000, 24 * 365)] {
+        let e = s
+            .admin()
+            .await
+            .grant_export(authed(
+                &a,
+                pb::GrantExportRequest {
+                    tenant: "clinic".into(),
+                    username: "researcher".into(),
+                    max_records,
+                    purpose: PURPOSE.into(),
+                    hours,
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{max_records} {hours}"
+        );
+        assert!(e.metadata().get("coffre-approval-id").is_none(), "{e:?}");
+    }
+    assert!(approvals(&s, &b).await.is_empty());
     // 1,010 records (writes spend no read budget).
     let rec = s.records().await;
     let ids = records(&s, &researcher, "p", 1010).await;
