@@ -49,6 +49,8 @@ const LAST_USE_PERSIST_MS: i64 = 60_000;
 /// principal's name) so that calls still made with it are attributed in
 /// the trail: a thief who keeps trying after a lock is seen.
 const REVOKED_KEPT_MS: i64 = 24 * 3600 * 1000;
+/// How recent a single sign-on login must be to stand for a password.
+pub const FRESH_SSO_MS: i64 = 300 * 1000;
 
 /// The one answer to a failed login: a wrong password, an unknown user and
 /// a locked account look the same (T6).
@@ -347,6 +349,9 @@ struct StoredSession {
     /// can only enrol (and log out).
     #[prost(bool, tag = "7")]
     enroll_only: bool,
+    /// Opened by a single sign-on login (`LoginOidc`).
+    #[prost(bool, tag = "8")]
+    oidc: bool,
 }
 
 /// A token that was refused, and whose it was when the token was once
@@ -398,6 +403,13 @@ pub struct PrincipalInfo {
     pub oidc: String,
 }
 
+/// A principal's role and creation time.
+#[derive(Debug, Clone, Copy)]
+pub struct Basics {
+    pub role: Role,
+    pub created_ms: i64,
+}
+
 /// Who is calling, established from a valid token.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -406,6 +418,10 @@ pub struct Caller {
     pub role: Role,
     /// A session that can only enrol a second factor.
     pub enroll_only: bool,
+    /// When the session was opened, and whether by single sign-on: a
+    /// principal without a password proves itself again by a fresh one.
+    pub session_created_ms: i64,
+    pub via_oidc: bool,
     token_hash: [u8; 32],
 }
 
@@ -424,6 +440,7 @@ struct CachedSession {
     last_used_ms: AtomicI64,
     persisted_ms: AtomicI64,
     enroll_only: bool,
+    oidc: bool,
 }
 
 /// What a login's second factor came to.
@@ -706,6 +723,9 @@ impl Accounts {
     /// Creates a principal; the password has passed the policy already.
     /// With a binding, the principal also (or only, without a password)
     /// logs in by single sign-on; an identity binds one principal at most.
+    /// With `claim`, that `Meta` key, which must not exist yet, is written
+    /// in the same batch (a creation that counts on a count): a lost claim
+    /// answers ALREADY_EXISTS like a lost name.
     pub async fn create(
         &self,
         tenant: &TenantName,
@@ -713,6 +733,7 @@ impl Accounts {
         password: Option<&Password>,
         role: Role,
         oidc: Option<&crate::oidc::Binding>,
+        claim: Option<Vec<u8>>,
     ) -> Result<()> {
         if self.exists(tenant, username).await? {
             return Err(Error::AlreadyExists("principal already exists".into()));
@@ -751,7 +772,11 @@ impl Accounts {
         let mut b = Batch::new();
         // Two nodes creating the same name: one wins, the other is told.
         b.expect(Space::Principals, key.clone(), None);
-        b.put(Space::Principals, key, p.encode_to_vec());
+        b.put(Space::Principals, key.clone(), p.encode_to_vec());
+        if let Some(c) = claim {
+            b.expect(Space::Meta, c.clone(), None);
+            b.put(Space::Meta, c, key);
+        }
         let created = match self.store.commit(b).await {
             Err(StorageError::Conflict) => {
                 Err(Error::AlreadyExists("principal already exists".into()))
@@ -895,7 +920,7 @@ impl Accounts {
                         .await?;
                 }
                 let enroll_only = needs_factor && matches!(factor, Factor::NotEnrolled);
-                self.open_session(t, u, now, enroll_only).await
+                self.open_session(t, u, now, enroll_only, false).await
             }
             Some(Err(Some(failures))) => {
                 self.audit
@@ -958,7 +983,7 @@ impl Accounts {
             return Err(refused(Refusal::Locked, Some(who)));
         }
         let login = self
-            .open_session(t, u, now, false)
+            .open_session(t, u, now, false, true)
             .await
             .map_err(IdentityRefused::error)?;
         Ok((login, who))
@@ -966,7 +991,11 @@ impl Accounts {
 
     /// Starts TOTP enrolment of `caller`: a new secret and recovery codes,
     /// kept pending until [`Accounts::confirm_totp`].
-    pub async fn enroll_totp(&self, caller: &Caller) -> Result<Enrolment> {
+    /// The account's password is asked again (a principal without one
+    /// needs a single sign-on session under [`FRESH_SSO_MS`] old): a stolen
+    /// session must not put its own factor in front of the owner.
+    pub async fn enroll_totp(&self, caller: &Caller, password: &str) -> Result<Enrolment> {
+        self.recheck(caller, password).await?;
         let (t, u) = (&caller.tenant, &caller.username);
         let secret = crate::totp::TotpSecret::random();
         let codes = crate::totp::new_recovery_codes();
@@ -987,6 +1016,69 @@ impl Accounts {
             uri: secret.uri("Coffre", &caller.principal()),
             recovery_codes: codes,
         })
+    }
+
+    /// Proves again that the caller is the account's owner: its password,
+    /// or for a principal without one a single sign-on login made less
+    /// than [`FRESH_SSO_MS`] ago. A wrong password counts toward the
+    /// lockout as a failed login does (a stolen session is no oracle).
+    async fn recheck(&self, caller: &Caller, password: &str) -> Result<()> {
+        let (t, u) = (&caller.tenant, &caller.username);
+        let (_turn, _guard) = self.login_turn(t.as_str(), u.as_str()).await;
+        let p = self
+            .load(t, u)
+            .await?
+            .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
+        if p.phc.is_empty() {
+            if caller.via_oidc && now_ms() - caller.session_created_ms < FRESH_SSO_MS {
+                return Ok(());
+            }
+            return Err(Error::FailedPrecondition(
+                "this account has no password: log in again by single sign-on (coffre login --oidc), then enrol within 300 s".into(),
+            ));
+        }
+        self.recheck_password(caller, &p, password).await
+    }
+
+    /// Checks `password` against the caller's stored principal `p`,
+    /// counting a wrong one toward the lockout. Runs in the login turn.
+    async fn recheck_password(
+        &self,
+        caller: &Caller,
+        p: &StoredPrincipal,
+        password: &str,
+    ) -> Result<()> {
+        let (t, u) = (&caller.tenant, &caller.username);
+        let phc = (!p.phc.is_empty()).then_some(p.phc.as_str());
+        let candidate = Password::candidate(password.to_string())
+            .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
+        if self
+            .hasher
+            .verify(phc, &candidate, &password_context(t, u))
+            .await?
+        {
+            return Ok(());
+        }
+        self.audit.stats().login_failures.inc();
+        let locked = self
+            .update(t, u, |p| {
+                p.failed_logins = p.failed_logins.saturating_add(1);
+                let locked = p.failed_logins >= LOCK_AFTER_FAILURES;
+                if locked {
+                    p.locked_until_ms = now_ms() + lock_secs(p.failed_logins) * 1000;
+                }
+                (true, locked.then_some(p.failed_logins))
+            })
+            .await?
+            .flatten();
+        if let Some(failures) = locked {
+            self.audit
+                .stats()
+                .lock(crate::stats::LockReason::login, &p.role);
+            self.lock_alert(t.as_str(), &caller.principal(), failures)
+                .await?;
+        }
+        Err(Error::Unauthenticated(BAD_CREDENTIALS))
     }
 
     /// Makes the pending enrolment of `caller` active, given a code of it.
@@ -1020,6 +1112,21 @@ impl Accounts {
         .ok_or_else(|| {
             Error::FailedPrecondition("the enrolment changed meanwhile: enrol again".into())
         })?;
+        // Whoever enrols decides who logs in from now on: every enrolment
+        // is for a reviewer to see.
+        self.audit
+            .alert(
+                Severity::Warning,
+                "mfa_enrolled",
+                t.as_str(),
+                &caller.principal(),
+                if replacing {
+                    "second factor enrolled, replacing the earlier one".into()
+                } else {
+                    "second factor enrolled".into()
+                },
+            )
+            .await?;
         if replacing {
             // A stolen session could swap the factor: its owner should hear.
             self.audit
@@ -1127,6 +1234,7 @@ impl Accounts {
         username: Username,
         now: i64,
         enroll_only: bool,
+        oidc: bool,
     ) -> Result<Login> {
         let raw = Zeroizing::new(crypto::random_array::<32>());
         let token = Zeroizing::new(format!(
@@ -1143,6 +1251,7 @@ impl Accounts {
             last_used_ms: now,
             revoked: false,
             enroll_only,
+            oidc,
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), s.encode_to_vec());
@@ -1157,6 +1266,7 @@ impl Accounts {
                 last_used_ms: AtomicI64::new(now),
                 persisted_ms: AtomicI64::new(now),
                 enroll_only,
+                oidc,
             }),
         );
         Ok(Login {
@@ -1195,6 +1305,7 @@ impl Accounts {
                     last_used_ms: AtomicI64::new(st.last_used_ms),
                     persisted_ms: AtomicI64::new(st.last_used_ms),
                     enroll_only: st.enroll_only,
+                    oidc: st.oidc,
                 });
                 if st.revoked {
                     let role = self
@@ -1244,17 +1355,34 @@ impl Accounts {
                 last_used_ms: now,
                 revoked: false,
                 enroll_only: s.enroll_only,
+                oidc: s.oidc,
             };
+            // Only over the session as stored and not revoked: a logout
+            // racing this call must not be written back over.
+            let Some(raw) = self.store.get(Space::Sessions, &hash).await? else {
+                return Err(refused(Error::Unauthenticated(NO_SESSION), Some(role)));
+            };
+            if StoredSession::decode(&raw[..])?.revoked {
+                self.sessions.write().remove(&hash);
+                return Err(refused(Error::Unauthenticated(NO_SESSION), Some(role)));
+            }
             let mut b = Batch::new();
+            b.expect(Space::Sessions, hash.to_vec(), Some(raw));
             b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
-            // Losing this in a crash only shortens the idle window.
-            self.store.apply(b).await?;
+            // Losing this in a crash, or to a concurrent update, only
+            // shortens the idle window.
+            match self.store.commit(b).await {
+                Ok(()) | Err(StorageError::Conflict) => {}
+                Err(e) => return Err(Error::from(e).into()),
+            }
         }
         Ok(Caller {
             tenant: s.tenant.clone(),
             username: s.username.clone(),
             role,
             enroll_only: s.enroll_only,
+            session_created_ms: s.created_ms,
+            via_oidc: s.oidc,
             token_hash: hash,
         })
     }
@@ -1272,6 +1400,7 @@ impl Accounts {
             last_used_ms: s.last_used_ms.load(Ordering::Relaxed),
             revoked: true,
             enroll_only: s.enroll_only,
+            oidc: s.oidc,
         };
         let mut b = Batch::new();
         b.put(Space::Sessions, hash.to_vec(), st.encode_to_vec());
@@ -1285,26 +1414,37 @@ impl Accounts {
         let _ = self.store.apply(b).await;
     }
 
-    /// Revokes the caller's token, durably.
+    /// Revokes the caller's token, durably. The session stays stored as
+    /// revoked, like a lock's or a password change's, so that later calls
+    /// with the token are still attributed to its principal.
     pub async fn logout(&self, caller: &Caller) -> Result<()> {
         self.sessions.write().remove(&caller.token_hash);
+        let key = caller.token_hash.to_vec();
+        let Some(raw) = self.store.get(Space::Sessions, &key).await? else {
+            return Ok(());
+        };
+        let mut st = StoredSession::decode(&raw[..])?;
+        st.revoked = true;
         let mut b = Batch::new();
-        b.delete(Space::Sessions, caller.token_hash.to_vec());
+        b.put(Space::Sessions, key, st.encode_to_vec());
         Ok(self.store.commit(b).await?)
     }
 
     /// Changes the caller's password and revokes its other sessions.
     pub async fn change_password(&self, caller: &Caller, old: &str, new: String) -> Result<()> {
-        let old = Password::candidate(old.to_string())
-            .map_err(|_| Error::Unauthenticated(BAD_CREDENTIALS))?;
         let new = Password::new_checked(new, &[caller.username.as_str(), caller.tenant.as_str()])?;
         let ctx = password_context(&caller.tenant, &caller.username);
-        let p = self
-            .load(&caller.tenant, &caller.username)
-            .await?
-            .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
-        if !self.hasher.verify(Some(&p.phc), &old, &ctx).await? {
-            return Err(Error::Unauthenticated(BAD_CREDENTIALS));
+        {
+            // Guesses at the old password count toward the lockout: a
+            // stolen session is no oracle.
+            let (_turn, _guard) = self
+                .login_turn(caller.tenant.as_str(), caller.username.as_str())
+                .await;
+            let p = self
+                .load(&caller.tenant, &caller.username)
+                .await?
+                .ok_or(Error::Unauthenticated(BAD_CREDENTIALS))?;
+            self.recheck_password(caller, &p, old).await?;
         }
         let phc = self.hasher.hash(&new, &ctx).await?;
         self.update(&caller.tenant, &caller.username, |p| {
@@ -1422,6 +1562,35 @@ impl Accounts {
         })
         .await?
         .ok_or(Error::NotFound)
+    }
+
+    /// What the vault's rules need of one principal: its role and when it
+    /// was created.
+    pub async fn info(&self, tenant: &TenantName, username: &Username) -> Result<Option<Basics>> {
+        let Some(p) = self.load(tenant, username).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Basics {
+            role: Role::parse(&p.role).map_err(|_| Error::DataLoss)?,
+            created_ms: p.created_ms,
+        }))
+    }
+
+    /// How many principals of `tenant` have `role`, locked ones counted.
+    pub async fn count_role(&self, tenant: &TenantName, role: Role) -> Result<usize> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut n = 0;
+        for (_, v) in self
+            .store
+            .scan_prefix(Space::Principals, &prefix, usize::MAX)
+            .await?
+        {
+            if StoredPrincipal::decode(&v[..])?.role == role.as_str() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// The principals of `tenant`, in name order, with their locks.

@@ -1,14 +1,23 @@
 //! The two-person rule: an action in `approval.required_for` (shredding a
 //! tenant, retiring a key version, resetting someone's second factor,
-//! granting an export) runs only after a second admin approved it.
+//! granting an export, creating or unlocking an admin) runs only after a
+//! second admin approved it.
 //!
 //! The first call is refused with an approval id; another admin approves
 //! (or denies) it; the requester then repeats the same call with the same
 //! arguments, which spends the approval and runs once. Approvals expire
 //! `approval.ttl_minutes` after the request. Each step is an alert.
 //!
+//! Its threat is one rogue or stolen admin account: an admin created less
+//! than `approval.min_approver_age_minutes` before a request cannot approve
+//! it (a puppet made for the purpose is useless, and its creation alert
+//! has time to be read), and one admin has at most
+//! `approval.max_pending_per_requester` requests pending.
+//!
 //! Approvals live in `Meta` (backed up, shared by nodes); every change of
 //! one is conditional on what was read, so two nodes cannot both spend it.
+//! A requester's live (pending or approved) requests are also listed under
+//! its name, so a guarded call reads those only, never the whole history.
 
 use std::sync::Arc;
 
@@ -23,6 +32,12 @@ use crate::{
 };
 
 const PREFIX: &[u8] = b"approval\0";
+/// `approval-live\0<requester>\0<id>`: the requester's pending or approved
+/// requests (an entry outlives its request's end until the next look).
+const LIVE_PREFIX: &[u8] = b"approval-live\0";
+/// `ListApprovals` answers this many without a limit, at most `MAX_PAGE`.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
 /// Decided, used or expired approvals are listed this long, then dropped.
 const KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
 const RETRIES: usize = 16;
@@ -81,6 +96,8 @@ pub struct Approvals {
     audit: Arc<Audit>,
     required: Vec<String>,
     ttl_ms: i64,
+    min_approver_age_ms: i64,
+    max_pending: usize,
     /// Orders this node's changes; other nodes' are caught by conditions.
     writes: tokio::sync::Mutex<()>,
 }
@@ -91,13 +108,55 @@ fn key(id: &str) -> Vec<u8> {
     k
 }
 
+fn live_prefix(requester: &str) -> Vec<u8> {
+    let mut k = LIVE_PREFIX.to_vec();
+    k.extend_from_slice(requester.as_bytes());
+    k.push(0);
+    k
+}
+
+fn live_key(requester: &str, id: &str) -> Vec<u8> {
+    let mut k = live_prefix(requester);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Which approvals `ListApprovals` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// `pending`, `approved`, `denied`, `used`, `expired`, or any.
+    pub state: Option<String>,
+    pub limit: usize,
+    /// Only those requested before this one (the last of the page before).
+    pub before_id: Option<String>,
+}
+
+/// The states a request can be listed in.
+pub const STATES: &[&str] = &["pending", "approved", "denied", "used", "expired"];
+
+/// What the rule needs to know of the admin deciding.
+pub struct Approver<'a> {
+    pub caller: &'a Caller,
+    /// When its principal was created.
+    pub created_ms: i64,
+}
+
 impl Approvals {
-    pub fn new(store: Storage, audit: Arc<Audit>, required: Vec<String>, ttl_minutes: f64) -> Self {
+    pub fn new(
+        store: Storage,
+        audit: Arc<Audit>,
+        required: Vec<String>,
+        ttl_minutes: f64,
+        min_approver_age_minutes: f64,
+        max_pending: u32,
+    ) -> Self {
         Self {
             store,
             audit,
             required,
             ttl_ms: (ttl_minutes * 60_000.0) as i64,
+            min_approver_age_ms: (min_approver_age_minutes * 60_000.0) as i64,
+            max_pending: max_pending as usize,
             writes: tokio::sync::Mutex::new(()),
         }
     }
@@ -121,26 +180,45 @@ impl Approvals {
             let now = now_ms();
             let mut waiting = None;
             let mut spend = None;
-            for (k, raw) in self
+            let mut pending = 0;
+            let mut ended = Batch::new();
+            for (live, _) in self
                 .store
-                .scan_prefix(Space::Meta, PREFIX, usize::MAX)
+                .scan_prefix(Space::Meta, &live_prefix(&me), usize::MAX)
                 .await?
             {
+                let id = String::from_utf8_lossy(&live[live_prefix(&me).len()..]).into_owned();
+                let k = key(&id);
+                let Some(raw) = self.store.get(Space::Meta, &k).await? else {
+                    ended.delete(Space::Meta, live);
+                    continue;
+                };
                 let a = Approval::decode(&raw[..])?;
+                let state = a.state_at(now);
+                if !matches!(state, "pending" | "approved") {
+                    ended.delete(Space::Meta, live);
+                    continue;
+                }
+                if state == "pending" {
+                    pending += 1;
+                }
                 if a.action != action || a.target != target || a.requested_by != me {
                     continue;
                 }
-                match a.state_at(now) {
+                match state {
                     "approved" => spend = Some((k, raw, a)),
-                    "pending" => waiting = Some(a.id),
-                    _ => {}
+                    _ => waiting = Some(a.id),
                 }
+            }
+            if !ended.is_empty() {
+                self.store.apply(ended).await?;
             }
             if let Some((k, raw, mut a)) = spend {
                 a.state = "used".into();
                 let mut b = Batch::new();
                 b.expect(Space::Meta, k.clone(), Some(raw));
                 b.put(Space::Meta, k, a.encode_to_vec());
+                b.delete(Space::Meta, live_key(&me, &a.id));
                 match self.store.commit(b).await {
                     Ok(()) => {
                         self.alert(
@@ -161,8 +239,18 @@ impl Approvals {
             if let Some(id) = waiting {
                 return Err(Error::ApprovalRequired(id));
             }
+            if pending >= self.max_pending {
+                return Err(Error::FailedPrecondition(format!(
+                    "{pending} requests of yours are pending already (approval.max_pending_per_requester): wait for a decision, or withdraw one (coffre approvals deny ID)"
+                )));
+            }
             let a = Approval {
-                id: format!("ap-{}", hex::encode(crate::crypto::random_array::<6>())),
+                // Time first: ids sort as the requests were made.
+                id: format!(
+                    "ap-{:012x}{}",
+                    now.max(0),
+                    hex::encode(crate::crypto::random_array::<4>())
+                ),
                 action: action.into(),
                 target: target.into(),
                 requested_by: me.clone(),
@@ -174,6 +262,7 @@ impl Approvals {
             let mut b = Batch::new();
             b.expect(Space::Meta, key(&a.id), None);
             b.put(Space::Meta, key(&a.id), a.encode_to_vec());
+            b.put(Space::Meta, live_key(&me, &a.id), Vec::new());
             match self.store.commit(b).await {
                 Ok(()) => {}
                 Err(StorageError::Conflict) => continue,
@@ -195,11 +284,13 @@ impl Approvals {
         )))
     }
 
-    /// Approves (`yes`) or denies request `id` as `caller`. Nobody
-    /// approves their own request, nor one acting on themselves (a reset of
-    /// their own second factor); anyone may deny (withdraw) one.
-    pub async fn decide(&self, id: &str, caller: &Caller, yes: bool) -> Result<Approval> {
-        let me = caller.principal();
+    /// Approves (`yes`) or denies request `id` as `by`. Nobody approves
+    /// their own request, nor one acting on themselves (a reset of their
+    /// own second factor), nor one made less than
+    /// `approval.min_approver_age_minutes` after they were created; anyone
+    /// may deny (withdraw) one.
+    pub async fn decide(&self, id: &str, by: Approver<'_>, yes: bool) -> Result<Approval> {
+        let me = by.caller.principal();
         let _w = self.writes.lock().await;
         for _ in 0..RETRIES {
             let k = key(id);
@@ -217,6 +308,11 @@ impl Approvals {
                     "the principal a request acts on cannot approve it: another admin must",
                 ));
             }
+            if yes && by.created_ms.saturating_add(self.min_approver_age_ms) > a.requested_ms {
+                return Err(Error::PermissionDenied(
+                    "an admin created less than approval.min_approver_age_minutes before a request cannot approve it: another admin must",
+                ));
+            }
             match a.state_at(now_ms()) {
                 "pending" => {}
                 s => {
@@ -230,6 +326,9 @@ impl Approvals {
             let mut b = Batch::new();
             b.expect(Space::Meta, k.clone(), Some(raw));
             b.put(Space::Meta, k, a.encode_to_vec());
+            if !yes {
+                b.delete(Space::Meta, live_key(&a.requested_by, &a.id));
+            }
             match self.store.commit(b).await {
                 Ok(()) => {}
                 Err(StorageError::Conflict) => continue,
@@ -256,9 +355,36 @@ impl Approvals {
         )))
     }
 
-    /// Every approval of the last 30 days, oldest first; older ones are
-    /// dropped.
-    pub async fn list(&self) -> Result<Vec<Approval>> {
+    /// One page of the approvals of the last 30 days in state `q.state`
+    /// (any without one), newest first, requested before `q.before_id`;
+    /// older ones are dropped.
+    pub async fn list(&self, q: &ListQuery) -> Result<Vec<Approval>> {
+        if let Some(s) = &q.state
+            && !STATES.contains(&s.as_str())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "state must be one of {}",
+                STATES.join(", ")
+            )));
+        }
+        let limit = match q.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let before = match &q.before_id {
+            None => None,
+            Some(id) => {
+                let raw = self
+                    .store
+                    .get(Space::Meta, &key(id))
+                    .await?
+                    .ok_or_else(|| {
+                        Error::InvalidArgument("before_id names no approval kept".into())
+                    })?;
+                let a = Approval::decode(&raw[..])?;
+                Some((a.requested_ms, a.id))
+            }
+        };
         let now = now_ms();
         let mut out = Vec::new();
         let mut old = Batch::new();
@@ -270,14 +396,24 @@ impl Approvals {
             let a = Approval::decode(&raw[..])?;
             if now - a.expires_ms > KEPT_MS {
                 old.delete(Space::Meta, k);
-            } else {
-                out.push(a);
+                continue;
             }
+            if q.state.as_deref().is_some_and(|s| s != a.state_at(now)) {
+                continue;
+            }
+            if before
+                .as_ref()
+                .is_some_and(|(ms, id)| (a.requested_ms, &a.id) >= (*ms, id))
+            {
+                continue;
+            }
+            out.push(a);
         }
         if !old.is_empty() {
             self.store.apply(old).await?;
         }
-        out.sort_by_key(|a| a.requested_ms);
+        out.sort_by(|a, b| (b.requested_ms, &b.id).cmp(&(a.requested_ms, &a.id)));
+        out.truncate(limit);
         Ok(out)
     }
 

@@ -101,10 +101,17 @@ pub struct MfaConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApprovalConfig {
     /// Any of `shred_tenant`, `retire_key_version`, `reset_mfa`,
-    /// `export_grant`; default all four, and `[]` in dev mode.
+    /// `export_grant`, `admin_change`; default all five, and `[]` in dev
+    /// mode.
     pub required_for: Option<Vec<String>>,
     /// How long a request may wait for, then use, its approval.
     pub ttl_minutes: f64,
+    /// An admin created less than this before a request cannot approve
+    /// it: a puppet admin is useless, and its creation alert has time to
+    /// be read. Default 60, and 0 in dev mode.
+    pub min_approver_age_minutes: Option<f64>,
+    /// Pending requests one admin may have at once.
+    pub max_pending_per_requester: u32,
 }
 
 impl Default for ApprovalConfig {
@@ -112,9 +119,14 @@ impl Default for ApprovalConfig {
         Self {
             required_for: None,
             ttl_minutes: 60.0,
+            min_approver_age_minutes: None,
+            max_pending_per_requester: 10,
         }
     }
 }
+
+/// The least free space the store keeps outside dev mode, in MiB.
+pub const MIN_FREE_MIB_PRODUCTION: u64 = 64;
 
 /// The actions the two-person rule can guard.
 pub const APPROVAL_ACTIONS: &[&str] = &[
@@ -122,6 +134,7 @@ pub const APPROVAL_ACTIONS: &[&str] = &[
     "retire_key_version",
     "reset_mfa",
     "export_grant",
+    "admin_change",
 ];
 
 /// Read-budget settings of one role; an absent key keeps the value below it
@@ -449,6 +462,8 @@ const ENV_KEYS: &[(&str, Kind)] = &[
     ("metrics.tenant_labels", Kind::Bool),
     ("approval.ttl_minutes", Kind::Float),
     ("approval.required_for", Kind::List),
+    ("approval.min_approver_age_minutes", Kind::Float),
+    ("approval.max_pending_per_requester", Kind::Int),
     ("mfa.required_roles", Kind::List),
     ("limits.clinician.reads_per_second", Kind::Float),
     ("limits.clinician.read_burst", Kind::Int),
@@ -495,6 +510,31 @@ impl Config {
             None if self.dev => Vec::new(),
             None => APPROVAL_ACTIONS.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    /// How long after its creation an admin may approve requests.
+    pub fn min_approver_age_minutes(&self) -> f64 {
+        match self.approval.min_approver_age_minutes {
+            Some(m) => m,
+            None if self.dev => 0.0,
+            None => 60.0,
+        }
+    }
+
+    /// What a start should tell the operator about a config it accepts but
+    /// that weakens a defence.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.dev && !self.approval_actions().iter().any(|a| a == "admin_change") {
+            w.push("approval.required_for omits admin_change: one admin can create a second admin and approve its own requests with it".into());
+        }
+        if self.dev && self.storage.min_free_mib < MIN_FREE_MIB_PRODUCTION {
+            w.push(format!(
+                "storage.min_free_mib = {} is below {MIN_FREE_MIB_PRODUCTION}: a disk this full can wedge the embedded store (accepted in dev mode only)",
+                self.storage.min_free_mib
+            ));
+        }
+        w
     }
 
     /// Reads `file` (if any), applies environment overrides, and checks the
@@ -632,6 +672,27 @@ impl Config {
                     APPROVAL_ACTIONS.join(", ")
                 )));
             }
+        }
+        if !(self.min_approver_age_minutes().is_finite() && self.min_approver_age_minutes() >= 0.0)
+        {
+            return Err(ConfigError::Invalid(
+                "approval.min_approver_age_minutes must be 0 or more".into(),
+            ));
+        }
+        if self.approval.max_pending_per_requester == 0 {
+            return Err(ConfigError::Invalid(
+                "approval.max_pending_per_requester must be at least 1".into(),
+            ));
+        }
+        if self.storage.min_free_mib == 0 {
+            return Err(ConfigError::Invalid(
+                "storage.min_free_mib must be at least 1: 0 turns off the only guard against a full disk wedging the store".into(),
+            ));
+        }
+        if !self.dev && self.storage.min_free_mib < MIN_FREE_MIB_PRODUCTION {
+            return Err(ConfigError::Invalid(format!(
+                "storage.min_free_mib must be at least {MIN_FREE_MIB_PRODUCTION} outside dev mode (a disk this full can wedge the embedded store)"
+            )));
         }
         if !(self.approval.ttl_minutes.is_finite() && self.approval.ttl_minutes > 0.0) {
             return Err(ConfigError::Invalid(
@@ -839,6 +900,34 @@ mod tests {
     /// Outside dev mode admins and auditors need a second factor and
     /// every guarded action a second admin; dev mode asks neither unless
     /// told; lists come from the environment too.
+    /// 0 turns off the disk-full guard: refused; below 64 MiB refused
+    /// outside dev mode and a warning in it. A start that leaves
+    /// admin_change unguarded outside dev mode warns.
+    #[test]
+    fn min_free_space_and_unguarded_admin_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            Config::load_with_env(Some(&f), |_| None)
+        };
+        let e = load("dev = true\n[storage]\nmin_free_mib = 0\n").unwrap_err();
+        assert!(e.to_string().contains("min_free_mib"), "{e}");
+        let dev = load("dev = true\n[storage]\nmin_free_mib = 16\n").unwrap();
+        assert!(dev.warnings().iter().any(|w| w.contains("min_free_mib")));
+        let tls = "tls.cert = \"/c\"\ntls.key = \"/k\"\n";
+        let e = load(&format!("{tls}[storage]\nmin_free_mib = 16\n")).unwrap_err();
+        assert!(e.to_string().contains("at least 64"), "{e}");
+        let prod = load(tls).unwrap();
+        assert!(prod.warnings().is_empty(), "{:?}", prod.warnings());
+        assert_eq!(prod.min_approver_age_minutes(), 60.0);
+        let open = load(&format!(
+            "{tls}[approval]\nrequired_for = [\"shred_tenant\"]\n"
+        ))
+        .unwrap();
+        assert!(open.warnings().iter().any(|w| w.contains("admin_change")));
+    }
+
     #[test]
     fn identity_defaults_depend_on_dev_mode() {
         let prod = Config::default();

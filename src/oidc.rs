@@ -491,17 +491,20 @@ impl Oidc {
             .get("exp")
             .and_then(serde_json::Value::as_i64)
             .ok_or(Refusal::MissingClaim)?;
-        // The jti names the token when there is one; otherwise the token
-        // itself does (a token cannot be re-signed into a new one).
+        // The jti names the token when there is one; otherwise its signed
+        // header and payload do. Never the signature: an ECDSA signature
+        // `(r, s)` has a twin `(r, n - s)` that verifies too, so a token
+        // re-encoded with it would be "new".
         let jti = claims.get("jti").and_then(serde_json::Value::as_str);
+        let signed = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
         let replay_key = crypto::sha256(
-            crypto::Context::new("coffre/oidc-replay/v1")
+            crypto::Context::new("coffre/oidc-replay/v2")
                 .with(p.name.as_bytes())
                 .with(match jti {
                     Some(j) => j.as_bytes(),
-                    None => token.as_bytes(),
+                    None => signed.as_bytes(),
                 })
-                .with(if jti.is_some() { b"jti" } else { b"token" })
+                .with(if jti.is_some() { b"jti" } else { b"signed" })
                 .as_bytes(),
         );
         let until = exp.min(iat + p.max_age_secs as i64) + leeway;

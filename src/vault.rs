@@ -233,6 +233,13 @@ impl Vault {
             }
             None => {
                 make_private_dir(&config.data_dir)?;
+                narrow_data_dir(
+                    &config.data_dir,
+                    &[
+                        config.audit.mirror_file.as_deref(),
+                        config.alert_file.as_deref(),
+                    ],
+                )?;
                 let sled = SledBackend::open(
                     &config.data_dir,
                     &SledOptions {
@@ -338,6 +345,8 @@ impl Vault {
                 audit.clone(),
                 config.approval_actions(),
                 config.approval.ttl_minutes,
+                config.min_approver_age_minutes(),
+                config.approval.max_pending_per_requester,
             ),
             grants: crate::grants::Grants::new(store.clone(), audit.clone()),
             audit,
@@ -535,16 +544,182 @@ impl Vault {
     /// Locks or unlocks a principal (an administrator's call). An unlock
     /// also clears the throttles its budget counted toward the lock; its
     /// windows stay (an unlock refills nothing).
+    ///
+    /// Locking an admin takes effect at once, with a critical alert
+    /// (incident response must not wait for the suspect); unlocking one is
+    /// `admin_change`, for a second admin to approve.
     pub async fn set_principal_locked(
         &self,
         tenant: &TenantName,
         username: &Username,
         locked: bool,
+        by: &Caller,
     ) -> Result<(), Error> {
+        let info = self
+            .accounts
+            .info(tenant, username)
+            .await?
+            .ok_or(Error::NotFound)?;
+        let admin = info.role == Role::Admin;
+        if admin && !locked {
+            self.approvals
+                .check(
+                    "admin_change",
+                    &format!("tenant={tenant} username={username} unlock"),
+                    by,
+                )
+                .await?;
+        }
         self.accounts.set_locked(tenant, username, locked).await?;
+        if admin && locked {
+            self.audit
+                .alert(
+                    crate::audit::Severity::Critical,
+                    "admin_locked",
+                    tenant.as_str(),
+                    &format!("{tenant}/{username}"),
+                    format!(
+                        "admin account locked by {}; its sessions ended",
+                        by.principal()
+                    ),
+                )
+                .await?;
+        }
         if !locked {
             self.budgets.unlocked(tenant, username.as_str()).await?;
         }
+        Ok(())
+    }
+
+    /// Creates a principal. An admin is `admin_change`: a second admin
+    /// approves it, except while the vault has fewer than two admins
+    /// (locked ones counted: the bootstrap); every admin created raises a
+    /// critical alert. Two parallel creations cannot both pass as the
+    /// bootstrap: each claims its admin count's slot in the same batch that
+    /// writes the principal.
+    pub async fn create_principal(&self, new: NewPrincipal<'_>, by: &Caller) -> Result<(), Error> {
+        let NewPrincipal {
+            tenant,
+            username,
+            password,
+            role,
+            oidc,
+        } = new;
+        if role != Role::Admin {
+            return self
+                .accounts
+                .create(tenant, username, password, role, oidc, None)
+                .await;
+        }
+        for _ in 0..3 {
+            if self.accounts.exists(tenant, username).await? {
+                return Err(Error::AlreadyExists("principal already exists".into()));
+            }
+            let admins = self.accounts.count_role(tenant, Role::Admin).await?;
+            let how = if admins < 2 {
+                let slot = format!("admin-bootstrap\0{admins}").into_bytes();
+                match self
+                    .accounts
+                    .create(tenant, username, password, role, oidc, Some(slot))
+                    .await
+                {
+                    // The slot went to a parallel creation: decide again.
+                    Err(Error::AlreadyExists(_))
+                        if !self.accounts.exists(tenant, username).await? =>
+                    {
+                        continue;
+                    }
+                    r => r?,
+                }
+                format!(
+                    "admin created by {} without a second admin: the vault had {admins} (the bootstrap)",
+                    by.principal()
+                )
+            } else {
+                self.approvals
+                    .check(
+                        "admin_change",
+                        &format!("tenant={tenant} username={username} create"),
+                        by,
+                    )
+                    .await?;
+                self.accounts
+                    .create(tenant, username, password, role, oidc, None)
+                    .await?;
+                format!("admin created by {}", by.principal())
+            };
+            self.audit
+                .alert(
+                    crate::audit::Severity::Critical,
+                    "admin_created",
+                    tenant.as_str(),
+                    &format!("{tenant}/{username}"),
+                    how,
+                )
+                .await?;
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(
+            "admins were created meanwhile: run this again".into(),
+        ))
+    }
+
+    /// Approves (`yes`) or denies an approval request as `by`.
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        by: &Caller,
+        yes: bool,
+    ) -> Result<crate::approvals::Approval, Error> {
+        let created_ms = self
+            .accounts
+            .info(&by.tenant, &by.username)
+            .await?
+            .ok_or(Error::Unauthenticated("no such session"))?
+            .created_ms;
+        self.approvals
+            .decide(
+                id,
+                crate::approvals::Approver {
+                    caller: by,
+                    created_ms,
+                },
+                yes,
+            )
+            .await
+    }
+
+    /// Unlocks a principal from the server itself, with the master key and
+    /// no session: the way back when every other admin is locked. Audited,
+    /// with a critical alert.
+    pub async fn unlock_offline(
+        &self,
+        tenant: &TenantName,
+        username: &Username,
+        operator: &str,
+    ) -> Result<(), Error> {
+        self.accounts.set_locked(tenant, username, false).await?;
+        self.budgets.unlocked(tenant, username.as_str()).await?;
+        self.audit
+            .record(crate::pb::AuditEvent {
+                action: "offline/unlock_principal".into(),
+                tenant: tenant.to_string(),
+                principal: operator.to_string(),
+                fields: vec![format!("username={username}")],
+                outcome: "ok".into(),
+                ..Default::default()
+            })
+            .await?;
+        self.audit
+            .alert(
+                crate::audit::Severity::Critical,
+                "offline_unlock",
+                tenant.as_str(),
+                &format!("{tenant}/{username}"),
+                format!("unlocked offline with the master key by {operator} on the server"),
+            )
+            .await?;
+        self.store.sync().await?;
         Ok(())
     }
 
@@ -1128,13 +1303,22 @@ impl Vault {
             report.bootstrap_password = None;
         } else {
             self.accounts
-                .create(&system, &admin, Some(&password), Role::Admin, None)
+                .create(&system, &admin, Some(&password), Role::Admin, None, None)
                 .await?;
         }
         self.tenants.create(&system, &[]).await?;
         report.bootstrapped = true;
         Ok(())
     }
+}
+
+/// A principal to create, as [`Vault::create_principal`] takes it.
+pub struct NewPrincipal<'a> {
+    pub tenant: &'a TenantName,
+    pub username: &'a Username,
+    pub password: Option<&'a crate::model::Password>,
+    pub role: Role,
+    pub oidc: Option<&'a crate::oidc::Binding>,
 }
 
 /// The tenant-wide key jobs [`Vault::resumable_job`] runs.
@@ -1144,6 +1328,44 @@ enum KeyJob {
     Rewrap { target: u32 },
     /// Move every record's index entries to the next index key.
     Reindex,
+}
+
+/// Makes everything in the data directory the vault's alone: files 0600,
+/// folders 0700. The embedded store creates its files with the process's
+/// umask (0644 under the usual 022), so the umask is narrowed to 077 for
+/// the process, and what exists already is narrowed once. `keep` (the
+/// mirror and alert files, read by a log shipper) keep their modes.
+fn narrow_data_dir(dir: &Path, keep: &[Option<&Path>]) -> Result<(), StartError> {
+    use nix::sys::stat::{Mode, umask};
+    use std::os::unix::fs::PermissionsExt;
+    umask(Mode::from_bits_truncate(0o077));
+    let failed =
+        |p: &Path, e: std::io::Error| StartError::DataDir(p.display().to_string(), e.to_string());
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in fs::read_dir(&d).map_err(|e| failed(&d, e))? {
+            let entry = entry.map_err(|e| failed(&d, e))?;
+            let path = entry.path();
+            if keep.iter().flatten().any(|k| *k == path) {
+                continue;
+            }
+            // Not followed: a link's target is not ours to change.
+            let meta = fs::symlink_metadata(&path).map_err(|e| failed(&path, e))?;
+            let want = if meta.is_dir() {
+                todo.push(path.clone());
+                0o700
+            } else if meta.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o777 != want {
+                fs::set_permissions(&path, fs::Permissions::from_mode(want))
+                    .map_err(|e| failed(&path, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn make_private_dir(dir: &Path) -> Result<(), StartError> {

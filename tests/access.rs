@@ -218,6 +218,20 @@ async fn logout_revokes_and_lock_stops_tokens() {
     let mut r = s.records().await;
     let e = r.get_record(authed(&t1, get("x"))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "revoked");
+    // A token revoked by a logout keeps its author in the trail.
+    let auditor = system_auditor(&s).await;
+    let refused = events(
+        &s,
+        &auditor,
+        pb::QueryAuditRequest {
+            action: "coffre.v1.Records/GetRecord".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let last = refused.last().expect("the refused call is audited");
+    assert_eq!(last.outcome, "unauthenticated");
+    assert_eq!(last.principal, "clinic/dr_a", "{last:?}");
     assert_eq!(
         r.get_record(authed(&t2, get("x")))
             .await

@@ -73,7 +73,7 @@ async fn decide(s: &TestServer, token: &str, id: &str, yes: bool) -> Result<(), 
 async fn approvals(s: &TestServer, token: &str) -> Vec<pb::Approval> {
     s.admin()
         .await
-        .list_approvals(authed(token, pb::ListApprovalsRequest {}))
+        .list_approvals(authed(token, pb::ListApprovalsRequest::default()))
         .await
         .unwrap()
         .into_inner()

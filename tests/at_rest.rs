@@ -412,3 +412,53 @@ async fn a_record_is_bound_as_a_whole_and_a_rollback_shows_against_the_trail() {
         TrailCheck::Matches
     );
 }
+
+/// Everything in the data directory is the vault's alone: the embedded
+/// store's files 0600 and its folders 0700, including what was there
+/// before the start.
+#[tokio::test]
+async fn every_file_in_the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if test_backend() != "sled" {
+        println!("SKIP: the data directory holds the store only with sled");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config(root.path());
+    let data = config.data_dir.clone();
+    std::fs::create_dir_all(data.join("old")).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(data.join("old"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.join("old").join("left"), b"x").unwrap();
+    std::fs::set_permissions(
+        data.join("old").join("left"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let s = TestServer::start_with(root, config).await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    for i in 0..20 {
+        r.put_record(authed(&token, put(&format!("p-{i}"), &[("nir", "1")])))
+            .await
+            .unwrap();
+    }
+    s.vault.as_ref().unwrap().store.flush_blocking().unwrap();
+    let mut todo = vec![data.clone()];
+    let mut seen = 0;
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o777;
+            if m.is_dir() {
+                assert_eq!(mode, 0o700, "{}", p.display());
+                todo.push(p);
+            } else {
+                assert_eq!(mode, 0o600, "{}", p.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 3, "looked at {seen} entries");
+}

@@ -633,7 +633,10 @@ async fn second_factor_two_person_rule_and_single_sign_on_from_the_cli() {
         ok(&run(&["login", "--username", user], &format!("{pw}\n")));
         let e = fails(&run(&["tenant", "create", "never"], ""));
         assert!(e.contains("coffre mfa enroll"), "{e}");
-        let out = ok(&run(&["mfa", "enroll"], ""));
+        // The password again, on stdin; a wrong one enrols nothing.
+        let e = fails(&run(&["mfa", "enroll"], "not my password\n"));
+        assert!(e.contains("invalid tenant, username or password"), "{e}");
+        let out = ok(&run(&["mfa", "enroll"], &format!("{pw}\n")));
         assert!(out.contains('█') || out.contains('▀'), "a QR code: {out}");
         let uri = out.lines().find(|l| l.starts_with("otpauth://")).unwrap();
         let codes: Vec<&str> = out

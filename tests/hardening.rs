@@ -450,6 +450,75 @@ async fn undecodable_requests_are_invalid_argument_and_audited() {
     .unwrap();
 }
 
+/// A probe for methods the server does not have leaves a trace: the
+/// path (bounded) and whoever the token names.
+#[tokio::test]
+async fn unknown_methods_are_audited() {
+    let s = TestServer::start().await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let auditor = auditor(&s).await;
+    const NOPE: &str = "/coffre.v1.Records/ExportEverything";
+    let long: &'static str = Box::leak(format!("/x.Y/{}", "z".repeat(5000)).into_boxed_str());
+    for (path, tok) in [(NOPE, Some(token.as_str())), (long, None)] {
+        let e = raw_call(s.channel().await, path, tok, vec![])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    }
+    let evs = events(
+        &s,
+        &auditor,
+        pb::QueryAuditRequest {
+            action: "unknown".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    assert_eq!(evs[0].principal, "clinic/dr_a");
+    assert_eq!(evs[0].outcome, "unimplemented");
+    assert_eq!(evs[0].fields, vec![format!("path={NOPE}")]);
+    assert_eq!(evs[1].principal, "");
+    assert!(
+        evs[1].fields[0].len() <= 128 + "…[cut]".len(),
+        "{:?}",
+        evs[1].fields
+    );
+    assert!(evs[1].fields[0].ends_with("…[cut]"));
+}
+
+/// Two `authorization` headers: which one counts would depend on who
+/// reads them; neither does.
+#[tokio::test]
+async fn two_authorization_headers_authenticate_nobody() {
+    let s = TestServer::start().await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let mut r = s.records().await;
+    let mut req = authed(&token, get("x"));
+    req.metadata_mut()
+        .append("authorization", format!("Bearer {token}").parse().unwrap());
+    let e = r.get_record(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // One header still works.
+    let e = r.get_record(authed(&token, get("x"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Undecodable requests go through the same rule.
+    let mut g = tonic::client::Grpc::new(s.channel().await);
+    g.ready().await.unwrap();
+    let mut req = authed(&token, vec![0xffu8; 8]);
+    req.metadata_mut()
+        .append("authorization", format!("Bearer {token}").parse().unwrap());
+    let e = g
+        .unary(
+            req,
+            http::uri::PathAndQuery::from_static("/coffre.v1.Records/PutRecord"),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_refused_calls_is_summed_up_not_stored_each() {
     let root = tempfile::tempdir().unwrap();
@@ -604,12 +673,20 @@ async fn a_stalled_stream_is_dropped_and_audited() {
         "{}",
         evs[0].purpose
     );
-    // The reader wakes up to a stream that ended short.
+    // The reader wakes up to what was buffered, then to a status that
+    // says the stream was cut: never a silent OK on a short stream.
     let mut got = 0;
-    while let Ok(Some(_)) = stream.message().await {
-        got += 1;
-    }
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
     assert!(got < ids.len(), "got {got} of {}", ids.len());
+    let e = end.expect("a dropped stream must not end OK");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("stopped reading"), "{}", e.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,12 +47,24 @@ async fn system_principals(
         .map(|r| r.into_inner().principals)
 }
 
-async fn enroll(s: &TestServer, token: &str) -> pb::EnrollTotpResponse {
+async fn enroll(s: &TestServer, token: &str, password: &str) -> pb::EnrollTotpResponse {
+    try_enroll(s, token, password).await.unwrap()
+}
+
+async fn try_enroll(
+    s: &TestServer,
+    token: &str,
+    password: &str,
+) -> Result<pb::EnrollTotpResponse, tonic::Status> {
     AuthClient::new(s.channel().await)
-        .enroll_totp(authed(token, pb::EnrollTotpRequest {}))
+        .enroll_totp(authed(
+            token,
+            pb::EnrollTotpRequest {
+                password: password.into(),
+            },
+        ))
         .await
-        .unwrap()
-        .into_inner()
+        .map(|r| r.into_inner())
 }
 
 async fn confirm(s: &TestServer, token: &str, otp: &str) -> Result<(), tonic::Status> {
@@ -96,7 +108,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
     let e = system_principals(&s, &t).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
-    let en = enroll(&s, &t).await;
+    let en = enroll(&s, &t, ADMIN_PASSWORD).await;
     assert!(
         en.otpauth_uri
             .starts_with("otpauth://totp/Coffre:system%2Fadmin?secret="),
@@ -204,7 +216,7 @@ async fn an_admin_enrols_then_logs_in_with_codes_and_recovery_codes() {
 async fn one_code_opens_one_session_under_parallel_logins() {
     let s = server().await;
     let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
-    let secret = totp_secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let secret = totp_secret_of(&enroll(&s, &t, ADMIN_PASSWORD).await.otpauth_uri);
     let now = totp_step_now();
     confirm(&s, &t, &totp_code(&secret, now - 1)).await.unwrap();
     let c = totp_code(&secret, now + 1);
@@ -236,7 +248,7 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
     let s = server().await;
     // The bootstrap admin enrols and creates a second admin and an auditor.
     let t = login(&s, "admin", ADMIN_PASSWORD, "").await.unwrap();
-    let secret = totp_secret_of(&enroll(&s, &t).await.otpauth_uri);
+    let secret = totp_secret_of(&enroll(&s, &t, ADMIN_PASSWORD).await.otpauth_uri);
     let now = totp_step_now();
     confirm(&s, &t, &totp_code(&secret, now)).await.unwrap();
     let full = login(&s, "admin", ADMIN_PASSWORD, &totp_code(&secret, now + 1))
@@ -268,7 +280,7 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
 
     // admin-b enrols, then resets the first admin's factor.
     let tb = login(&s, "admin-b", AUDITOR_PASSWORD, "").await.unwrap();
-    let sb = totp_secret_of(&enroll(&s, &tb).await.otpauth_uri);
+    let sb = totp_secret_of(&enroll(&s, &tb, AUDITOR_PASSWORD).await.otpauth_uri);
     confirm(&s, &tb, &totp_code(&sb, now)).await.unwrap();
     let full_b = login(&s, "admin-b", AUDITOR_PASSWORD, &totp_code(&sb, now + 1))
         .await
@@ -286,7 +298,7 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         .unwrap();
     // admin-b replaces its own factor from a full session: allowed, and
     // alerted (a stolen session could do the same).
-    let nb = totp_secret_of(&enroll(&s, &full_b).await.otpauth_uri);
+    let nb = totp_secret_of(&enroll(&s, &full_b, AUDITOR_PASSWORD).await.otpauth_uri);
     confirm(&s, &full_b, &totp_code(&nb, now)).await.unwrap();
     // Its sessions ended; its next login can only enrol again.
     assert_eq!(
@@ -298,11 +310,11 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         create_tenant(&s, &again, "x").await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    let fresh = totp_secret_of(&enroll(&s, &again).await.otpauth_uri);
+    let fresh = totp_secret_of(&enroll(&s, &again, ADMIN_PASSWORD).await.otpauth_uri);
     assert_ne!(fresh, secret);
     // The alert says who was reset.
     let alerts = {
-        let na = totp_secret_of(&enroll(&s, &aud).await.otpauth_uri);
+        let na = totp_secret_of(&enroll(&s, &aud, AUDITOR_PASSWORD).await.otpauth_uri);
         confirm(&s, &aud, &totp_code(&na, now)).await.unwrap();
         let aud = login(&s, "auditor", AUDITOR_PASSWORD, &totp_code(&na, now + 1))
             .await
@@ -319,6 +331,50 @@ async fn a_lost_phone_is_reset_by_another_admin_and_the_principal_enrols_again()
         alerts
             .iter()
             .any(|a| a.kind == "mfa_replaced" && a.principal == "system/admin-b"),
+        "{alerts:?}"
+    );
+}
+
+/// A stolen clinician session (no second factor yet) cannot put its own
+/// factor in front of the owner: the password is asked again, wrong
+/// guesses count toward the lockout, and every enrolment is an alert.
+#[tokio::test]
+async fn enrolment_needs_the_password_again_and_is_alerted() {
+    // Clinicians may enrol (nobody requires them to).
+    let s = TestServer::start().await;
+    let stolen = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    for guess in ["", "not the password at all"] {
+        let e = try_enroll(&s, &stolen, guess).await.unwrap_err();
+        assert_eq!((e.code(), e.message()), (tonic::Code::Unauthenticated, BAD));
+    }
+    // Guesses count: after five in all, the account is locked and so is
+    // the stolen session.
+    for _ in 0..4 {
+        let _ = try_enroll(&s, &stolen, "another wrong guess here").await;
+    }
+    let e = try_enroll(&s, &stolen, CLINICIAN_PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    let owner = s.tenant_with("ward", "dr_b", pb::Role::Clinician).await;
+    let en = enroll(&s, &owner, CLINICIAN_PASSWORD).await;
+    let secret = totp_secret_of(&en.otpauth_uri);
+    confirm(&s, &owner, &totp_code(&secret, totp_step_now()))
+        .await
+        .unwrap();
+    let auditor = system_auditor(&s).await;
+    let alerts = s.alerts(&auditor).await;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "mfa_enrolled" && a.principal == "ward/dr_b"),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "login_lockout" && a.principal == "clinic/dr_a"),
         "{alerts:?}"
     );
 }

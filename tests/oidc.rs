@@ -575,6 +575,55 @@ async fn one_token_opens_one_session_under_parallel_replays() {
     assert_eq!(ok, 1, "a token is single use whatever the concurrency");
 }
 
+/// The ECDSA twin of an ES256 token: the same header and payload, the
+/// signature `(r, n - s)`, which verifies as well as `(r, s)`.
+fn ecdsa_twin(token: &str) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    // The order of P-256's base point.
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = B64.decode(sig).unwrap();
+    assert_eq!(sig.len(), 64);
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = N[i] as i16 - sig[32 + i] as i16 - borrow;
+        borrow = i16::from(d < 0);
+        sig[32 + i] = d.rem_euclid(256) as u8;
+    }
+    assert_eq!(borrow, 0, "s < n");
+    format!("{signed}.{}", B64.encode(sig))
+}
+
+#[tokio::test]
+async fn an_es256_token_without_jti_is_single_use_whatever_its_signature_encoding() {
+    let key = SigningKey::new("k1");
+    let issuer = Issuer::start(&[&key]).await;
+    let s = server(&issuer).await;
+    let token = key.sign(&without(claims(SUBJECT), "jti"));
+    let twin = ecdsa_twin(&token);
+    assert_ne!(twin, token);
+    // The twin is a valid signature: it logs in when it comes first.
+    let other = key.sign(&with(
+        without(claims(SUBJECT), "jti"),
+        "iat",
+        json!(now() - 6),
+    ));
+    login_oidc(&s, "psc", &ecdsa_twin(&other))
+        .await
+        .expect("a high-s ECDSA signature is legitimate");
+    login_oidc(&s, "psc", &token).await.unwrap();
+    let e = login_oidc(&s, "psc", &twin).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(e.message(), BAD);
+    let auditor = system_auditor(&s).await;
+    assert_eq!(reasons(&s, &auditor).await.last().unwrap(), "replayed");
+}
+
 #[tokio::test]
 async fn bindings_name_a_configured_provider_of_the_tenant_and_one_principal_each() {
     let key = SigningKey::new("k1");

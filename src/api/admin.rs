@@ -83,7 +83,7 @@ impl admin_server::Admin for AdminService {
             self,
             req,
             "Admin/CreatePrincipal",
-            async |_c: Option<Caller>, m: pb::CreatePrincipalRequest, n: &mut Note| {
+            async |c: Option<Caller>, m: pb::CreatePrincipalRequest, n: &mut Note| {
                 let tenant = TenantName::parse(&m.tenant)?;
                 n.tenant = Some(tenant.to_string());
                 let username = Username::parse(&m.username)?;
@@ -127,9 +127,18 @@ impl admin_server::Admin for AdminService {
                         &[username.as_str(), tenant.as_str()],
                     )?)
                 };
-                v.accounts
-                    .create(&tenant, &username, password.as_ref(), role, oidc.as_ref())
-                    .await?;
+                n.fields.push(format!("role={}", role.as_str()));
+                v.create_principal(
+                    crate::vault::NewPrincipal {
+                        tenant: &tenant,
+                        username: &username,
+                        password: password.as_ref(),
+                        role,
+                        oidc: oidc.as_ref(),
+                    },
+                    &must(c)?,
+                )
+                .await?;
                 Ok(pb::CreatePrincipalResponse {})
             }
         )
@@ -144,13 +153,14 @@ impl admin_server::Admin for AdminService {
             self,
             req,
             "Admin/SetPrincipalLocked",
-            async |_c: Option<Caller>, m: pb::SetPrincipalLockedRequest, n: &mut Note| {
+            async |c: Option<Caller>, m: pb::SetPrincipalLockedRequest, n: &mut Note| {
                 let tenant = TenantName::parse(&m.tenant)?;
                 n.tenant = Some(tenant.to_string());
                 let username = Username::parse(&m.username)?;
                 // The subject of an account call is named in `fields`.
                 n.fields = vec![format!("username={username}")];
-                v.set_principal_locked(&tenant, &username, m.locked).await?;
+                v.set_principal_locked(&tenant, &username, m.locked, &must(c)?)
+                    .await?;
                 Ok(pb::SetPrincipalLockedResponse {})
             }
         )
@@ -484,11 +494,18 @@ impl admin_server::Admin for AdminService {
             self,
             req,
             "Admin/ListApprovals",
-            async |_c: Option<Caller>, _m: pb::ListApprovalsRequest, _n: &mut Note| {
+            async |_c: Option<Caller>, m: pb::ListApprovalsRequest, _n: &mut Note| {
                 let now = crate::clock::now_ms();
+                let query = crate::approvals::ListQuery {
+                    state: Some(m.state).filter(|s| !s.is_empty()),
+                    limit: m.limit as usize,
+                    before_id: Some(approval_id(&m.before_id)?)
+                        .filter(|id| !id.is_empty())
+                        .map(str::to_string),
+                };
                 let approvals = v
                     .approvals
-                    .list()
+                    .list(&query)
                     .await?
                     .into_iter()
                     .map(|a| pb::Approval {
@@ -582,13 +599,21 @@ async fn decide(
     n: &mut Note,
     yes: bool,
 ) -> Result<(), Error> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
+    if id.is_empty() {
         return Err(Error::InvalidArgument("approval id is ap-<hex>".into()));
     }
+    let id = approval_id(id)?;
     n.fields = vec![format!("approval={id}")];
-    let a = v.approvals.decide(id, &must(c)?, yes).await?;
+    let a = v.decide_approval(id, &must(c)?, yes).await?;
     n.fields.push(format!("action={}", a.action));
     n.tenant = a.target_field("tenant").map(str::to_string);
     Ok(())
+}
+
+/// An approval id as given (`ap-<hex>`), or empty.
+fn approval_id(id: &str) -> Result<&str, Error> {
+    if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Error::InvalidArgument("approval id is ap-<hex>".into()));
+    }
+    Ok(id)
 }

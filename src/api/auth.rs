@@ -127,8 +127,9 @@ impl auth_server::Auth for AuthService {
             self,
             req,
             "Auth/EnrollTotp",
-            async |c: Option<Caller>, _m: pb::EnrollTotpRequest, _n: &mut Note| {
-                let e = v.accounts.enroll_totp(&must(c)?).await?;
+            async |c: Option<Caller>, m: pb::EnrollTotpRequest, _n: &mut Note| {
+                let password = zeroize::Zeroizing::new(m.password);
+                let e = v.accounts.enroll_totp(&must(c)?, &password).await?;
                 Ok(pb::EnrollTotpResponse {
                     otpauth_uri: e.uri.to_string(),
                     recovery_codes: e.recovery_codes.iter().map(|c| c.to_string()).collect(),

@@ -87,24 +87,40 @@ where
             let call = info.as_ref().map(|i| i.state.begin());
             let route = route(req.uri().path());
             let reached = Reached::default();
-            // What the gate needs if tonic refuses the request: its token.
-            let auth = route.and_then(|_| req.headers().get("authorization").cloned());
+            // What the gate needs if tonic refuses the request: its token
+            // (none when two are sent: the gate refuses those anyway).
+            let path = req.uri().path().to_string();
+            let auth = {
+                let mut all = req.headers().get_all("authorization").iter();
+                match (all.next(), all.next()) {
+                    (Some(v), None) => Some(v.clone()),
+                    _ => None,
+                }
+            };
             if route.is_some() {
                 req.extensions_mut().insert(reached.clone());
             }
             let mut resp = inner.call(req).await?;
+            let meta = || {
+                let mut meta = MetadataMap::new();
+                if let Some(v) = auth.as_ref().and_then(|v| v.to_str().ok()?.parse().ok()) {
+                    meta.insert("authorization", v);
+                }
+                meta
+            };
+            let peer = info.as_ref().and_then(|i| i.remote);
+            if route.is_none() && early_status(&resp) == Some(tonic::Code::Unimplemented) {
+                // A probe for methods the server does not have is worth a
+                // line in the trail too.
+                gate.audit_unknown(&path, &meta(), peer).await;
+            }
             if let Some(route) = route
                 && !reached.get()
                 && let Some(code) = early_status(&resp)
                 // A timeout is not the request's fault.
                 && !matches!(code, tonic::Code::Ok | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
             {
-                let mut meta = MetadataMap::new();
-                if let Some(v) = auth.and_then(|v| v.to_str().ok()?.parse().ok()) {
-                    meta.insert("authorization", v);
-                }
-                let peer = info.as_ref().and_then(|i| i.remote);
-                let status = gate.refuse_undecodable(route, &meta, peer, code).await;
+                let status = gate.refuse_undecodable(route, &meta(), peer, code).await;
                 resp = status.into_http();
             }
             let resp = observed.observe(resp);

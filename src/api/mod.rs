@@ -221,6 +221,10 @@ fn new_request_id() -> String {
     format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The characters of an unknown method's path looked at; the trail keeps
+/// fewer (a field's bound).
+const MAX_UNKNOWN_PATH: usize = 256;
+
 /// Shared by the services: the vault, plus the per-RPC envelope.
 #[derive(Clone)]
 pub struct Gate {
@@ -229,7 +233,12 @@ pub struct Gate {
     streams: Arc<Mutex<HashMap<String, u32>>>,
 }
 
+/// The bearer token, when exactly one `authorization` header carries one
+/// (two are refused: which one a proxy or a logger saw is anyone's guess).
 fn bearer(meta: &MetadataMap) -> Option<&str> {
+    if meta.get_all("authorization").iter().count() != 1 {
+        return None;
+    }
     meta.get("authorization")?
         .to_str()
         .ok()?
@@ -504,6 +513,47 @@ impl Gate {
             .unwrap_or_else(|| Status::invalid_argument("malformed request"))
     }
 
+    /// Audits a call of a method the server does not have (tonic answered
+    /// UNIMPLEMENTED): its path, cut to a field's bound, and
+    /// whoever its token names. Counted as a refused call of its peer, so
+    /// a scan of method names is summed up rather than filling the trail.
+    pub(super) async fn audit_unknown(
+        &self,
+        path: &str,
+        meta: &MetadataMap,
+        peer: Option<SocketAddr>,
+    ) {
+        if self.over_refusal_limit(peer, "unknown", "unimplemented") {
+            return;
+        }
+        let auth = self.authorize(meta, "unknown", Need::Anyone).await;
+        // The path is the client's text: bounded like a request's fields.
+        let mut note = Note {
+            fields: vec![format!(
+                "path={}",
+                path.chars()
+                    .take(MAX_UNKNOWN_PATH)
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect::<String>()
+            )],
+            ..Default::default()
+        };
+        note.bound();
+        let event = pb::AuditEvent {
+            tenant: auth.tenant.unwrap_or_default(),
+            principal: auth.principal.unwrap_or_default(),
+            role: auth.role,
+            action: "unknown".into(),
+            fields: note.fields,
+            outcome: "unimplemented".into(),
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        if let Err(e) = self.vault.audit.record(event).await {
+            tracing::error!(error = %e, "unknown-method event not stored");
+        }
+    }
+
     /// Runs one RPC: authorize, call `f`, then record the audit event
     /// before anything is returned. If the event cannot be stored the RPC
     /// fails with UNAVAILABLE and returns no data (fail-closed).
@@ -654,6 +704,11 @@ impl Gate {
     /// that takes longer than `connections.stream_send_timeout_secs` for
     /// one message gets no more (its buffers are freed), and the drop is
     /// audited with the count sent. The permit is held until the end.
+    ///
+    /// A dropped stream never ends OK: after what was already buffered,
+    /// the client reads DEADLINE_EXCEEDED saying why. The status cannot
+    /// go through the full buffer, so it waits beside it and follows the
+    /// buffer's last message.
     fn guard_stream<T: Send + 'static>(
         &self,
         mut source: BoxStream<T>,
@@ -663,6 +718,8 @@ impl Gate {
         let (tx, rx) = mpsc::channel(2);
         let timeout = Duration::from_secs(self.vault.connections.stream_send_timeout_secs);
         let audit = self.vault.audit.clone();
+        let dropped = Arc::new(std::sync::OnceLock::<String>::new());
+        let why = dropped.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut sent = 0u64;
@@ -673,6 +730,12 @@ impl Gate {
                     Ok(Err(_)) => return,
                     Err(_) => {
                         drop(source);
+                        // Set before `tx` drops, so the end of the buffer
+                        // always finds it.
+                        let _ = why.set(format!(
+                            "stream dropped: the client stopped reading for {} s; {sent} messages were sent, the rest were not",
+                            timeout.as_secs()
+                        ));
                         let event = pb::AuditEvent {
                             action: what.action.to_string(),
                             tenant: what.tenant,
@@ -694,7 +757,13 @@ impl Gate {
                 }
             }
         });
-        Box::pin(ReceiverStream::new(rx))
+        let end = futures::stream::once(async move {
+            dropped
+                .get()
+                .map(|why| Err(Status::deadline_exceeded(why.clone())))
+        })
+        .filter_map(std::future::ready);
+        Box::pin(ReceiverStream::new(rx).chain(end))
     }
 }
 

@@ -5,10 +5,22 @@ use super::*;
 
 pub(super) async fn mfa(g: &Global, cmd: MfaCmd) -> Result<(), CliError> {
     match cmd {
-        MfaCmd::Enroll => {
+        MfaCmd::Enroll { sso } => {
+            // The password again: a stolen session cannot enrol its own
+            // factor. A single sign-on account logs in again instead.
+            let password = if sso {
+                Zeroizing::new(String::new())
+            } else {
+                read_secret("password: ", false)?
+            };
             let mut c = AuthClient::new(connect(g).await?);
             let e = c
-                .enroll_totp(authed(g, pb::EnrollTotpRequest {})?)
+                .enroll_totp(authed(
+                    g,
+                    pb::EnrollTotpRequest {
+                        password: password.to_string(),
+                    },
+                )?)
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -89,9 +101,20 @@ pub(super) async fn mfa(g: &Global, cmd: MfaCmd) -> Result<(), CliError> {
 pub(super) async fn approvals(g: &Global, cmd: ApprovalsCmd) -> Result<(), CliError> {
     let mut c = AdminClient::new(connect(g).await?);
     match cmd {
-        ApprovalsCmd::List => {
+        ApprovalsCmd::List {
+            state,
+            limit,
+            before,
+        } => {
             let list = c
-                .list_approvals(authed(g, pb::ListApprovalsRequest {})?)
+                .list_approvals(authed(
+                    g,
+                    pb::ListApprovalsRequest {
+                        state: state.unwrap_or_default(),
+                        limit,
+                        before_id: before.unwrap_or_default(),
+                    },
+                )?)
                 .await
                 .map_err(status_err)?
                 .into_inner()

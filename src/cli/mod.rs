@@ -176,7 +176,13 @@ enum Command {
 enum MfaCmd {
     /// Start enrolment of the logged-in principal: prints the otpauth URI,
     /// a QR code to scan, and ten one-time recovery codes (shown once).
-    Enroll,
+    /// Asks the account's password again (prompted, or read from stdin).
+    Enroll {
+        /// The account has no password: it logged in by single sign-on
+        /// (`coffre login --oidc`) less than 300 s ago.
+        #[arg(long)]
+        sso: bool,
+    },
     /// Finish enrolment with a code from the authenticator app (prompted,
     /// or read from stdin), then log in again with --otp.
     Confirm {
@@ -195,8 +201,20 @@ enum MfaCmd {
 
 #[derive(Subcommand)]
 enum ApprovalsCmd {
-    /// Requests of the last 30 days and their state.
-    List,
+    /// Requests of the last 30 days and their state, newest first.
+    List {
+        /// Only those in this state: pending, approved, denied, used,
+        /// expired.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many (the server answers 100 without it, at most
+        /// 1000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Only those requested before this id (the last of a page).
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// Approve another admin's request; the requester then repeats the
     /// command once.
     Approve { id: String },
@@ -355,6 +373,11 @@ enum PrincipalCmd {
         /// Every locked principal of the tenant.
         #[arg(long, conflicts_with = "username")]
         all_locked: bool,
+        /// Offline, on the server, with its master key and no session: the
+        /// way back when every other admin is locked (stop the server
+        /// first with the embedded store). Audited, critical alert.
+        #[arg(long, conflicts_with = "all_locked")]
+        config: Option<PathBuf>,
     },
     /// Names, roles and locks of a tenant's principals (admins; auditors).
     List {

@@ -3,6 +3,15 @@
 use super::*;
 
 pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliError> {
+    if let PrincipalCmd::Unlock {
+        tenant,
+        username,
+        config: Some(config),
+        ..
+    } = &cmd
+    {
+        return unlock_offline(g, config, tenant, username).await;
+    }
     let mut c = AdminClient::new(connect(g).await?);
     match cmd {
         PrincipalCmd::Create {
@@ -47,6 +56,7 @@ pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliEr
             tenant,
             username,
             all_locked,
+            ..
         } => {
             let names = if all_locked {
                 list_principals(g, &mut c, &tenant)
@@ -154,5 +164,44 @@ pub(super) async fn set_locked(
         &format!("principal {tenant}/{username} {word}"),
         json!({"tenant": tenant, "username": username, "locked": locked}),
     );
+    Ok(())
+}
+
+/// `coffre principal unlock --config CFG`: opens the vault itself (the
+/// master key file is the credential) and unlocks, audited and alerted.
+async fn unlock_offline(
+    g: &Global,
+    config: &Path,
+    tenant: &str,
+    usernames: &[String],
+) -> Result<(), CliError> {
+    let config = Config::load(Some(config)).map_err(err)?;
+    let tenant = crate::model::TenantName::parse(tenant).map_err(err)?;
+    let names = usernames
+        .iter()
+        .map(|u| crate::model::Username::parse(u).map_err(err))
+        .collect::<Result<Vec<_>, _>>()?;
+    let operator = format!(
+        "offline:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    let (vault, _) = Vault::open(&config, crate::vault::Bootstrap::Refuse)
+        .await
+        .map_err(err)?;
+    for u in &names {
+        vault
+            .unlock_offline(&tenant, u, &operator)
+            .await
+            .map_err(|e| match e {
+                crate::error::Error::NotFound => err(format!("no principal {tenant}/{u}")),
+                e => err(e),
+            })?;
+        say(
+            g,
+            &format!("principal {tenant}/{u} unlocked offline (audited, alerted)"),
+            json!({"tenant": tenant.as_str(), "username": u.as_str(), "unlocked": true, "offline": true}),
+        );
+    }
+    vault.store.sync().await.map_err(err)?;
     Ok(())
 }

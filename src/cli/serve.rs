@@ -30,6 +30,9 @@ pub(super) async fn serve(config_path: Option<&Path>) -> Result<(), CliError> {
             eprintln!("coffre: {msg}");
         }
     };
+    for w in config.warnings() {
+        notice(w);
+    }
     if let Some(p) = &report.generated_key {
         notice(format!(
             "dev mode: generated a new master key at {} (keep it; without it the data is unreadable)",
