@@ -565,3 +565,79 @@ async fn retiring_a_key_version_and_resetting_a_second_factor_need_a_second_admi
         tonic::Code::Unauthenticated
     );
 }
+
+/// Sixteen admins created at once while the vault has one: exactly one
+/// passes as the bootstrap (the second admin); every other one becomes a
+/// request, and no more than the cap of them are pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_admin_creations_pass_the_bootstrap_once() {
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config_with(
+        root.path(),
+        "[approval]\nrequired_for = [\"admin_change\"]\nmax_pending_per_requester = 10\n",
+    );
+    let s = TestServer::start_with(root, config).await;
+    let a = s.admin_token().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let ch = s.channel().await;
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            AdminClient::new(ch)
+                .create_principal(authed(
+                    &a,
+                    pb::CreatePrincipalRequest {
+                        tenant: "system".into(),
+                        username: format!("extra-{i}"),
+                        password: B_PASSWORD.into(),
+                        role: pb::Role::Admin as i32,
+                        oidc: String::new(),
+                    },
+                ))
+                .await
+        }));
+    }
+    let (mut created, mut asked, mut capped) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(e) if e.message().starts_with("approval required") => asked += 1,
+            Err(e) if e.message().contains("max_pending_per_requester") => capped += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((created, asked, capped), (1, 10, 5));
+    let admins = s
+        .admin()
+        .await
+        .list_principals(authed(
+            &a,
+            pb::ListPrincipalsRequest {
+                tenant: "system".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .principals
+        .into_iter()
+        .filter(|p| p.role == "admin")
+        .count();
+    assert_eq!(admins, 2);
+    let pending = s
+        .admin()
+        .await
+        .list_approvals(authed(
+            &a,
+            pb::ListApprovalsRequest {
+                state: "pending".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(pending.len(), 10);
+    assert!(pending.iter().all(|p| p.action == "admin_change"));
+}

@@ -774,3 +774,260 @@ async fn second_factor_two_person_rule_and_single_sign_on_from_the_cli() {
         .contains("shredded")
     );
 }
+
+/// The approval id in a guarded command's one-line refusal.
+fn approval_id(e: &str) -> String {
+    e.split("approval required: ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("no approval id in {e}"))
+        .to_string()
+}
+
+/// One rogue (or stolen) admin against the two-person rule, from the CLI
+/// as that operator would try it: a puppet admin needs a second admin and,
+/// once made, cannot approve what was asked before it existed; locking
+/// the other admin leaves the rogue alone but not free (creating or
+/// unlocking an admin still needs a second one); the way back is the
+/// offline unlock on the server, audited and alerted.
+#[tokio::test]
+async fn one_admin_cannot_satisfy_the_two_person_rule_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        root.path(),
+        "[approval]\nrequired_for = [\"shred_tenant\", \"admin_change\"]\n\
+         min_approver_age_minutes = 0.05\nmax_pending_per_requester = 4\n",
+    );
+    let p = spawn_server(&cfg, &[("COFFRE_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)]).unwrap();
+    let tok = root.path().join("token");
+    let tok_b = root.path().join("token-b");
+    let tok_p = root.path().join("token-p");
+    let tok_au = root.path().join("token-au");
+    let admin_pw = format!("{ADMIN_PASSWORD}\n");
+    let b_pw = format!("{AUDITOR_PASSWORD}\n");
+    let create = |addr: &str, user: &str, role: &str, pw: &str| {
+        coffre(
+            addr,
+            &tok,
+            &[
+                "principal",
+                "create",
+                "--tenant",
+                "system",
+                "--username",
+                user,
+                "--role",
+                role,
+            ],
+            pw,
+        )
+    };
+    ok(&coffre(&p.addr, &tok, &["login"], &admin_pw));
+    ok(&coffre(&p.addr, &tok, &["tenant", "create", "doomed"], ""));
+    // The bootstrap: the second admin needs nobody (there is no one), and
+    // is alerted.
+    ok(&create(&p.addr, "admin-b", "admin", &b_pw));
+    ok(&create(&p.addr, "auditor", "auditor", &b_pw));
+    ok(&coffre(
+        &p.addr,
+        &tok_b,
+        &["login", "--username", "admin-b"],
+        &b_pw,
+    ));
+    ok(&coffre(
+        &p.addr,
+        &tok_au,
+        &["login", "--username", "auditor"],
+        &b_pw,
+    ));
+    // admin-b comes of age as an approver.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+
+    // The puppet path: A asks for a shred, then for a puppet admin.
+    let shred = fails(&coffre(
+        &p.addr,
+        &tok,
+        &["tenant", "shred", "doomed", "--confirm", "doomed"],
+        "",
+    ));
+    let shred_id = approval_id(&shred);
+    let puppet = approval_id(&fails(&create(&p.addr, "puppet", "admin", &b_pw)));
+    assert!(
+        fails(&coffre(
+            &p.addr,
+            &tok,
+            &["approvals", "approve", &puppet],
+            ""
+        ))
+        .contains("own request")
+    );
+    // The lock-then-create path: A locks B at once...
+    ok(&coffre(
+        &p.addr,
+        &tok,
+        &[
+            "principal",
+            "lock",
+            "--tenant",
+            "system",
+            "--username",
+            "admin-b",
+        ],
+        "",
+    ));
+    let e = fails(&coffre(&p.addr, &tok_b, &["approvals", "list"], ""));
+    assert!(e.contains("PermissionDenied"), "{e}");
+    // ...but a locked admin still counts: no second bootstrap, and the
+    // unlock is guarded too.
+    approval_id(&fails(&create(&p.addr, "puppet-2", "admin", &b_pw)));
+    approval_id(&fails(&coffre(
+        &p.addr,
+        &tok,
+        &[
+            "principal",
+            "unlock",
+            "--tenant",
+            "system",
+            "--username",
+            "admin-b",
+        ],
+        "",
+    )));
+    // Four pending: the fifth request is refused, not stored.
+    let e = fails(&create(&p.addr, "puppet-3", "admin", &b_pw));
+    assert!(e.contains("max_pending_per_requester"), "{e}");
+    let pending: serde_json::Value = serde_json::from_str(&ok(&coffre(
+        &p.addr,
+        &tok,
+        &[
+            "--json",
+            "approvals",
+            "list",
+            "--state",
+            "pending",
+            "--limit",
+            "2",
+        ],
+        "",
+    )))
+    .unwrap();
+    assert_eq!(pending.as_array().unwrap().len(), 2, "{pending}");
+    let last = pending[1]["id"].as_str().unwrap().to_string();
+    let rest: serde_json::Value = serde_json::from_str(&ok(&coffre(
+        &p.addr,
+        &tok,
+        &[
+            "--json",
+            "approvals",
+            "list",
+            "--state",
+            "pending",
+            "--before",
+            &last,
+        ],
+        "",
+    )))
+    .unwrap();
+    assert_eq!(rest.as_array().unwrap().len(), 2, "{rest}");
+    assert_eq!(rest[1]["id"], shred_id.as_str(), "oldest last: {rest}");
+
+    // The way back: offline, on the server, with the master key.
+    drop(p);
+    let out = ok(&coffre(
+        "http://127.0.0.1:1",
+        &tok,
+        &[
+            "principal",
+            "unlock",
+            "--tenant",
+            "system",
+            "--username",
+            "admin-b",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        "",
+    ));
+    assert!(out.contains("unlocked offline"), "{out}");
+    let p = spawn_server(&cfg, &[]).unwrap();
+    ok(&coffre(
+        &p.addr,
+        &tok_b,
+        &["login", "--username", "admin-b"],
+        &b_pw,
+    ));
+    ok(&coffre(&p.addr, &tok, &["login"], &admin_pw));
+
+    // B approves the puppet; it exists, but is younger than the shred
+    // request it was made for: its approval is refused.
+    ok(&coffre(
+        &p.addr,
+        &tok_b,
+        &["approvals", "approve", &puppet],
+        "",
+    ));
+    ok(&create(&p.addr, "puppet", "admin", &b_pw));
+    ok(&coffre(
+        &p.addr,
+        &tok_p,
+        &["login", "--username", "puppet"],
+        &b_pw,
+    ));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let e = fails(&coffre(
+        &p.addr,
+        &tok_p,
+        &["approvals", "approve", &shred_id],
+        "",
+    ));
+    assert!(e.contains("min_approver_age_minutes"), "{e}");
+    ok(&coffre(
+        &p.addr,
+        &tok_b,
+        &["approvals", "approve", &shred_id],
+        "",
+    ));
+    ok(&coffre(
+        &p.addr,
+        &tok,
+        &["tenant", "shred", "doomed", "--confirm", "doomed"],
+        "",
+    ));
+
+    // Every admin made, the lock and the offline unlock are critical
+    // alerts for the reviewers.
+    let alerts = ok(&coffre(
+        &p.addr,
+        &tok_au,
+        &["--json", "audit", "alerts"],
+        "",
+    ));
+    let kinds: Vec<(String, String, String)> = alerts
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|v| match v {
+            serde_json::Value::Array(a) => a,
+            one => vec![one],
+        })
+        .map(|a| {
+            (
+                a["kind"].as_str().unwrap_or_default().to_string(),
+                a["principal"].as_str().unwrap_or_default().to_string(),
+                a["severity"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for (kind, who) in [
+        ("admin_created", "system/admin-b"),
+        ("admin_created", "system/puppet"),
+        ("admin_locked", "system/admin-b"),
+        ("offline_unlock", "system/admin-b"),
+    ] {
+        assert!(
+            kinds
+                .iter()
+                .any(|(k, p, s)| k == kind && p == who && s == "critical"),
+            "{kind} {who}: {kinds:?}"
+        );
+    }
+}
