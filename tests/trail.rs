@@ -258,6 +258,38 @@ async fn pruning_keeps_each_records_latest_write_for_scrub() {
         v.check_against_trail(&tenant, &id("kept")).await.unwrap(),
         TrailCheck::RolledBack
     );
+
+    // "kept" deleted on disk: only the kept-aside write says it exists,
+    // and scrub's walk of what the trail says exists finds it missing.
+    s.stop().await;
+    {
+        let store = s.raw_store().await;
+        let mut k = b"clinic\0".to_vec();
+        k.extend_from_slice(b"kept");
+        let mut b = coffre::store::Batch::new();
+        b.delete(coffre::store::Space::Records, k);
+        store.apply(b).await.unwrap();
+        store.flush_blocking().unwrap();
+    }
+    s.restart().await;
+    let v = s.vault.as_ref().unwrap();
+    let (by_tenant, all) = coffre::ops::scrub::scrub(v, |_| {}).await.unwrap();
+    assert_eq!(all.failed, 1, "{by_tenant:?}");
+    let aud = s
+        .login("system", "auditor", AUDITOR_PASSWORD)
+        .await
+        .unwrap();
+    let ev = events(
+        &s,
+        &aud,
+        pb::QueryAuditRequest {
+            action: "alert/scrub_failed".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ev.last().unwrap().record_ids, vec!["kept".to_string()]);
+    assert!(ev.last().unwrap().purpose.contains("1 missing"), "{ev:?}");
 }
 
 /// A copy of the data directory does not tell who read which record, when

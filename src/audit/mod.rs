@@ -1162,6 +1162,66 @@ impl Audit {
     }
 }
 
+/// What the trail says exists: the records whose latest write it holds
+/// (in the kept trail, else among the writes pruning kept aside) is a Put.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// `(tenant, record id)`.
+    pub records: Vec<(String, String)>,
+    /// Kept-aside writes that do not name their record (kept by an
+    /// earlier release): those records are checked only from the store's
+    /// side.
+    pub unnamed: u64,
+}
+
+impl Audit {
+    /// Walks the kept trail newest first, then the writes kept aside, for
+    /// every record whose latest write is a Put. The walk reads the whole
+    /// trail (off the runtime's workers); memory is one entry per record
+    /// the trail has seen written.
+    pub async fn records_written(self: &Arc<Self>) -> Result<Written> {
+        let me = self.clone();
+        let (seen, mut records) = tokio::task::spawn_blocking(move || {
+            let mut seen = std::collections::HashSet::<(String, String)>::new();
+            let mut live = Vec::new();
+            me.query_each(
+                &Query {
+                    outcome: "ok".into(),
+                    newest_first: true,
+                    ..Default::default()
+                },
+                |e| {
+                    if let Some(w) = LatestWrite::of(&e) {
+                        for id in &e.record_ids {
+                            let k = (e.tenant.clone(), id.clone());
+                            if !seen.contains(&k) {
+                                if !w.deleted {
+                                    live.push(k.clone());
+                                }
+                                seen.insert(k);
+                            }
+                        }
+                    }
+                    true
+                },
+            )
+            .map(|()| (seen, live))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("trail walk: {e}")))??;
+        let (kept, unnamed) = match self.files() {
+            Ok(s) => retained::all(&s.store, s.log.keys()).await?,
+            Err(t) => t.retained_all().await?,
+        };
+        for (tenant, id, w) in kept {
+            if !w.deleted && !seen.contains(&(tenant.clone(), id.clone())) {
+                records.push((tenant, id));
+            }
+        }
+        Ok(Written { records, unnamed })
+    }
+}
+
 /// Where [`Audit::record`] put an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recorded {

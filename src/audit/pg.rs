@@ -928,6 +928,10 @@ impl Drop for TrailImport {
 
 impl Trail {
     /// The latest write of a record that pruning kept aside.
+    pub async fn retained_all(&self) -> Result<(Vec<(String, String, super::LatestWrite)>, u64)> {
+        retained::all(&self.store, &self.keys).await
+    }
+
     pub async fn retained(&self, tenant: &str, id: &str) -> Result<Option<super::LatestWrite>> {
         retained::lookup(&self.store, &self.keys, tenant, id).await
     }

@@ -3,9 +3,15 @@
 //! older stored copy once the write that replaced it has left the trail.
 //!
 //! One entry per record, in the key-value store: the key a keyed hash of
-//! tenant and id, the value sealed under the trail's frame key with the key
-//! as associated data. Written only when pruning; a later write of the same
-//! record in the kept trail always wins over it.
+//! tenant and id, the value (which names the record too, so that scrub can
+//! walk what the trail says exists) sealed under the trail's frame key
+//! with the key as associated data. Written only when pruning; a later
+//! write of the same record in the kept trail always wins over it.
+//!
+//! Entries are not chained: someone who can write the store can delete
+//! one (the record it names then escapes scrub's walk once its write has
+//! left the kept trail) or put back an older authentic one. The threat
+//! model says so.
 
 use prost::Message;
 
@@ -27,6 +33,12 @@ pub struct Entry {
     version: Option<String>,
     #[prost(string, optional, tag = "4")]
     write_id: Option<String>,
+    /// The record's tenant and id (empty in entries kept before scrub
+    /// walked them).
+    #[prost(string, tag = "5")]
+    tenant: String,
+    #[prost(string, tag = "6")]
+    id: String,
 }
 
 fn key(keys: &log::Keys, tenant: &str, id: &str) -> Vec<u8> {
@@ -57,6 +69,8 @@ pub fn note_latest(keys: &log::Keys, events: &[AuditEvent], latest: &mut Latest)
                     deleted: w.deleted,
                     version: w.version.clone(),
                     write_id: w.write_id.clone(),
+                    tenant: e.tenant.clone(),
+                    id: id.clone(),
                 },
             );
         }
@@ -139,4 +153,47 @@ pub async fn lookup(
         version: e.version,
         write_id: e.write_id,
     }))
+}
+
+/// Every kept-aside write that names its record: `(tenant, id, write)`;
+/// and how many entries name none (kept by an earlier release).
+pub async fn all(
+    store: &Storage,
+    keys: &log::Keys,
+) -> Result<(Vec<(String, String, LatestWrite)>, u64)> {
+    let mut out = Vec::new();
+    let mut unnamed = 0;
+    let mut from = Vec::new();
+    loop {
+        let page = store
+            .scan_from(Space::TrailRetained, b"", &from, 1024)
+            .await
+            .map_err(Error::from)?;
+        let Some((last, _)) = page.last() else { break };
+        from = last.clone();
+        from.push(0);
+        let n = page.len();
+        for (k, v) in page {
+            let plain = keys.aead().open(&k, &v).map_err(|_| Error::DataLoss)?;
+            let e = Entry::decode(&plain[..]).map_err(|_| Error::DataLoss)?;
+            if e.tenant.is_empty() || e.id.is_empty() {
+                unnamed += 1;
+                continue;
+            }
+            out.push((
+                e.tenant,
+                e.id,
+                LatestWrite {
+                    seq: e.seq,
+                    deleted: e.deleted,
+                    version: e.version,
+                    write_id: e.write_id,
+                },
+            ));
+        }
+        if n < 1024 {
+            break;
+        }
+    }
+    Ok((out, unnamed))
 }

@@ -1,8 +1,11 @@
 //! Scrub, online: every stored record of every tenant checked whole (its
 //! MAC, every field decrypted and authenticated) and against the last
 //! write the audit trail holds of it (a record put back from an older copy
-//! of the data seals correctly but is not the latest write). Paced like a
-//! key job, so that reads keep their latency; failures are alerts.
+//! of the data seals correctly but is not the latest write); then the
+//! other way round, every record the trail says exists (its latest write a
+//! Put) looked for in the store, so that a record deleted behind the
+//! vault's back is found too. Paced like a key job, so that reads keep
+//! their latency; failures are alerts.
 
 use crate::{
     audit::Severity,
@@ -34,7 +37,14 @@ pub async fn scrub(
 ) -> Result<(Vec<ScrubCount>, ScrubCount)> {
     let mut all = ScrubCount::default();
     let mut tenants = Vec::new();
+    // What the trail says exists, by tenant (read first: a record written
+    // after this walk is simply not looked for).
+    let mut written: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (t, id) in vault.audit.records_written().await?.records {
+        written.entry(t).or_default().push(id);
+    }
     for name in vault.tenants.names().await? {
+        let expected = written.remove(name.as_str()).unwrap_or_default();
         let tenant = match vault.tenants.get(&name).await {
             Ok(t) => t,
             // Shredded: nothing of it is readable, nothing to check.
@@ -46,7 +56,7 @@ pub async fn scrub(
             total: vault.records.count(&tenant).await?,
             ..Default::default()
         };
-        let (mut damaged, mut rolled_back) = (0u64, 0u64);
+        let (mut damaged, mut rolled_back, mut missing) = (0u64, 0u64, 0u64);
         let mut named: Vec<RecordId> = Vec::new();
         let mut cursor = Vec::new();
         progress(c.clone());
@@ -94,6 +104,30 @@ pub async fn scrub(
             cursor = n;
             tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
         }
+        for ids in expected.chunks(STEP * 4) {
+            let started = std::time::Instant::now();
+            for id in ids {
+                // An id the trail holds but the model refuses names no
+                // record that could be stored.
+                let Ok(id) = RecordId::parse(id) else {
+                    continue;
+                };
+                if vault.records.stamp(&tenant, &id).await?.is_some() {
+                    continue;
+                }
+                // Confirmed against a fresh read of the trail: a delete may
+                // have come after the walk.
+                if let TrailCheck::Missing = vault.check_against_trail(&tenant, &id).await? {
+                    missing += 1;
+                    if named.len() < NAMED_FAILURES {
+                        named.push(id);
+                    }
+                }
+            }
+            c.failed = damaged + rolled_back + missing;
+            progress(c.clone());
+            tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
+        }
         if c.failed > 0 {
             vault
                 .audit
@@ -105,7 +139,7 @@ pub async fn scrub(
                         principal: "system/coffre".into(),
                         record_ids: named.iter().map(|i| i.to_string()).collect(),
                         purpose: format!(
-                            "scrub: {} of {} records fail: {damaged} authentication, {rolled_back} rolled back against the trail",
+                            "scrub: {} records fail ({} stored were checked): {damaged} authentication, {rolled_back} rolled back against the trail, {missing} missing although the trail's last write stored them",
                             c.failed, c.checked
                         ),
                         ..Default::default()
@@ -115,6 +149,38 @@ pub async fn scrub(
         }
         all.checked += c.checked;
         all.total += c.total;
+        all.failed += c.failed;
+        tenants.push(c);
+    }
+    // Tenants the trail wrote to whose entry is gone although they were
+    // never shredded: every record it says they hold is missing.
+    for (name, ids) in written {
+        if vault.keys.is_shredded(&name) || ids.is_empty() {
+            continue;
+        }
+        let c = ScrubCount {
+            tenant: name.clone(),
+            failed: ids.len() as u64,
+            ..Default::default()
+        };
+        progress(c.clone());
+        vault
+            .audit
+            .alert_event(
+                Severity::Critical,
+                "scrub_failed",
+                crate::pb::AuditEvent {
+                    tenant: name.clone(),
+                    principal: "system/coffre".into(),
+                    record_ids: ids.iter().take(NAMED_FAILURES).cloned().collect(),
+                    purpose: format!(
+                        "scrub: tenant {name} is gone from the store although never shredded; the trail says it holds {} records",
+                        ids.len()
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await?;
         all.failed += c.failed;
         tenants.push(c);
     }
