@@ -76,6 +76,14 @@ pub struct Manifest {
     /// Plaintext bytes of all entries, for progress bars.
     #[prost(uint64, tag = "12")]
     pub bytes: u64,
+    /// How many tenants the shred list beside the master key had ever
+    /// named when the backup was made, and its MAC: a restore refuses a
+    /// list with fewer (older than the backup). Absent in backups of
+    /// earlier releases.
+    #[prost(uint64, optional, tag = "13")]
+    pub shred_list_count: Option<u64>,
+    #[prost(bytes = "vec", tag = "14")]
+    pub shred_list_mac: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]

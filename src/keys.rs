@@ -192,6 +192,11 @@ impl MasterKey {
     pub fn backup_root(&self) -> SecretKey {
         crypto::derive_key(&self.0, "backup")
     }
+
+    /// The key of the shred list's MAC (`shredlist`).
+    pub fn shred_list_key(&self) -> SecretKey {
+        crypto::derive_key(&self.0, "shred-list")
+    }
 }
 
 /// The master key's check value: an HMAC under a key derived from it, so it
@@ -1166,6 +1171,15 @@ impl Keyring {
             };
         }
         Ok(())
+    }
+
+    /// How many tenants the attached shred list ever named, and its MAC
+    /// (a backup's manifest keeps both).
+    pub fn shred_list_state(&self) -> Option<(u64, [u8; 32])> {
+        self.shred_list
+            .lock()
+            .as_ref()
+            .map(|l| (l.count(), l.mac()))
     }
 
     /// Whether `tenant`'s keys were shredded.

@@ -266,9 +266,8 @@ impl Vault {
             )
             .await?,
         );
+        let list = open_shred_list(config, &master, &store).await?;
         drop(master);
-        let list =
-            crate::shredlist::ShredList::load(&config.shred_list_path()).map_err(KeyError::from)?;
         let came_back = keys.attach_shred_list(list)?;
         let pepper = crate::crypto::SecretKey::from_slice(keys.pepper().expose())
             .expect("pepper is KEY_LEN bytes");
@@ -1328,6 +1327,46 @@ enum KeyJob {
     Rewrap { target: u32 },
     /// Move every record's index entries to the next index key.
     Reindex,
+}
+
+/// Set in `Meta` once this vault's shred list is authenticated: from then
+/// on a missing list, or one in the unauthenticated format of an earlier
+/// release, is refused rather than read as "nothing was shredded".
+const SHRED_LIST_MARK: &[u8] = b"shred-list\0authenticated";
+
+/// Loads the shred list beside the master key (MAC checked). The first
+/// open of a vault that has no authenticated list yet creates it (empty)
+/// or rewrites an earlier release's under the MAC, once.
+async fn open_shred_list(
+    config: &Config,
+    master: &keys::MasterKey,
+    store: &Storage,
+) -> Result<crate::shredlist::ShredList, StartError> {
+    let path = config.shred_list_path();
+    let mut list = crate::shredlist::ShredList::load(&path, master.shred_list_key())
+        .map_err(KeyError::from)?;
+    let marked = store.get(Space::Meta, SHRED_LIST_MARK).await?.is_some();
+    if marked && !list.existed() {
+        return Err(StartError::Format(format!(
+            "shred list {} is missing: put back the copy escrowed with the master key (without it, shredded tenants could come back)",
+            path.display()
+        )));
+    }
+    if marked && list.legacy() {
+        return Err(StartError::Format(format!(
+            "shred list {} is in the unauthenticated format although this vault's list was authenticated: it was replaced; put back the copy escrowed with the master key",
+            path.display()
+        )));
+    }
+    if !list.existed() || list.legacy() {
+        list.save().map_err(KeyError::from)?;
+    }
+    if !marked {
+        let mut b = Batch::new();
+        b.put(Space::Meta, SHRED_LIST_MARK.to_vec(), Vec::new());
+        store.commit(b).await?;
+    }
+    Ok(list)
 }
 
 /// Makes everything in the data directory the vault's alone: files 0600,

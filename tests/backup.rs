@@ -878,7 +878,11 @@ async fn a_shredded_tenant_does_not_come_back_from_an_older_backup_unless_overri
     // been made before the shred by other means.
     let list_path = root.join("keys/master.key.shredded");
     let now = std::fs::read_to_string(&list_path).unwrap();
-    assert!(!now.contains("gone\t"));
+    let line = now.lines().find(|l| l.starts_with("gone\t")).unwrap();
+    assert!(
+        line.contains("\trestored="),
+        "the line stays, marked: {now}"
+    );
     std::fs::write(&list_path, &list).unwrap();
     {
         let r2 = start_on(&cfg2).await;
@@ -1216,4 +1220,127 @@ async fn concurrent_backup_notes_keep_the_latest_time() {
         1_800_000_000_032,
         "the stored time is the latest"
     );
+}
+
+/// The shred list is authenticated, and a restore needs it: missing,
+/// edited (even with a checksum made anew) or older than the backup, the
+/// restore is refused and nothing written, unless told `--no-shred-list
+/// --reason` (audited, critical alert). A server whose list went missing
+/// does not start.
+#[tokio::test]
+async fn a_restore_refuses_a_missing_edited_or_older_shred_list() {
+    if !backups_here() {
+        return;
+    }
+    let mut s = TestServer::start().await;
+    let admin = s.admin_token().await;
+    let gone = s.tenant_with("gone", "dr_g", pb::Role::Clinician).await;
+    s.records()
+        .await
+        .put_record(authed(&gone, put("g1", &[("nir", "1")])))
+        .await
+        .unwrap();
+    let root = s.root.path().to_path_buf();
+    let list_path = root.join("keys/master.key.shredded");
+    let empty_list = std::fs::read(&list_path).expect("every vault has a list");
+    let before = root.join("before.backup");
+    take_backup(&s, &admin, &before).await;
+    s.admin()
+        .await
+        .shred_tenant(authed(
+            &admin,
+            pb::ShredTenantRequest {
+                tenant: "gone".into(),
+                confirm: "gone".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let after = root.join("after.backup");
+    let m = take_backup(&s, &admin, &after).await;
+    assert_eq!(m.shred_list_count, Some(1));
+    let list = std::fs::read_to_string(&list_path).unwrap();
+    let restore = |target: &str, file: &Path, extra: &[&str]| {
+        let t = root.join(target);
+        let cfg = config_for(&root, &t);
+        let mut args = vec![
+            "restore",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (cli(&args), t, cfg)
+    };
+    let refused = |o: &Output, t: &Path, why: &str| {
+        assert!(!o.status.success(), "restored: {}", stderr(o));
+        assert!(stderr(o).contains(why), "{}", stderr(o));
+        nothing_written(t);
+    };
+
+    // Missing.
+    std::fs::remove_file(&list_path).unwrap();
+    let (o, t, _) = restore("missing", &before, &[]);
+    refused(&o, &t, "no shred list");
+    // A line deleted, the MAC left: refused.
+    let cut: String = list
+        .lines()
+        .filter(|l| !l.starts_with("gone\t"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&list_path, &cut).unwrap();
+    let (o, t, _) = restore("edited", &before, &[]);
+    refused(&o, &t, "MAC fails");
+    // A line deleted and a SHA-256 made anew, as the old format had it.
+    let body = "coffre-shred-list-v1\n".to_string();
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    std::fs::write(&list_path, format!("{body}sha256 {sum}\n")).unwrap();
+    let (o, t, _) = restore("legacy", &before, &[]);
+    refused(&o, &t, "unauthenticated format");
+    // An authentic list older than the backup (made before the shred).
+    std::fs::write(&list_path, &empty_list).unwrap();
+    let (o, t, _) = restore("older", &after, &[]);
+    refused(&o, &t, "older than the backup");
+    // Without a list, only if told why: audited, critical alert.
+    let (o, t, _) = restore("unlisted", &before, &["--no-shred-list"]);
+    refused(&o, &t, "--reason");
+    let (o, _, cfg) = restore(
+        "unlisted",
+        &after,
+        &["--no-shred-list", "--reason", "list lost with the escrow"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    {
+        let r = start_on(&cfg).await;
+        assert!(r.login("gone", "dr_g", CLINICIAN_PASSWORD).await.is_err());
+        let auditor = system_auditor(&r).await;
+        let alerts = r.alerts(&auditor).await;
+        let a = alerts
+            .iter()
+            .find(|a| a.kind == "restore_without_shred_list")
+            .expect("a critical alert");
+        assert_eq!(a.severity, "critical");
+    }
+
+    // The server itself refuses to start once its list is gone.
+    std::fs::write(&list_path, &list).unwrap();
+    s.stop().await;
+    std::fs::remove_file(&list_path).unwrap();
+    // (sled lets go of its lock asynchronously.)
+    let mut e = String::new();
+    for _ in 0..200 {
+        e = coffre::vault::Vault::open(&s.config, coffre::vault::Bootstrap::Refuse)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        if !e.contains("another coffre process") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(e.contains("is missing"), "{e}");
+    std::fs::write(&list_path, &list).unwrap();
+    s.restart().await;
 }

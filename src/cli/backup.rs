@@ -195,15 +195,9 @@ pub(super) async fn restore(
     g: &Global,
     config: Option<&Path>,
     from: &Path,
-    restore_shredded: Vec<String>,
-    reason: Option<String>,
+    opts: crate::ops::restore::RestoreOptions,
 ) -> Result<(), CliError> {
     let config = Config::load(config).map_err(err)?;
-    let opts = crate::ops::restore::RestoreOptions {
-        restore_shredded,
-        reason,
-        operator: std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
-    };
     let started = std::time::Instant::now();
     let mut bar = Bar::new(g);
     let r = crate::ops::restore::restore(&config, from, &opts, |what, d, t| bar.show(what, d, t))

@@ -154,6 +154,11 @@ enum Command {
         /// Why the shred list is overridden (written to the audit trail).
         #[arg(long)]
         reason: Option<String>,
+        /// Restore without a shred list whose MAC checks (lost, or made
+        /// under another key): needs --reason; audited with a critical
+        /// alert. Tenants shredded in the backup's own trail stay out.
+        #[arg(long)]
+        no_shred_list: bool,
     },
     /// Check every stored record whole and against the audit trail's last
     /// write of it (admins, online, paced); non-zero exit on any failure.
@@ -617,11 +622,26 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Serve { config } => serve(config.as_deref()).await,
         Command::Health { service } => health(&g, &service).await,
         Command::Keygen { out } => {
+            // Its shred list beside it, empty, from the start: every vault
+            // has one, and a missing one is then a loss, not a default.
+            let list = crate::shredlist::default_path(&out);
+            if list.exists() {
+                return Err(err(format!(
+                    "{} exists (the shred list of an earlier key?): move it away first",
+                    list.display()
+                )));
+            }
             crate::keys::generate_key_file(&out).map_err(err)?;
+            let key = crate::keys::load_key_file(&out).map_err(err)?;
+            crate::shredlist::ShredList::create_empty(&list, key.shred_list_key()).map_err(err)?;
             say(
                 &g,
-                &format!("wrote {}", out.display()),
-                json!({"path": out}),
+                &format!(
+                    "wrote {} and its shred list {} (escrow both together)",
+                    out.display(),
+                    list.display()
+                ),
+                json!({"path": out, "shred_list": list}),
             );
             Ok(())
         }
@@ -655,7 +675,21 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             from,
             restore_shredded,
             reason,
-        } => backup::restore(&g, config.as_deref(), &from, restore_shredded, reason).await,
+            no_shred_list,
+        } => {
+            backup::restore(
+                &g,
+                config.as_deref(),
+                &from,
+                crate::ops::restore::RestoreOptions {
+                    restore_shredded,
+                    reason,
+                    no_shred_list,
+                    operator: std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+                },
+            )
+            .await
+        }
         Command::Scrub => backup::scrub(&g).await,
     }
 }

@@ -112,6 +112,12 @@ pub async fn start(vault: &Vault) -> Result<Started, OpsError> {
         tenants: tenants.into_values().collect(),
         spaces,
         bytes,
+        shred_list_count: vault.keys.shred_list_state().map(|(n, _)| n),
+        shred_list_mac: vault
+            .keys
+            .shred_list_state()
+            .map(|(_, mac)| mac.to_vec())
+            .unwrap_or_default(),
         ..Default::default()
     };
     let root = crate::crypto::SecretKey::from_slice(vault.keys.backup_root().expose())

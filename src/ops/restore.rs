@@ -39,6 +39,9 @@ pub struct Verified {
     /// Records left of a tenant shredded while the backup was taken (its
     /// keys were gone): unreadable by design, not counted as failures.
     pub shredded_leftovers: u64,
+    /// Tenants whose shred the backup's own trail records (up to its head):
+    /// never restored, with or without the shred list.
+    pub shredded_in_trail: std::collections::BTreeSet<String>,
 }
 
 /// Why a file is refused, naming the file.
@@ -52,6 +55,14 @@ fn open_reader(path: &Path, master: &MasterKey) -> Result<Reader<BufReader<fs::F
 }
 
 /// The size of `path`, for progress.
+/// Whether the trail's event `e` records a tenant's shredding (the call,
+/// or the alert raised when a shred finished, at open too).
+fn is_shred(e: &crate::pb::AuditEvent) -> bool {
+    !e.tenant.is_empty()
+        && ((e.action == "coffre.v1.Admin/ShredTenant" && e.outcome == "ok")
+            || e.action == "alert/tenant_shredded")
+}
+
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -80,6 +91,7 @@ pub fn verify_file(
     let mut per_space: BTreeMap<u32, u64> = BTreeMap::new();
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
     let mut failed: Vec<String> = Vec::new();
+    let mut shredded_in_trail = std::collections::BTreeSet::new();
     let mut next_report = 0u64;
     while let Some(entry) = r.next_entry().map_err(|e| refused(path, e))? {
         match entry {
@@ -163,7 +175,11 @@ pub fn verify_file(
                 chain
                     .as_mut()
                     .ok_or_else(|| damaged("trail before the key store".into()))?
-                    .frame(&raw, |_| {})
+                    .frame(&raw, |e| {
+                        if is_shred(e) {
+                            shredded_in_trail.insert(e.tenant.clone());
+                        }
+                    })
                     .map_err(damaged)?;
             }
         }
@@ -187,6 +203,7 @@ pub fn verify_file(
         )));
     }
     v.events = chain.checked;
+    v.shredded_in_trail = shredded_in_trail;
     for s in &v.manifest.spaces {
         let found = per_space.get(&s.space).copied().unwrap_or(0);
         if found != s.entries {
@@ -218,6 +235,10 @@ pub struct RestoreOptions {
     /// order): taken off the list, and said in the trail with `reason`.
     pub restore_shredded: Vec<String>,
     pub reason: Option<String>,
+    /// Run without a shred list whose MAC checks (lost with the key's
+    /// escrow): needs `reason`, said in the trail with a critical alert.
+    /// Tenants whose shred the backup's own trail records stay out.
+    pub no_shred_list: bool,
     /// Who runs it, for the trail.
     pub operator: String,
 }
@@ -303,23 +324,66 @@ pub async fn restore(
         _ => {}
     }
     let master = crate::keys::load_key_file(&config.master_key_file)?;
-    let mut list =
-        crate::shredlist::ShredList::load(&config.shred_list_path()).map_err(KeyError::from)?;
-    if !opts.restore_shredded.is_empty() && opts.reason.as_deref().is_none_or(str::is_empty) {
+    let no_reason = opts.reason.as_deref().is_none_or(|r| r.trim().is_empty());
+    if !opts.restore_shredded.is_empty() && no_reason {
         return Err(OpsError::Refused(
             "--restore-shredded needs --reason (it is written to the audit trail)".into(),
         ));
     }
-    for t in &opts.restore_shredded {
-        if !list.contains(t) {
+    if opts.no_shred_list && no_reason {
+        return Err(OpsError::Refused(
+            "--no-shred-list needs --reason (it is written to the audit trail, with a critical alert)".into(),
+        ));
+    }
+    let path = config.shred_list_path();
+    let mut list = if opts.no_shred_list {
+        crate::shredlist::ShredList::unread(&path, master.shred_list_key())
+    } else {
+        let list =
+            crate::shredlist::ShredList::load(&path, master.shred_list_key()).map_err(|e| {
+                OpsError::Refused(format!(
+                    "{e}; or restore with --no-shred-list --reason TEXT (audited, critical alert)"
+                ))
+            })?;
+        if !list.existed() {
             return Err(OpsError::Refused(format!(
-                "tenant {t} is not on the shred list {}",
+                "no shred list at {}: a restore without it could bring back shredded tenants; put back the copy escrowed with the master key, or restore with --no-shred-list --reason TEXT (audited, critical alert)",
+                path.display()
+            )));
+        }
+        list
+    };
+    // 1. The whole file, checked before anything is written.
+    let verified = verify_file(from, &master, |d, t| progress("verify", d, t))?;
+    if !opts.no_shred_list {
+        let m = &verified.manifest;
+        if list.legacy() && m.shred_list_count.is_some() {
+            return Err(OpsError::Refused(format!(
+                "shred list {} is in the unauthenticated format of an earlier release, but this backup was made under an authenticated one: it was replaced; put back the copy escrowed with the master key",
+                path.display()
+            )));
+        }
+        if let Some(n) = m.shred_list_count
+            && list.count() < n
+        {
+            return Err(OpsError::Refused(format!(
+                "shred list {} names {} tenants, fewer than the {n} it named when this backup was made: it is older than the backup (rolled back or replaced); put back the copy escrowed with the master key",
+                path.display(),
+                list.count()
+            )));
+        }
+        if list.legacy() {
+            list.save().map_err(KeyError::from)?;
+        }
+    }
+    for t in &opts.restore_shredded {
+        if !list.contains(t) && !verified.shredded_in_trail.contains(t) {
+            return Err(OpsError::Refused(format!(
+                "tenant {t} is not on the shred list {} nor shredded in the backup's trail",
                 list.path().display()
             )));
         }
     }
-    // 1. The whole file, checked before anything is written.
-    let verified = verify_file(from, &master, |d, t| progress("verify", d, t))?;
     if let Some(pg) = postgres {
         return restore_into_postgres(
             config, pg, from, &master, &mut list, opts, verified, progress,
@@ -665,7 +729,10 @@ async fn write_into(
                 dropped = ring
                     .tenants()
                     .into_iter()
-                    .filter(|t| list.contains(t) && !opts.restore_shredded.contains(t))
+                    .filter(|t| {
+                        (list.contains(t) || verified.shredded_in_trail.contains(t))
+                            && !opts.restore_shredded.contains(t)
+                    })
                     .collect();
                 sink.keyring(master, ring.sealed_without(&dropped))?;
             }
@@ -754,6 +821,24 @@ async fn mark_restore(
     let recorded = audit
         .alert_event(Severity::Warning, "restore", event)
         .await?;
+    if opts.no_shred_list {
+        audit
+            .alert_event(
+                Severity::Critical,
+                "restore_without_shred_list",
+                crate::pb::AuditEvent {
+                    tenant: "system".into(),
+                    principal: principal.clone(),
+                    role: "admin".into(),
+                    purpose: format!(
+                        "restored without a shred list whose MAC checks; only the backup's own trail kept shredded tenants out; reason: {}",
+                        opts.reason.as_deref().unwrap_or_default()
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
     for t in &opts.restore_shredded {
         audit
             .alert_event(

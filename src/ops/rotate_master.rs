@@ -59,7 +59,7 @@ pub async fn rotate_master(
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
-    follow_shred_list(config, new_key)?;
+    follow_shred_list(config, &old, &new, new_key)?;
     // In the trail like every key operation: opened with the new key, the
     // audit key is the same as before, so the chain simply goes on.
     let ring = crate::keys::Keyring::open(
@@ -84,17 +84,39 @@ pub async fn rotate_master(
 }
 
 /// The shred list follows the key it sits beside (unless the config puts
-/// it elsewhere): the new key's list holds every tenant of the old.
-fn follow_shred_list(config: &Config, new_key: &Path) -> Result<(), OpsError> {
+/// it elsewhere): the new key's list holds every tenant of the old, under
+/// a MAC of the new key. A list the config puts elsewhere is re-MACed in
+/// place (a rerun finds it done).
+fn follow_shred_list(
+    config: &Config,
+    old: &crate::keys::MasterKey,
+    new: &crate::keys::MasterKey,
+    new_key: &Path,
+) -> Result<(), OpsError> {
+    use crate::shredlist::{ShredList, ShredListError};
+    let path = config.shred_list_path();
+    let from_old = ShredList::load(&path, old.shred_list_key());
     if config.keys.shred_list_file.is_none() {
-        let old_list = crate::shredlist::ShredList::load(&config.shred_list_path())
+        from_old
+            .and_then(|l| {
+                l.rekeyed(
+                    &crate::shredlist::default_path(new_key),
+                    new.shred_list_key(),
+                )
+            })
             .map_err(crate::keys::KeyError::from)?;
-        let mut new_list =
-            crate::shredlist::ShredList::load(&crate::shredlist::default_path(new_key))
+        return Ok(());
+    }
+    match from_old {
+        Ok(l) => {
+            l.rekeyed(&path, new.shred_list_key())
                 .map_err(crate::keys::KeyError::from)?;
-        for (t, at) in old_list.tenants() {
-            new_list.add(t, at).map_err(crate::keys::KeyError::from)?;
         }
+        // Re-MACed by an earlier run already: it checks under the new key.
+        Err(ShredListError::Damaged(_)) => {
+            ShredList::load(&path, new.shred_list_key()).map_err(crate::keys::KeyError::from)?;
+        }
+        Err(e) => return Err(crate::keys::KeyError::from(e).into()),
     }
     Ok(())
 }
@@ -123,7 +145,7 @@ async fn rotate_in_database(
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
-    follow_shred_list(config, new_key)?;
+    follow_shred_list(config, old, new, new_key)?;
     let ring = crate::keys::Keyring::open(
         store.clone(),
         crate::keys::KeyHome::Db(row, crate::store::PostgresBackend::pool(opts)?),
