@@ -592,11 +592,10 @@ async fn a_sled_backup_restores_into_postgres_and_serves_on_two_nodes() {
     let v = vault_on(pg, ROOMY_LIMITS);
     let key_dir = v.root.path().join("keys");
     std::fs::create_dir_all(&key_dir).unwrap();
-    std::fs::copy(
-        old.path().join("keys").join("master.key"),
-        key_dir.join("master.key"),
-    )
-    .unwrap();
+    // The key and its shred list travel together.
+    for f in ["master.key", "master.key.shredded"] {
+        std::fs::copy(old.path().join("keys").join(f), key_dir.join(f)).unwrap();
+    }
     let restore = || {
         std::process::Command::new(bin())
             .args(["restore", "--config"])

@@ -579,7 +579,7 @@ async fn make_certs_gives_a_working_mtls_setup() {
             "listen = \"127.0.0.1:0\"\ndata_dir = {data:?}\nmaster_key_file = {key:?}\n\
              [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
-             [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = \"sled\"\nmin_free_mib = 1\n",
+             [argon2]\nm_kib = 64\nt = 1\np = 1\n[storage]\nbackend = \"sled\"\nmin_free_mib = 64\n",
             tls.join("server.pem"),
             tls.join("server.key"),
             tls.join("ca.pem"),

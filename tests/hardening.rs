@@ -802,3 +802,70 @@ async fn silent_and_idle_connections_are_closed() {
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(ended.is_ok(), "an idle connection is closed");
 }
+
+/// An auditor's export piped into a reader that stalls (`| (sleep; cat)`)
+/// must not look complete: the stream is dropped with DEADLINE_EXCEEDED
+/// and the command exits non-zero, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_export_exits_non_zero() {
+    use std::io::Read;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = test_config(root.path());
+    config.connections.stream_send_timeout_secs = 1;
+    let s = TestServer::start_with(root, config).await;
+    let token = s.tenant_with("clinic", "dr_a", pb::Role::Clinician).await;
+    let auditor = auditor(&s).await;
+    // Enough events that the pipe and the HTTP/2 windows (megabytes) fill
+    // up: each PutRecord event names its 200 fields.
+    let names: Vec<String> = (0..200)
+        .map(|j| format!("f{j:03}_{}", "x".repeat(56)))
+        .collect();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let ch = s.channel().await;
+        let token = token.clone();
+        let names = names.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = pb::records_client::RecordsClient::new(ch);
+            let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+            for i in 0..100 {
+                r.put_record(authed(&token, put(&format!("p-{w}-{i}"), &fields)))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--addr", &s.addr, "audit", "export", "--format", "jsonl", "--since", "30d",
+        ])
+        .env("COFFRE_TOKEN", &auditor)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader sleeps, then reads everything.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let lines = out.iter().filter(|b| **b == b'\n').count();
+    assert!(
+        lines < 800,
+        "the export was not cut ({lines} lines): make it bigger"
+    );
+    assert!(!status.success(), "{lines} lines and exit 0");
+    assert!(err.contains("DeadlineExceeded"), "{err}");
+    assert!(err.contains("stopped reading"), "{err}");
+    assert!(!err.contains("expects TLS"), "{err}");
+}

@@ -586,6 +586,7 @@ async fn master_rotation_is_crash_safe_at_every_step() {
     coffre::keys::generate_key_file(&new_key).unwrap();
     let old = coffre::keys::load_key_file(&old_key).unwrap();
     let new = coffre::keys::load_key_file(&new_key).unwrap();
+    follow_shred_list(&s.config, &old, &new, &new_key);
     for step in 1..=5u32 {
         let dir = s.root.path().join(format!("copy{step}"));
         copy_dir(&s.data_dir(), &dir);
@@ -751,6 +752,7 @@ async fn shredding_a_tenant_destroys_it_and_spares_the_others() {
     coffre::keys::generate_key_file(&new_key).unwrap();
     let old = coffre::keys::load_key_file(&s.config.master_key_file).unwrap();
     let new = coffre::keys::load_key_file(&new_key).unwrap();
+    follow_shred_list(&s.config, &old, &new, &new_key);
     coffre::keys::rotate_master(&s.data_dir(), &old, &new, None).unwrap();
     std::fs::remove_file(&s.config.master_key_file).unwrap();
     let e = open_with(&s.config, &backup, &new_key).await.unwrap_err();
@@ -913,4 +915,21 @@ async fn index_key_rotates_online_and_finds_keep_working() {
             .ids;
         assert_eq!(ids, [id]);
     }
+}
+
+/// What `coffre keys rotate-master` does besides the key store: the shred
+/// list under the new key, beside it.
+fn follow_shred_list(
+    config: &coffre::config::Config,
+    old: &coffre::keys::MasterKey,
+    new: &coffre::keys::MasterKey,
+    new_key: &std::path::Path,
+) {
+    coffre::shredlist::ShredList::load(&config.shred_list_path(), old.shred_list_key())
+        .unwrap()
+        .rekeyed(
+            &coffre::shredlist::default_path(new_key),
+            new.shred_list_key(),
+        )
+        .unwrap();
 }

@@ -73,9 +73,13 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     assert!(e.contains("chmod 600"), "{e}");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // A different key for the same data.
+    // A different key for the same data (keygen writes a shred list
+    // beside it and never over one: the old list moves aside too).
     let good = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
+    let list = root.path().join("keys").join("master.key.shredded");
+    let good_list = std::fs::read(&list).unwrap();
+    std::fs::remove_file(&list).unwrap();
     let st = Command::new(bin())
         .args(["keygen", "--out"])
         .arg(&key)
@@ -88,6 +92,7 @@ async fn refused_starts_exit_non_zero_with_one_line() {
     std::fs::remove_file(&key).unwrap();
     std::fs::write(&key, &good).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&list, &good_list).unwrap();
 
     // keygen never overwrites.
     let out = Command::new(bin())

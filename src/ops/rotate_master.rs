@@ -55,11 +55,13 @@ pub async fn rotate_master(
         StorageError::Locked(_) => OpsError::Busy(e.to_string()),
         e => OpsError::Busy(format!("data_dir {}: {e}", config.data_dir.display())),
     })?;
+    // The list first: a crash after the key store turned leaves the new
+    // key its list, and the old list stays for the old key.
+    follow_shred_list(config, &old, &new, new_key)?;
     let outcome = match crate::keys::rotate_master(&config.data_dir, &old, &new, None)? {
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
-    follow_shred_list(config, &old, &new, new_key)?;
     // In the trail like every key operation: opened with the new key, the
     // audit key is the same as before, so the chain simply goes on.
     let ring = crate::keys::Keyring::open(
@@ -141,11 +143,11 @@ async fn rotate_in_database(
         )));
     }
     let row = crate::store::postgres::KeyStoreRow::new(opts);
+    follow_shred_list(config, old, new, new_key)?;
     let outcome = match crate::keys::rotate_master_row(&row, old, new)? {
         crate::keys::MasterRotation::Rotated { keys } => MasterRotated::Rotated { keys },
         crate::keys::MasterRotation::AlreadyDone => MasterRotated::AlreadyDone,
     };
-    follow_shred_list(config, old, new, new_key)?;
     let ring = crate::keys::Keyring::open(
         store.clone(),
         crate::keys::KeyHome::Db(row, crate::store::PostgresBackend::pool(opts)?),
