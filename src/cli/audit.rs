@@ -74,7 +74,7 @@ pub(super) async fn fetch_events(
 ) -> Result<Vec<pb::AuditEvent>, CliError> {
     let mut st = query(g, f).await?;
     let mut out = Vec::new();
-    while let Some(e) = st.message().await.map_err(status_err)? {
+    while let Some(e) = st.message().await.map_err(stream_err)? {
         out.push(e);
     }
     Ok(out)
@@ -89,7 +89,7 @@ async fn print_events(g: &Global, f: &AuditFilter) -> Result<(), CliError> {
             "seq", "time (UTC)", "principal", "action", "outcome", "records"
         );
     }
-    while let Some(e) = st.message().await.map_err(status_err)? {
+    while let Some(e) = st.message().await.map_err(stream_err)? {
         if g.json {
             println!("{}", crate::audit::to_json(&e));
             continue;
@@ -168,7 +168,7 @@ async fn export(g: &Global, format: ExportFormat, f: &AuditFilter) -> Result<(),
             "seq,time_unix_ms,time,tenant,principal,role,action,record_ids,fields,purpose,outcome,peer,hash"
         );
     }
-    while let Some(e) = st.message().await.map_err(status_err)? {
+    while let Some(e) = st.message().await.map_err(stream_err)? {
         match format {
             ExportFormat::Jsonl => println!("{}", crate::audit::to_json(&e)),
             ExportFormat::Csv => {
@@ -256,7 +256,7 @@ async fn alerts(g: &Global, since: String) -> Result<(), CliError> {
             "seq", "time (UTC)", "severity", "kind", "principal"
         );
     }
-    while let Some(a) = st.message().await.map_err(status_err)? {
+    while let Some(a) = st.message().await.map_err(stream_err)? {
         if g.json {
             println!("{}", crate::audit::alert_json(&a));
         } else {

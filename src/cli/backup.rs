@@ -84,7 +84,7 @@ pub(super) async fn backup(g: &Global, out: &Path) -> Result<(), CliError> {
         let mut head = Vec::new();
         let mut manifest = None;
         let mut bytes = 0u64;
-        while let Some(chunk) = st.message().await.map_err(status_err)? {
+        while let Some(chunk) = st.message().await.map_err(stream_err)? {
             file.write_all(&chunk.data)
                 .map_err(|e| err(format!("{}: {e}", partial.display())))?;
             bytes += chunk.data.len() as u64;
@@ -246,7 +246,7 @@ pub(super) async fn scrub(g: &Global) -> Result<(), CliError> {
     let started = std::time::Instant::now();
     let mut finals: Vec<pb::ScrubProgress> = Vec::new();
     let mut total = None;
-    while let Some(p) = st.message().await.map_err(status_err)? {
+    while let Some(p) = st.message().await.map_err(stream_err)? {
         if p.tenant.is_empty() {
             total = Some(p);
             continue;

@@ -196,7 +196,7 @@ pub(super) async fn follow(
     let bar = std::io::stderr().is_terminal() && !g.json;
     let started = std::time::Instant::now();
     let mut last = pb::RewrapProgress::default();
-    while let Some(p) = st.message().await.map_err(status_err)? {
+    while let Some(p) = st.message().await.map_err(stream_err)? {
         last = p;
         if bar {
             eprint!(

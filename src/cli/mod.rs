@@ -593,6 +593,21 @@ fn status_err(s: tonic::Status) -> CliError {
     }
 }
 
+/// A status met while reading a streamed answer: the server's own (a
+/// stream dropped because this side stopped reading says so), or the
+/// connection breaking mid-stream — never a hint about how to connect
+/// (TLS, certificates), which worked.
+fn stream_err(s: tonic::Status) -> CliError {
+    match std::error::Error::source(&s) {
+        Some(src) => CliError(format!(
+            "the answer was cut: the connection broke while it streamed ({}: {})",
+            s.message(),
+            error_chain(src)
+        )),
+        None => status_err(s),
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
