@@ -638,6 +638,11 @@ impl Accounts {
     }
 
     /// Password hashes waiting for a free Argon2id slot.
+    /// Whether `role` logs in with a second factor (`mfa.required_roles`).
+    pub fn needs_second_factor(&self, role: Role) -> bool {
+        self.mfa_roles.contains(&role)
+    }
+
     pub fn hash_queue(&self) -> usize {
         self.hasher.queued()
     }
@@ -1012,6 +1017,17 @@ impl Accounts {
         })
         .await?
         .ok_or(Error::NotFound)?;
+        // Whoever enrols decides who logs in from now on: every enrolment
+        // is for a reviewer (and the owner) to see, as it starts.
+        self.audit
+            .alert(
+                Severity::Warning,
+                "mfa_enrolled",
+                t.as_str(),
+                &caller.principal(),
+                "second factor enrolment started (active once confirmed with a code)".into(),
+            )
+            .await?;
         Ok(Enrolment {
             uri: secret.uri("Coffre", &caller.principal()),
             recovery_codes: codes,
@@ -1112,21 +1128,6 @@ impl Accounts {
         .ok_or_else(|| {
             Error::FailedPrecondition("the enrolment changed meanwhile: enrol again".into())
         })?;
-        // Whoever enrols decides who logs in from now on: every enrolment
-        // is for a reviewer to see.
-        self.audit
-            .alert(
-                Severity::Warning,
-                "mfa_enrolled",
-                t.as_str(),
-                &caller.principal(),
-                if replacing {
-                    "second factor enrolled, replacing the earlier one".into()
-                } else {
-                    "second factor enrolled".into()
-                },
-            )
-            .await?;
         if replacing {
             // A stolen session could swap the factor: its owner should hear.
             self.audit

@@ -42,6 +42,12 @@ pub const MAX_PAGE: usize = 1000;
 const KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
 const RETRIES: usize = 16;
 
+tokio::task_local! {
+    /// The approval the current call spent, for its audit event: the gate
+    /// opens the scope around each call, [`Approvals::check`] fills it.
+    pub static SPENT: std::cell::RefCell<Option<String>>;
+}
+
 /// An approval as `ListApprovals` shows it.
 #[derive(Clone, PartialEq, Message)]
 pub struct Approval {
@@ -167,12 +173,18 @@ impl Approvals {
     }
 
     /// Lets `caller` run `action` on `target` if a second admin approved
-    /// exactly that (the approval is spent); otherwise answers
-    /// [`Error::ApprovalRequired`] with the id of a pending request (made
-    /// now, or the one already waiting).
-    pub async fn check(&self, action: &str, target: &str, caller: &Caller) -> Result<()> {
+    /// exactly that (the approval is spent, and returned); otherwise
+    /// answers [`Error::ApprovalRequired`] with the id of a pending request
+    /// (made now, or the one already waiting). `Ok(None)`: the action
+    /// needs no second admin here.
+    pub async fn check(
+        &self,
+        action: &str,
+        target: &str,
+        caller: &Caller,
+    ) -> Result<Option<Approval>> {
         if !self.required(action) {
-            return Ok(());
+            return Ok(None);
         }
         let me = caller.principal();
         let _w = self.writes.lock().await;
@@ -230,7 +242,8 @@ impl Approvals {
                             ),
                         )
                         .await?;
-                        return Ok(());
+                        let _ = SPENT.try_with(|s| *s.borrow_mut() = Some(a.id.clone()));
+                        return Ok(Some(a));
                     }
                     Err(StorageError::Conflict) => continue,
                     Err(e) => return Err(e.into()),
@@ -353,6 +366,46 @@ impl Approvals {
         Err(Error::Unavailable(StorageError::Busy(
             "an approval changed under too many concurrent writes",
         )))
+    }
+
+    /// Voids the approvals `principal` granted that are not spent yet (it
+    /// was locked: a suspect's word no longer counts). Returns how many.
+    pub async fn void_granted_by(&self, principal: &str) -> Result<usize> {
+        let _w = self.writes.lock().await;
+        let now = now_ms();
+        let mut voided = 0;
+        for (k, raw) in self
+            .store
+            .scan_prefix(Space::Meta, PREFIX, usize::MAX)
+            .await?
+        {
+            let mut a = Approval::decode(&raw[..])?;
+            if a.decided_by != principal || a.state_at(now) != "approved" {
+                continue;
+            }
+            a.state = "denied".into();
+            let mut b = Batch::new();
+            b.expect(Space::Meta, k.clone(), Some(raw));
+            b.put(Space::Meta, k, a.encode_to_vec());
+            b.delete(Space::Meta, live_key(&a.requested_by, &a.id));
+            match self.store.commit(b).await {
+                Ok(()) => {}
+                // Spent meanwhile: nothing left to void.
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            voided += 1;
+            self.alert(
+                &a,
+                "denied",
+                format!(
+                    "{} on {} requested by {}: approval of {principal} voided, its approver was locked",
+                    a.action, a.target, a.requested_by
+                ),
+            )
+            .await?;
+        }
+        Ok(voided)
     }
 
     /// One page of the approvals of the last 30 days in state `q.state`

@@ -125,6 +125,10 @@ impl Default for ApprovalConfig {
     }
 }
 
+/// The longest a session or an approver's probation may be set to: longer
+/// is a typo, and would overflow the clock's arithmetic.
+const YEAR_SECS: u64 = 365 * 24 * 3600;
+
 /// The least free space the store keeps outside dev mode, in MiB.
 pub const MIN_FREE_MIB_PRODUCTION: u64 = 64;
 
@@ -528,6 +532,13 @@ impl Config {
         if !self.dev && !self.approval_actions().iter().any(|a| a == "admin_change") {
             w.push("approval.required_for omits admin_change: one admin can create a second admin and approve its own requests with it".into());
         }
+        for (name, p) in &self.oidc {
+            if !self.dev && p.required_acr.is_empty() && p.tenant == "system" {
+                w.push(format!(
+                    "oidc.{name} logs in to tenant system without required_acr: its logins skip the second factor (admins and auditors cannot be bound to it)"
+                ));
+            }
+        }
         if self.dev && self.storage.min_free_mib < MIN_FREE_MIB_PRODUCTION {
             w.push(format!(
                 "storage.min_free_mib = {} is below {MIN_FREE_MIB_PRODUCTION}: a disk this full can wedge the embedded store (accepted in dev mode only)",
@@ -622,6 +633,11 @@ impl Config {
                 "session: need idle_secs > 0 and absolute_secs >= idle_secs".into(),
             ));
         }
+        if self.session.absolute_secs > YEAR_SECS {
+            return Err(ConfigError::Invalid(
+                "session.absolute_secs: at most a year (31536000)".into(),
+            ));
+        }
         if let Some(m) = &self.metrics.listen
             && m.parse::<SocketAddr>().is_err()
         {
@@ -673,10 +689,10 @@ impl Config {
                 )));
             }
         }
-        if !(self.min_approver_age_minutes().is_finite() && self.min_approver_age_minutes() >= 0.0)
-        {
+        let age = self.min_approver_age_minutes();
+        if !(age.is_finite() && (0.0..=YEAR_SECS as f64 / 60.0).contains(&age)) {
             return Err(ConfigError::Invalid(
-                "approval.min_approver_age_minutes must be 0 or more".into(),
+                "approval.min_approver_age_minutes: from 0 to a year (525600)".into(),
             ));
         }
         if self.approval.max_pending_per_requester == 0 {
@@ -694,9 +710,12 @@ impl Config {
                 "storage.min_free_mib must be at least {MIN_FREE_MIB_PRODUCTION} outside dev mode (a disk this full can wedge the embedded store)"
             )));
         }
-        if !(self.approval.ttl_minutes.is_finite() && self.approval.ttl_minutes > 0.0) {
+        if !(self.approval.ttl_minutes.is_finite()
+            && self.approval.ttl_minutes > 0.0
+            && self.approval.ttl_minutes <= 7.0 * 24.0 * 60.0)
+        {
             return Err(ConfigError::Invalid(
-                "approval.ttl_minutes must be above 0".into(),
+                "approval.ttl_minutes: above 0, at most a week (10080)".into(),
             ));
         }
         for (name, p) in &self.oidc {
@@ -926,6 +945,13 @@ mod tests {
         ))
         .unwrap();
         assert!(open.warnings().iter().any(|w| w.contains("admin_change")));
+        // Values that would overflow the clock's arithmetic are typos.
+        assert!(load("dev = true\n[approval]\nttl_minutes = 1e300\n").is_err());
+        assert!(load("dev = true\n[approval]\nmin_approver_age_minutes = 1e300\n").is_err());
+        assert!(
+            load("dev = true\n[session]\nidle_secs = 10000000000000000\nabsolute_secs = 10000000000000000\n")
+                .is_err()
+        );
     }
 
     #[test]

@@ -370,6 +370,14 @@ impl Oidc {
         self.providers.get(provider).map(|p| &p.tenant)
     }
 
+    /// Whether a provider asks for an `acr` (an authentication context,
+    /// which stands for the second factor its logins skip).
+    pub fn requires_acr(&self, provider: &str) -> bool {
+        self.providers
+            .get(provider)
+            .is_some_and(|p| !p.required_acr.is_empty())
+    }
+
     /// Whether any provider is configured.
     pub fn is_empty(&self) -> bool {
         self.providers.is_empty()

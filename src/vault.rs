@@ -375,7 +375,7 @@ impl Vault {
                 )
                 .await?;
             let name = TenantName::parse(&t)?;
-            vault.shred_tenant_data(&name).await?;
+            vault.shred_tenant_data(&name, "system/coffre").await?;
             report.reshredded.push(t);
         }
         report.migrated_records = vault.migrate_records().await?;
@@ -571,6 +571,11 @@ impl Vault {
         }
         self.accounts.set_locked(tenant, username, locked).await?;
         if admin && locked {
+            // A suspect's approvals no longer count.
+            let voided = self
+                .approvals
+                .void_granted_by(&format!("{tenant}/{username}"))
+                .await?;
             self.audit
                 .alert(
                     crate::audit::Severity::Critical,
@@ -578,7 +583,7 @@ impl Vault {
                     tenant.as_str(),
                     &format!("{tenant}/{username}"),
                     format!(
-                        "admin account locked by {}; its sessions ended",
+                        "admin account locked by {}; its sessions ended; {voided} approvals it granted and nobody used yet are void",
                         by.principal()
                     ),
                 )
@@ -605,10 +610,31 @@ impl Vault {
             oidc,
         } = new;
         if role != Role::Admin {
-            return self
-                .accounts
+            self.accounts
                 .create(tenant, username, password, role, oidc, None)
-                .await;
+                .await?;
+            if role.reads_records() {
+                // An admin who makes a reader could sign in as it: every
+                // reader made is for a reviewer to see, with its maker.
+                self.audit
+                    .alert(
+                        crate::audit::Severity::Warning,
+                        "reader_created",
+                        tenant.as_str(),
+                        &format!("{tenant}/{username}"),
+                        format!(
+                            "{} account created by {}, signing in by {}",
+                            role.as_str(),
+                            by.principal(),
+                            match oidc {
+                                Some(b) => format!("single sign-on ({})", b.provider),
+                                None => "a password its creator chose".into(),
+                            }
+                        ),
+                    )
+                    .await?;
+            }
+            return Ok(());
         }
         for _ in 0..3 {
             if self.accounts.exists(tenant, username).await? {
@@ -635,17 +661,25 @@ impl Vault {
                     by.principal()
                 )
             } else {
-                self.approvals
-                    .check(
-                        "admin_change",
-                        &format!("tenant={tenant} username={username} create"),
-                        by,
-                    )
-                    .await?;
+                // The approval is for this admin as it will sign in: the
+                // identity it is bound to is part of what was approved.
+                let mut target = format!("tenant={tenant} username={username} create");
+                if let Some(b) = oidc {
+                    target.push_str(&format!(" oidc={b}"));
+                }
+                let approval = self.approvals.check("admin_change", &target, by).await?;
                 self.accounts
                     .create(tenant, username, password, role, oidc, None)
                     .await?;
-                format!("admin created by {}", by.principal())
+                match approval {
+                    Some(a) => format!(
+                        "admin created by {} under approval {} of {}",
+                        by.principal(),
+                        a.id,
+                        a.decided_by
+                    ),
+                    None => format!("admin created by {}", by.principal()),
+                }
             };
             self.audit
                 .alert(
@@ -1067,12 +1101,12 @@ impl Vault {
         self.approvals
             .check("shred_tenant", &format!("tenant={name}"), by)
             .await?;
-        self.shred_tenant_data(name).await
+        self.shred_tenant_data(name, &by.principal()).await
     }
 
     /// Destroys a tenant's keys and deletes its data: the shred itself,
     /// once decided (or again, for a shredded tenant that came back).
-    async fn shred_tenant_data(&self, name: &TenantName) -> Result<u64, Error> {
+    async fn shred_tenant_data(&self, name: &TenantName, by: &str) -> Result<u64, Error> {
         self.keys.shred_tenant(name.as_str()).await?;
         self.tenants.delete(name).await?;
         let mut prefix = name.as_str().as_bytes().to_vec();
@@ -1111,7 +1145,7 @@ impl Vault {
                 crate::audit::Severity::Warning,
                 "tenant_shredded",
                 name.as_str(),
-                "",
+                by,
                 format!("tenant keys destroyed; {records} records deleted"),
             )
             .await?;
@@ -1141,14 +1175,24 @@ impl Vault {
         r
     }
 
-    /// Checks an identity to bind to a principal of `tenant`: its provider
-    /// is configured and logs in to that tenant.
+    /// Checks an identity to bind to a principal of `tenant` with `role`:
+    /// its provider is configured and logs in to that tenant, and a role
+    /// that needs a second factor is bound only to a provider that asks
+    /// for an `acr` (a single sign-on login skips the TOTP code).
     pub fn check_binding(
         &self,
         tenant: &TenantName,
         raw: &str,
+        role: Role,
     ) -> Result<crate::oidc::Binding, Error> {
         let b = crate::oidc::Binding::parse(raw).map_err(Error::InvalidArgument)?;
+        if self.accounts.needs_second_factor(role) && !self.oidc.requires_acr(&b.provider) {
+            return Err(Error::InvalidArgument(format!(
+                "role {} logs in with a second factor, and provider {:?} asks for none: set its required_acr to the contexts that mean one",
+                role.as_str(),
+                b.provider
+            )));
+        }
         match self.oidc.tenant_of(&b.provider) {
             None => Err(Error::InvalidArgument(format!(
                 "no provider {:?} in this server's [oidc] config",
@@ -1374,7 +1418,7 @@ async fn open_shred_list(
 /// umask (0644 under the usual 022), so the umask is narrowed to 077 for
 /// the process, and what exists already is narrowed once. `keep` (the
 /// mirror and alert files, read by a log shipper) keep their modes.
-fn narrow_data_dir(dir: &Path, keep: &[Option<&Path>]) -> Result<(), StartError> {
+pub(crate) fn narrow_data_dir(dir: &Path, keep: &[Option<&Path>]) -> Result<(), StartError> {
     use nix::sys::stat::{Mode, umask};
     use std::os::unix::fs::PermissionsExt;
     umask(Mode::from_bits_truncate(0o077));

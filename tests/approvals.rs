@@ -641,3 +641,133 @@ async fn parallel_admin_creations_pass_the_bootstrap_once() {
     assert_eq!(pending.len(), 10);
     assert!(pending.iter().all(|p| p.action == "admin_change"));
 }
+
+/// What a second admin approves is what runs: an admin's creation is tied
+/// to the identity it will sign in by; the guarded call's event names the
+/// approval it spent; an approval granted by an admin who is then locked
+/// is void; and an auditor (who logs in with a second factor) is bound
+/// only to a provider whose logins carry one (`required_acr`).
+#[tokio::test]
+async fn approvals_bind_what_runs_and_die_with_a_locked_approver() {
+    let root = tempfile::tempdir().unwrap();
+    let jwks = root.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let config = test_config_with(
+        root.path(),
+        &format!(
+            "[approval]\nrequired_for = [\"admin_change\", \"shred_tenant\"]\n\
+             [mfa]\nrequired_roles = [\"auditor\"]\n\
+             [oidc.corp]\nissuer = \"https://sso.example\"\naudience = \"coffre\"\njwks_file = {jwks:?}\ntenant = \"system\"\n\
+             [oidc.strong]\nissuer = \"https://sso2.example\"\naudience = \"coffre\"\njwks_file = {jwks:?}\ntenant = \"system\"\nrequired_acr = [\"eidas3\"]\n"
+        ),
+    );
+    let s = TestServer::start_with(root, config).await;
+    s.principal("system", "admin-b", pb::Role::Admin, B_PASSWORD)
+        .await;
+    let a = s.admin_token().await;
+    let b = s.login("system", "admin-b", B_PASSWORD).await.unwrap();
+    let create = |user: &'static str, role: pb::Role, oidc: &'static str| {
+        let s = &s;
+        let a = a.clone();
+        async move {
+            s.admin()
+                .await
+                .create_principal(authed(
+                    &a,
+                    pb::CreatePrincipalRequest {
+                        tenant: "system".into(),
+                        username: user.into(),
+                        password: String::new(),
+                        role: role as i32,
+                        oidc: oidc.into(),
+                    },
+                ))
+                .await
+        }
+    };
+    // An auditor bound to a provider that asks for no acr: refused.
+    let e = create("aud", pb::Role::Auditor, "corp:aud")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("required_acr"), "{e:?}");
+    create("aud", pb::Role::Auditor, "strong:aud")
+        .await
+        .unwrap();
+
+    // Carol approved as corp:carol cannot be made as corp:mallory.
+    let id = approval_id(
+        &create("carol", pb::Role::Admin, "corp:carol")
+            .await
+            .unwrap_err(),
+    );
+    decide(&s, &b, &id, true).await.unwrap();
+    let other = approval_id(
+        &create("carol", pb::Role::Admin, "corp:mallory")
+            .await
+            .unwrap_err(),
+    );
+    assert_ne!(other, id);
+    create("carol", pb::Role::Admin, "corp:carol")
+        .await
+        .unwrap();
+
+    // B approves a shred, then is locked: the approval is void.
+    s.admin()
+        .await
+        .create_tenant(authed(
+            &a,
+            pb::CreateTenantRequest {
+                name: "doomed".into(),
+                indexed_fields: vec![],
+            },
+        ))
+        .await
+        .unwrap();
+    let id = approval_id(&shred(&s, &a, "doomed").await.unwrap_err());
+    decide(&s, &b, &id, true).await.unwrap();
+    s.admin()
+        .await
+        .set_principal_locked(authed(
+            &a,
+            pb::SetPrincipalLockedRequest {
+                tenant: "system".into(),
+                username: "admin-b".into(),
+                locked: true,
+            },
+        ))
+        .await
+        .unwrap();
+    let again = approval_id(&shred(&s, &a, "doomed").await.unwrap_err());
+    assert_ne!(again, id, "the locked approver's approval was voided");
+    let listed = approvals(&s, &a).await;
+    assert_eq!(listed.iter().find(|x| x.id == id).unwrap().state, "denied");
+
+    // The creation that spent its approval names it in the trail (read
+    // from the vault: an auditor here would have to enrol first).
+    let mut created = Vec::new();
+    s.vault
+        .as_ref()
+        .unwrap()
+        .audit
+        .query_each(
+            &coffre::audit::Query {
+                action: "coffre.v1.Admin/CreatePrincipal".into(),
+                outcome: "ok".into(),
+                ..Default::default()
+            },
+            |e| {
+                created.push(e);
+                true
+            },
+        )
+        .unwrap();
+    let carol = created
+        .iter()
+        .find(|e| e.fields.contains(&"username=carol".to_string()))
+        .expect("carol's creation");
+    assert!(
+        carol.fields.iter().any(|f| f.starts_with("approval=ap-")),
+        "{carol:?}"
+    );
+}

@@ -816,15 +816,17 @@ async fn lockouts_and_unlocks_raise_alerts() {
     assert_eq!(
         kinds,
         vec![
+            ("reader_created", "warning", "clinic/dr_a"),
             ("login_lockout", "critical", "clinic/dr_a"),
             ("login_lockout", "critical", "clinic/ghost"),
             ("admin_unlock", "warning", "clinic/dr_a"),
         ],
         "{alerts:?}"
     );
-    assert!(alerts[0].3.contains("5 consecutive failed logins"));
+    assert!(alerts[0].3.contains("created by system/admin"));
+    assert!(alerts[1].3.contains("5 consecutive failed logins"));
     let lines = std::fs::read_to_string(&alert_file).unwrap();
-    assert_eq!(lines.lines().count(), 3);
+    assert_eq!(lines.lines().count(), 4);
     assert!(!lines.contains("not the password"));
     // A tenant's auditor sees its own tenant's alerts only.
     let other = s.tenant_with("clinic_b", "aud_b", pb::Role::Auditor).await;

@@ -1305,6 +1305,9 @@ async fn a_restore_refuses_a_missing_edited_or_older_shred_list() {
     // Without a list, only if told why: audited, critical alert.
     let (o, t, _) = restore("unlisted", &before, &["--no-shred-list"]);
     refused(&o, &t, "--reason");
+    // Every copy of the list lost: the restore makes one anew from what
+    // the backup knows, so the restored vault starts.
+    std::fs::remove_file(&list_path).unwrap();
     let (o, _, cfg) = restore(
         "unlisted",
         &after,
@@ -1321,6 +1324,15 @@ async fn a_restore_refuses_a_missing_edited_or_older_shred_list() {
             .find(|a| a.kind == "restore_without_shred_list")
             .expect("a critical alert");
         assert_eq!(a.severity, "critical");
+    }
+    let made = std::fs::read_to_string(&list_path).unwrap();
+    assert!(made.lines().any(|l| l.starts_with("gone\t")), "{made}");
+    // The restored data directory is private from the start.
+    for e in std::fs::read_dir(root.join("unlisted")).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let m = e.unwrap().metadata().unwrap();
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.permissions().mode() & 0o777, want);
     }
 
     // The server itself refuses to start once its list is gone.

@@ -269,8 +269,10 @@ async fn scripted_exfiltration_is_capped_locked_and_reported() {
             .any(|a| a.kind == "budget_exceeded" && a.principal == "clinic/dr_x")
     );
     assert!(
-        !alerts.iter().any(|a| a.principal == "clinic/dr_h"),
-        "nothing against the honest clinician"
+        !alerts
+            .iter()
+            .any(|a| a.principal == "clinic/dr_h" && a.kind != "reader_created"),
+        "nothing against the honest clinician (but its creation)"
     );
     // The same alert, as a JSON line for the SIEM.
     let lines = std::fs::read_to_string(s.config.alert_file.as_ref().unwrap()).unwrap();

@@ -114,7 +114,7 @@ impl admin_server::Admin for AdminService {
                 let oidc = if m.oidc.is_empty() {
                     None
                 } else {
-                    let b = v.check_binding(&tenant, &m.oidc)?;
+                    let b = v.check_binding(&tenant, &m.oidc, role)?;
                     n.fields.push(format!("oidc={}", b.provider));
                     Some(b)
                 };

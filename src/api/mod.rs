@@ -598,19 +598,27 @@ impl Gate {
         } else {
             None
         };
-        let result = match auth.result {
-            Ok(()) => match auth.principal.as_deref().map(|p| self.stream_permit(p)) {
-                Some(Err(e)) => Err(e),
-                Some(Ok(p)) => {
-                    permit = Some(p);
-                    f(auth.caller, &mut note).await
-                }
-                None => f(auth.caller, &mut note).await,
-            },
-            Err(e) => Err(e),
-        };
+        // The approval a guarded call spends is named in its event.
+        let (result, spent) = crate::approvals::SPENT
+            .scope(std::cell::RefCell::new(None), async {
+                let r = match auth.result {
+                    Ok(()) => match auth.principal.as_deref().map(|p| self.stream_permit(p)) {
+                        Some(Err(e)) => Err(e),
+                        Some(Ok(p)) => {
+                            permit = Some(p);
+                            f(auth.caller, &mut note).await
+                        }
+                        None => f(auth.caller, &mut note).await,
+                    },
+                    Err(e) => Err(e),
+                };
+                (r, crate::approvals::SPENT.with(|s| s.borrow_mut().take()))
+            })
+            .await;
         let outcome = outcome_of(&result);
         if let Err(Error::ApprovalRequired(id)) = &result {
+            note.fields.push(format!("approval={id}"));
+        } else if let Some(id) = spent {
             note.fields.push(format!("approval={id}"));
         }
         note.bound();

@@ -71,8 +71,22 @@ pub(super) async fn principal(g: &Global, cmd: PrincipalCmd) -> Result<(), CliEr
             if names.is_empty() {
                 say(g, "no locked principal", json!({"unlocked": []}));
             }
+            // Each one is tried: an admin's unlock waiting for a second
+            // admin does not keep the others locked.
+            let mut failed = Vec::new();
+            let total = names.len();
             for username in names {
-                set_locked(g, &mut c, tenant.clone(), username, false).await?;
+                if let Err(e) = set_locked(g, &mut c, tenant.clone(), username.clone(), false).await
+                {
+                    failed.push(format!("{username}: {}", e.0));
+                }
+            }
+            if !failed.is_empty() {
+                return Err(err(format!(
+                    "{} of {total} not unlocked: {}",
+                    failed.len(),
+                    failed.join(" | ")
+                )));
             }
         }
         PrincipalCmd::List { tenant } => {

@@ -42,6 +42,8 @@ pub struct Verified {
     /// Tenants whose shred the backup's own trail records (up to its head):
     /// never restored, with or without the shred list.
     pub shredded_in_trail: std::collections::BTreeSet<String>,
+    /// Tenants the backup's key store holds as shredded.
+    pub shredded_in_keys: Vec<String>,
 }
 
 /// Why a file is refused, naming the file.
@@ -204,6 +206,7 @@ pub fn verify_file(
     }
     v.events = chain.checked;
     v.shredded_in_trail = shredded_in_trail;
+    v.shredded_in_keys = shredded;
     for s in &v.manifest.spaces {
         let found = per_space.get(&s.space).copied().unwrap_or(0);
         if found != s.entries {
@@ -376,6 +379,26 @@ pub async fn restore(
             list.save().map_err(KeyError::from)?;
         }
     }
+    if opts.no_shred_list {
+        // The restored vault needs a list to start: one made anew from
+        // what the backup knows was shredded, whatever was there moved
+        // aside (it may be evidence).
+        if path.exists() {
+            let aside = path.with_extension(format!("replaced-{}", crate::clock::now_ms()));
+            fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
+        }
+        let now = crate::clock::now_ms();
+        for t in verified
+            .shredded_in_trail
+            .iter()
+            .chain(&verified.shredded_in_keys)
+        {
+            if !opts.restore_shredded.contains(t) {
+                list.add(t, now).map_err(KeyError::from)?;
+            }
+        }
+        list.save().map_err(KeyError::from)?;
+    }
     for t in &opts.restore_shredded {
         if !list.contains(t) && !verified.shredded_in_trail.contains(t) {
             return Err(OpsError::Refused(format!(
@@ -414,6 +437,8 @@ pub async fn restore(
             return Err(e);
         }
     };
+    // What the embedded store wrote is the vault's alone, as at a start.
+    crate::vault::narrow_data_dir(&staging, &[]).map_err(|e| OpsError::Refused(e.to_string()))?;
     // 3. Into place. The court-order override leaves the list first: a
     // crash between the two keeps the tenant shredded at the next start.
     for t in &opts.restore_shredded {
