@@ -187,6 +187,7 @@ impl Approvals {
             return Ok(None);
         }
         let me = caller.principal();
+        let mine = live_prefix(&me);
         let _w = self.writes.lock().await;
         for _ in 0..RETRIES {
             let now = now_ms();
@@ -196,10 +197,10 @@ impl Approvals {
             let mut ended = Batch::new();
             for (live, _) in self
                 .store
-                .scan_prefix(Space::Meta, &live_prefix(&me), usize::MAX)
+                .scan_prefix(Space::Meta, &mine, usize::MAX)
                 .await?
             {
-                let id = String::from_utf8_lossy(&live[live_prefix(&me).len()..]).into_owned();
+                let id = String::from_utf8_lossy(&live[mine.len()..]).into_owned();
                 let k = key(&id);
                 let Some(raw) = self.store.get(Space::Meta, &k).await? else {
                     ended.delete(Space::Meta, live);

@@ -846,41 +846,41 @@ async fn mark_restore(
     let recorded = audit
         .alert_event(Severity::Warning, "restore", event)
         .await?;
-    if opts.no_shred_list {
+    // An override of the shred list: a critical alert naming the operator
+    // and the reason given.
+    let critical = async |kind: &str, tenant: &str, what: &str| {
         audit
             .alert_event(
                 Severity::Critical,
-                "restore_without_shred_list",
+                kind,
                 crate::pb::AuditEvent {
-                    tenant: "system".into(),
+                    tenant: tenant.to_string(),
                     principal: principal.clone(),
                     role: "admin".into(),
                     purpose: format!(
-                        "restored without a shred list whose MAC checks; only the backup's own trail kept shredded tenants out; reason: {}",
+                        "{what}; reason: {}",
                         opts.reason.as_deref().unwrap_or_default()
                     ),
                     ..Default::default()
                 },
             )
-            .await?;
+            .await
+    };
+    if opts.no_shred_list {
+        critical(
+            "restore_without_shred_list",
+            "system",
+            "restored without a shred list whose MAC checks; only the backup's own trail kept shredded tenants out",
+        )
+        .await?;
     }
     for t in &opts.restore_shredded {
-        audit
-            .alert_event(
-                Severity::Critical,
-                "shred_override",
-                crate::pb::AuditEvent {
-                    tenant: t.clone(),
-                    principal: principal.clone(),
-                    role: "admin".into(),
-                    purpose: format!(
-                        "tenant restored despite the shred list; reason: {}",
-                        opts.reason.as_deref().unwrap_or_default()
-                    ),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        critical(
+            "shred_override",
+            t,
+            "tenant restored despite the shred list",
+        )
+        .await?;
     }
     Ok(recorded.seq)
 }

@@ -129,23 +129,16 @@ pub async fn scrub(
             tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
         }
         if c.failed > 0 {
-            vault
-                .audit
-                .alert_event(
-                    Severity::Critical,
-                    "scrub_failed",
-                    crate::pb::AuditEvent {
-                        tenant: c.tenant.clone(),
-                        principal: "system/coffre".into(),
-                        record_ids: named.iter().map(|i| i.to_string()).collect(),
-                        purpose: format!(
-                            "scrub: {} records fail ({} stored were checked): {damaged} authentication, {rolled_back} rolled back against the trail, {missing} missing although the trail's last write stored them",
-                            c.failed, c.checked
-                        ),
-                        ..Default::default()
-                    },
-                )
-                .await?;
+            alert_failed(
+                vault,
+                &c.tenant,
+                named.iter().map(|i| i.to_string()).collect(),
+                format!(
+                    "scrub: {} records fail ({} stored were checked): {damaged} authentication, {rolled_back} rolled back against the trail, {missing} missing although the trail's last write stored them",
+                    c.failed, c.checked
+                ),
+            )
+            .await?;
         }
         all.checked += c.checked;
         all.total += c.total;
@@ -164,25 +157,43 @@ pub async fn scrub(
             ..Default::default()
         };
         progress(c.clone());
-        vault
-            .audit
-            .alert_event(
-                Severity::Critical,
-                "scrub_failed",
-                crate::pb::AuditEvent {
-                    tenant: name.clone(),
-                    principal: "system/coffre".into(),
-                    record_ids: ids.iter().take(NAMED_FAILURES).cloned().collect(),
-                    purpose: format!(
-                        "scrub: tenant {name} is gone from the store although never shredded; the trail says it holds {} records",
-                        ids.len()
-                    ),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        alert_failed(
+            vault,
+            &name,
+            ids.iter().take(NAMED_FAILURES).cloned().collect(),
+            format!(
+                "scrub: tenant {name} is gone from the store although never shredded; the trail says it holds {} records",
+                ids.len()
+            ),
+        )
+        .await?;
         all.failed += c.failed;
         tenants.push(c);
     }
     Ok((tenants, all))
+}
+
+/// The critical alert of a tenant's failures, naming up to
+/// [`NAMED_FAILURES`] records.
+async fn alert_failed(
+    vault: &Vault,
+    tenant: &str,
+    record_ids: Vec<String>,
+    purpose: String,
+) -> Result<()> {
+    vault
+        .audit
+        .alert_event(
+            Severity::Critical,
+            "scrub_failed",
+            crate::pb::AuditEvent {
+                tenant: tenant.to_string(),
+                principal: "system/coffre".into(),
+                record_ids,
+                purpose,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(())
 }
